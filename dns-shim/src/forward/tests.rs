@@ -1,0 +1,165 @@
+use std::sync::Arc;
+
+use prometheus::Registry;
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::answer::{read_answer, Reading};
+use crate::query::read_head;
+use crate::table::{NameTable, TableLimits};
+
+const DIG_A: &[u8] = include_bytes!("../testdata/dig-9.18-udp-query-api.example.test-A.bin");
+const DNSMASQ_A: &[u8] =
+    include_bytes!("../testdata/dnsmasq-2.90-udp-response-api.example.test-A-cname-chain.bin");
+const DNSMASQ_AAAA: &[u8] =
+    include_bytes!("../testdata/dnsmasq-2.90-udp-response-api.example.test-AAAA-cname-chain.bin");
+
+fn metrics() -> (Metrics, Registry) {
+    let registry = Registry::new();
+    let table = Arc::new(NameTable::new(TableLimits {
+        min_ttl: Duration::from_secs(5),
+        idle_grace: Duration::from_secs(30),
+        max_names_per_pod: 10,
+        max_names: 10,
+    }));
+    let metrics = Metrics::register(&registry, &table).expect("register");
+    (metrics, registry)
+}
+
+fn mismatches(registry: &Registry) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "egressgate_dns_upstream_errors_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == "mismatch"))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+fn set_tc(message: &mut [u8]) {
+    message[2] |= 0x02;
+}
+
+#[tokio::test]
+async fn forged_answers_are_dropped_and_the_genuine_one_accepted() {
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    let fake = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        let (n, client) = upstream.recv_from(&mut buf).await.expect("query");
+        let query = buf[..n].to_vec();
+        // Byte-exact apart from the ID.
+        assert_eq!(&query[2..], &DIG_A[2..]);
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        let send = |m: Vec<u8>| {
+            let upstream = &upstream;
+            async move { upstream.send_to(&m, client).await.expect("send") }
+        };
+        send(with_id(DNSMASQ_A, id.wrapping_add(1))).await; // wrong ID
+        send(with_id(DNSMASQ_AAAA, id)).await; // wrong question
+        send(query.clone()).await; // not a response
+        send(vec![0xde, 0xad]).await; // garbage
+        send(with_id(DNSMASQ_A, id)).await; // the answer
+        id
+    });
+    let (metrics, registry) = metrics();
+    let forwarder = Forwarder::new(vec![addr], Duration::from_secs(5), metrics);
+    let head = read_head(DIG_A).expect("head");
+    let exchange = forwarder
+        .exchange(DIG_A, &head, UpstreamTransport::Udp)
+        .await
+        .expect("answered");
+    let id = fake.await.expect("fake upstream");
+    assert_eq!(exchange.response, with_id(DNSMASQ_A, id));
+    assert_eq!(exchange.upstream, addr);
+    assert_eq!(mismatches(&registry), 4);
+    let question = head.question.expect("question");
+    assert!(matches!(
+        read_answer(&question, &exchange.response),
+        Reading::Record(_)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_upstream_times_out() {
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    let (metrics, _registry) = metrics();
+    let forwarder = Forwarder::new(vec![addr], Duration::from_secs(2), metrics);
+    let head = read_head(DIG_A).expect("head");
+    let result = forwarder
+        .exchange(DIG_A, &head, UpstreamTransport::Udp)
+        .await;
+    assert_eq!(result.err(), Some(ForwardError::AllUpstreamsFailed));
+    drop(upstream);
+}
+
+#[tokio::test]
+async fn next_upstream_is_tried_when_the_first_fails() {
+    // A port nobody listens on: ICMP port unreachable fails the first attempt quickly.
+    let dead = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        let (n, client) = upstream.recv_from(&mut buf).await.expect("query");
+        let id = u16::from_be_bytes([buf[0], buf[1]]);
+        assert_eq!(n, DIG_A.len());
+        upstream
+            .send_to(&with_id(DNSMASQ_A, id), client)
+            .await
+            .expect("send");
+    });
+    let (metrics, _registry) = metrics();
+    let forwarder = Forwarder::new(vec![dead_addr, addr], Duration::from_secs(5), metrics);
+    let head = read_head(DIG_A).expect("head");
+    let exchange = forwarder
+        .exchange(DIG_A, &head, UpstreamTransport::Udp)
+        .await
+        .expect("second upstream answers");
+    assert_eq!(exchange.upstream, addr);
+}
+
+#[tokio::test]
+async fn truncated_udp_answer_is_retried_over_tcp() {
+    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = udp.local_addr().expect("addr");
+    let tcp = TcpListener::bind(addr)
+        .await
+        .expect("bind tcp on the same port");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        let (_, client) = udp.recv_from(&mut buf).await.expect("query");
+        let id = u16::from_be_bytes([buf[0], buf[1]]);
+        let mut tc = with_id(DNSMASQ_A, id);
+        set_tc(&mut tc);
+        udp.send_to(&tc, client).await.expect("send");
+    });
+    tokio::spawn(async move {
+        let (mut stream, _) = tcp.accept().await.expect("accept");
+        let len = stream.read_u16().await.expect("len");
+        let mut query = vec![0u8; usize::from(len)];
+        stream.read_exact(&mut query).await.expect("query");
+        assert_eq!(&query[2..], &DIG_A[2..]);
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        // A forged message on the stream first, then the answer.
+        for m in [with_id(DNSMASQ_A, id ^ 0xffff), with_id(DNSMASQ_A, id)] {
+            let len = u16::try_from(m.len()).expect("small");
+            stream.write_all(&len.to_be_bytes()).await.expect("write");
+            stream.write_all(&m).await.expect("write");
+        }
+    });
+    let (metrics, registry) = metrics();
+    let forwarder = Forwarder::new(vec![addr], Duration::from_secs(5), metrics);
+    let head = read_head(DIG_A).expect("head");
+    let exchange = forwarder
+        .exchange(DIG_A, &head, UpstreamTransport::Udp)
+        .await
+        .expect("answered");
+    assert!(!exchange.head.truncated, "the full TCP answer is returned");
+    assert_eq!(&exchange.response[2..], &DNSMASQ_A[2..]);
+    assert_eq!(mismatches(&registry), 1);
+}

@@ -1,0 +1,32 @@
+//! The egressgate DNS shim: answers the DNS queries nftables TPROXY diverts from pods (UDP and TCP
+//! port 53, to whatever server the pod addressed), resolves them only through the configured
+//! trusted upstreams, records each genuine A/AAAA answer in the per-pod [`NameTable`] *before* the
+//! pod sees it, and replies as the server the pod addressed. The gateway reads the table to learn
+//! which names a pod resolved to the address it is connecting to; policy, the TPROXY rules and the
+//! admin endpoint belong to the gateway, not here.
+//!
+//! Layout:
+//! - `query`: the head of a DNS message (header + question) and the replies the shim builds itself.
+//! - `answer`: reading a response against its query: question match, CNAME chain, min TTL (pure).
+//! - `table`: [`NameTable`], the per-pod record of resolved names.
+//! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts.
+//! - `shim`: [`DnsShim`], its config and the one pipeline every query takes.
+//! - `udp` / `tcp`: transparent serving (original destination in, reply as that server).
+//! - `log`: the JSON line per answered query. `metrics`: the Prometheus metrics.
+#![forbid(unsafe_code)]
+
+mod answer;
+mod forward;
+pub mod log;
+mod metrics;
+mod query;
+mod shim;
+mod table;
+mod tcp;
+mod udp;
+
+pub use answer::{check_response, read_answer, read_exchange, Answer, Mismatch, Reading};
+pub use forward::ForwardError;
+pub use query::{read_head, MessageHead, Question, Rcode};
+pub use shim::{DnsShim, ForeignServerPolicy, ShimConfig, ShimListeners};
+pub use table::{NameTable, ResolvedName, TableLimits};

@@ -1,0 +1,118 @@
+//! The one JSON line per answered query, on stdout. Diagnostics go through `tracing` instead.
+//!
+//! [`write_json_line`] and [`rfc3339_now`] are public so that the gateway's decision lines share
+//! one format and one stdout discipline with the DNS lines.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// One answered (or refused / failed) query.
+#[derive(Debug, Serialize)]
+pub(crate) struct DnsLine<'a> {
+    pub time: String,
+    pub event: &'static str,
+    pub pod: IpAddr,
+    pub server: SocketAddr,
+    pub transport: &'static str,
+    pub name: Option<&'a str>,
+    #[serde(rename = "type")]
+    pub qtype: Option<String>,
+    pub rcode: String,
+    pub addresses: &'a [IpAddr],
+    pub cnames: &'a [String],
+    pub ttl: Option<u32>,
+    pub upstream: Option<SocketAddr>,
+    #[serde(rename = "upstreamMs")]
+    pub upstream_ms: Option<f64>,
+}
+
+/// Serialises `line` and writes it with one locked write, so lines from concurrent tasks
+/// never interleave.
+pub fn write_json_line(line: &impl Serialize) {
+    let Ok(mut text) = serde_json::to_string(line) else {
+        return;
+    };
+    text.push('\n');
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        tracing::debug!(error = %e, "cannot write a JSON log line");
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T10:00:00.123Z`.
+pub fn rfc3339_now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Howard Hinnant's `civil_from_days` for days since 1970-01-01 (non-negative here).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc_with_millis() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_694_400_123);
+        assert_eq!(rfc3339(t), "2026-11-26T12:00:00.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn line_has_the_documented_fields() {
+        let addresses = ["198.19.0.10".parse().expect("ip")];
+        let cnames = ["lb.cdn.example.test".to_owned()];
+        let line = DnsLine {
+            time: "2026-11-26T09:20:00.123Z".to_owned(),
+            event: "dns",
+            pod: "198.18.1.2".parse().expect("ip"),
+            server: "198.19.0.66:53".parse().expect("addr"),
+            transport: "udp",
+            name: Some("api.example.test"),
+            qtype: Some("A".to_owned()),
+            rcode: "NOERROR".to_owned(),
+            addresses: &addresses,
+            cnames: &cnames,
+            ttl: Some(60),
+            upstream: Some("198.19.0.53:53".parse().expect("addr")),
+            upstream_ms: Some(1.2),
+        };
+        let json = serde_json::to_string(&line).expect("serialises");
+        assert_eq!(
+            json,
+            r#"{"time":"2026-11-26T09:20:00.123Z","event":"dns","pod":"198.18.1.2","server":"198.19.0.66:53","transport":"udp","name":"api.example.test","type":"A","rcode":"NOERROR","addresses":["198.19.0.10"],"cnames":["lb.cdn.example.test"],"ttl":60,"upstream":"198.19.0.53:53","upstreamMs":1.2}"#
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! Transparent TCP serving: the accepted socket's local address is the server the pod
+//! addressed. RFC 1035 §4.2.2 framing (two-octet length), several queries per connection, answered
+//! in order, closed after the idle timeout.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+
+use crate::shim::{Client, DnsShim, Transport};
+
+/// Open pod connections. Each costs a socket and a task while idle; beyond this new ones are
+/// closed at once (the stub retries or falls back to UDP).
+const MAX_CONNECTIONS: usize = 512;
+
+/// Pause after a failed accept (EMFILE and the like) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Kernel accept queue length.
+const BACKLOG: i32 = 1024;
+
+/// A transparent listener on `addr` (IPV6_V6ONLY for v6).
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+pub(crate) async fn serve(shim: Arc<DnsShim>, listener: TcpListener) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let (stream, pod) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%pod, "TCP connections over capacity; closed");
+            shim.note_dropped(Transport::Tcp);
+            continue;
+        };
+        // TPROXY keeps the original destination as the accepted socket's local address.
+        let server = match stream.local_addr() {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::debug!(%pod, error = %e, "no local address on accepted socket");
+                continue;
+            }
+        };
+        let client = Client {
+            pod,
+            server,
+            transport: Transport::Tcp,
+        };
+        connections.spawn(connection(shim.clone(), stream, client, permit));
+    }
+}
+
+async fn connection(
+    shim: Arc<DnsShim>,
+    mut stream: TcpStream,
+    client: Client,
+    _permit: OwnedSemaphorePermit,
+) {
+    let idle = shim.tcp_idle_timeout();
+    let _ = stream.set_nodelay(true);
+    loop {
+        let Ok(Ok(len)) = timeout(idle, stream.read_u16()).await else {
+            return; // idle, closed or broken
+        };
+        let mut query = vec![0u8; usize::from(len)];
+        if !matches!(
+            timeout(idle, stream.read_exact(&mut query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let Some(reply) = shim.handle(&query, client).await else {
+            // Nothing to say (unreadable query, failed upstream): close rather than leave the
+            // stub waiting for an answer that will not come.
+            return;
+        };
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(reply.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if !matches!(timeout(idle, stream.write_all(&framed)).await, Ok(Ok(()))) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Transparent UDP serving: TPROXY'd datagrams for any destination arrive on one socket with
+//! IP_RECVORIGDSTADDR; each reply leaves *as the server the pod addressed*.
+//!
+//! Replying as that server needs its address and its port. When the original destination port
+//! equals the listener's port, `sendmsg` with IP_PKTINFO / IPV6_PKTINFO sets the source address
+//! (a transparent socket may use a non-local one). Otherwise (TPROXY to another port, the usual
+//! case) a short-lived transparent socket bound to the original destination sends the reply.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use nix::libc;
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn, SockaddrIn6, SockaddrStorage,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::shim::{Client, DnsShim, Transport};
+
+/// Queries being forwarded at once. Each holds an upstream socket (one fd) for up to the
+/// upstream timeout; beyond this a flood is dropped instead of exhausting descriptors.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// The largest UDP payload; a larger datagram cannot arrive, so no query is cut short.
+const MAX_DATAGRAM: usize = 65_535;
+
+#[derive(Debug)]
+pub(crate) struct UdpListener {
+    socket: UdpSocket,
+    local: SocketAddr,
+}
+
+impl UdpListener {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+/// One received datagram.
+#[derive(Debug)]
+struct Datagram {
+    len: usize,
+    pod: SocketAddr,
+    /// The address the pod sent to, from IP_RECVORIGDSTADDR; `None` if the kernel sent none.
+    orig_dst: Option<SocketAddr>,
+}
+
+/// A transparent UDP socket on `addr` that reports original destinations.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpListener> {
+    let socket = transparent_socket(addr)?;
+    if addr.is_ipv6() {
+        setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;
+    } else {
+        setsockopt(&socket, sockopt::Ipv4OrigDstAddr, &true)?;
+    }
+    socket.bind(&addr.into())?;
+    let socket = UdpSocket::from_std(socket.into())?;
+    let local = socket.local_addr()?;
+    Ok(UdpListener { socket, local })
+}
+
+/// Nonblocking, transparent, SO_REUSEADDR (replies bind the original destination's address and
+/// port, which the listener may share), and IPV6_V6ONLY for v6.
+fn transparent_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+pub(crate) async fn serve(shim: Arc<DnsShim>, listener: UdpListener) {
+    let local = listener.local;
+    let socket = Arc::new(listener.socket);
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = JoinSet::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let received = socket
+            .async_io(Interest::READABLE, || {
+                recv_with_orig_dst(socket.as_raw_fd(), &mut buf)
+            })
+            .await;
+        let datagram = match received {
+            Ok(Some(d)) => d,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "UDP receive failed");
+                continue;
+            }
+        };
+        let client = Client {
+            pod: datagram.pod,
+            server: datagram.orig_dst.unwrap_or(local),
+            transport: Transport::Udp,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(pod = %client.pod, "UDP queries over capacity; dropped");
+            shim.note_dropped(Transport::Udp);
+            continue;
+        };
+        let query = buf[..datagram.len].to_vec();
+        let shim = shim.clone();
+        let socket = socket.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let Some(reply) = shim.handle(&query, client).await else {
+                return;
+            };
+            if let Err(e) = send_reply(&socket, local, &reply, client).await {
+                tracing::debug!(pod = %client.pod, server = %client.server, error = %e,
+                    "UDP reply failed");
+            }
+        });
+    }
+}
+
+/// `recvmsg` with the original destination control message. `Ok(None)`: a datagram not worth
+/// answering (truncated, or no usable source address).
+fn recv_with_orig_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
+    let mut iov = [IoSliceMut::new(buf)];
+    // Room for either family's original destination.
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Ok(None);
+    }
+    let mut orig_dst = None;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
+                orig_dst = Some(SocketAddr::V4(SocketAddrV4::from(SockaddrIn::from(sin))));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
+                orig_dst = Some(SocketAddr::V6(SocketAddrV6::from(SockaddrIn6::from(sin6))));
+            }
+            _ => {}
+        }
+    }
+    let pod = msg.address.as_ref().and_then(to_socket_addr);
+    Ok(pod.map(|pod| Datagram {
+        len: msg.bytes,
+        pod,
+        orig_dst,
+    }))
+}
+
+fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+/// Sends `reply` to the pod from the address (and port) it addressed.
+async fn send_reply(
+    socket: &UdpSocket,
+    local: SocketAddr,
+    reply: &[u8],
+    client: Client,
+) -> io::Result<()> {
+    let server = client.server;
+    if server == local {
+        socket.send_to(reply, client.pod).await?;
+        return Ok(());
+    }
+    if server.port() == local.port() {
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                send_from(socket.as_raw_fd(), reply, client.pod, server.ip())
+            })
+            .await;
+        match sent {
+            Ok(_) => return Ok(()),
+            Err(e) => tracing::debug!(error = %e, "IP_PKTINFO send failed; binding the source"),
+        }
+    }
+    let socket = UdpSocket::from_std(bound_to(server)?.into())?;
+    socket.send_to(reply, client.pod).await?;
+    Ok(())
+}
+
+/// `sendmsg` with IP_PKTINFO / IPV6_PKTINFO choosing `source` as the source address.
+fn send_from(fd: RawFd, reply: &[u8], pod: SocketAddr, source: IpAddr) -> io::Result<usize> {
+    let iov = [IoSlice::new(reply)];
+    match (pod, source) {
+        (SocketAddr::V4(pod), IpAddr::V4(source)) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                // Network byte order: the octets as they are in memory.
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(source.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            let cmsgs = [ControlMessage::Ipv4PacketInfo(&info)];
+            Ok(sendmsg(
+                fd,
+                &iov,
+                &cmsgs,
+                MsgFlags::empty(),
+                Some(&SockaddrIn::from(pod)),
+            )?)
+        }
+        (SocketAddr::V6(pod), IpAddr::V6(source)) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: source.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            let cmsgs = [ControlMessage::Ipv6PacketInfo(&info)];
+            Ok(sendmsg(
+                fd,
+                &iov,
+                &cmsgs,
+                MsgFlags::empty(),
+                Some(&SockaddrIn6::from(pod)),
+            )?)
+        }
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "pod and server address families differ",
+        )),
+    }
+}
+
+/// A transparent socket bound to `server` (a non-local address is fine), for one reply.
+fn bound_to(server: SocketAddr) -> io::Result<Socket> {
+    let socket = transparent_socket(server)?;
+    socket.bind(&server.into())?;
+    Ok(socket)
+}

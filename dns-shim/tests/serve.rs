@@ -1,0 +1,344 @@
+//! The shim serving real sockets on loopback (needs CAP_NET_ADMIN for IP_TRANSPARENT; skipped
+//! without it), against a fake trusted upstream on loopback.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egressgate_dns_shim::{
+    read_head, DnsShim, ForeignServerPolicy, NameTable, Rcode, ShimConfig, TableLimits,
+};
+use prometheus::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+
+const DIG_A: &[u8] = include_bytes!("../src/testdata/dig-9.18-udp-query-api.example.test-A.bin");
+const DNSMASQ_A: &[u8] =
+    include_bytes!("../src/testdata/dnsmasq-2.90-udp-response-api.example.test-A-cname-chain.bin");
+const DIG_AAAA: &[u8] =
+    include_bytes!("../src/testdata/dig-9.18-udp-query-api.example.test-AAAA.bin");
+const DNSMASQ_AAAA: &[u8] = include_bytes!(
+    "../src/testdata/dnsmasq-2.90-udp-response-api.example.test-AAAA-cname-chain.bin"
+);
+
+fn with_id(message: &[u8], id: u16) -> Vec<u8> {
+    let mut out = message.to_vec();
+    out[..2].copy_from_slice(&id.to_be_bytes());
+    out
+}
+
+fn id_of(message: &[u8]) -> u16 {
+    u16::from_be_bytes([message[0], message[1]])
+}
+
+/// The canned answer for a query (matched on its question bytes), with the query's ID.
+fn canned(query: &[u8]) -> Vec<u8> {
+    let response = if query[2..] == DIG_AAAA[2..] {
+        DNSMASQ_AAAA
+    } else {
+        DNSMASQ_A
+    };
+    with_id(response, id_of(query))
+}
+
+/// A fake trusted upstream answering the fixture queries over UDP and TCP on one port.
+async fn fake_upstream() -> SocketAddr {
+    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = udp.local_addr().expect("addr");
+    let tcp = TcpListener::bind(addr).await.expect("bind tcp");
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let _ = udp.send_to(&canned(&buf[..n]), from).await;
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                while let Ok(len) = stream.read_u16().await {
+                    let mut query = vec![0u8; usize::from(len)];
+                    if stream.read_exact(&mut query).await.is_err() {
+                        return;
+                    }
+                    let reply = canned(&query);
+                    let len = u16::try_from(reply.len()).expect("small");
+                    let _ = stream.write_all(&len.to_be_bytes()).await;
+                    let _ = stream.write_all(&reply).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Running {
+    table: Arc<NameTable>,
+    registry: Registry,
+    addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+/// Starts a shim on `bind`, or `None` when transparent sockets are not permitted here.
+async fn start(
+    bind: SocketAddr,
+    upstreams: Vec<SocketAddr>,
+    policy: ForeignServerPolicy,
+) -> Option<Running> {
+    let listeners = match DnsShim::bind(bind) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("skipping: transparent sockets need CAP_NET_ADMIN ({e})");
+            return None;
+        }
+        Err(e) => panic!("bind {bind}: {e}"),
+    };
+    let table = Arc::new(NameTable::new(TableLimits {
+        min_ttl: Duration::from_secs(5),
+        idle_grace: Duration::from_secs(30),
+        max_names_per_pod: 100,
+        max_names: 1000,
+    }));
+    let registry = Registry::new();
+    let config = ShimConfig {
+        upstreams,
+        foreign_servers: policy,
+        upstream_timeout: Duration::from_secs(2),
+        tcp_idle_timeout: Duration::from_secs(2),
+    };
+    let shim = Arc::new(DnsShim::new(config, table.clone(), &registry).expect("metrics"));
+    let addr = listeners.udp_local_addr();
+    assert_eq!(listeners.tcp_local_addr().expect("tcp addr"), addr);
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(shim.serve(listeners, async {
+        let _ = stopped.await;
+    }));
+    Some(Running {
+        table,
+        registry,
+        addr,
+        _stop: stop,
+    })
+}
+
+fn counter(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+fn gauge(registry: &Registry, name: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_gauge().get_value())
+        .sum()
+}
+
+async fn udp_exchange(from: &str, to: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let client = UdpSocket::bind(from).await.expect("bind client");
+    client.send_to(query, to).await.expect("send");
+    let mut buf = [0u8; 1500];
+    let (n, src) = tokio::time::timeout(Duration::from_millis(3000), client.recv_from(&mut buf))
+        .await
+        .ok()?
+        .expect("recv");
+    assert_eq!(src, to, "the reply comes from the address the client asked");
+    Some(buf[..n].to_vec())
+}
+
+#[tokio::test]
+async fn udp_query_is_answered_by_the_trusted_upstream_and_recorded() {
+    let upstream = fake_upstream().await;
+    let Some(shim) = start(
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![upstream],
+        ForeignServerPolicy::Forward,
+    )
+    .await
+    else {
+        return;
+    };
+    let reply = udp_exchange("127.0.0.1:0", shim.addr, DIG_A)
+        .await
+        .expect("answer");
+    // The pod's own ID is restored; everything else is the upstream's answer.
+    assert_eq!(reply, DNSMASQ_A);
+    let pod = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let found = shim.table.lookup(
+        pod,
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10)),
+        Instant::now(),
+    );
+    assert_eq!(found.len(), 1);
+    assert_eq!(&*found[0].name, "api.example.test");
+    assert_eq!(found[0].cnames.len(), 2);
+    assert_eq!(
+        counter(
+            &shim.registry,
+            "egressgate_dns_queries_total",
+            &[("transport", "udp"), ("result", "answered")]
+        ),
+        1
+    );
+    assert_eq!(gauge(&shim.registry, "egressgate_dns_recorded_names"), 2.0);
+}
+
+#[tokio::test]
+async fn tcp_connection_carries_several_queries() {
+    let upstream = fake_upstream().await;
+    let Some(shim) = start(
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![upstream],
+        ForeignServerPolicy::Forward,
+    )
+    .await
+    else {
+        return;
+    };
+    let mut stream = TcpStream::connect(shim.addr).await.expect("connect");
+    for (query, expected) in [(DIG_A, DNSMASQ_A), (DIG_AAAA, DNSMASQ_AAAA)] {
+        let len = u16::try_from(query.len()).expect("small");
+        stream.write_all(&len.to_be_bytes()).await.expect("write");
+        stream.write_all(query).await.expect("write");
+        let len = stream.read_u16().await.expect("len");
+        let mut reply = vec![0u8; usize::from(len)];
+        stream.read_exact(&mut reply).await.expect("reply");
+        assert_eq!(reply, expected);
+    }
+    let pod = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    assert_eq!(
+        shim.table
+            .lookup(pod, "::1".parse().expect("ip"), Instant::now())
+            .len(),
+        1
+    );
+    assert_eq!(
+        counter(
+            &shim.registry,
+            "egressgate_dns_queries_total",
+            &[("transport", "tcp"), ("result", "answered")]
+        ),
+        2
+    );
+}
+
+#[tokio::test]
+async fn ipv6_listener_answers_from_the_server_address() {
+    let upstream = fake_upstream().await;
+    let Some(shim) = start(
+        "[::1]:0".parse().expect("addr"),
+        vec![upstream],
+        ForeignServerPolicy::Forward,
+    )
+    .await
+    else {
+        return;
+    };
+    let reply = udp_exchange("[::1]:0", shim.addr, DIG_AAAA)
+        .await
+        .expect("answer");
+    assert_eq!(reply, DNSMASQ_AAAA);
+    let pod: IpAddr = "::1".parse().expect("ip");
+    assert_eq!(shim.table.lookup(pod, pod, Instant::now()).len(), 1);
+}
+
+#[tokio::test]
+async fn refuse_policy_answers_refused_for_a_foreign_server() {
+    let upstream = fake_upstream().await;
+    let Some(shim) = start(
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![upstream],
+        ForeignServerPolicy::Refuse,
+    )
+    .await
+    else {
+        return;
+    };
+    // Trust is by address: 127.0.0.1 (any port) is the upstream's address, so this is answered.
+    let reply = udp_exchange("127.0.0.1:0", shim.addr, DIG_A)
+        .await
+        .expect("answer");
+    assert_eq!(read_head(&reply).expect("head").rcode, Rcode::NOERROR);
+
+    // On ::1 the pod addressed a server that is not a trusted upstream.
+    let upstream_v6 = fake_upstream().await;
+    let Some(shim6) = start(
+        "[::1]:0".parse().expect("addr"),
+        vec![upstream_v6],
+        ForeignServerPolicy::Refuse,
+    )
+    .await
+    else {
+        return;
+    };
+    let reply = udp_exchange("[::1]:0", shim6.addr, DIG_A)
+        .await
+        .expect("answer");
+    let head = read_head(&reply).expect("head");
+    assert_eq!(head.rcode, Rcode::REFUSED);
+    assert_eq!(head.id, id_of(DIG_A));
+    assert!(shim6.table.is_empty());
+    assert_eq!(
+        counter(
+            &shim6.registry,
+            "egressgate_dns_queries_total",
+            &[("result", "refused")]
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn dead_upstream_gives_servfail_and_garbage_gives_nothing() {
+    let dead = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let dead_addr = dead.local_addr().expect("addr");
+    drop(dead);
+    let Some(shim) = start(
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![dead_addr],
+        ForeignServerPolicy::Forward,
+    )
+    .await
+    else {
+        return;
+    };
+    let reply = udp_exchange("127.0.0.1:0", shim.addr, DIG_A)
+        .await
+        .expect("servfail");
+    let head = read_head(&reply).expect("head");
+    assert_eq!(head.rcode, Rcode::SERVFAIL);
+    assert_eq!(head.id, id_of(DIG_A));
+    assert_eq!(head.question, read_head(DIG_A).expect("q").question);
+
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    client
+        .send_to(&[0x12, 0x34, 0x01], shim.addr)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 512];
+    let nothing =
+        tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut buf)).await;
+    assert!(nothing.is_err(), "no reply to a 3-byte query");
+    assert_eq!(
+        counter(
+            &shim.registry,
+            "egressgate_dns_queries_total",
+            &[("result", "dropped")]
+        ),
+        1
+    );
+}

@@ -1,0 +1,497 @@
+//! The gateway's configuration file: every key documented, defaulted and checked.
+//!
+//! Unknown keys are errors (a typo in a security control must not be silently ignored), and every
+//! error names `file:line:column`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Where the gateway listens.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Directory of policy files (`*.yaml`, `*.yml`), read in name order.
+    pub policy_dir: PathBuf,
+    /// Where pod identities (IP → namespace, name, labels) come from.
+    pub identity: Identity,
+    /// Which pods' egress is intercepted.
+    #[serde(default)]
+    pub intercept: Intercept,
+    /// The nftables table and routing the gateway installs.
+    #[serde(default)]
+    pub nftables: Nftables,
+    /// The DNS shim.
+    #[serde(default)]
+    pub dns: Dns,
+    /// Protocol peeking.
+    #[serde(default)]
+    pub peek: Peek,
+    /// Verdict for pods that no policy selects (and for unknown source addresses).
+    #[serde(default)]
+    pub unselected_pods: UnselectedPods,
+}
+
+/// Listen addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listen {
+    /// Transparent TCP listeners that TPROXY sends pod connections to.
+    #[serde(default = "Listen::default_tproxy")]
+    pub tproxy: Vec<SocketAddr>,
+    /// Transparent DNS listeners (UDP and TCP) that TPROXY sends pod DNS to.
+    #[serde(default = "Listen::default_dns")]
+    pub dns: Vec<SocketAddr>,
+    /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`); loopback by default.
+    #[serde(default = "Listen::default_admin")]
+    pub admin: SocketAddr,
+}
+
+impl Listen {
+    fn default_tproxy() -> Vec<SocketAddr> {
+        both_families(15001)
+    }
+
+    fn default_dns() -> Vec<SocketAddr> {
+        both_families(15053)
+    }
+
+    fn default_admin() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 15090))
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            tproxy: Self::default_tproxy(),
+            dns: Self::default_dns(),
+            admin: Self::default_admin(),
+        }
+    }
+}
+
+fn both_families(port: u16) -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        SocketAddr::from(([0u16; 8], port)),
+    ]
+}
+
+/// Identity source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Identity {
+    /// A YAML file listing namespaces and pods (see README, "Identity file").
+    pub static_file: PathBuf,
+}
+
+/// Which traffic is intercepted: packets arriving from a pod CIDR **or** a matching interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Intercept {
+    /// Source ranges of pods on this node.
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
+    /// Interface name patterns (nftables `iifname`, `*` as a trailing wildcard), e.g. `cali*`.
+    #[serde(default)]
+    pub interfaces: Vec<InterfacePattern>,
+    /// Destinations never intercepted: cluster pod and service ranges, node-local services.
+    #[serde(default)]
+    pub bypass_cidrs: Vec<IpNet>,
+}
+
+/// An interface name, optionally ending in `*`: what nftables accepts in a quoted `iifname`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct InterfacePattern(String);
+
+impl InterfacePattern {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for InterfacePattern {
+    type Error = String;
+
+    fn try_from(pattern: String) -> Result<Self, Self::Error> {
+        let stem = pattern.strip_suffix('*').unwrap_or(&pattern);
+        // IFNAMSIZ is 16 including the NUL; the characters allowed keep the nft rule unquotable.
+        let valid = !pattern.is_empty()
+            && pattern.len() <= 15
+            && stem
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b));
+        if valid {
+            Ok(Self(pattern))
+        } else {
+            Err(format!(
+                "invalid interface pattern {pattern:?}: up to 15 of [A-Za-z0-9-_.@], optionally ending in `*`"
+            ))
+        }
+    }
+}
+
+/// nftables management.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Nftables {
+    /// Install (and on every start, atomically replace) the gateway's table and routing rules.
+    #[serde(default = "default_true")]
+    pub manage: bool,
+    /// Name of the `inet` table.
+    #[serde(default = "Nftables::default_table")]
+    pub table: String,
+    /// Packet mark that routes intercepted packets to the local stack; pick one no CNI uses.
+    #[serde(default = "Nftables::default_mark")]
+    pub mark: u32,
+    /// Routing table holding the `local` default route for marked packets.
+    #[serde(default = "Nftables::default_route_table")]
+    pub route_table: u32,
+}
+
+impl Nftables {
+    fn default_table() -> String {
+        "egressgate".to_owned()
+    }
+
+    fn default_mark() -> u32 {
+        0x6567 // "eg"
+    }
+
+    fn default_route_table() -> u32 {
+        25447
+    }
+}
+
+impl Default for Nftables {
+    fn default() -> Self {
+        Self {
+            manage: true,
+            table: Self::default_table(),
+            mark: Self::default_mark(),
+            route_table: Self::default_route_table(),
+        }
+    }
+}
+
+/// The DNS shim.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Dns {
+    /// Trusted resolvers; empty = the nameservers of the node's /etc/resolv.conf.
+    #[serde(default)]
+    pub upstreams: Vec<SocketAddr>,
+    /// What to do with a query a pod addressed to a server that is not a trusted upstream.
+    #[serde(default)]
+    pub foreign_servers: ForeignServers,
+    /// How long to wait for a trusted upstream before trying the next one / answering SERVFAIL.
+    #[serde(default = "Dns::default_upstream_timeout_ms")]
+    pub upstream_timeout_ms: u64,
+    /// Recorded answers live at least this long, whatever their TTL.
+    #[serde(default = "Dns::default_min_ttl_seconds")]
+    pub min_ttl_seconds: u64,
+    /// After the TTL, a record stays usable until it has not been used for this long.
+    #[serde(default = "Dns::default_idle_grace_seconds")]
+    pub idle_grace_seconds: u64,
+    /// Most (destination, name) records kept per pod; the oldest is evicted first.
+    #[serde(default = "Dns::default_max_names_per_pod")]
+    pub max_names_per_pod: usize,
+    /// Most records kept in all; the oldest is evicted first.
+    #[serde(default = "Dns::default_max_names")]
+    pub max_names: usize,
+}
+
+impl Dns {
+    fn default_upstream_timeout_ms() -> u64 {
+        2000
+    }
+
+    fn default_min_ttl_seconds() -> u64 {
+        5
+    }
+
+    fn default_idle_grace_seconds() -> u64 {
+        30
+    }
+
+    fn default_max_names_per_pod() -> usize {
+        10_000
+    }
+
+    fn default_max_names() -> usize {
+        1_000_000
+    }
+
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_timeout_ms)
+    }
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            upstreams: Vec::new(),
+            foreign_servers: ForeignServers::default(),
+            upstream_timeout_ms: Self::default_upstream_timeout_ms(),
+            min_ttl_seconds: Self::default_min_ttl_seconds(),
+            idle_grace_seconds: Self::default_idle_grace_seconds(),
+            max_names_per_pod: Self::default_max_names_per_pod(),
+            max_names: Self::default_max_names(),
+        }
+    }
+}
+
+/// Queries addressed to a server other than a trusted upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ForeignServers {
+    /// Answer them through the trusted upstreams, as the server the pod addressed.
+    #[default]
+    Forward,
+    /// Answer REFUSED.
+    Refuse,
+}
+
+/// Protocol peeking limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Peek {
+    /// A client that has not sent its whole first message by then is denied (`peek_timeout`).
+    #[serde(default = "Peek::default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// A first message larger than this is denied (`peek_too_large`).
+    #[serde(default = "Peek::default_max_bytes")]
+    pub max_bytes: usize,
+    /// Deny TLS without SNI to name-based rules (`sni_missing`).
+    #[serde(default = "default_true")]
+    pub require_sni: bool,
+}
+
+impl Peek {
+    fn default_timeout_ms() -> u64 {
+        5000
+    }
+
+    fn default_max_bytes() -> usize {
+        16 * 1024
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+impl Default for Peek {
+    fn default() -> Self {
+        Self {
+            timeout_ms: Self::default_timeout_ms(),
+            max_bytes: Self::default_max_bytes(),
+            require_sni: true,
+        }
+    }
+}
+
+/// Verdict for connections from pods no policy selects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UnselectedPods {
+    #[default]
+    Allow,
+    Deny,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    /// Parses configuration text; `file` labels errors.
+    pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|err| {
+            let (line, column) = err.location().map_or((0, 0), |at| (at.line(), at.column()));
+            ConfigError::Invalid {
+                file: file.to_owned(),
+                line,
+                column,
+                message: strip_position(&err.to_string()),
+            }
+        })?;
+        config.check().map_err(|message| ConfigError::Invalid {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Cross-field checks serde cannot express.
+    fn check(&self) -> Result<(), String> {
+        if self.listen.tproxy.is_empty() {
+            return Err("listen.tproxy: at least one address is needed".into());
+        }
+        if self.peek.max_bytes < 64 {
+            return Err("peek.maxBytes: must be at least 64".into());
+        }
+        if self.peek.timeout_ms == 0 || self.dns.upstream_timeout_ms == 0 {
+            return Err("peek.timeoutMs and dns.upstreamTimeoutMs must be positive".into());
+        }
+        if self.nftables.manage
+            && self.intercept.pod_cidrs.is_empty()
+            && self.intercept.interfaces.is_empty()
+        {
+            return Err(
+                "intercept: name podCidrs or interfaces when nftables.manage is true".into(),
+            );
+        }
+        let table = &self.nftables.table;
+        let table_ok = !table.is_empty()
+            && table.len() <= 64
+            && table.starts_with(|c: char| c.is_ascii_alphabetic())
+            && table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !table_ok {
+            // It goes into the nft script as written.
+            return Err(format!(
+                "nftables.table: {table:?} must be a letter then up to 63 of [A-Za-z0-9_]"
+            ));
+        }
+        if self.nftables.mark == 0 {
+            return Err("nftables.mark: must not be 0".into());
+        }
+        Ok(())
+    }
+
+    /// The trusted upstreams, falling back to the node's resolv.conf.
+    pub fn dns_upstreams(&self) -> Vec<SocketAddr> {
+        if !self.dns.upstreams.is_empty() {
+            return self.dns.upstreams.clone();
+        }
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        resolv_conf_nameservers(&text)
+    }
+}
+
+/// `nameserver` lines of a resolv.conf, on port 53.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// serde_yaml_ng appends " at line L column C"; we print the position up front instead.
+pub(crate) fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "policyDir: /p\nidentity: {staticFile: /i}\nintercept: {interfaces: [\"egp*\"]}\n";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = Config::parse("c.yaml", MINIMAL).expect("valid");
+        assert_eq!(config.listen.tproxy.len(), 2);
+        assert_eq!(config.listen.admin.to_string(), "127.0.0.1:15090");
+        assert_eq!(config.peek.max_bytes, 16384);
+        assert_eq!(config.peek.timeout(), Duration::from_secs(5));
+        assert!(config.peek.require_sni);
+        assert_eq!(config.unselected_pods, UnselectedPods::Allow);
+        assert_eq!(config.dns.foreign_servers, ForeignServers::Forward);
+        assert!(config.nftables.manage);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_position() {
+        let text = format!("{MINIMAL}peek:\n  timeoutMS: 10\n");
+        let err = Config::parse("c.yaml", &text).expect_err("unknown key");
+        let shown = err.to_string();
+        assert!(shown.starts_with("c.yaml:5:3: "), "{shown}");
+        assert!(shown.contains("unknown field `timeoutMS`"), "{shown}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_position() {
+        let text = format!("{MINIMAL}unselectedPods: maybe\n");
+        let shown = Config::parse("c.yaml", &text).expect_err("bad").to_string();
+        assert!(shown.starts_with("c.yaml:4:17: "), "{shown}");
+
+        let text =
+            "policyDir: /p\nidentity: {staticFile: /i}\nintercept: {interfaces: [\"bad name\"]}\n";
+        let shown = Config::parse("c.yaml", text).expect_err("bad").to_string();
+        assert!(shown.contains("invalid interface pattern"), "{shown}");
+        assert!(shown.starts_with("c.yaml:3:"), "{shown}");
+    }
+
+    #[test]
+    fn managed_nftables_needs_something_to_intercept() {
+        let shown = Config::parse("c.yaml", "policyDir: /p\nidentity: {staticFile: /i}\n")
+            .expect_err("nothing intercepted")
+            .to_string();
+        assert!(shown.contains("intercept"), "{shown}");
+    }
+
+    #[test]
+    fn nft_table_name_must_be_safe_to_write_into_the_script() {
+        let text = format!("{MINIMAL}nftables: {{table: \"x; flush ruleset\"}}\n");
+        let shown = Config::parse("c.yaml", &text).expect_err("bad").to_string();
+        assert!(shown.contains("nftables.table"), "{shown}");
+        let text = format!("{MINIMAL}nftables: {{table: egress_2}}\n");
+        assert!(Config::parse("c.yaml", &text).is_ok());
+    }
+
+    #[test]
+    fn resolv_conf_nameservers_are_read() {
+        let text = "search svc.cluster.local\nnameserver 10.96.0.10\nnameserver fd00::a\noptions ndots:5\n";
+        let servers = resolv_conf_nameservers(text);
+        assert_eq!(
+            servers,
+            vec![
+                "10.96.0.10:53".parse().expect("addr"),
+                "[fd00::a]:53".parse().expect("addr")
+            ]
+        );
+    }
+}

@@ -1,0 +1,424 @@
+//! One intercepted TCP connection, stage by stage:
+//!
+//! ```text
+//! accept ─ identify pod ─ select policies ─ names this pod resolved to the destination
+//!        ─ grants (port, peer) ─ [tcp grant: no peek] ─ peek first message ─ authorize
+//!        ─ log decision ─ deny: reset │ allow/audit: connect, replay peeked bytes, splice ─ close
+//! ```
+//!
+//! TPROXY keeps the original destination as the accepted socket's local address. The gateway
+//! connects upstream from the node's own address; only the pod's bytes are relayed, untouched.
+
+mod postgres;
+mod reader;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use egressgate_dns_shim::NameTable;
+use egressgate_policy::{Grant, GrantPeer, Selection};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::config::{self, UnselectedPods};
+use crate::decision::{self, Reason, Verdict};
+use crate::events::{CloseLine, DecisionLine, PodName};
+use crate::metrics::Metrics;
+use crate::peek::{self, Sniffed};
+use crate::store::Store;
+use reader::{PeekReader, Stop};
+
+/// How long an allowed connection may take to reach its destination.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Shared by every connection.
+#[derive(Debug)]
+pub struct Proxy {
+    store: Arc<Store>,
+    table: Arc<NameTable>,
+    metrics: Metrics,
+    peek: config::Peek,
+    unselected: UnselectedPods,
+    next_id: AtomicU64,
+}
+
+/// What [`Proxy::decide`] concluded, and what it already holds for the relay.
+#[derive(Debug)]
+struct Decided {
+    verdict: Verdict,
+    /// Client bytes read while deciding; replayed upstream from `forwarded`.
+    reader: Option<PeekReader>,
+    /// Opened while deciding (PostgreSQL encryption negotiation).
+    upstream: Option<TcpStream>,
+}
+
+/// The winning grant: what the log names, and the names it used.
+#[derive(Debug)]
+struct Granted {
+    policy: String,
+    rule: usize,
+    names: Vec<String>,
+}
+
+/// A decision before the audit rule: the grant, or why none.
+type Outcome = Result<Granted, Stop>;
+
+/// Decrements the active gauge however the connection ends.
+struct ActiveGuard(prometheus::IntGauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        store: Arc<Store>,
+        table: Arc<NameTable>,
+        metrics: Metrics,
+        config: &config::Config,
+    ) -> Self {
+        Proxy {
+            store,
+            table,
+            metrics,
+            peek: config.peek.clone(),
+            unselected: config.unselected_pods,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Accepts until `shutdown`; each connection runs in its own task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((client, source)) => {
+                        tokio::spawn(Arc::clone(&self).handle(client, source));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut client: TcpStream, source: SocketAddr) {
+        let accepted = Instant::now();
+        self.metrics.connections_active.inc();
+        let _active = ActiveGuard(self.metrics.connections_active.clone());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let destination = match client.local_addr() {
+            Ok(addr) => addr,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection gone before it was examined");
+                return;
+            }
+        };
+        let mut line = DecisionLine::new(id, source, destination);
+        let decided = self.decide(&mut client, &mut line, accepted).await;
+        line.verdict = decided.verdict;
+        line.decision_us = u64::try_from(accepted.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.metrics
+            .decision_duration
+            .observe(accepted.elapsed().as_secs_f64());
+        self.metrics
+            .connections
+            .with_label_values(&[
+                line.verdict.as_str(),
+                line.reason.as_str(),
+                line.protocol.unwrap_or("none"),
+            ])
+            .inc();
+        line.print();
+
+        if decided.verdict == Verdict::Deny {
+            reset(client);
+            return;
+        }
+        self.relay(id, client, decided, accepted).await;
+    }
+
+    /// Runs every stage up to the verdict, filling `line` as facts are learned.
+    async fn decide(
+        &self,
+        client: &mut TcpStream,
+        line: &mut DecisionLine,
+        accepted: Instant,
+    ) -> Decided {
+        let snapshot = self.store.current();
+        let src = line.source.ip().to_canonical();
+        let dst = line.destination.ip().to_canonical();
+        let unselected = || Decided {
+            verdict: match self.unselected {
+                UnselectedPods::Allow => Verdict::Allow,
+                UnselectedPods::Deny => Verdict::Deny,
+            },
+            reader: None,
+            upstream: None,
+        };
+
+        line.reason = Reason::Unselected;
+        let Some(pod) = snapshot.identities.lookup(src) else {
+            return unselected();
+        };
+        line.pod = Some(PodName {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+        });
+        let identity = pod.identity();
+        let selection = snapshot.policies.select(&identity);
+        if selection.is_empty() {
+            return unselected();
+        }
+
+        let now = std::time::Instant::now();
+        let resolved = pod
+            .ips
+            .iter()
+            .flat_map(|&ip| self.table.lookup(ip, dst, now));
+        for name in resolved {
+            if line.names.iter().any(|n| **n == *name.name) {
+                continue;
+            }
+            line.names.push(name.name.to_string());
+            for cname in name.cnames.iter() {
+                if !line.cnames.iter().any(|c| **c == **cname) {
+                    line.cnames.push(cname.to_string());
+                }
+            }
+        }
+        let names: Vec<&str> = line.names.iter().map(String::as_str).collect();
+        let grants = decision::effective_grants(
+            &selection,
+            selection.grants(dst, line.destination.port(), &names),
+        );
+
+        let mut reader = PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes);
+        let mut upstream = None;
+        let outcome = if grants.is_empty() {
+            let reason = decision::no_grant_reason(!names.is_empty());
+            // Still read what the pod sends, for the log: which SNI or Host it wanted is what a
+            // policy author needs. Whatever the peek finds, no rule allows the connection.
+            let _ = self
+                .peek_and_authorize(&[], client, &mut reader, &mut upstream, line)
+                .await;
+            Err(Stop::new(reason))
+        } else if let Some(grant) = decision::tcp_grant(&grants) {
+            line.protocol = Some("tcp");
+            Ok(describe(grant))
+        } else {
+            self.peek_and_authorize(&grants, client, &mut reader, &mut upstream, line)
+                .await
+        };
+        self.conclude(&selection, &pod.ips, outcome, line, reader, upstream)
+    }
+
+    /// Applies the audit rule and records the outcome in `line`.
+    fn conclude(
+        &self,
+        selection: &Selection<'_>,
+        pod_ips: &[IpAddr],
+        outcome: Outcome,
+        line: &mut DecisionLine,
+        reader: PeekReader,
+        upstream: Option<TcpStream>,
+    ) -> Decided {
+        let verdict = match &outcome {
+            Ok(granted) => {
+                line.reason = Reason::Allowed;
+                line.policy = Some(granted.policy.clone());
+                line.rule = Some(granted.rule);
+                // An allowed connection keeps the names it used alive for another idle grace;
+                // a denied attempt must not.
+                let dst = line.destination.ip().to_canonical();
+                let now = std::time::Instant::now();
+                for ip in pod_ips {
+                    for name in &granted.names {
+                        self.table.touch(*ip, dst, name, now);
+                    }
+                }
+                Verdict::Allow
+            }
+            Err(stop) => {
+                line.reason = stop.reason;
+                line.detail = stop.detail;
+                if stop.reason == Reason::ClientClosed {
+                    // Nothing is left to let through, audit or not.
+                    Verdict::Deny
+                } else {
+                    decision::verdict_for(selection, Err(stop.reason))
+                }
+            }
+        };
+        Decided {
+            verdict,
+            reader: Some(reader),
+            upstream,
+        }
+    }
+
+    /// Reads the first message and checks it against the grants.
+    async fn peek_and_authorize(
+        &self,
+        grants: &[Grant<'_>],
+        client: &mut TcpStream,
+        reader: &mut PeekReader,
+        upstream: &mut Option<TcpStream>,
+        line: &mut DecisionLine,
+    ) -> Outcome {
+        let started = Instant::now();
+        let sniffed = reader.until(client, 0, peek::sniff).await;
+        let outcome = match sniffed {
+            Err(stop) => Err(stop),
+            Ok(Sniffed::TlsHandshake) => {
+                line.protocol = Some("tls");
+                self.authorize_tls(grants, client, reader, line).await
+            }
+            Ok(Sniffed::Http1) => {
+                line.protocol = Some("http");
+                match reader.until(client, 0, peek::http::peek_request_head).await {
+                    Ok(head) => {
+                        line.host = head.host.clone();
+                        decision::authorize_http(grants, head.host.as_deref())
+                            .map_err(Stop::new)
+                            .map(describe)
+                    }
+                    Err(stop) => Err(stop),
+                }
+            }
+            Ok(Sniffed::Http2Preface) => {
+                line.protocol = Some("http2");
+                Err(Stop::new(Reason::ProtocolMismatch))
+            }
+            Ok(Sniffed::Postgres) => {
+                line.protocol = Some("postgresql");
+                if decision::has_postgres_grant(grants) {
+                    postgres::negotiate(self, grants, client, reader, upstream, line).await
+                } else {
+                    postgres::observe(client, reader, line).await;
+                    Err(Stop::new(Reason::ProtocolMismatch))
+                }
+            }
+            Ok(Sniffed::Unknown) => {
+                line.protocol = Some("unknown");
+                Err(Stop::new(Reason::ProtocolMismatch))
+            }
+        };
+        self.metrics
+            .peek_duration
+            .with_label_values(&[line.protocol.unwrap_or("none")])
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// A TLS ClientHello: `tls` rules, or PostgreSQL direct TLS (ALPN `postgresql`).
+    async fn authorize_tls(
+        &self,
+        grants: &[Grant<'_>],
+        client: &mut TcpStream,
+        reader: &mut PeekReader,
+        line: &mut DecisionLine,
+    ) -> Outcome {
+        let hello = reader
+            .until(client, 0, peek::tls::peek_client_hello)
+            .await?;
+        line.sni = hello.server_name.clone();
+        line.alpn = hello.alpn.clone();
+        line.ech = Some(hello.ech_offered);
+        let sni = hello.server_name.as_deref();
+        let direct_postgres = hello.alpn.iter().any(|p| p == "postgresql");
+        let authorization = if direct_postgres && decision::has_postgres_grant(grants) {
+            line.protocol = Some("postgresql");
+            line.postgresql_encryption = Some("tls");
+            decision::authorize_encrypted_postgres(grants, Some(sni), self.peek.require_sni)
+        } else {
+            decision::authorize_tls(grants, sni, self.peek.require_sni)
+        };
+        authorization.map(describe).map_err(Stop::new)
+    }
+
+    /// Connects (unless negotiation already did), replays the peeked bytes, and splices.
+    async fn relay(&self, id: u64, mut client: TcpStream, decided: Decided, accepted: Instant) {
+        let replay = decided
+            .reader
+            .as_ref()
+            .map(|r| r.unforwarded().to_vec())
+            .unwrap_or_default();
+        let upstream = match decided.upstream {
+            Some(upstream) => Ok(upstream),
+            None => connect(client.local_addr().ok()).await,
+        };
+        let mut upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                self.metrics.upstream_connect_errors.inc();
+                reset(client);
+                CloseLine::print(
+                    id,
+                    (0, 0),
+                    elapsed_ms(accepted),
+                    Some(format!("connect: {e}")),
+                );
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let mut up = replay.len() as u64;
+        let mut down = 0;
+        let result = async {
+            upstream.write_all(&replay).await?;
+            let (u, d) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+            up += u;
+            down += d;
+            Ok::<(), std::io::Error>(())
+        }
+        .await;
+        self.metrics.bytes.with_label_values(&["up"]).inc_by(up);
+        self.metrics.bytes.with_label_values(&["down"]).inc_by(down);
+        let error = result.err().map(|e| e.to_string());
+        CloseLine::print(id, (up, down), elapsed_ms(accepted), error);
+    }
+}
+
+fn describe(grant: &Grant<'_>) -> Granted {
+    Granted {
+        policy: grant.policy.to_string(),
+        rule: grant.rule,
+        names: match &grant.peer {
+            GrantPeer::Names(names) => names.clone(),
+            GrantPeer::Cidr(_) => Vec::new(),
+        },
+    }
+}
+
+/// Opens the upstream connection to the original destination.
+async fn connect(destination: Option<SocketAddr>) -> std::io::Result<TcpStream> {
+    let destination = destination.ok_or_else(|| std::io::Error::other("no destination"))?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Denied connections are reset, so the client fails at once instead of waiting for data.
+fn reset(client: TcpStream) {
+    if let Err(e) = client.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot set SO_LINGER 0; closing normally");
+    }
+    drop(client);
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}

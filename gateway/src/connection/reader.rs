@@ -1,0 +1,108 @@
+//! Reading a client's first bytes until a pure peeker decides, within a deadline and a cap.
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::decision::Reason;
+use crate::peek::{Invalid, Peek};
+
+/// Why reading stopped without a complete message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    pub reason: Reason,
+    /// The peeker's code for `malformed` / `protocol_mismatch`.
+    pub detail: Option<&'static str>,
+}
+
+impl Stop {
+    pub fn new(reason: Reason) -> Self {
+        Stop {
+            reason,
+            detail: None,
+        }
+    }
+
+    fn invalid(invalid: &Invalid) -> Self {
+        let reason = match invalid {
+            // A pod speaking HTTP/2 to an HTTP/1 rule: a protocol it may not use, not garbage.
+            Invalid::Http2Preface => Reason::ProtocolMismatch,
+            _ => Reason::Malformed,
+        };
+        Stop {
+            reason,
+            detail: Some(invalid.code()),
+        }
+    }
+}
+
+/// The bytes read from the client so far. They are all replayed upstream (from `forwarded`)
+/// once the connection is allowed, so nothing the peekers saw is lost.
+#[derive(Debug)]
+pub struct PeekReader {
+    pub buf: Vec<u8>,
+    /// Bytes already written upstream (PostgreSQL negotiation).
+    pub forwarded: usize,
+    deadline: Instant,
+    max_bytes: usize,
+}
+
+/// Read size: a ClientHello usually arrives in one or two segments.
+const READ_CHUNK: usize = 4096;
+
+impl PeekReader {
+    pub fn new(deadline: Instant, max_bytes: usize) -> Self {
+        PeekReader {
+            buf: Vec::new(),
+            forwarded: 0,
+            deadline,
+            max_bytes,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Reads until `parse(&buf[from..])` is complete or invalid. `parse` must be
+    /// prefix-monotonic (every peeker is), so re-running it over the grown buffer is exact.
+    pub async fn until<T>(
+        &mut self,
+        client: &mut TcpStream,
+        from: usize,
+        parse: impl Fn(&[u8]) -> Peek<T>,
+    ) -> Result<T, Stop> {
+        loop {
+            match parse(self.buf.get(from..).unwrap_or_default()) {
+                Peek::Complete(value) => return Ok(value),
+                Peek::Invalid(invalid) => return Err(Stop::invalid(&invalid)),
+                Peek::Incomplete => {}
+            }
+            let room = self.max_bytes.saturating_sub(self.buf.len());
+            if room == 0 {
+                return Err(Stop::new(Reason::PeekTooLarge));
+            }
+            let len = self.buf.len();
+            self.buf.resize(len + room.min(READ_CHUNK), 0);
+            let read =
+                tokio::time::timeout_at(self.deadline, client.read(&mut self.buf[len..])).await;
+            let n = match read {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+                Err(_) => {
+                    self.buf.truncate(len);
+                    return Err(Stop::new(Reason::PeekTimeout));
+                }
+            };
+            self.buf.truncate(len + n);
+            if n == 0 {
+                return Err(Stop::new(Reason::ClientClosed));
+            }
+        }
+    }
+
+    /// The bytes read but not yet sent upstream.
+    pub fn unforwarded(&self) -> &[u8] {
+        self.buf.get(self.forwarded..).unwrap_or_default()
+    }
+}

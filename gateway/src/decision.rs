@@ -1,0 +1,579 @@
+//! Verdicts, reason codes and the pure rules that turn grants plus peeked facts into a verdict.
+//!
+//! No I/O here: `connection` reads the sockets and calls these functions, so every rule of the
+//! README's "Semantics" section is unit-tested without a network.
+
+use egressgate_policy::{Grant, GrantPeer, Mode, Protocol, Selection};
+use serde::Serialize;
+
+/// What happened to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Denied by the rules, let through because only audit-mode policies select the pod.
+    Audit,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Audit => "audit",
+        }
+    }
+}
+
+/// Why. The codes are a stable interface (logs, metrics, alerts): never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// A rule allows it.
+    Allowed,
+    /// No policy selects the pod (or the source is no known pod); `unselectedPods` decides.
+    Unselected,
+    /// The pod resolved no (live) name to this address, and no `cidr` rule covers it.
+    NoDnsRecord,
+    /// Names were resolved, but no rule allows them (or the port) for this pod.
+    NotAllowed,
+    /// TLS without SNI to a name-based rule while `peek.requireSni` is on.
+    SniMissing,
+    /// The SNI is not one of the allowed names this pod resolved to this address.
+    SniMismatch,
+    /// An HTTP request without a host (HTTP/1.0 without Host).
+    HostMissing,
+    /// The HTTP host is not one of the allowed names this pod resolved to this address.
+    HostMismatch,
+    /// The first bytes are not the protocol the rule allows (HTTP/2 preface included).
+    ProtocolMismatch,
+    /// A PostgreSQL startup for a database or user the rule does not list.
+    PostgresqlDenied,
+    /// A PostgreSQL session that turned encrypted, to a rule that limits databases or users
+    /// without `allowEncrypted: true`.
+    PostgresqlEncrypted,
+    /// The client did not send its first message within `peek.timeoutMs`.
+    PeekTimeout,
+    /// The first message grew past `peek.maxBytes`.
+    PeekTooLarge,
+    /// The first message is not valid for its protocol (the `detail` field says how).
+    Malformed,
+    /// The client closed (or reset) before a decision could be made.
+    ClientClosed,
+    /// The destination did not answer a PostgreSQL encryption request, which the gateway must
+    /// relay before it can see the rest of the startup.
+    UpstreamUnreachable,
+}
+
+impl Reason {
+    /// Every code, in the order the README lists them.
+    pub const ALL: [Reason; 16] = [
+        Reason::Allowed,
+        Reason::Unselected,
+        Reason::NoDnsRecord,
+        Reason::NotAllowed,
+        Reason::SniMissing,
+        Reason::SniMismatch,
+        Reason::HostMissing,
+        Reason::HostMismatch,
+        Reason::ProtocolMismatch,
+        Reason::PostgresqlDenied,
+        Reason::PostgresqlEncrypted,
+        Reason::PeekTimeout,
+        Reason::PeekTooLarge,
+        Reason::Malformed,
+        Reason::ClientClosed,
+        Reason::UpstreamUnreachable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::Unselected => "unselected",
+            Reason::NoDnsRecord => "no_dns_record",
+            Reason::NotAllowed => "not_allowed",
+            Reason::SniMissing => "sni_missing",
+            Reason::SniMismatch => "sni_mismatch",
+            Reason::HostMissing => "host_missing",
+            Reason::HostMismatch => "host_mismatch",
+            Reason::ProtocolMismatch => "protocol_mismatch",
+            Reason::PostgresqlDenied => "postgresql_denied",
+            Reason::PostgresqlEncrypted => "postgresql_encrypted",
+            Reason::PeekTimeout => "peek_timeout",
+            Reason::PeekTooLarge => "peek_too_large",
+            Reason::Malformed => "malformed",
+            Reason::ClientClosed => "client_closed",
+            Reason::UpstreamUnreachable => "upstream_unreachable",
+        }
+    }
+}
+
+/// A rule's answer for one connection: the grant that allows it, or why none does.
+pub type Authorization<'g, 'a> = Result<&'g Grant<'a>, Reason>;
+
+/// The grants that count: those of enforce-mode policies when any selects the pod (audit-mode
+/// policies then only add log lines), else those of the audit-mode policies.
+pub fn effective_grants<'a>(selection: &Selection<'a>, grants: Vec<Grant<'a>>) -> Vec<Grant<'a>> {
+    if selection.has_enforce() {
+        grants
+            .into_iter()
+            .filter(|g| g.mode == Mode::Enforce)
+            .collect()
+    } else {
+        grants
+    }
+}
+
+/// A denial turns into `audit` when no enforce-mode policy selects the pod.
+pub fn verdict_for(selection: &Selection<'_>, authorization: Result<(), Reason>) -> Verdict {
+    match authorization {
+        Ok(()) => Verdict::Allow,
+        Err(_) if !selection.has_enforce() => Verdict::Audit,
+        Err(_) => Verdict::Deny,
+    }
+}
+
+/// Why no grant matched before any byte was read: no names at all, or names no rule allows.
+pub fn no_grant_reason(resolved_any_name: bool) -> Reason {
+    if resolved_any_name {
+        Reason::NotAllowed
+    } else {
+        Reason::NoDnsRecord
+    }
+}
+
+/// The first `tcp` grant: those allow without peeking.
+pub fn tcp_grant<'g, 'a>(grants: &'g [Grant<'a>]) -> Option<&'g Grant<'a>> {
+    grants.iter().find(|g| matches!(g.protocol, Protocol::Tcp))
+}
+
+pub fn has_postgres_grant(grants: &[Grant<'_>]) -> bool {
+    grants
+        .iter()
+        .any(|g| matches!(g.protocol, Protocol::Postgresql(_)))
+}
+
+/// TLS: a `tls` grant whose names include the SNI (a `cidr` grant needs no name).
+pub fn authorize_tls<'g, 'a>(
+    grants: &'g [Grant<'a>],
+    sni: Option<&str>,
+    require_sni: bool,
+) -> Authorization<'g, 'a> {
+    let tls = grants
+        .iter()
+        .filter(|g| matches!(g.protocol, Protocol::Tls));
+    authorize_name(
+        tls,
+        sni,
+        require_sni,
+        Reason::SniMissing,
+        Reason::SniMismatch,
+    )
+}
+
+/// HTTP/1: an `http` grant whose names include the request's host (always required: an
+/// HTTP/1.1 request without one is malformed, an HTTP/1.0 one is `host_missing`).
+pub fn authorize_http<'g, 'a>(
+    grants: &'g [Grant<'a>],
+    host: Option<&str>,
+) -> Authorization<'g, 'a> {
+    let http = grants
+        .iter()
+        .filter(|g| matches!(g.protocol, Protocol::Http));
+    authorize_name(http, host, true, Reason::HostMissing, Reason::HostMismatch)
+}
+
+/// A plaintext PostgreSQL StartupMessage: a `postgresql` grant listing the database and user.
+pub fn authorize_startup<'g, 'a>(
+    grants: &'g [Grant<'a>],
+    database: &str,
+    user: &str,
+) -> Authorization<'g, 'a> {
+    let mut postgres = grants
+        .iter()
+        .filter(|g| postgres_rule(g).is_some())
+        .peekable();
+    if postgres.peek().is_none() {
+        return Err(Reason::ProtocolMismatch);
+    }
+    postgres
+        .find(|g| postgres_rule(g).is_some_and(|rule| rule.allows(database, user)))
+        .ok_or(Reason::PostgresqlDenied)
+}
+
+/// A CancelRequest names no database or user: any `postgresql` grant allows it (it only works
+/// with the secret key of a session the pod already has).
+pub fn authorize_cancel<'g, 'a>(grants: &'g [Grant<'a>]) -> Authorization<'g, 'a> {
+    grants
+        .iter()
+        .find(|g| postgres_rule(g).is_some())
+        .ok_or(Reason::ProtocolMismatch)
+}
+
+/// A PostgreSQL session that turned encrypted (TLS after `S`, direct TLS, or GSSAPI after `G`):
+/// SNI rules as for `tls` when there is a ClientHello, then the startup is invisible, so a rule
+/// that limits databases or users allows it only with `allowEncrypted: true`.
+pub fn authorize_encrypted_postgres<'g, 'a>(
+    grants: &'g [Grant<'a>],
+    sni: Option<Option<&str>>,
+    require_sni: bool,
+) -> Authorization<'g, 'a> {
+    let postgres: Vec<&Grant<'a>> = grants
+        .iter()
+        .filter(|g| postgres_rule(g).is_some())
+        .collect();
+    if postgres.is_empty() {
+        return Err(Reason::ProtocolMismatch);
+    }
+    let named: Vec<&Grant<'a>> = match sni {
+        Some(sni) => postgres
+            .iter()
+            .copied()
+            .filter(|g| name_allowed(g, sni, require_sni))
+            .collect(),
+        None => postgres,
+    };
+    if named.is_empty() {
+        let missing = matches!(sni, Some(None));
+        return Err(if missing {
+            Reason::SniMissing
+        } else {
+            Reason::SniMismatch
+        });
+    }
+    named
+        .into_iter()
+        .find(|g| {
+            postgres_rule(g).is_some_and(|rule| rule.allow_encrypted || !rule.restricts_startup())
+        })
+        .ok_or(Reason::PostgresqlEncrypted)
+}
+
+fn postgres_rule<'a>(grant: &Grant<'a>) -> Option<&'a egressgate_policy::PostgresRule> {
+    match grant.protocol {
+        Protocol::Postgresql(rule) => Some(rule),
+        _ => None,
+    }
+}
+
+/// The first candidate whose peer admits `name`; `ProtocolMismatch` when there is no candidate.
+fn authorize_name<'g, 'a>(
+    candidates: impl Iterator<Item = &'g Grant<'a>>,
+    name: Option<&str>,
+    require_name: bool,
+    missing: Reason,
+    mismatch: Reason,
+) -> Authorization<'g, 'a> {
+    let mut candidates = candidates.peekable();
+    if candidates.peek().is_none() {
+        return Err(Reason::ProtocolMismatch);
+    }
+    candidates
+        .find(|g| name_allowed(g, name, require_name))
+        .ok_or(if name.is_none() { missing } else { mismatch })
+}
+
+/// `cidr` peers admit any name; `dnsName` peers admit the names this pod resolved to the
+/// destination that match the rule (`GrantPeer::Names`), and no name only if not required.
+fn name_allowed(grant: &Grant<'_>, name: Option<&str>, require_name: bool) -> bool {
+    match (&grant.peer, name) {
+        (GrantPeer::Cidr(_), _) => true,
+        (GrantPeer::Names(names), Some(name)) => {
+            let name = name.strip_suffix('.').unwrap_or(name);
+            names
+                .iter()
+                .any(|allowed| allowed.eq_ignore_ascii_case(name))
+        }
+        (GrantPeer::Names(_), None) => !require_name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+
+    use egressgate_policy::{parse_policies, PodIdentity, PolicySet};
+
+    use super::*;
+
+    const POLICIES: &str = r#"apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{dnsName: api.example.test}, {dnsName: "*.cdn.example.test"}]
+      ports: [{port: 443, protocol: tls}, {port: 80, protocol: http}]
+    - to: [{cidr: 192.0.2.0/24}]
+      ports: [{port: 443, protocol: tls}, {port: 22, protocol: tcp}]
+    - to: [{dnsName: db.example.test}]
+      ports: [{port: 5432, protocol: postgresql, postgresql: {databases: [orders], users: [app]}}]
+    - to: [{dnsName: open-db.example.test}]
+      ports: [{port: 5432, protocol: postgresql}]
+---
+apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: watch, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: batch}}
+  mode: audit
+  egress:
+    - to: [{dnsName: api.example.test}]
+      ports: [{port: 443, protocol: tls}]
+---
+apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: watch-app, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  mode: audit
+  egress:
+    - to: [{dnsName: evil.example.test}]
+      ports: [{port: 443, protocol: tls}]
+"#;
+
+    fn set() -> PolicySet {
+        PolicySet::new(parse_policies("p.yaml", POLICIES).expect("parses")).expect("compiles")
+    }
+
+    fn labels(role: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("role".to_owned(), role.to_owned())])
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// Effective grants for a pod with `role` to `dst:port` having resolved `names`.
+    fn with_grants<R>(
+        role: &str,
+        dst: &str,
+        port: u16,
+        names: &[&str],
+        f: impl FnOnce(&Selection<'_>, &[Grant<'_>]) -> R,
+    ) -> R {
+        let set = set();
+        let pod_labels = labels(role);
+        let no_labels = BTreeMap::new();
+        let pod = PodIdentity {
+            namespace: "shop",
+            name: "p",
+            labels: &pod_labels,
+            namespace_labels: &no_labels,
+        };
+        let selection = set.select(&pod);
+        let grants = effective_grants(&selection, selection.grants(ip(dst), port, names));
+        f(&selection, &grants)
+    }
+
+    fn policy_of(auth: Authorization<'_, '_>) -> Result<String, Reason> {
+        auth.map(|g| format!("{}#{}", g.policy, g.rule))
+    }
+
+    #[test]
+    fn sni_must_be_a_name_this_pod_resolved_to_this_address() {
+        with_grants(
+            "app",
+            "198.19.0.10",
+            443,
+            &["api.example.test"],
+            |_, grants| {
+                assert_eq!(
+                    policy_of(authorize_tls(grants, Some("api.example.test"), true)),
+                    Ok("shop/web#0".into())
+                );
+                assert_eq!(
+                    policy_of(authorize_tls(grants, Some("API.example.test."), true)),
+                    Ok("shop/web#0".into())
+                );
+                // Same shared IP, another name: the pod never resolved it here.
+                assert_eq!(
+                    authorize_tls(grants, Some("evil.example.test"), true).err(),
+                    Some(Reason::SniMismatch)
+                );
+                assert_eq!(
+                    authorize_tls(grants, None, true).err(),
+                    Some(Reason::SniMissing)
+                );
+                assert!(authorize_tls(grants, None, false).is_ok());
+                assert_eq!(
+                    authorize_http(grants, Some("api.example.test")).err(),
+                    Some(Reason::ProtocolMismatch)
+                );
+                assert_eq!(
+                    authorize_startup(grants, "orders", "app").err(),
+                    Some(Reason::ProtocolMismatch)
+                );
+            },
+        );
+        with_grants(
+            "app",
+            "198.19.0.10",
+            80,
+            &["api.example.test"],
+            |_, grants| {
+                assert_eq!(
+                    authorize_http(grants, Some("api.example.test")).map(|g| g.rule),
+                    Ok(0)
+                );
+                assert_eq!(
+                    authorize_http(grants, Some("evil.example.test")).err(),
+                    Some(Reason::HostMismatch)
+                );
+                assert_eq!(
+                    authorize_http(grants, None).err(),
+                    Some(Reason::HostMissing)
+                );
+                assert_eq!(
+                    authorize_tls(grants, Some("api.example.test"), true).err(),
+                    Some(Reason::ProtocolMismatch)
+                );
+            },
+        );
+    }
+
+    #[test]
+    fn audit_policies_do_not_widen_an_enforced_pod() {
+        // role=app is selected by enforce `web` and audit `watch-app` (which names evil).
+        with_grants(
+            "app",
+            "198.19.0.10",
+            443,
+            &["evil.example.test"],
+            |selection, grants| {
+                assert!(grants.is_empty(), "{grants:?}");
+                assert_eq!(
+                    verdict_for(selection, Err(Reason::NotAllowed)),
+                    Verdict::Deny
+                );
+            },
+        );
+    }
+
+    #[test]
+    fn audit_only_pods_get_audit_instead_of_deny() {
+        with_grants(
+            "batch",
+            "198.19.0.10",
+            443,
+            &["evil.example.test"],
+            |selection, grants| {
+                assert!(grants.is_empty());
+                assert_eq!(
+                    verdict_for(selection, Err(Reason::NotAllowed)),
+                    Verdict::Audit
+                );
+            },
+        );
+        with_grants(
+            "batch",
+            "198.19.0.10",
+            443,
+            &["api.example.test"],
+            |selection, grants| {
+                let auth = authorize_tls(grants, Some("api.example.test"), true);
+                assert_eq!(policy_of(auth), Ok("shop/watch#0".into()));
+                assert_eq!(verdict_for(selection, Ok(())), Verdict::Allow);
+            },
+        );
+    }
+
+    #[test]
+    fn cidr_rules_need_no_name_and_tcp_needs_no_peek() {
+        with_grants("app", "192.0.2.7", 443, &[], |_, grants| {
+            assert!(authorize_tls(grants, None, true).is_ok());
+            assert!(authorize_tls(grants, Some("anything.example"), true).is_ok());
+            assert!(tcp_grant(grants).is_none());
+            assert_eq!(
+                authorize_http(grants, Some("x.example")).err(),
+                Some(Reason::ProtocolMismatch)
+            );
+        });
+        with_grants("app", "192.0.2.7", 22, &[], |_, grants| {
+            assert_eq!(tcp_grant(grants).map(|g| g.rule), Some(1));
+        });
+        with_grants("app", "198.19.0.99", 22, &[], |_, grants| {
+            assert!(grants.is_empty())
+        });
+        assert_eq!(no_grant_reason(false), Reason::NoDnsRecord);
+        assert_eq!(no_grant_reason(true), Reason::NotAllowed);
+    }
+
+    #[test]
+    fn postgres_startup_and_encryption_rules() {
+        with_grants(
+            "app",
+            "198.19.0.20",
+            5432,
+            &["db.example.test"],
+            |_, grants| {
+                assert!(has_postgres_grant(grants));
+                assert_eq!(
+                    authorize_startup(grants, "orders", "app").map(|g| g.rule),
+                    Ok(2)
+                );
+                assert_eq!(
+                    authorize_startup(grants, "other", "app").err(),
+                    Some(Reason::PostgresqlDenied)
+                );
+                assert_eq!(
+                    authorize_startup(grants, "orders", "intruder").err(),
+                    Some(Reason::PostgresqlDenied)
+                );
+                assert!(authorize_cancel(grants).is_ok());
+                let sni = Some(Some("db.example.test"));
+                assert_eq!(
+                    authorize_encrypted_postgres(grants, sni, true).err(),
+                    Some(Reason::PostgresqlEncrypted)
+                );
+                assert_eq!(
+                    authorize_encrypted_postgres(grants, Some(Some("evil.example.test")), true)
+                        .err(),
+                    Some(Reason::SniMismatch)
+                );
+                assert_eq!(
+                    authorize_encrypted_postgres(grants, Some(None), true).err(),
+                    Some(Reason::SniMissing)
+                );
+                assert_eq!(
+                    authorize_encrypted_postgres(grants, None, true).err(),
+                    Some(Reason::PostgresqlEncrypted)
+                );
+                assert_eq!(
+                    authorize_tls(grants, Some("db.example.test"), true).err(),
+                    Some(Reason::ProtocolMismatch)
+                );
+            },
+        );
+        with_grants(
+            "app",
+            "198.19.0.21",
+            5432,
+            &["open-db.example.test"],
+            |_, grants| {
+                assert!(authorize_encrypted_postgres(
+                    grants,
+                    Some(Some("open-db.example.test")),
+                    true
+                )
+                .is_ok());
+                assert!(authorize_encrypted_postgres(grants, None, true).is_ok());
+            },
+        );
+    }
+
+    #[test]
+    fn reason_codes_are_unique_and_snake_case() {
+        let codes: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        let mut sorted = codes.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), codes.len());
+        for reason in Reason::ALL {
+            let json = serde_json::to_string(&reason).expect("serialises");
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
+    }
+}

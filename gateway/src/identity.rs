@@ -1,0 +1,215 @@
+//! Who a source address is: pod IP → namespace, name, labels and the namespace's labels.
+//!
+//! For now the source is a static YAML file (the Kubernetes watch comes with the Helm chart).
+//! Unknown addresses are not an error: they are "unselected" and follow `unselectedPods`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use egressgate_policy::PodIdentity;
+use serde::Deserialize;
+
+/// One pod, as the policies see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub namespace_labels: BTreeMap<String, String>,
+    /// Every address of the pod: a dual-stack pod may resolve over IPv4 and connect over IPv6,
+    /// and its DNS records are its own under either address.
+    pub ips: Vec<IpAddr>,
+}
+
+impl Pod {
+    pub fn identity(&self) -> PodIdentity<'_> {
+        PodIdentity {
+            namespace: &self.namespace,
+            name: &self.name,
+            labels: &self.labels,
+            namespace_labels: &self.namespace_labels,
+        }
+    }
+}
+
+/// Every known pod by address.
+#[derive(Debug, Clone, Default)]
+pub struct Identities {
+    by_ip: HashMap<IpAddr, Arc<Pod>>,
+}
+
+/// The static identity file (README, "Identity file").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    #[serde(default)]
+    namespaces: Vec<NamespaceEntry>,
+    #[serde(default)]
+    pods: Vec<PodEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceEntry {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodEntry {
+    name: String,
+    namespace: String,
+    ips: Vec<IpAddr>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+/// An identity file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{file}: address {ip} is listed for both {first} and {second}")]
+    DuplicateAddress {
+        file: String,
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
+}
+
+impl Identities {
+    pub fn load(path: &Path) -> Result<Self, IdentityError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&file, &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<Self, IdentityError> {
+        let parsed: IdentityFile = serde_yaml_ng::from_str(text).map_err(|err| {
+            let (line, column) = err.location().map_or((0, 0), |at| (at.line(), at.column()));
+            IdentityError::Invalid {
+                file: file.to_owned(),
+                line,
+                column,
+                message: crate::config::strip_position(&err.to_string()),
+            }
+        })?;
+        let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = parsed
+            .namespaces
+            .iter()
+            .map(|ns| (ns.name.as_str(), &ns.labels))
+            .collect();
+        let mut by_ip: HashMap<IpAddr, Arc<Pod>> = HashMap::new();
+        for entry in &parsed.pods {
+            let pod = Arc::new(Pod {
+                namespace: entry.namespace.clone(),
+                name: entry.name.clone(),
+                labels: entry.labels.clone(),
+                namespace_labels: namespace_labels
+                    .get(entry.namespace.as_str())
+                    .map(|labels| (*labels).clone())
+                    .unwrap_or_default(),
+                ips: entry.ips.iter().map(|ip| ip.to_canonical()).collect(),
+            });
+            for ip in &entry.ips {
+                let ip = ip.to_canonical();
+                if let Some(first) = by_ip.insert(ip, Arc::clone(&pod)) {
+                    return Err(IdentityError::DuplicateAddress {
+                        file: file.to_owned(),
+                        ip,
+                        first: format!("{}/{}", first.namespace, first.name),
+                        second: format!("{}/{}", pod.namespace, pod.name),
+                    });
+                }
+            }
+        }
+        Ok(Identities { by_ip })
+    }
+
+    /// The pod using `ip` (IPv4-mapped IPv6 addresses are looked up as IPv4).
+    pub fn lookup(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_ip.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_ip.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "namespaces:\n  - name: shop\n    labels: {team: shop}\npods:\n  - name: app-1\n    namespace: shop\n    ips: [198.18.1.2, \"fd00:1::2\"]\n    labels: {role: app}\n  - name: lonely\n    namespace: other\n    ips: [198.18.3.2]\n";
+
+    #[test]
+    fn pods_are_found_by_every_address_with_namespace_labels() {
+        let ids = Identities::parse("pods.yaml", FILE).expect("valid");
+        let pod = ids
+            .lookup("198.18.1.2".parse().expect("ip"))
+            .expect("known");
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("shop", "app-1")
+        );
+        assert_eq!(pod.labels.get("role").map(String::as_str), Some("app"));
+        assert_eq!(
+            pod.namespace_labels.get("team").map(String::as_str),
+            Some("shop")
+        );
+        let v6 = ids.lookup("fd00:1::2".parse().expect("ip")).expect("known");
+        assert_eq!(v6, pod);
+        assert_eq!(pod.ips.len(), 2);
+        let mapped = ids.lookup("::ffff:198.18.1.2".parse().expect("ip"));
+        assert_eq!(mapped, Some(pod));
+        let lonely = ids
+            .lookup("198.18.3.2".parse().expect("ip"))
+            .expect("known");
+        assert!(lonely.namespace_labels.is_empty());
+        assert!(ids.lookup("198.18.9.9".parse().expect("ip")).is_none());
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn errors_name_the_position_or_the_conflict() {
+        let err = Identities::parse(
+            "pods.yaml",
+            "pods:\n  - name: a\n    namespace: x\n    ips: [1.2.3.4]\n    lables: {}\n",
+        )
+        .expect_err("unknown key");
+        let shown = err.to_string();
+        assert!(shown.starts_with("pods.yaml:5:5: "), "{shown}");
+        assert!(shown.contains("unknown field `lables`"), "{shown}");
+
+        let dup = "pods:\n  - {name: a, namespace: x, ips: [1.2.3.4]}\n  - {name: b, namespace: x, ips: [1.2.3.4]}\n";
+        let shown = Identities::parse("pods.yaml", dup)
+            .expect_err("duplicate")
+            .to_string();
+        assert!(
+            shown.contains("1.2.3.4 is listed for both x/a and x/b"),
+            "{shown}"
+        );
+    }
+}

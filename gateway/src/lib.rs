@@ -1,0 +1,27 @@
+//! egressgate's gateway: the TPROXY listener, the protocol peekers, the decision, the splice,
+//! the admin endpoint and nftables management. `main.rs` is the `egressgate` command line.
+//!
+//! Layout (docs/ARCHITECTURE.md has the picture):
+//! - [`config`]: the YAML configuration file.
+//! - [`identity`]: pod IP → namespace, name, labels.
+//! - [`store`]: policies + identities in force, reloaded without restarts.
+//! - [`listener`]: transparent TCP sockets.
+//! - [`connection`]: the stages one connection goes through.
+//! - [`peek`]: pure parsers of TLS ClientHello, HTTP/1 request head, PostgreSQL first messages.
+//! - [`decision`]: verdicts, reason codes and the pure authorization rules.
+//! - [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`nft`]: the nftables table and routing.
+//! - [`run`]: wiring it all together for `egressgate run`.
+
+pub mod admin;
+pub mod config;
+pub mod connection;
+pub mod decision;
+pub mod events;
+pub mod identity;
+pub mod listener;
+pub mod metrics;
+pub mod nft;
+pub mod peek;
+pub mod run;
+pub mod store;

@@ -1,0 +1,28 @@
+//! Transparent TCP listeners: nftables TPROXY hands them connections addressed to anywhere, and
+//! each accepted socket's local address is the destination the pod asked for.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+/// Pending connections per listener: a node's pods may open many at once.
+const BACKLOG: i32 = 4096;
+
+/// Binds `addr` with IP_TRANSPARENT (IPV6_TRANSPARENT and IPV6_V6ONLY for IPv6, so a v4 and a
+/// v6 listener on the same port coexist). Needs CAP_NET_ADMIN.
+pub fn bind_transparent(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}

@@ -1,0 +1,131 @@
+//! The `egressgate` command line.
+//!
+//! stdout carries only JSON lines (decisions, DNS answers, reloads); diagnostics go to stderr,
+//! filtered by `EGRESSGATE_LOG` (tracing's env-filter syntax, default `info`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use egressgate::config::Config;
+use egressgate::identity::Identities;
+use egressgate::store::load_policy_dir;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egressgate",
+    version,
+    about = "Transparent egress gateway: allows pod connections by DNS name and application \
+             protocol, without decrypting anything."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve: DNS shim, TPROXY listener, admin endpoint; installs the nftables rules.
+    Run {
+        /// The configuration file (README, "Configuration").
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the configuration, every policy file and the identity file; print every error
+    /// as file:line:column and exit non-zero if there is any.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the nftables script `run` installs, for review.
+    NftRules {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EGRESSGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => check(config),
+        Command::NftRules { config } => match Config::load(&config) {
+            Ok(config) => {
+                print!("{}", egressgate::nft::render(&config));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(egressgate::run::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egressgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut errors = Vec::new();
+    let policies = load_policy_dir(&config.policy_dir)
+        .map_err(|e| errors.extend(e))
+        .ok();
+    let identities = Identities::load(&config.identity.static_file)
+        .map_err(|e| errors.push(e.to_string()))
+        .ok();
+    if config.dns_upstreams().is_empty() {
+        errors.push(format!(
+            "{}: dns.upstreams is empty and /etc/resolv.conf names no nameserver",
+            path.display()
+        ));
+    }
+    if !errors.is_empty() {
+        for error in &errors {
+            eprintln!("{error}");
+        }
+        eprintln!("{} error(s)", errors.len());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}: ok ({} policies, {} pods)",
+        path.display(),
+        policies.map_or(0, |p| p.len()),
+        identities.map_or(0, |i| i.len())
+    );
+    ExitCode::SUCCESS
+}

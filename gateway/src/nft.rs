@@ -1,0 +1,645 @@
+//! The nftables table and policy routing that send pod egress to the gateway through TPROXY.
+//!
+//! [`render`] produces one `nft -f` script for the `inet` table named in the configuration;
+//! [`install`] applies it and the routing it needs. The script:
+//!
+//! - `prerouting` (hook prerouting, priority mangle): packets of TCP connections the gateway
+//!   already holds (`socket transparent 1`) are marked and accepted; packets from a pod CIDR or a
+//!   matching interface go to `intercept`.
+//! - `intercept`: DNS (UDP and TCP port 53, to any server) goes to the DNS shim; then
+//!   destinations in `bypassCidrs` and local addresses are left alone; every other TCP
+//!   connection goes to the TPROXY listener. Both set the mark, so the `ip rule fwmark <mark> lookup <routeTable>`
+//!   and the `local` default route in that table deliver them to the local stack. What no
+//!   listener took is refused (see "Fail closed").
+//!
+//! The gateway's own upstream connections are never intercepted: they are generated locally and
+//! so pass the `output` hook, never `prerouting`. That is why the table has no `output` chain.
+//!
+//! Fail closed: when `tproxy` finds no listening socket the packet is not dropped but goes on,
+//! unmarked, and would be forwarded to its destination. So `intercept` ends by refusing the TCP
+//! and DNS it did not hand to a listener: that covers a family (IPv4, IPv6) with no listener
+//! configured and a gateway that is not running. For the same reason there is no uninstall: the
+//! table and routing stay after the gateway exits, so while it is down intercepted connections
+//! are refused (TCP reset, ICMP port unreachable) rather than bypassing policy.
+//!
+//! Known limit: only TCP and DNS are intercepted; other UDP (QUIC included) passes untouched.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, ExitStatus, Stdio};
+
+use ipnet::IpNet;
+
+use crate::config::Config;
+
+/// Applying the rules failed; the messages name the command and quote what it printed.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+impl NftError {
+    /// The host has no IPv6: disabled at boot or not built ("Address family not supported"), or
+    /// turned off by sysctl `disable_ipv6` ("IPv6 is disabled on nexthop device").
+    fn ipv6_unavailable(&self) -> bool {
+        matches!(self, Self::Failed { stderr, .. }
+            if stderr.contains("Address family not supported") || stderr.contains("IPv6 is disabled"))
+    }
+}
+
+/// The complete `nft -f` script: replaces the gateway's table, if any, in one transaction.
+pub fn render(config: &Config) -> String {
+    let table = &config.nftables.table;
+    let mark = format!("{:#010x}", config.nftables.mark);
+    let intercept = &config.intercept;
+    let mut out = String::new();
+
+    // `nft -f` applies a file as one transaction. Creating the table first makes the delete valid
+    // when it does not exist yet, so the load replaces any previous version and never leaves two
+    // or none.
+    out.push_str("# egressgate: generated from the configuration; applied as one transaction.\n");
+    out.push_str(&format!(
+        "table inet {table} {{}}\ndelete table inet {table}\n"
+    ));
+    out.push_str(&format!("table inet {table} {{\n"));
+
+    let (pod_v4, pod_v6) = split_families(&intercept.pod_cidrs);
+    let (bypass_v4, bypass_v6) = split_families(&intercept.bypass_cidrs);
+    push_set(&mut out, "pod_v4", "ipv4_addr", &pod_v4);
+    push_set(&mut out, "pod_v6", "ipv6_addr", &pod_v6);
+    push_set(&mut out, "bypass_v4", "ipv4_addr", &bypass_v4);
+    push_set(&mut out, "bypass_v6", "ipv6_addr", &bypass_v6);
+
+    out.push_str("    chain prerouting {\n");
+    out.push_str("        type filter hook prerouting priority mangle; policy accept;\n");
+    // TCP only: for UDP the lookup would also find the short-lived transparent socket the DNS
+    // shim binds to the server's address to send a reply, and a query arriving meanwhile (glibc
+    // sends A and AAAA back to back) would be delivered to it instead of the shim.
+    out.push_str("        # Packets of connections the gateway already holds: deliver locally.\n");
+    out.push_str(&format!(
+        "        meta l4proto tcp socket transparent 1 meta mark set {mark} accept\n"
+    ));
+    for pattern in &intercept.interfaces {
+        out.push_str(&format!(
+            "        iifname \"{}\" jump intercept\n",
+            pattern.as_str()
+        ));
+    }
+    out.push_str("        ip saddr @pod_v4 jump intercept\n");
+    out.push_str("        ip6 saddr @pod_v6 jump intercept\n");
+    out.push_str("    }\n\n");
+
+    out.push_str("    chain intercept {\n");
+    for family in [Family::V4, Family::V6] {
+        let nfproto = family.nfproto();
+        match family.target(&config.listen.dns) {
+            Some(to) => {
+                for l4 in ["udp", "tcp"] {
+                    out.push_str(&format!(
+                        "        meta nfproto {nfproto} {l4} dport 53 tproxy {} to {to} meta mark set {mark} accept\n",
+                        family.tproxy()
+                    ));
+                }
+            }
+            None => out.push_str(&format!(
+                "        # No {} DNS listener: its DNS is refused below.\n",
+                family.name()
+            )),
+        }
+    }
+    // DNS is taken before the bypass: the cluster DNS service lives in a bypassed service range,
+    // and a pod's DNS must reach the shim whatever server it addressed.
+    out.push_str("        udp dport 53 reject\n");
+    out.push_str("        ip daddr @bypass_v4 return\n");
+    out.push_str("        ip6 daddr @bypass_v6 return\n");
+    out.push_str("        fib daddr type local return\n");
+    for family in [Family::V4, Family::V6] {
+        let nfproto = family.nfproto();
+        match family.target(&config.listen.tproxy) {
+            Some(to) => out.push_str(&format!(
+                "        meta nfproto {nfproto} meta l4proto tcp tproxy {} to {to} meta mark set {mark} accept\n",
+                family.tproxy()
+            )),
+            None => out.push_str(&format!(
+                "        # No {} TPROXY listener: its TCP is refused below.\n",
+                family.name()
+            )),
+        }
+    }
+    // `tproxy` finding no listening socket does not drop: the packet goes on unmarked and would
+    // be forwarded to its destination, bypassing policy whenever the gateway is down.
+    out.push_str(
+        "        # Only what no listener took gets here (gateway down, family without a listener):\n",
+    );
+    out.push_str("        # refuse it rather than let it bypass policy.\n");
+    out.push_str("        meta l4proto tcp reject with tcp reset\n");
+    out.push_str("    }\n}\n");
+    out
+}
+
+/// Applies [`render`]'s script and the policy routing for marked packets; safe to repeat.
+///
+/// Whether to call it at all is the caller's choice (`nftables.manage`).
+pub fn install(config: &Config) -> Result<(), NftError> {
+    install_in(config, None)
+}
+
+/// [`install`], with every command run inside network namespace `netns` when given (tests).
+fn install_in(config: &Config, netns: Option<&str>) -> Result<(), NftError> {
+    let runner = Runner { netns };
+    let mark = format!("{:#x}", config.nftables.mark);
+    let table = config.nftables.route_table.to_string();
+
+    // Routing first: once the nft table marks packets, they must already be delivered locally.
+    route_marked_locally(&runner, Family::V4, &mark, &table)?;
+    match route_marked_locally(&runner, Family::V6, &mark, &table) {
+        Ok(()) => {}
+        Err(err) if err.ipv6_unavailable() => {
+            tracing::warn!(error = %err, "IPv6 unavailable; IPv6 traffic is not intercepted");
+        }
+        Err(err) => return Err(err),
+    }
+    runner.run(&["nft", "-f", "-"], Some(&render(config)))?;
+    Ok(())
+}
+
+/// `ip rule fwmark MARK lookup TABLE` exactly once, and a `local` default route in TABLE.
+fn route_marked_locally(
+    runner: &Runner<'_>,
+    family: Family,
+    mark: &str,
+    table: &str,
+) -> Result<(), NftError> {
+    let flag = family.ip_flag();
+    runner.run(
+        &[
+            "ip",
+            flag,
+            "route",
+            "replace",
+            "local",
+            family.default_route(),
+            "dev",
+            "lo",
+            "table",
+            table,
+        ],
+        None,
+    )?;
+    // Rules have no `replace`, and `add` happily duplicates them: count, then add or trim to one.
+    let rule = ["fwmark", mark, "lookup", table];
+    let shown = runner.run(&[&["ip", flag, "rule", "show"][..], &rule].concat(), None)?;
+    let count = shown.lines().filter(|line| !line.trim().is_empty()).count();
+    if count == 0 {
+        runner.run(&[&["ip", flag, "rule", "add"][..], &rule].concat(), None)?;
+    }
+    for _ in 1..count {
+        runner.run(&[&["ip", flag, "rule", "del"][..], &rule].concat(), None)?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    fn nfproto(self) -> &'static str {
+        match self {
+            Self::V4 => "ipv4",
+            Self::V6 => "ipv6",
+        }
+    }
+
+    /// The family keyword of nft's `tproxy <family> to`.
+    fn tproxy(self) -> &'static str {
+        match self {
+            Self::V4 => "ip",
+            Self::V6 => "ip6",
+        }
+    }
+
+    fn ip_flag(self) -> &'static str {
+        match self {
+            Self::V4 => "-4",
+            Self::V6 => "-6",
+        }
+    }
+
+    fn default_route(self) -> &'static str {
+        match self {
+            Self::V4 => "0.0.0.0/0",
+            Self::V6 => "::/0",
+        }
+    }
+
+    /// The `tproxy ... to` operand for this family's first listener: `:port` for a wildcard
+    /// listener (TPROXY then keeps the packet's own destination address), else `addr:port`.
+    fn target(self, listeners: &[SocketAddr]) -> Option<String> {
+        let addr = listeners
+            .iter()
+            .find(|addr| addr.is_ipv6() == matches!(self, Self::V6))?;
+        Some(if addr.ip().is_unspecified() {
+            format!(":{}", addr.port())
+        } else {
+            addr.to_string()
+        })
+    }
+}
+
+/// Merges overlapping ranges and clears host bits (nft rejects both in an interval set), then
+/// splits by family.
+fn split_families(nets: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
+    IpNet::aggregate(&nets.to_vec())
+        .into_iter()
+        .partition(|net| matches!(net, IpNet::V4(_)))
+}
+
+fn push_set(out: &mut String, name: &str, kind: &str, elements: &[IpNet]) {
+    out.push_str(&format!(
+        "    set {name} {{\n        type {kind}\n        flags interval\n"
+    ));
+    // nft rejects `elements = { }`; an empty set simply has no elements line.
+    if !elements.is_empty() {
+        let list: Vec<String> = elements.iter().map(IpNet::to_string).collect();
+        out.push_str(&format!("        elements = {{ {} }}\n", list.join(", ")));
+    }
+    out.push_str("    }\n\n");
+}
+
+/// Runs commands, optionally inside a network namespace via `ip netns exec`.
+#[derive(Debug)]
+struct Runner<'a> {
+    netns: Option<&'a str>,
+}
+
+impl Runner<'_> {
+    /// Runs `argv` with `stdin` as its input and returns its stdout; a non-zero exit is an error.
+    fn run(&self, argv: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
+        let mut full: Vec<&str> = Vec::new();
+        if let Some(netns) = self.netns {
+            full.extend(["ip", "netns", "exec", netns]);
+        }
+        full.extend_from_slice(argv);
+        let command = full.join(" ");
+        let spawn_error = |source| NftError::Spawn {
+            command: command.clone(),
+            source,
+        };
+        let Some((program, args)) = full.split_first() else {
+            return Ok(String::new());
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // nft reads the whole script before printing anything, so this cannot deadlock; the
+            // pipe closes when dropped, ending nft's input.
+            pipe.write_all(text.as_bytes()).map_err(spawn_error)?;
+        }
+        let output = child.wait_with_output().map_err(spawn_error)?;
+        if !output.status.success() {
+            return Err(NftError::Failed {
+                command,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        let text = format!("policyDir: /p\nidentity: {{staticFile: /i}}\n{extra}");
+        Config::parse("c.yaml", &text).expect("valid config")
+    }
+
+    const FULL: &str = "intercept:\n  podCidrs: [198.18.1.0/24, \"fd00:1::/64\"]\n  interfaces: [\"egp*\", veth0]\n  bypassCidrs: [10.96.0.0/12, \"fd00:96::/108\"]\n";
+
+    #[test]
+    fn script_replaces_the_table_in_one_load() {
+        let script = render(&config(FULL));
+        let body = script
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            body.get(..3).expect("three lines"),
+            [
+                "table inet egressgate {}",
+                "delete table inet egressgate",
+                "table inet egressgate {"
+            ]
+        );
+        assert_eq!(script.matches("delete table").count(), 1);
+    }
+
+    #[test]
+    fn sets_hold_the_configured_ranges_by_family() {
+        let script = render(&config(FULL));
+        for (name, kind, elements) in [
+            ("pod_v4", "ipv4_addr", "198.18.1.0/24"),
+            ("pod_v6", "ipv6_addr", "fd00:1::/64"),
+            ("bypass_v4", "ipv4_addr", "10.96.0.0/12"),
+            ("bypass_v6", "ipv6_addr", "fd00:96::/108"),
+        ] {
+            let set = format!(
+                "    set {name} {{\n        type {kind}\n        flags interval\n        elements = {{ {elements} }}\n    }}\n"
+            );
+            assert!(script.contains(&set), "{set}\nnot in\n{script}");
+        }
+    }
+
+    #[test]
+    fn empty_sets_are_still_defined_without_elements() {
+        let script = render(&config("intercept: {interfaces: [\"egp*\"]}\n"));
+        for name in ["pod_v4", "pod_v6", "bypass_v4", "bypass_v6"] {
+            assert!(script.contains(&format!("    set {name} {{\n")), "{script}");
+        }
+        assert!(!script.contains("elements"), "{script}");
+        // The rules referring to them are uniform whatever is configured.
+        assert!(script.contains("        ip saddr @pod_v4 jump intercept\n"));
+        assert!(script.contains("        ip6 daddr @bypass_v6 return\n"));
+    }
+
+    #[test]
+    fn overlapping_ranges_and_host_bits_are_merged() {
+        let script = render(&config(
+            "intercept: {podCidrs: [10.1.0.0/16, 10.0.0.0/8, 10.2.3.4/24, 192.168.7.9/24]}\n",
+        ));
+        assert!(
+            script.contains("elements = { 10.0.0.0/8, 192.168.7.0/24 }"),
+            "{script}"
+        );
+    }
+
+    /// The non-comment rule lines of `chain`, in order.
+    fn chain_rules<'a>(script: &'a str, chain: &str) -> Vec<&'a str> {
+        script
+            .lines()
+            .skip_while(|line| !line.contains(&format!("chain {chain} {{")))
+            .skip(1)
+            .take_while(|line| line.trim() != "}")
+            .map(str::trim)
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn prerouting_marks_held_tcp_sockets_and_jumps_for_pods() {
+        let script = render(&config(FULL));
+        let expected = [
+            "type filter hook prerouting priority mangle; policy accept;",
+            "meta l4proto tcp socket transparent 1 meta mark set 0x00006567 accept",
+            "iifname \"egp*\" jump intercept",
+            "iifname \"veth0\" jump intercept",
+            "ip saddr @pod_v4 jump intercept",
+            "ip6 saddr @pod_v6 jump intercept",
+        ];
+        assert_eq!(chain_rules(&script, "prerouting"), expected);
+    }
+
+    #[test]
+    fn intercept_takes_dns_before_the_bypass_and_refuses_what_no_listener_took() {
+        let script = render(&config(FULL));
+        let rules = chain_rules(&script, "intercept");
+        let position = |needle: &str| {
+            rules
+                .iter()
+                .position(|rule| rule.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in {rules:#?}"))
+        };
+        assert!(position("udp dport 53 tproxy") < position("udp dport 53 reject"));
+        assert!(position("udp dport 53 reject") < position("@bypass_v4 return"));
+        assert!(position("tcp dport 53 tproxy ip6") < position("@bypass_v6 return"));
+        assert!(position("fib daddr type local return") < position("l4proto tcp tproxy"));
+        assert_eq!(
+            rules.last(),
+            Some(&"meta l4proto tcp reject with tcp reset")
+        );
+        assert_eq!(script.matches("reject").count(), 2, "{script}");
+    }
+
+    #[test]
+    fn intercept_sends_dns_and_tcp_to_the_default_listeners() {
+        let script = render(&config(FULL));
+        for rule in [
+            "meta nfproto ipv4 udp dport 53 tproxy ip to :15053 meta mark set 0x00006567 accept",
+            "meta nfproto ipv4 tcp dport 53 tproxy ip to :15053 meta mark set 0x00006567 accept",
+            "meta nfproto ipv6 udp dport 53 tproxy ip6 to :15053 meta mark set 0x00006567 accept",
+            "meta nfproto ipv6 tcp dport 53 tproxy ip6 to :15053 meta mark set 0x00006567 accept",
+            "meta nfproto ipv4 meta l4proto tcp tproxy ip to :15001 meta mark set 0x00006567 accept",
+            "meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :15001 meta mark set 0x00006567 accept",
+        ] {
+            assert!(script.contains(&format!("        {rule}\n")), "{rule}\n{script}");
+        }
+    }
+
+    #[test]
+    fn specific_addresses_ports_table_and_mark_are_used() {
+        let script = render(&config(
+            "listen:\n  tproxy: [\"127.0.0.1:7001\", \"0.0.0.0:7002\", \"[::1]:7003\"]\n  dns: [\"[::]:7053\", \"127.0.0.53:7054\"]\nintercept: {interfaces: [\"egp*\"]}\nnftables: {table: gw2, mark: 0x10}\n",
+        ));
+        assert!(script.contains("table inet gw2 {\n"), "{script}");
+        assert!(script.contains("tproxy ip to 127.0.0.1:7001 meta mark set 0x00000010 accept"));
+        assert!(script.contains("tproxy ip6 to [::1]:7003 meta mark set 0x00000010 accept"));
+        assert!(script.contains("udp dport 53 tproxy ip to 127.0.0.53:7054 "));
+        assert!(script.contains("tcp dport 53 tproxy ip6 to :7053 "));
+        assert!(
+            !script.contains(":7002"),
+            "only the first listener of a family"
+        );
+    }
+
+    #[test]
+    fn a_family_without_listeners_is_refused() {
+        let script = render(&config(
+            "listen:\n  tproxy: [\"0.0.0.0:15001\"]\n  dns: [\"[::]:15053\"]\nintercept: {interfaces: [\"egp*\"]}\n",
+        ));
+        // No TPROXY rule for a family without a listener: the closing rules refuse it.
+        assert!(script.contains("# No IPv4 DNS listener"), "{script}");
+        assert!(script.contains("# No IPv6 TPROXY listener"), "{script}");
+        assert!(script.ends_with("        meta l4proto tcp reject with tcp reset\n    }\n}\n"));
+        assert!(script.contains("tproxy ip to :15001 "));
+        assert!(script.contains("udp dport 53 tproxy ip6 to :15053 "));
+        assert!(!script.contains("tproxy ip6 to :15001"), "{script}");
+        assert!(!script.contains("tproxy ip to :15053"), "{script}");
+    }
+
+    /// A network namespace of its own, deleted on drop (also when the test panics).
+    struct Netns(String);
+
+    impl Netns {
+        fn create() -> Self {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            assert!(
+                is_root(),
+                "the nftables tests create network namespaces: run them as root"
+            );
+            let name = format!(
+                "egt-nft-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            Runner { netns: None }
+                .run(&["ip", "netns", "add", &name], None)
+                .expect("ip netns add");
+            let netns = Self(name);
+            netns.run(&["ip", "link", "set", "lo", "up"]);
+            netns
+        }
+
+        fn run(&self, argv: &[&str]) -> String {
+            Runner {
+                netns: Some(&self.0),
+            }
+            .run(argv, None)
+            .unwrap_or_else(|err| panic!("{err}"))
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn is_root() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        // `Uid:` real, effective, saved, filesystem.
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    }
+
+    fn count_lines(text: &str, needle: &str) -> usize {
+        text.lines().filter(|line| line.contains(needle)).count()
+    }
+
+    #[test]
+    fn install_twice_leaves_one_table_one_rule_and_the_local_route() {
+        let netns = Netns::create();
+        let config = config(FULL);
+        install_in(&config, Some(&netns.0)).expect("first install");
+        install_in(&config, Some(&netns.0)).expect("second install");
+
+        let tables = netns.run(&["nft", "list", "tables"]);
+        assert_eq!(count_lines(&tables, "table inet egressgate"), 1, "{tables}");
+        let listed = netns.run(&["nft", "list", "table", "inet", "egressgate"]);
+        for rule in [
+            "socket transparent 1 meta mark set 0x00006567 accept",
+            "iifname \"egp*\" jump intercept",
+            "udp dport 53 tproxy ip to :15053 meta mark set 0x00006567 accept",
+            "udp dport 53 tproxy ip6 to :15053 meta mark set 0x00006567 accept",
+            "meta l4proto tcp tproxy ip to :15001 meta mark set 0x00006567 accept",
+            "meta l4proto tcp tproxy ip6 to :15001 meta mark set 0x00006567 accept",
+            "elements = { 198.18.1.0/24 }",
+        ] {
+            assert_eq!(count_lines(&listed, rule), 1, "{rule}\n{listed}");
+        }
+
+        for flag in ["-4", "-6"] {
+            let rules = netns.run(&["ip", flag, "rule", "show"]);
+            assert_eq!(
+                count_lines(&rules, "fwmark 0x6567 lookup 25447"),
+                1,
+                "{rules}"
+            );
+            let routes = netns.run(&[
+                "ip", flag, "route", "show", "table", "25447", "type", "local",
+            ]);
+            assert!(routes.starts_with("local default dev lo"), "{routes}");
+        }
+    }
+
+    #[test]
+    fn reinstall_replaces_the_table_and_trims_duplicate_rules() {
+        let netns = Netns::create();
+        install_in(&config(FULL), Some(&netns.0)).expect("install");
+        // Someone (an older version, an operator) added the rule again.
+        netns.run(&["ip", "rule", "add", "fwmark", "0x6567", "lookup", "25447"]);
+
+        let v4_only = config(
+            "listen:\n  tproxy: [\"0.0.0.0:15001\"]\n  dns: [\"0.0.0.0:15053\"]\nintercept: {interfaces: [\"egp*\"]}\n",
+        );
+        install_in(&v4_only, Some(&netns.0)).expect("reinstall");
+
+        let listed = netns.run(&["nft", "list", "table", "inet", "egressgate"]);
+        assert!(!listed.contains("tproxy ip6"), "{listed}");
+        assert!(!listed.contains("198.18.1.0/24"), "{listed}");
+        assert!(
+            listed.contains("meta l4proto tcp reject with tcp reset"),
+            "{listed}"
+        );
+        assert!(listed.contains("udp dport 53 reject"), "{listed}");
+        let rules = netns.run(&["ip", "rule", "show"]);
+        assert_eq!(
+            count_lines(&rules, "fwmark 0x6567 lookup 25447"),
+            1,
+            "{rules}"
+        );
+    }
+
+    #[test]
+    fn without_ipv6_only_ipv4_is_routed() {
+        let netns = Netns::create();
+        netns.run(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        netns.run(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+        install_in(&config(FULL), Some(&netns.0)).expect("install without IPv6");
+
+        let rules = netns.run(&["ip", "rule", "show"]);
+        assert_eq!(
+            count_lines(&rules, "fwmark 0x6567 lookup 25447"),
+            1,
+            "{rules}"
+        );
+        let tables = netns.run(&["nft", "list", "tables"]);
+        assert_eq!(count_lines(&tables, "table inet egressgate"), 1, "{tables}");
+    }
+
+    #[test]
+    fn a_failing_command_is_reported_with_its_stderr() {
+        let netns = Netns::create();
+        let mut config = config(FULL);
+        config.nftables.table = "bad name".to_owned();
+        let err = install_in(&config, Some(&netns.0)).expect_err("invalid table name");
+        let shown = err.to_string();
+        assert!(shown.contains("nft -f -"), "{shown}");
+        assert!(shown.contains("syntax error"), "{shown}");
+    }
+}

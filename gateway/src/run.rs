@@ -1,0 +1,211 @@
+//! `egressgate run`: bind every listener, install the nftables rules, announce readiness, serve
+//! until SIGTERM/SIGINT.
+//!
+//! Order matters: the listeners exist before the rules send traffic to them, and the
+//! `listening` line (and `/readyz`) come only after both.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
+use egressgate_dns_shim::{DnsShim, ForeignServerPolicy, NameTable, ShimConfig, TableLimits};
+use prometheus::Registry;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::{Config, ForeignServers};
+use crate::connection::Proxy;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::{admin, listener, nft};
+
+/// A pod's DNS-over-TCP connection is closed after this long without a complete query.
+const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often policy files are checked for changes.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
+/// How often expired name records are dropped (lookups ignore them in between anyway).
+const PURGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("policies or identities:\n  {}", .0.join("\n  "))]
+    Rules(Vec<String>),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no trusted DNS upstream: set dns.upstreams or give the node a resolv.conf")]
+    NoUpstreams,
+    #[error("nftables: {0}")]
+    Nft(#[from] nft::NftError),
+}
+
+/// The `listening` line: every address the gateway serves.
+#[derive(Debug, Serialize)]
+struct ListeningLine {
+    time: String,
+    event: &'static str,
+    tproxy: Vec<SocketAddr>,
+    dns: Vec<SocketAddr>,
+    admin: SocketAddr,
+    policies: usize,
+    pods: usize,
+    nftables: bool,
+}
+
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry)?;
+    let store = Arc::new(Store::load(&config, metrics.clone()).map_err(RunError::Rules)?);
+    metrics.policies.set(store.current().policies.len() as i64);
+
+    let upstreams = config.dns_upstreams();
+    if upstreams.is_empty() {
+        return Err(RunError::NoUpstreams);
+    }
+    let table = Arc::new(NameTable::new(TableLimits {
+        min_ttl: Duration::from_secs(config.dns.min_ttl_seconds),
+        idle_grace: Duration::from_secs(config.dns.idle_grace_seconds),
+        max_names_per_pod: config.dns.max_names_per_pod,
+        max_names: config.dns.max_names,
+    }));
+    let shim = Arc::new(DnsShim::new(
+        ShimConfig {
+            upstreams,
+            foreign_servers: match config.dns.foreign_servers {
+                ForeignServers::Forward => ForeignServerPolicy::Forward,
+                ForeignServers::Refuse => ForeignServerPolicy::Refuse,
+            },
+            upstream_timeout: config.dns.upstream_timeout(),
+            tcp_idle_timeout: DNS_TCP_IDLE_TIMEOUT,
+        },
+        Arc::clone(&table),
+        &registry,
+    )?);
+
+    let mut dns_listeners = Vec::new();
+    for &addr in &config.listen.dns {
+        let bound = DnsShim::bind(addr).map_err(|source| RunError::Bind {
+            what: "dns",
+            addr,
+            source,
+        })?;
+        dns_listeners.push(bound);
+    }
+    let mut tproxy_listeners = Vec::new();
+    for &addr in &config.listen.tproxy {
+        let bound = listener::bind_transparent(addr).map_err(|source| RunError::Bind {
+            what: "tproxy",
+            addr,
+            source,
+        })?;
+        tproxy_listeners.push(bound);
+    }
+    let admin_addr = config.listen.admin;
+    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            what: "admin",
+            addr: admin_addr,
+            source,
+        })?;
+
+    if config.nftables.manage {
+        nft::install(&config)?;
+    }
+
+    let (stop, stopped) = watch::channel(false);
+    let shutdown = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            // Either the flag flips or the sender is gone: both mean stop.
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for listeners in dns_listeners {
+        tasks.spawn(Arc::clone(&shim).serve(listeners, shutdown()));
+    }
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(&store),
+        Arc::clone(&table),
+        metrics.clone(),
+        &config,
+    ));
+    for listener in tproxy_listeners {
+        tasks.spawn(Arc::clone(&proxy).serve(listener, shutdown()));
+    }
+    tasks.spawn(admin::serve(
+        admin_listener,
+        registry.clone(),
+        Arc::clone(&ready),
+        shutdown(),
+    ));
+    tasks.spawn({
+        let store = Arc::clone(&store);
+        let shutdown = shutdown();
+        async move { store.watch(RELOAD_POLL, shutdown).await }
+    });
+    tasks.spawn({
+        let shutdown = shutdown();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = purge_expired(&table) => {}
+            }
+        }
+    });
+
+    let snapshot = store.current();
+    write_json_line(&ListeningLine {
+        time: rfc3339_now(),
+        event: "listening",
+        tproxy: config.listen.tproxy.clone(),
+        dns: config.listen.dns.clone(),
+        admin: admin_addr,
+        policies: snapshot.policies.len(),
+        pods: snapshot.identities.len(),
+        nftables: config.nftables.manage,
+    });
+    ready.store(true, Ordering::Release);
+
+    wait_for_termination().await;
+    ready.store(false, Ordering::Release);
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    // Listeners stop at once; relayed connections end with the process.
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn purge_expired(table: &NameTable) {
+    let mut ticker = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        ticker.tick().await;
+        table.purge_expired(std::time::Instant::now());
+    }
+}
+
+async fn wait_for_termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,28 @@
+//! egressgate's policy: the `EgressPolicy` / `ClusterEgressPolicy` model, its YAML format with
+//! `file:line:column` errors, and the compiled matcher that says which rules allow a
+//! connection. It is pure: the gateway reads files, watches the cluster and owns sockets, then
+//! passes text and pod identities in and gets policies and grants out.
+//!
+//! Layout:
+//! - [`name`]: DNS names and `dnsName` patterns (`db.example`, `*.example`, `**.example`).
+//! - [`selector`]: Kubernetes label selectors.
+//! - [`model`]: the policy model; every type rejects invalid rules when built.
+//! - [`parse`]: YAML documents → [`Policy`], with [`LoadError`] positions.
+//! - [`set`]: [`PolicySet`], pod [`Selection`] and [`Grant`]s.
+
+#![forbid(unsafe_code)]
+
+pub mod model;
+pub mod name;
+pub mod parse;
+pub mod selector;
+pub mod set;
+
+pub use model::{
+    Cidr, EgressRule, Mode, ModelError, ObjectName, Origin, Peer, Policy, PolicyKind, PolicyRef,
+    PortRange, PortRule, PostgresRule, Protocol,
+};
+pub use name::{normalize_name, DnsNamePattern, NameError};
+pub use parse::{parse_policies, LoadError, API_VERSION};
+pub use selector::{LabelSelector, Operator, Requirement, SelectorError};
+pub use set::{Grant, GrantPeer, PodIdentity, PolicySet, Selection};

@@ -1,0 +1,533 @@
+//! The compiled policy set: which policies select a pod, and what they grant.
+//!
+//! Everything that can be worked out from the policies alone is worked out in
+//! [`PolicySet::new`]; [`Selection::grants`] only compares.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::model::{EgressRule, Mode, Peer, Policy, PolicyRef, PortRange, Protocol};
+use crate::name::DnsNamePattern;
+use crate::parse::LoadError;
+
+/// A validated, compiled set of policies. Cheap to share behind an `Arc` and swap whole.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    /// Sorted by [`PolicyRef`], so grants come out in the same order whatever the file order.
+    policies: Vec<CompiledPolicy>,
+}
+
+/// Who a pod is, as the gateway learned it from the cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct PodIdentity<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub namespace_labels: &'a BTreeMap<String, String>,
+}
+
+/// The policies that select one pod.
+#[derive(Debug, Clone)]
+pub struct Selection<'a> {
+    policies: Vec<&'a CompiledPolicy>,
+}
+
+/// One (policy, rule, port entry) that allows a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant<'a> {
+    pub policy: &'a PolicyRef,
+    /// Index in the policy's `spec.egress`.
+    pub rule: usize,
+    pub mode: Mode,
+    pub protocol: &'a Protocol,
+    pub peer: GrantPeer,
+}
+
+/// Why the destination matched the rule's peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrantPeer {
+    /// The most specific of the rule's `cidr` peers containing the destination.
+    Cidr(IpNet),
+    /// The resolved names (deduplicated, in the caller's order) that matched a `dnsName` peer.
+    Names(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+struct CompiledPolicy {
+    policy: Policy,
+    rules: Vec<CompiledRule>,
+}
+
+/// A rule with its peers split by kind, so lookups don't re-match on `Peer`.
+#[derive(Debug, Clone)]
+struct CompiledRule {
+    /// Longest prefix first, so the first hit is the most specific.
+    cidrs: Vec<IpNet>,
+    patterns: Vec<DnsNamePattern>,
+    ports: Vec<(PortRange, Protocol)>,
+}
+
+// === impl PolicySet ===
+
+impl PolicySet {
+    /// Checks that no two policies share (kind, namespace, name) and compiles them. Every
+    /// duplicate is reported at the later definition.
+    pub fn new(policies: Vec<Policy>) -> Result<PolicySet, Vec<LoadError>> {
+        let mut seen: HashMap<&PolicyRef, &Policy> = HashMap::new();
+        let mut errors = Vec::new();
+        for policy in &policies {
+            if let Some(first) = seen.get(policy.reference()) {
+                let origin = policy.origin();
+                errors.push(LoadError {
+                    file: origin.file.clone(),
+                    line: origin.line,
+                    column: origin.column,
+                    message: format!(
+                        "duplicate {} {:?} (first defined at {})",
+                        policy.reference().kind,
+                        policy.reference().to_string(),
+                        first.origin()
+                    ),
+                });
+                continue;
+            }
+            seen.insert(policy.reference(), policy);
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut compiled: Vec<CompiledPolicy> =
+            policies.into_iter().map(CompiledPolicy::new).collect();
+        compiled.sort_by(|a, b| a.policy.reference().cmp(b.policy.reference()));
+        Ok(PolicySet { policies: compiled })
+    }
+
+    /// No policies: every pod is unselected.
+    pub fn empty() -> PolicySet {
+        PolicySet::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The policies, sorted by reference.
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.iter().map(|c| &c.policy)
+    }
+
+    /// Every policy that selects `pod`.
+    pub fn select<'a>(&'a self, pod: &PodIdentity<'_>) -> Selection<'a> {
+        let policies = self.policies.iter().filter(|c| c.selects(pod)).collect();
+        Selection { policies }
+    }
+}
+
+// === impl CompiledPolicy ===
+
+impl CompiledPolicy {
+    fn new(policy: Policy) -> Self {
+        let rules = policy.egress().iter().map(CompiledRule::new).collect();
+        CompiledPolicy { policy, rules }
+    }
+
+    fn selects(&self, pod: &PodIdentity<'_>) -> bool {
+        let p = &self.policy;
+        let in_scope = match (&p.reference().namespace, p.namespace_selector()) {
+            (Some(ns), _) => ns == pod.namespace,
+            (None, Some(selector)) => selector.matches(pod.namespace_labels),
+            (None, None) => true,
+        };
+        in_scope && p.pod_selector().matches(pod.labels)
+    }
+}
+
+// === impl CompiledRule ===
+
+impl CompiledRule {
+    fn new(rule: &EgressRule) -> Self {
+        let mut cidrs = Vec::new();
+        let mut patterns = Vec::new();
+        for peer in rule.to() {
+            match peer {
+                Peer::Cidr(cidr) => cidrs.push(cidr.net()),
+                Peer::DnsName(pattern) => patterns.push(pattern.clone()),
+            }
+        }
+        cidrs.sort_by_key(|net| std::cmp::Reverse(net.prefix_len()));
+        let ports = rule
+            .ports()
+            .iter()
+            .map(|p| (p.range(), p.protocol().clone()))
+            .collect();
+        CompiledRule {
+            cidrs,
+            patterns,
+            ports,
+        }
+    }
+
+    /// A `cidr` match wins over names: the rule then allows the address whatever the name.
+    fn peer(&self, dst: IpAddr, resolved_names: &[&str]) -> Option<GrantPeer> {
+        if let Some(net) = self.cidrs.iter().find(|net| net.contains(&dst)) {
+            return Some(GrantPeer::Cidr(*net));
+        }
+        let mut names: Vec<String> = Vec::new();
+        for name in resolved_names {
+            if !names.iter().any(|n| n == name) && self.patterns.iter().any(|p| p.matches(name)) {
+                names.push((*name).to_owned());
+            }
+        }
+        (!names.is_empty()).then_some(GrantPeer::Names(names))
+    }
+}
+
+// === impl Selection ===
+
+impl<'a> Selection<'a> {
+    /// The pod is selected by no policy.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// At least one selecting policy is in enforce mode.
+    pub fn has_enforce(&self) -> bool {
+        self.policies
+            .iter()
+            .any(|c| c.policy.mode() == Mode::Enforce)
+    }
+
+    /// The selecting policies, sorted by reference.
+    pub fn policies(&self) -> impl Iterator<Item = &'a PolicyRef> + '_ {
+        self.policies.iter().map(|c| c.policy.reference())
+    }
+
+    /// Every (policy, rule, port entry) whose port range contains `port` and whose peers match:
+    /// a `cidr` peer containing `dst`, or a `dnsName` peer matching at least one of
+    /// `resolved_names` (names this pod resolved to `dst`, lowercase without trailing dot).
+    pub fn grants(&self, dst: IpAddr, port: u16, resolved_names: &[&str]) -> Vec<Grant<'a>> {
+        // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; IPv4 rules must still match.
+        let dst = dst.to_canonical();
+        let mut grants = Vec::new();
+        for compiled in &self.policies {
+            let policy = &compiled.policy;
+            for (index, rule) in compiled.rules.iter().enumerate() {
+                let mut ports = rule
+                    .ports
+                    .iter()
+                    .filter(|(r, _)| r.contains(port))
+                    .peekable();
+                if ports.peek().is_none() {
+                    continue;
+                }
+                let Some(peer) = rule.peer(dst, resolved_names) else {
+                    continue;
+                };
+                for (_, protocol) in ports {
+                    grants.push(Grant {
+                        policy: policy.reference(),
+                        rule: index,
+                        mode: policy.mode(),
+                        protocol,
+                        peer: peer.clone(),
+                    });
+                }
+            }
+        }
+        grants
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::parse_policies;
+
+    const POLICIES: &str = r#"
+apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: orders-db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{dnsName: db.corp.example}, {dnsName: "*.db.corp.example"}]
+      ports: [{port: 5432, protocol: postgresql, postgresql: {databases: [orders]}}]
+    - to: [{dnsName: "**.googleapis.com"}, {cidr: 192.0.2.0/24}, {cidr: 192.0.2.128/25}]
+      ports:
+        - {port: 443, endPort: 8443, protocol: tls}
+        - {port: 443, protocol: tcp}
+---
+apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchExpressions: [{key: role, operator: In, values: [app, web]}]}
+  mode: audit
+  egress:
+    - to: [{cidr: "2001:db8::/32"}, {dnsName: api.example}]
+      ports: [{port: 80, protocol: http}]
+---
+apiVersion: egressgate.dev/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {name: prod-dns}
+spec:
+  namespaceSelector: {matchLabels: {env: prod}}
+  podSelector: {}
+  mode: audit
+  egress: []
+---
+apiVersion: egressgate.dev/v1alpha1
+kind: ClusterEgressPolicy
+metadata: {name: everyone}
+spec:
+  podSelector: {matchExpressions: [{key: batch, operator: DoesNotExist}]}
+  egress:
+    - to: [{cidr: 10.0.0.0/8}]
+      ports: [{port: 22, protocol: tcp}]
+"#;
+
+    fn set() -> PolicySet {
+        PolicySet::new(parse_policies("p.yaml", POLICIES).expect("valid")).expect("no duplicates")
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn selected(
+        set: &PolicySet,
+        ns: &str,
+        pod: &[(&str, &str)],
+        ns_labels: &[(&str, &str)],
+    ) -> Vec<String> {
+        let (labels, namespace_labels) = (labels(pod), labels(ns_labels));
+        let pod = PodIdentity {
+            namespace: ns,
+            name: "pod-0",
+            labels: &labels,
+            namespace_labels: &namespace_labels,
+        };
+        set.select(&pod)
+            .policies()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn namespaced_policies_select_only_their_namespace() {
+        let set = set();
+        assert_eq!(set.len(), 4);
+        assert_eq!(
+            selected(&set, "shop", &[("role", "app")], &[]),
+            ["shop/orders-db", "shop/web", "everyone"]
+        );
+        assert_eq!(
+            selected(&set, "other", &[("role", "app")], &[]),
+            ["everyone"]
+        );
+        assert_eq!(
+            selected(&set, "shop", &[("role", "web")], &[]),
+            ["shop/web", "everyone"]
+        );
+    }
+
+    #[test]
+    fn cluster_policies_use_the_namespace_selector_when_set() {
+        let set = set();
+        assert_eq!(
+            selected(&set, "billing", &[], &[("env", "prod")]),
+            ["everyone", "prod-dns"]
+        );
+        assert_eq!(
+            selected(&set, "billing", &[], &[("env", "dev")]),
+            ["everyone"]
+        );
+        assert!(selected(&set, "billing", &[("batch", "1")], &[]).is_empty());
+    }
+
+    #[test]
+    fn audit_and_enforce_flags() {
+        let set = set();
+        let (none, prod, web) = (
+            labels(&[]),
+            labels(&[("env", "prod")]),
+            labels(&[("role", "web"), ("batch", "y")]),
+        );
+        let pod = |ns, labels, ns_labels| PodIdentity {
+            namespace: ns,
+            name: "p",
+            labels,
+            namespace_labels: ns_labels,
+        };
+        let audit_only = set.select(&pod("shop", &web, &none));
+        assert!(!audit_only.is_empty());
+        assert!(!audit_only.has_enforce());
+        let mixed = set.select(&pod("x", &none, &prod));
+        assert!(mixed.has_enforce());
+        let nothing = set.select(&pod("x", &web, &none));
+        assert!(nothing.is_empty());
+        assert!(!nothing.has_enforce());
+        assert!(PolicySet::empty()
+            .select(&pod("x", &none, &none))
+            .is_empty());
+    }
+
+    #[test]
+    fn grants_union_every_matching_rule_and_port_entry() {
+        let set = set();
+        let (app, none) = (labels(&[("role", "app")]), labels(&[]));
+        let pod = PodIdentity {
+            namespace: "shop",
+            name: "p",
+            labels: &app,
+            namespace_labels: &none,
+        };
+        let selection = set.select(&pod);
+
+        let grants = selection.grants(
+            ip("203.0.113.9"),
+            443,
+            &[
+                "storage.googleapis.com",
+                "x.example",
+                "storage.googleapis.com",
+            ],
+        );
+        assert_eq!(grants.len(), 2);
+        assert!(grants
+            .iter()
+            .all(|g| g.policy.to_string() == "shop/orders-db" && g.rule == 1));
+        assert_eq!(grants[0].protocol, &Protocol::Tls);
+        assert_eq!(grants[1].protocol, &Protocol::Tcp);
+        assert_eq!(
+            grants[0].peer,
+            GrantPeer::Names(vec!["storage.googleapis.com".into()])
+        );
+        assert_eq!(grants[0].mode, Mode::Enforce);
+
+        // Port range edges: 8443 only matches the tls entry, 8444 nothing.
+        let grants = selection.grants(ip("203.0.113.9"), 8443, &["a.googleapis.com"]);
+        assert_eq!(grants.len(), 1);
+        assert!(selection
+            .grants(ip("203.0.113.9"), 8444, &["a.googleapis.com"])
+            .is_empty());
+        assert!(selection
+            .grants(ip("203.0.113.9"), 443, &["googleapis.com"])
+            .is_empty());
+
+        let grants = selection.grants(
+            ip("198.51.100.1"),
+            5432,
+            &["replica.db.corp.example", "db.corp.example"],
+        );
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].rule, 0);
+        assert_eq!(
+            grants[0].peer,
+            GrantPeer::Names(vec![
+                "replica.db.corp.example".into(),
+                "db.corp.example".into()
+            ])
+        );
+        assert!(matches!(grants[0].protocol, Protocol::Postgresql(pg) if pg.allows("orders", "u")));
+        assert!(selection
+            .grants(ip("198.51.100.1"), 5432, &["a.b.db.corp.example"])
+            .is_empty());
+    }
+
+    #[test]
+    fn cidr_grants_pick_the_most_specific_block_and_beat_names() {
+        let set = set();
+        let (app, none) = (labels(&[("role", "app")]), labels(&[]));
+        let pod = PodIdentity {
+            namespace: "shop",
+            name: "p",
+            labels: &app,
+            namespace_labels: &none,
+        };
+        let selection = set.select(&pod);
+        let grants = selection.grants(ip("192.0.2.200"), 443, &["x.googleapis.com"]);
+        assert_eq!(
+            grants[0].peer,
+            GrantPeer::Cidr("192.0.2.128/25".parse().expect("net"))
+        );
+        let grants = selection.grants(ip("192.0.2.1"), 443, &[]);
+        assert_eq!(
+            grants[0].peer,
+            GrantPeer::Cidr("192.0.2.0/24".parse().expect("net"))
+        );
+        // An IPv4-mapped IPv6 destination still matches IPv4 blocks.
+        assert_eq!(selection.grants(ip("::ffff:192.0.2.1"), 443, &[]).len(), 2);
+        assert_eq!(
+            selection.grants(ip("10.9.9.9"), 22, &[])[0]
+                .policy
+                .to_string(),
+            "everyone"
+        );
+    }
+
+    #[test]
+    fn ipv6_cidr_and_audit_mode_grants() {
+        let set = set();
+        let (web, none) = (labels(&[("role", "web")]), labels(&[]));
+        let pod = PodIdentity {
+            namespace: "shop",
+            name: "p",
+            labels: &web,
+            namespace_labels: &none,
+        };
+        let selection = set.select(&pod);
+        let grants = selection.grants(ip("2001:db8::5"), 80, &[]);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(grants[0].mode, Mode::Audit);
+        assert_eq!(grants[0].protocol, &Protocol::Http);
+        assert_eq!(
+            grants[0].peer,
+            GrantPeer::Cidr("2001:db8::/32".parse().expect("net"))
+        );
+        assert!(selection.grants(ip("2001:db9::5"), 80, &[]).is_empty());
+        assert_eq!(
+            selection
+                .grants(ip("2001:db9::5"), 80, &["API.example."])
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected_at_the_later_definition() {
+        let mut policies = parse_policies("a.yaml", POLICIES).expect("valid");
+        policies.extend(parse_policies("b.yaml", POLICIES).expect("valid"));
+        let errors = PolicySet::new(policies).expect_err("duplicates");
+        assert_eq!(errors.len(), 4);
+        assert_eq!(
+            errors[0].to_string(),
+            "b.yaml:2:1: duplicate EgressPolicy \"shop/orders-db\" (first defined at a.yaml:2:1)"
+        );
+        assert_eq!(errors[2].to_string().split(':').nth(1), Some("25"));
+    }
+
+    #[test]
+    fn same_name_in_another_namespace_or_kind_is_not_a_duplicate() {
+        let text = POLICIES
+            .replace("namespace: shop}", "namespace: shop2}")
+            .replace("{name: prod-dns}", "{name: prod-dns-2}")
+            .replace("{name: everyone}", "{name: everyone-2}");
+        let mut policies = parse_policies("a.yaml", POLICIES).expect("valid");
+        policies.extend(parse_policies("b.yaml", &text).expect("valid"));
+        assert_eq!(PolicySet::new(policies).expect("distinct").len(), 8);
+    }
+}

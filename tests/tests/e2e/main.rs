@@ -1,0 +1,16 @@
+//! End-to-end tests: the real `egressgate` binary in a network-namespace lab.
+//!
+//! Needs root, iproute2, nftables, dnsmasq, nginx, openssl, curl, dig, psql, python3 and a PostgreSQL server,
+//! and a built gateway: run `cargo build -p egressgate` first (see `egressgate_bin`). Each test
+//! builds its own lab with unique namespace names, so tests run in parallel.
+
+mod audit;
+mod dns;
+mod expiry;
+mod nftables;
+mod operations;
+mod peek_limits;
+mod postgres;
+mod self_check;
+mod support;
+mod tls_http;

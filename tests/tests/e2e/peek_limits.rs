@@ -1,0 +1,75 @@
+//! Clients that are silent, too big or malformed are denied with their own reason, and never
+//! reach the destination.
+
+use egressgate_lab::{addr, GatewayOptions, Lab};
+
+use crate::support::{dig, run_and_decide, SHOP_POLICY};
+
+fn lab() -> Lab {
+    let options = GatewayOptions {
+        peek_timeout_ms: 1000,
+        ..GatewayOptions::default().policy("shop.yaml", SHOP_POLICY)
+    };
+    Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(options)
+        .start()
+        .expect("lab starts")
+}
+
+/// Connects from pod a to the web IP on 443, sends `payload` (Python bytes literal), waits up to
+/// 5 s for the gateway to close, and prints what came back.
+fn send(lab: &Lab, payload: &str) -> (egressgate_lab::Output, egressgate_lab::Decision) {
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('{web}', 443), timeout=5)\n\
+         s.sendall({payload})\n\
+         try:\n    print('received', len(s.recv(65536)))\n\
+         except Exception as e:\n    print('error', type(e).__name__)\n",
+        web = addr::WEB,
+    );
+    run_and_decide(lab, "a", 443, &["python3", "-c", &script])
+}
+
+#[test]
+fn silent_oversized_and_malformed_first_messages_are_denied() {
+    let lab = lab();
+    // A live record for the web IP, so the rule applies and the peek decides.
+    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
+
+    let (out, d) = send(&lab, "b''");
+    assert_eq!(
+        (d.verdict(), d.reason()),
+        (Some("deny"), Some("peek_timeout")),
+        "{d}\n{out}"
+    );
+
+    // A TLS record announcing a 64 KiB ClientHello, then 20 KB of it: past peek.maxBytes.
+    let (out, d) = send(
+        &lab,
+        "b'\\x16\\x03\\x01\\x40\\x00\\x01\\x00\\xff\\xff' + b'\\x00' * 20000",
+    );
+    assert_eq!(
+        (d.verdict(), d.reason()),
+        (Some("deny"), Some("peek_too_large")),
+        "{d}\n{out}"
+    );
+
+    // A handshake record whose message is a ServerHello (type 2), not a ClientHello.
+    let (out, d) = send(
+        &lab,
+        "b'\\x16\\x03\\x01\\x00\\x08\\x02\\x00\\x00\\x04\\x03\\x03\\x00\\x00'",
+    );
+    assert_eq!(
+        (d.verdict(), d.reason()),
+        (Some("deny"), Some("malformed")),
+        "{d}\n{out}"
+    );
+    assert_eq!(d.0["detail"], "tls_not_client_hello", "{d}");
+    assert!(
+        out.stdout.contains("error") || out.stdout.contains("received 0"),
+        "{out}"
+    );
+}
