@@ -10,6 +10,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::yaml_file::{self, YamlFileError};
+
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -315,49 +317,32 @@ fn default_true() -> bool {
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
-    #[error("{file}:{line}:{column}: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    File(#[from] YamlFileError),
+    /// Parsed, but the values do not fit together.
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
 }
 
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Self::parse(&file, &text)
+        let config: Config = yaml_file::load(path)?;
+        config.checked(&path.display().to_string())
     }
 
     /// Parses configuration text; `file` labels errors.
     pub fn parse(file: &str, text: &str) -> Result<Self, ConfigError> {
-        let config: Config = serde_yaml_ng::from_str(text).map_err(|err| {
-            let (line, column) = err.location().map_or((0, 0), |at| (at.line(), at.column()));
-            ConfigError::Invalid {
-                file: file.to_owned(),
-                line,
-                column,
-                message: strip_position(&err.to_string()),
-            }
-        })?;
-        config.check().map_err(|message| ConfigError::Invalid {
+        let config: Config = yaml_file::parse(file, text)?;
+        config.checked(file)
+    }
+
+    fn checked(self, file: &str) -> Result<Self, ConfigError> {
+        self.check().map_err(|message| ConfigError::Invalid {
             file: file.to_owned(),
-            line: 0,
-            column: 0,
             message,
         })?;
-        Ok(config)
+        Ok(self)
     }
 
     /// Cross-field checks serde cannot express.
@@ -413,14 +398,6 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
         .filter_map(|rest| rest.trim().parse::<IpAddr>().ok())
         .map(|ip| SocketAddr::new(ip, 53))
         .collect()
-}
-
-/// serde_yaml_ng appends " at line L column C"; we print the position up front instead.
-pub(crate) fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(at) => message[..at].to_owned(),
-        None => message.to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use egressgate_policy::PodIdentity;
 use serde::Deserialize;
 
+use crate::yaml_file::{self, YamlFileError};
+
 /// One pod, as the policies see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pod {
@@ -71,18 +73,8 @@ struct PodEntry {
 /// An identity file that could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("{file}: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
-    #[error("{file}:{line}:{column}: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    File(#[from] YamlFileError),
     #[error("{file}: address {ip} is listed for both {first} and {second}")]
     DuplicateAddress {
         file: String,
@@ -94,24 +86,16 @@ pub enum IdentityError {
 
 impl Identities {
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| IdentityError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        Self::parse(&file, &text)
+        let parsed = yaml_file::load(path)?;
+        Self::build(&path.display().to_string(), parsed)
     }
 
     pub fn parse(file: &str, text: &str) -> Result<Self, IdentityError> {
-        let parsed: IdentityFile = serde_yaml_ng::from_str(text).map_err(|err| {
-            let (line, column) = err.location().map_or((0, 0), |at| (at.line(), at.column()));
-            IdentityError::Invalid {
-                file: file.to_owned(),
-                line,
-                column,
-                message: crate::config::strip_position(&err.to_string()),
-            }
-        })?;
+        let parsed = yaml_file::parse(file, text)?;
+        Self::build(file, parsed)
+    }
+
+    fn build(file: &str, parsed: IdentityFile) -> Result<Self, IdentityError> {
         let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = parsed
             .namespaces
             .iter()

@@ -12,6 +12,7 @@
 //! - [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`nft`]: the nftables table and routing.
 //! - [`run`]: wiring it all together for `egressgate run`.
+//! - [`yaml_file`]: typed YAML files with `file:line:column` errors.
 
 pub mod admin;
 pub mod config;
@@ -25,3 +26,4 @@ pub mod nft;
 pub mod peek;
 pub mod run;
 pub mod store;
+pub mod yaml_file;

@@ -5,6 +5,7 @@
 //! builds its own lab with unique namespace names, so tests run in parallel.
 
 mod audit;
+mod cli;
 mod dns;
 mod expiry;
 mod nftables;

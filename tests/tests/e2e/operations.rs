@@ -122,12 +122,10 @@ fn admin_endpoint_serves_metrics_health_and_readiness() {
     ] {
         assert!(text.contains(needle), "no {needle:?} in /metrics:\n{text}");
     }
-    // Every sample line is `name{labels} value`: a parse of the text format's basics.
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let value = line.rsplit(' ').next().unwrap_or_default();
-        assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
-    }
+    // Prometheus's own linter (naming, help, units, histogram shape).
+    let lint = node.run_stdin(&["promtool", "check", "metrics"], &text);
+    assert!(
+        lint.success(),
+        "promtool check metrics failed (scripts/install-deps installs it):\n{lint}"
+    );
 }
