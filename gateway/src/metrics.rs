@@ -1,5 +1,8 @@
 //! The gateway's Prometheus metrics. The DNS shim registers its own into the same registry.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -10,10 +13,17 @@ const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Distinct (namespace, destination) series of `egressgate_denied_connections_total` before new
+/// destinations are counted as `other`: a pod probing random names must not blow up the TSDB.
+const MAX_DENIED_SERIES: usize = 1000;
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// `verdict`, `reason`, `protocol`: one increment per decision.
+    /// `verdict`, `reason`, `protocol`, `namespace`: one increment per decision.
     pub connections: IntCounterVec,
+    /// `namespace`, `destination`: denied and audited connections by what the pod wanted.
+    denied: IntCounterVec,
+    denied_series: Arc<Mutex<HashSet<(String, String)>>>,
     pub connections_active: IntGauge,
     /// `direction`: `up` (pod → destination, peeked bytes included) or `down`.
     pub bytes: IntCounterVec,
@@ -35,8 +45,17 @@ impl Metrics {
                     "egressgate_connections_total",
                     "TCP connections decided, by verdict, reason and protocol.",
                 ),
-                &["verdict", "reason", "protocol"],
+                &["verdict", "reason", "protocol", "namespace"],
             )?,
+            denied: IntCounterVec::new(
+                Opts::new(
+                    "egressgate_denied_connections_total",
+                    "Denied and audited connections by pod namespace and wanted destination \
+                     (SNI, Host, resolved name or address; `other` past the series cap).",
+                ),
+                &["namespace", "destination"],
+            )?,
+            denied_series: Arc::default(),
             connections_active: IntGauge::new(
                 "egressgate_connections_active",
                 "Connections accepted and not yet closed.",
@@ -77,6 +96,7 @@ impl Metrics {
             policies: IntGauge::new("egressgate_policies", "Policies in force.")?,
         };
         registry.register(Box::new(metrics.connections.clone()))?;
+        registry.register(Box::new(metrics.denied.clone()))?;
         registry.register(Box::new(metrics.connections_active.clone()))?;
         registry.register(Box::new(metrics.bytes.clone()))?;
         registry.register(Box::new(metrics.decision_duration.clone()))?;
@@ -85,5 +105,47 @@ impl Metrics {
         registry.register(Box::new(metrics.policy_reloads.clone()))?;
         registry.register(Box::new(metrics.policies.clone()))?;
         Ok(metrics)
+    }
+
+    /// Counts a denied (or audited) connection under what the pod tried to reach.
+    pub fn count_denied(&self, namespace: &str, destination: &str) {
+        let key = (namespace.to_owned(), destination.to_owned());
+        let destination = match self.denied_series.lock() {
+            Ok(mut seen) if seen.contains(&key) || seen.len() < MAX_DENIED_SERIES => {
+                seen.insert(key);
+                destination
+            }
+            _ => "other",
+        };
+        self.denied
+            .with_label_values(&[namespace, destination])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denied_destinations_are_capped() {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("registers");
+        for i in 0..MAX_DENIED_SERIES + 5 {
+            metrics.count_denied("shop", &format!("host-{i}.example"));
+        }
+        metrics.count_denied("shop", "host-0.example");
+        let families = registry.gather();
+        let denied = families
+            .iter()
+            .find(|f| f.name() == "egressgate_denied_connections_total")
+            .expect("family");
+        assert_eq!(denied.get_metric().len(), MAX_DENIED_SERIES + 1);
+        let other = denied
+            .get_metric()
+            .iter()
+            .find(|m| m.get_label().iter().any(|l| l.value() == "other"))
+            .expect("other series");
+        assert_eq!(other.get_counter().get_value(), 5.0);
     }
 }

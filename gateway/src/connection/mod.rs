@@ -131,14 +131,20 @@ impl Proxy {
         self.metrics
             .decision_duration
             .observe(accepted.elapsed().as_secs_f64());
+        let namespace = line.pod.as_ref().map_or("", |pod| pod.namespace.as_str());
         self.metrics
             .connections
             .with_label_values(&[
                 line.verdict.as_str(),
                 line.reason.as_str(),
                 line.protocol.unwrap_or("none"),
+                namespace,
             ])
             .inc();
+        if line.verdict != Verdict::Allow {
+            self.metrics
+                .count_denied(namespace, &wanted_destination(&line));
+        }
         line.print();
 
         if decided.verdict == Verdict::Deny {
@@ -399,6 +405,16 @@ fn describe(grant: &Grant<'_>) -> Granted {
             GrantPeer::Cidr(_) => Vec::new(),
         },
     }
+}
+
+/// What the pod tried to reach, for the denied-destinations metric: the name it sent, else the
+/// name it resolved, else the address.
+fn wanted_destination(line: &DecisionLine) -> String {
+    line.sni
+        .clone()
+        .or_else(|| line.host.clone())
+        .or_else(|| line.names.first().cloned())
+        .unwrap_or_else(|| line.destination.ip().to_canonical().to_string())
 }
 
 /// Opens the upstream connection to the original destination.

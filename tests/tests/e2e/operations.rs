@@ -112,7 +112,7 @@ fn admin_endpoint_serves_metrics_health_and_readiness() {
     assert!(metrics.success(), "{metrics}");
     let text = metrics.stdout;
     for needle in [
-        r#"egressgate_connections_total{protocol="tls",reason="allowed",verdict="allow"} 1"#,
+        r#"egressgate_connections_total{namespace="shop",protocol="tls",reason="allowed",verdict="allow"} 1"#,
         "egressgate_connections_active",
         "egressgate_decision_duration_seconds_count 1",
         r#"egressgate_peek_duration_seconds_count{protocol="tls"} 1"#,
