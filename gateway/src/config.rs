@@ -86,12 +86,36 @@ fn both_families(port: u16) -> Vec<SocketAddr> {
     ]
 }
 
-/// Identity source.
+/// Identity source: exactly one of `staticFile` and `kubernetes`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Identity {
-    /// A YAML file listing namespaces and pods (see README, "Identity file").
-    pub static_file: PathBuf,
+    /// A YAML file listing namespaces and pods (see README, "Identity file"), reloaded on change.
+    #[serde(default)]
+    pub static_file: Option<PathBuf>,
+    /// Watch the pods of this node and all namespaces through the Kubernetes API (in-cluster
+    /// service account, or `$KUBECONFIG`).
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesIdentity>,
+}
+
+/// The Kubernetes identity source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesIdentity {
+    /// The node whose pods are watched; default: `$NODE_NAME` (set from the downward API).
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+impl KubernetesIdentity {
+    /// The configured node name, else `$NODE_NAME`.
+    pub fn node_name(&self) -> Option<String> {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|name| !name.is_empty())
+    }
 }
 
 /// Which traffic is intercepted: packets arriving from a pod CIDR **or** a matching interface.
@@ -347,6 +371,9 @@ impl Config {
 
     /// Cross-field checks serde cannot express.
     fn check(&self) -> Result<(), String> {
+        if self.identity.static_file.is_some() == self.identity.kubernetes.is_some() {
+            return Err("identity: set exactly one of staticFile and kubernetes".into());
+        }
         if self.listen.tproxy.is_empty() {
             return Err("listen.tproxy: at least one address is needed".into());
         }
@@ -457,6 +484,20 @@ mod tests {
         assert!(shown.contains("nftables.table"), "{shown}");
         let text = format!("{MINIMAL}nftables: {{table: egress_2}}\n");
         assert!(Config::parse("c.yaml", &text).is_ok());
+    }
+
+    #[test]
+    fn identity_source_is_exactly_one() {
+        let both = "policyDir: /p\nidentity: {staticFile: /i, kubernetes: {}}\nnftables: {manage: false}\n";
+        let shown = Config::parse("c.yaml", both).expect_err("both").to_string();
+        assert!(shown.contains("exactly one"), "{shown}");
+        let none = "policyDir: /p\nidentity: {}\nnftables: {manage: false}\n";
+        assert!(Config::parse("c.yaml", none).is_err());
+        let kube =
+            "policyDir: /p\nidentity: {kubernetes: {nodeName: n1}}\nnftables: {manage: false}\n";
+        let config = Config::parse("c.yaml", kube).expect("valid");
+        let node = config.identity.kubernetes.and_then(|k| k.node_name());
+        assert_eq!(node.as_deref(), Some("n1"));
     }
 
     #[test]

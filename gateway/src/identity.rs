@@ -128,6 +128,15 @@ impl Identities {
         Ok(Identities { by_ip })
     }
 
+    /// An index built elsewhere (the Kubernetes watch), keyed by canonical addresses.
+    pub fn from_index(by_ip: HashMap<IpAddr, Arc<Pod>>) -> Self {
+        let by_ip = by_ip
+            .into_iter()
+            .map(|(ip, pod)| (ip.to_canonical(), pod))
+            .collect();
+        Identities { by_ip }
+    }
+
     /// The pod using `ip` (IPv4-mapped IPv6 addresses are looked up as IPv4).
     pub fn lookup(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
         self.by_ip.get(&ip.to_canonical())

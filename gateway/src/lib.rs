@@ -3,7 +3,7 @@
 //!
 //! Layout (docs/ARCHITECTURE.md has the picture):
 //! - [`config`]: the YAML configuration file.
-//! - [`identity`]: pod IP → namespace, name, labels.
+//! - [`identity`]: pod IP → namespace, name, labels; [`kubernetes`]: the same from the API.
 //! - [`store`]: policies + identities in force, reloaded without restarts.
 //! - [`listener`]: transparent TCP sockets.
 //! - [`connection`]: the stages one connection goes through.
@@ -20,6 +20,7 @@ pub mod connection;
 pub mod decision;
 pub mod events;
 pub mod identity;
+pub mod kubernetes;
 pub mod listener;
 pub mod metrics;
 pub mod nft;

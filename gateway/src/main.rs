@@ -105,9 +105,11 @@ fn check(path: PathBuf) -> ExitCode {
     let policies = load_policy_dir(&config.policy_dir)
         .map_err(|e| errors.extend(e))
         .ok();
-    let identities = Identities::load(&config.identity.static_file)
-        .map_err(|e| errors.push(e.to_string()))
-        .ok();
+    let identities = config.identity.static_file.as_ref().and_then(|file| {
+        Identities::load(file)
+            .map_err(|e| errors.push(e.to_string()))
+            .ok()
+    });
     if config.dns_upstreams().is_empty() {
         errors.push(format!(
             "{}: dns.upstreams is empty and /etc/resolv.conf names no nameserver",
@@ -121,11 +123,14 @@ fn check(path: PathBuf) -> ExitCode {
         eprintln!("{} error(s)", errors.len());
         return ExitCode::FAILURE;
     }
+    let pods = match identities {
+        Some(identities) => format!("{} pods", identities.len()),
+        None => "pods from the Kubernetes API".to_owned(),
+    };
     println!(
-        "{}: ok ({} policies, {} pods)",
+        "{}: ok ({} policies, {pods})",
         path.display(),
         policies.map_or(0, |p| p.len()),
-        identities.map_or(0, |i| i.len())
     );
     ExitCode::SUCCESS
 }

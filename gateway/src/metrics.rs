@@ -4,7 +4,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry,
 };
 
 /// Peeks and decisions take microseconds when the client sends at once, seconds when it stalls.
@@ -35,6 +36,9 @@ pub struct Metrics {
     /// `result`: `ok` or `error`.
     pub policy_reloads: IntCounterVec,
     pub policies: IntGauge,
+    /// 1 while the files on disk failed to load and an older policy set is running.
+    pub policy_stale: IntGauge,
+    pub policy_last_success: Gauge,
 }
 
 impl Metrics {
@@ -94,6 +98,14 @@ impl Metrics {
                 &["result"],
             )?,
             policies: IntGauge::new("egressgate_policies", "Policies in force.")?,
+            policy_stale: IntGauge::new(
+                "egressgate_policy_stale",
+                "1 while the policy files failed to load and the last good set is running.",
+            )?,
+            policy_last_success: Gauge::new(
+                "egressgate_policy_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful policy load.",
+            )?,
         };
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.denied.clone()))?;
@@ -104,6 +116,8 @@ impl Metrics {
         registry.register(Box::new(metrics.upstream_connect_errors.clone()))?;
         registry.register(Box::new(metrics.policy_reloads.clone()))?;
         registry.register(Box::new(metrics.policies.clone()))?;
+        registry.register(Box::new(metrics.policy_stale.clone()))?;
+        registry.register(Box::new(metrics.policy_last_success.clone()))?;
         Ok(metrics)
     }
 

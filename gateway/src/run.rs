@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::config::{Config, ForeignServers};
 use crate::connection::Proxy;
+use crate::kubernetes::{self, IdentityWatch};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::{admin, listener, nft};
@@ -45,6 +46,10 @@ pub enum RunError {
     NoUpstreams,
     #[error("nftables: {0}")]
     Nft(#[from] nft::NftError),
+    #[error("identity.kubernetes: no node name: set identity.kubernetes.nodeName or $NODE_NAME")]
+    NoNodeName,
+    #[error("identity.kubernetes: {0}")]
+    Kubernetes(#[from] kubernetes::WatchError),
 }
 
 /// The `listening` line: every address the gateway serves.
@@ -64,7 +69,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
     let store = Arc::new(Store::load(&config, metrics.clone()).map_err(RunError::Rules)?);
-    metrics.policies.set(store.current().policies.len() as i64);
+    let identity_watch = match &config.identity.kubernetes {
+        Some(kubernetes) => {
+            let node = kubernetes.node_name().ok_or(RunError::NoNodeName)?;
+            Some(IdentityWatch::connect(node).await?)
+        }
+        None => None,
+    };
 
     let upstreams = config.dns_upstreams();
     if upstreams.is_empty() {
@@ -163,6 +174,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         }
     });
+    if let Some(identity_watch) = identity_watch {
+        tasks.spawn(identity_watch.run(Arc::clone(&store), shutdown()));
+    }
 
     let snapshot = store.current();
     write_json_line(&ListeningLine {
@@ -175,7 +189,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         pods: snapshot.identities.len(),
         nftables: config.nftables.manage,
     });
-    ready.store(true, Ordering::Release);
+    // Ready once identities are complete too: until the first pod list, every pod would be
+    // "unselected".
+    tasks.spawn({
+        let (store, ready, shutdown) = (Arc::clone(&store), Arc::clone(&ready), shutdown());
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = store.identities_ready() => ready.store(true, Ordering::Release),
+            }
+        }
+    });
 
     wait_for_termination().await;
     ready.store(false, Ordering::Release);

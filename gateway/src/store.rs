@@ -1,36 +1,50 @@
-//! The rules in force: the compiled policies and the pod identities, swapped whole.
+//! The rules in force: the compiled policies and the pod identities.
 //!
-//! Connections read a [`Snapshot`] without locks (`ArcSwap`). A reload builds a complete new
-//! snapshot first and swaps only if *everything* loaded: a broken file keeps the last good rules
-//! running and is reported (JSON line, metric, every error with its position). Reloads happen on
-//! SIGHUP and when a poll sees a file change; polling rather than inotify because ConfigMap
-//! volumes swap a symlink to a new directory, which a poll of (name, size, mtime) always sees.
+//! Connections read a [`Snapshot`] without locks (`ArcSwap`); a connection keeps the verdict it
+//! got, new connections see new rules. A reload parses and compiles everything first and swaps
+//! only if *everything* loaded: a broken update keeps the last good rules running and is reported
+//! (a `policy_reload` JSON line with every error and its position, the reload counter, the
+//! `egressgate_policy_stale` gauge).
+//!
+//! Reloads happen when inotify (the `notify` crate) reports a change in the policy directory —
+//! kubelet updates a ConfigMap volume by swapping its `..data` symlink, one rename event — on
+//! SIGHUP, and on a slow poll that catches what inotify cannot see (a directory that was
+//! replaced, watch limits). A reload whose files did not change since the last read is skipped.
+//!
+//! Identities come either from the static file (reloaded like the policies) or from the
+//! Kubernetes watch, which publishes whole indexes with [`Store::set_identities`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use egressgate_policy::{parse_policies, PolicySet};
+use notify::Watcher;
 use serde::Serialize;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::identity::Identities;
 use crate::metrics::Metrics;
 
 /// Everything a decision needs besides the name table.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    pub policies: PolicySet,
-    pub identities: Identities,
+    pub policies: Arc<PolicySet>,
+    pub identities: Arc<Identities>,
 }
 
 /// See the module docs.
 #[derive(Debug)]
 pub struct Store {
     policy_dir: PathBuf,
-    identity_file: PathBuf,
-    current: ArcSwap<Snapshot>,
+    /// `None` when identities come from Kubernetes.
+    identity_file: Option<PathBuf>,
+    policies: ArcSwap<PolicySet>,
+    identities: ArcSwap<Identities>,
+    /// True once identities are complete (static file read, or the first Kubernetes list done).
+    identities_ready: watch::Sender<bool>,
     /// What the files looked like when last read, successfully or not.
     fingerprint: Mutex<Fingerprint>,
     metrics: Metrics,
@@ -50,44 +64,88 @@ struct ReloadLine<'a> {
     errors: &'a [String],
 }
 
+/// Files loaded together.
+struct Loaded {
+    policies: PolicySet,
+    identities: Option<Identities>,
+}
+
+/// After a change event, wait this long for the rest of a burst (an editor's save, a ConfigMap
+/// swap) before reading.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
 impl Store {
-    /// Loads the configured policy directory and identity file; every problem is returned.
+    /// Loads the configured policy directory and the static identity file if any; every problem
+    /// is returned.
     pub fn load(config: &Config, metrics: Metrics) -> Result<Store, Vec<String>> {
         let policy_dir = config.policy_dir.clone();
         let identity_file = config.identity.static_file.clone();
-        let fingerprint = fingerprint(&policy_dir, &identity_file);
-        let snapshot = load_snapshot(&policy_dir, &identity_file)?;
-        Ok(Store {
+        let fingerprint = fingerprint(&policy_dir, identity_file.as_deref());
+        let loaded = load_files(&policy_dir, identity_file.as_deref())?;
+        let ready = loaded.identities.is_some();
+        let store = Store {
             policy_dir,
             identity_file,
-            current: ArcSwap::from_pointee(snapshot),
+            policies: ArcSwap::from_pointee(loaded.policies),
+            identities: ArcSwap::from_pointee(loaded.identities.unwrap_or_default()),
+            identities_ready: watch::Sender::new(ready),
             fingerprint: Mutex::new(fingerprint),
             metrics,
-        })
+        };
+        store.record_success();
+        Ok(store)
     }
 
-    pub fn current(&self) -> Arc<Snapshot> {
-        self.current.load_full()
+    pub fn current(&self) -> Snapshot {
+        Snapshot {
+            policies: self.policies.load_full(),
+            identities: self.identities.load_full(),
+        }
+    }
+
+    /// Publishes a whole new identity index (the Kubernetes watch).
+    pub fn set_identities(&self, identities: Identities) {
+        self.identities.store(Arc::new(identities));
+    }
+
+    /// Identities are complete: the gateway may report ready.
+    pub fn mark_identities_ready(&self) {
+        self.identities_ready.send_replace(true);
+    }
+
+    /// Waits until identities are complete.
+    pub async fn identities_ready(&self) {
+        let mut ready = self.identities_ready.subscribe();
+        // The sender lives in `self`, so this only ends when ready.
+        let _ = ready.wait_for(|ready| *ready).await;
     }
 
     /// Re-reads everything; swaps only on full success. Logs and counts the outcome.
     pub fn reload(&self) -> Result<(), Vec<String>> {
-        let fingerprint = fingerprint(&self.policy_dir, &self.identity_file);
-        let result = load_snapshot(&self.policy_dir, &self.identity_file);
+        let fingerprint = fingerprint(&self.policy_dir, self.identity_file.as_deref());
+        let result = load_files(&self.policy_dir, self.identity_file.as_deref());
         if let Ok(mut seen) = self.fingerprint.lock() {
             *seen = fingerprint;
         }
-        let (label, errors) = match &result {
-            Ok(_) => ("ok", Vec::new()),
-            Err(errors) => ("error", errors.clone()),
+        let errors = match result {
+            Ok(loaded) => {
+                self.policies.store(Arc::new(loaded.policies));
+                if let Some(identities) = loaded.identities {
+                    self.identities.store(Arc::new(identities));
+                }
+                self.record_success();
+                Vec::new()
+            }
+            Err(errors) => {
+                self.metrics.policy_stale.set(1);
+                errors
+            }
         };
+        let label = if errors.is_empty() { "ok" } else { "error" };
         self.metrics
             .policy_reloads
             .with_label_values(&[label])
             .inc();
-        if let Ok(snapshot) = result {
-            self.current.store(Arc::new(snapshot));
-        }
         let current = self.current();
         egressgate_dns_shim::log::write_json_line(&ReloadLine {
             time: egressgate_dns_shim::log::rfc3339_now(),
@@ -97,7 +155,6 @@ impl Store {
             pods: current.identities.len(),
             errors: &errors,
         });
-        self.metrics.policies.set(current.policies.len() as i64);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -105,9 +162,18 @@ impl Store {
         }
     }
 
+    fn record_success(&self) {
+        self.metrics.policy_stale.set(0);
+        self.metrics.policies.set(self.policies.load().len() as i64);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics.policy_last_success.set(now.as_secs_f64());
+    }
+
     /// Reloads when a file changed since the last read.
     pub fn reload_if_changed(&self) {
-        let now = fingerprint(&self.policy_dir, &self.identity_file);
+        let now = fingerprint(&self.policy_dir, self.identity_file.as_deref());
         let changed = self.fingerprint.lock().map_or(true, |seen| *seen != now);
         if changed {
             // The outcome is logged and counted by `reload`; the last good rules stay either way.
@@ -115,36 +181,68 @@ impl Store {
         }
     }
 
-    /// Polls for changes every `interval` and reloads on SIGHUP, until `shutdown`.
-    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl std::future::Future) {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(e) => {
-                tracing::warn!(error = %e, "no SIGHUP handler; reloading on file changes only");
-                None
-            }
-        };
-        let mut ticker = tokio::time::interval(interval);
+    /// Reloads on inotify events, SIGHUP and every `poll`, until `shutdown`.
+    pub async fn watch(self: Arc<Self>, poll: Duration, shutdown: impl std::future::Future) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = signal(SignalKind::hangup())
+            .map_err(|e| tracing::warn!(error = %e, "no SIGHUP handler"))
+            .ok();
+        let (changed, mut changes) = mpsc::unbounded_channel();
+        // Kept alive for the loop; without it (no inotify) the poll still reloads.
+        let _watcher = self
+            .watch_files(changed)
+            .map_err(|e| tracing::warn!(error = %e, "no inotify watch; polling only"))
+            .ok();
+        let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = ticker.tick() => self.reload_if_changed(),
-                Some(()) = async { match hangup.as_mut() { Some(s) => s.recv().await, None => None } } => {
+                Some(()) = changes.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while changes.try_recv().is_ok() {}
+                    self.reload_if_changed();
+                }
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     let _ = self.reload();
                 }
             }
         }
     }
+
+    /// An inotify watch of the policy directory and the identity file's directory.
+    fn watch_files(
+        &self,
+        changed: mpsc::UnboundedSender<()>,
+    ) -> notify::Result<notify::RecommendedWatcher> {
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = changed.send(());
+                }
+            })?;
+        watcher.watch(&self.policy_dir, notify::RecursiveMode::NonRecursive)?;
+        if let Some(dir) = self.identity_file.as_deref().and_then(Path::parent) {
+            watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        }
+        Ok(watcher)
+    }
 }
 
-fn load_snapshot(policy_dir: &Path, identity_file: &Path) -> Result<Snapshot, Vec<String>> {
+fn load_files(policy_dir: &Path, identity_file: Option<&Path>) -> Result<Loaded, Vec<String>> {
     let policies = load_policy_dir(policy_dir);
-    let identities = Identities::load(identity_file).map_err(|e| vec![e.to_string()]);
+    let identities = identity_file
+        .map(|file| Identities::load(file).map_err(|e| vec![e.to_string()]))
+        .transpose();
     match (policies, identities) {
-        (Ok(policies), Ok(identities)) => Ok(Snapshot {
+        (Ok(policies), Ok(identities)) => Ok(Loaded {
             policies,
             identities,
         }),
@@ -195,9 +293,9 @@ fn policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn fingerprint(policy_dir: &Path, identity_file: &Path) -> Fingerprint {
+fn fingerprint(policy_dir: &Path, identity_file: Option<&Path>) -> Fingerprint {
     let mut paths = policy_files(policy_dir).unwrap_or_default();
-    paths.push(identity_file.to_path_buf());
+    paths.extend(identity_file.map(Path::to_path_buf));
     paths
         .into_iter()
         .map(|path| {

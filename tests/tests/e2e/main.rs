@@ -6,6 +6,7 @@
 
 mod audit;
 mod cli;
+mod configmap_reload;
 mod dns;
 mod expiry;
 mod nftables;
