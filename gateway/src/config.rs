@@ -35,6 +35,9 @@ pub struct Config {
     /// Protocol peeking.
     #[serde(default)]
     pub peek: Peek,
+    /// Allowed connections.
+    #[serde(default)]
+    pub connections: Connections,
     /// Verdict for pods that no policy selects (and for unknown source addresses).
     #[serde(default)]
     pub unselected_pods: UnselectedPods,
@@ -325,6 +328,34 @@ impl Default for Peek {
     }
 }
 
+/// Allowed connections.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Connections {
+    /// A relayed connection on which no byte moved either way for this long is closed (both
+    /// sides reset), so a silent peer cannot hold it forever.
+    #[serde(default = "Connections::default_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+}
+
+impl Connections {
+    fn default_idle_timeout_seconds() -> u64 {
+        3600
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_seconds)
+    }
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            idle_timeout_seconds: Self::default_idle_timeout_seconds(),
+        }
+    }
+}
+
 /// Verdict for connections from pods no policy selects.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -382,6 +413,9 @@ impl Config {
         }
         if self.peek.timeout_ms == 0 || self.dns.upstream_timeout_ms == 0 {
             return Err("peek.timeoutMs and dns.upstreamTimeoutMs must be positive".into());
+        }
+        if self.connections.idle_timeout_seconds == 0 {
+            return Err("connections.idleTimeoutSeconds must be positive".into());
         }
         if self.nftables.manage
             && self.intercept.pod_cidrs.is_empty()

@@ -6,7 +6,7 @@
 //! - [`identity`]: pod IP → namespace, name, labels; [`kubernetes`]: the same from the API.
 //! - [`store`]: policies + identities in force, reloaded without restarts.
 //! - [`listener`]: transparent TCP sockets.
-//! - [`connection`]: the stages one connection goes through.
+//! - [`connection`]: the stages one connection goes through; [`relay`]: splice(2) both ways.
 //! - [`peek`]: pure parsers of TLS ClientHello, HTTP/1 request head, PostgreSQL first messages.
 //! - [`decision`]: verdicts, reason codes and the pure authorization rules.
 //! - [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
@@ -25,6 +25,7 @@ pub mod listener;
 pub mod metrics;
 pub mod nft;
 pub mod peek;
+pub mod relay;
 pub mod run;
 pub mod store;
 pub mod yaml_file;

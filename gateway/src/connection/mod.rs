@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use egressgate_dns_shim::NameTable;
 use egressgate_policy::{Grant, GrantPeer, Selection};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -28,6 +27,7 @@ use crate::decision::{self, Reason, Verdict};
 use crate::events::{CloseLine, DecisionLine, PodName};
 use crate::metrics::Metrics;
 use crate::peek::{self, Sniffed};
+use crate::relay;
 use crate::store::Store;
 use reader::{PeekReader, Stop};
 
@@ -42,6 +42,7 @@ pub struct Proxy {
     metrics: Metrics,
     peek: config::Peek,
     unselected: UnselectedPods,
+    idle_timeout: Duration,
     next_id: AtomicU64,
 }
 
@@ -88,6 +89,7 @@ impl Proxy {
             metrics,
             peek: config.peek.clone(),
             unselected: config.unselected_pods,
+            idle_timeout: config.connections.idle_timeout(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -354,17 +356,17 @@ impl Proxy {
     }
 
     /// Connects (unless negotiation already did), replays the peeked bytes, and splices.
-    async fn relay(&self, id: u64, mut client: TcpStream, decided: Decided, accepted: Instant) {
+    async fn relay(&self, id: u64, client: TcpStream, decided: Decided, accepted: Instant) {
         let replay = decided
             .reader
             .as_ref()
-            .map(|r| r.unforwarded().to_vec())
+            .map(PeekReader::unforwarded)
             .unwrap_or_default();
         let upstream = match decided.upstream {
             Some(upstream) => Ok(upstream),
             None => connect(client.local_addr().ok()).await,
         };
-        let mut upstream = match upstream {
+        let upstream = match upstream {
             Ok(upstream) => upstream,
             Err(e) => {
                 self.metrics.upstream_connect_errors.inc();
@@ -379,20 +381,21 @@ impl Proxy {
             }
         };
         let _ = client.set_nodelay(true);
-        let mut up = replay.len() as u64;
-        let mut down = 0;
-        let result = async {
-            upstream.write_all(&replay).await?;
-            let (u, d) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-            up += u;
-            down += d;
-            Ok::<(), std::io::Error>(())
-        }
-        .await;
-        self.metrics.bytes.with_label_values(&["up"]).inc_by(up);
-        self.metrics.bytes.with_label_values(&["down"]).inc_by(down);
-        let error = result.err().map(|e| e.to_string());
-        CloseLine::print(id, (up, down), elapsed_ms(accepted), error);
+        let relayed = relay::relay(client, upstream, replay, self.idle_timeout).await;
+        self.metrics
+            .bytes
+            .with_label_values(&["up"])
+            .inc_by(relayed.bytes_up);
+        self.metrics
+            .bytes
+            .with_label_values(&["down"])
+            .inc_by(relayed.bytes_down);
+        CloseLine::print(
+            id,
+            (relayed.bytes_up, relayed.bytes_down),
+            elapsed_ms(accepted),
+            relayed.error.map(|e| e.to_string()),
+        );
     }
 }
 

@@ -1,0 +1,266 @@
+//! Splicing an allowed connection: bytes move socket → pipe → socket inside the kernel
+//! (splice(2)), never through user space, in both directions at once.
+//!
+//! Each direction ends on its own: EOF from one side half-closes the other (`shutdown(Write)`),
+//! so request/response protocols that half-close keep working. The relay ends when both
+//! directions are done, when either side fails (the other side is then reset, so an upstream
+//! reset reaches the pod as a reset, not as a clean end), or when no byte has moved either way
+//! for the idle timeout: a peer that goes silent cannot pin a connection forever.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Most bytes one splice call moves: the default pipe capacity.
+const CHUNK: usize = 64 * 1024;
+
+/// How a relay ended.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Pod → destination, replayed first-message bytes included.
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// `None` for a clean end (both sides closed).
+    pub error: Option<RelayError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("pod side: {0}")]
+    Client(io::Error),
+    #[error("destination side: {0}")]
+    Upstream(io::Error),
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+}
+
+/// Writes `replay` to `upstream`, then splices both ways until done, failed or idle.
+pub async fn relay(
+    client: TcpStream,
+    mut upstream: TcpStream,
+    replay: &[u8],
+    idle_timeout: Duration,
+) -> Relayed {
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let activity = Activity::new();
+    let result = async {
+        upstream
+            .write_all(replay)
+            .await
+            .map_err(RelayError::Upstream)?;
+        up.fetch_add(replay.len() as u64, Ordering::Relaxed);
+        let upward = pump(&client, &upstream, &up, &activity, Side::Client);
+        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream);
+        tokio::select! {
+            result = async { tokio::try_join!(upward, downward) } => result.map(|_| ()),
+            () = activity.idle(idle_timeout) => Err(RelayError::Idle(idle_timeout)),
+        }
+    }
+    .await;
+    if let Err(error) = &result {
+        // Tell each side the stream broke instead of ending it cleanly.
+        let reset_client = !matches!(error, RelayError::Client(_));
+        let reset_upstream = !matches!(error, RelayError::Upstream(_));
+        if reset_client {
+            let _ = client.set_zero_linger();
+        }
+        if reset_upstream {
+            let _ = upstream.set_zero_linger();
+        }
+    }
+    Relayed {
+        bytes_up: up.into_inner(),
+        bytes_down: down.into_inner(),
+        error: result.err(),
+    }
+}
+
+/// Which side an error came from, for the reset logic and the log.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn error(self, e: io::Error) -> RelayError {
+        match self {
+            Side::Client => RelayError::Client(e),
+            Side::Upstream => RelayError::Upstream(e),
+        }
+    }
+
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+}
+
+/// Moves bytes `from` → `to` through a pipe until `from` ends, then half-closes `to`.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    total: &AtomicU64,
+    activity: &Activity,
+    side: Side,
+) -> Result<(), RelayError> {
+    let (pipe_out, pipe_in) = pipe().map_err(|e| side.error(e))?;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        let filled = from
+            .async_io(Interest::READABLE, || {
+                splice(from.as_fd(), None, pipe_in.as_fd(), None, CHUNK, flags)
+                    .map_err(io::Error::from)
+            })
+            .await
+            .map_err(|e| side.error(e))?;
+        if filled == 0 {
+            // EOF: pass the half-close on; the other direction may still be talking.
+            return shutdown_write(to).map_err(|e| side.other().error(e));
+        }
+        let mut left = filled;
+        while left > 0 {
+            let drained = to
+                .async_io(Interest::WRITABLE, || {
+                    splice(pipe_out.as_fd(), None, to.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
+                })
+                .await
+                .map_err(|e| side.other().error(e))?;
+            left -= drained;
+            total.fetch_add(drained as u64, Ordering::Relaxed);
+            activity.touch();
+        }
+    }
+}
+
+/// A pipe (read end, write end) that never blocks the runtime.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?)
+}
+
+fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        // The peer may already be gone; the other direction reports that.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}
+
+/// When a byte last moved, as milliseconds since the relay started.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing moved for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected (near, far) pair over loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (near, far) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (near.expect("connect"), far.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn bytes_flow_both_ways_with_half_close_and_replay_first() {
+        let (mut pod, client) = pair().await;
+        let (upstream, mut server) = pair().await;
+        let relay = tokio::spawn(relay(client, upstream, b"peeked ", Duration::from_secs(5)));
+
+        pod.write_all(b"request").await.expect("write");
+        pod.shutdown().await.expect("half-close");
+        let mut request = Vec::new();
+        server.read_to_end(&mut request).await.expect("read");
+        assert_eq!(request, b"peeked request");
+
+        // The server answers after the pod's half-close, 1 MiB of it.
+        let body = vec![7u8; 1 << 20];
+        server.write_all(&body).await.expect("write");
+        server.shutdown().await.expect("close");
+        let mut response = Vec::new();
+        pod.read_to_end(&mut response).await.expect("read");
+        assert_eq!(response.len(), body.len());
+
+        let relayed = relay.await.expect("joins");
+        assert!(relayed.error.is_none(), "{:?}", relayed.error);
+        assert_eq!((relayed.bytes_up, relayed.bytes_down), (14, 1 << 20));
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_ends_after_the_idle_timeout() {
+        let (_pod, client) = pair().await;
+        let (upstream, _server) = pair().await;
+        let started = Instant::now();
+        let relayed = relay(client, upstream, b"", Duration::from_millis(200)).await;
+        assert!(
+            matches!(relayed.error, Some(RelayError::Idle(_))),
+            "{:?}",
+            relayed.error
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn an_upstream_reset_reaches_the_pod_as_a_reset() {
+        let (mut pod, client) = pair().await;
+        let (upstream, server) = pair().await;
+        let relay = tokio::spawn(relay(client, upstream, b"", Duration::from_secs(5)));
+        server.set_zero_linger().expect("linger");
+        drop(server);
+        let relayed = relay.await.expect("joins");
+        assert!(
+            matches!(relayed.error, Some(RelayError::Upstream(_))),
+            "{:?}",
+            relayed.error
+        );
+        let mut buf = [0u8; 16];
+        let read = pod.read(&mut buf).await;
+        assert!(
+            matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{read:?}"
+        );
+    }
+}
