@@ -122,7 +122,7 @@ impl KubernetesIdentity {
 }
 
 /// Which traffic is intercepted: packets arriving from a pod CIDR **or** a matching interface.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Intercept {
     /// Source ranges of pods on this node.
@@ -134,6 +134,21 @@ pub struct Intercept {
     /// Destinations never intercepted: cluster pod and service ranges, node-local services.
     #[serde(default)]
     pub bypass_cidrs: Vec<IpNet>,
+    /// Reject pods' UDP to port 443 (QUIC), so that clients fall back to TCP, where policy
+    /// applies. Other UDP (except DNS) is not intercepted.
+    #[serde(default = "default_true")]
+    pub block_quic: bool,
+}
+
+impl Default for Intercept {
+    fn default() -> Self {
+        Self {
+            pod_cidrs: Vec::new(),
+            interfaces: Vec::new(),
+            bypass_cidrs: Vec::new(),
+            block_quic: true,
+        }
+    }
 }
 
 /// An interface name, optionally ending in `*`: what nftables accepts in a quoted `iifname`.
@@ -302,6 +317,12 @@ pub struct Peek {
     /// Deny TLS without SNI to name-based rules (`sni_missing`).
     #[serde(default = "default_true")]
     pub require_sni: bool,
+    /// Connections waiting for their first message at once; more are reset (`peek_limit`).
+    #[serde(default = "Peek::default_max_pending")]
+    pub max_pending: usize,
+    /// The same, per source address: one slow pod cannot use the whole budget.
+    #[serde(default = "Peek::default_max_pending_per_pod")]
+    pub max_pending_per_pod: usize,
 }
 
 impl Peek {
@@ -311,6 +332,14 @@ impl Peek {
 
     fn default_max_bytes() -> usize {
         16 * 1024
+    }
+
+    fn default_max_pending() -> usize {
+        4096
+    }
+
+    fn default_max_pending_per_pod() -> usize {
+        256
     }
 
     pub fn timeout(&self) -> Duration {
@@ -324,6 +353,8 @@ impl Default for Peek {
             timeout_ms: Self::default_timeout_ms(),
             max_bytes: Self::default_max_bytes(),
             require_sni: true,
+            max_pending: Self::default_max_pending(),
+            max_pending_per_pod: Self::default_max_pending_per_pod(),
         }
     }
 }
@@ -336,11 +367,30 @@ pub struct Connections {
     /// sides reset), so a silent peer cannot hold it forever.
     #[serde(default = "Connections::default_idle_timeout_seconds")]
     pub idle_timeout_seconds: u64,
+    /// Connections open at once; more are reset (`connection_limit`), so a flood cannot exhaust
+    /// the gateway's file descriptors or memory.
+    #[serde(default = "Connections::default_max")]
+    pub max: usize,
+    /// On SIGTERM the gateway stops accepting and waits this long for open connections to end.
+    #[serde(default = "Connections::default_shutdown_grace_seconds")]
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Connections {
     fn default_idle_timeout_seconds() -> u64 {
         3600
+    }
+
+    fn default_max() -> usize {
+        65_536
+    }
+
+    fn default_shutdown_grace_seconds() -> u64 {
+        30
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -352,6 +402,8 @@ impl Default for Connections {
     fn default() -> Self {
         Self {
             idle_timeout_seconds: Self::default_idle_timeout_seconds(),
+            max: Self::default_max(),
+            shutdown_grace_seconds: Self::default_shutdown_grace_seconds(),
         }
     }
 }
@@ -416,6 +468,15 @@ impl Config {
         }
         if self.connections.idle_timeout_seconds == 0 {
             return Err("connections.idleTimeoutSeconds must be positive".into());
+        }
+        if self.connections.max == 0
+            || self.peek.max_pending == 0
+            || self.peek.max_pending_per_pod == 0
+        {
+            return Err(
+                "connections.max, peek.maxPending and peek.maxPendingPerPod must be positive"
+                    .into(),
+            );
         }
         if self.nftables.manage
             && self.intercept.pod_cidrs.is_empty()

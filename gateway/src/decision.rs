@@ -64,11 +64,16 @@ pub enum Reason {
     /// The destination did not answer a PostgreSQL encryption request, which the gateway must
     /// relay before it can see the rest of the startup.
     UpstreamUnreachable,
+    /// `connections.max` connections were already open.
+    ConnectionLimit,
+    /// `peek.maxPending` connections (or `peek.maxPendingPerPod` from this pod) were already
+    /// waiting for their first message.
+    PeekLimit,
 }
 
 impl Reason {
     /// Every code, in the order the README lists them.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 18] = [
         Reason::Allowed,
         Reason::Unselected,
         Reason::NoDnsRecord,
@@ -85,6 +90,8 @@ impl Reason {
         Reason::Malformed,
         Reason::ClientClosed,
         Reason::UpstreamUnreachable,
+        Reason::ConnectionLimit,
+        Reason::PeekLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -105,6 +112,8 @@ impl Reason {
             Reason::Malformed => "malformed",
             Reason::ClientClosed => "client_closed",
             Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::ConnectionLimit => "connection_limit",
+            Reason::PeekLimit => "peek_limit",
         }
     }
 }
@@ -125,10 +134,13 @@ pub fn effective_grants<'a>(selection: &Selection<'a>, grants: Vec<Grant<'a>>) -
     }
 }
 
-/// A denial turns into `audit` when no enforce-mode policy selects the pod.
+/// A denial turns into `audit` when no enforce-mode policy selects the pod, except for the
+/// reasons that are not about policy: a closed client has nothing left to relay, and the limits
+/// protect the gateway itself.
 pub fn verdict_for(selection: &Selection<'_>, authorization: Result<(), Reason>) -> Verdict {
     match authorization {
         Ok(()) => Verdict::Allow,
+        Err(Reason::ClientClosed | Reason::ConnectionLimit | Reason::PeekLimit) => Verdict::Deny,
         Err(_) if !selection.has_enforce() => Verdict::Audit,
         Err(_) => Verdict::Deny,
     }

@@ -9,6 +9,7 @@
 //! - [`connection`]: the stages one connection goes through; [`relay`]: splice(2) both ways.
 //! - [`peek`]: pure parsers of TLS ClientHello, HTTP/1 request head, PostgreSQL first messages.
 //! - [`decision`]: verdicts, reason codes and the pure authorization rules.
+//! - [`limits`]: bounds on open connections and connections waiting in peek.
 //! - [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`nft`]: the nftables table and routing.
 //! - [`run`]: wiring it all together for `egressgate run`.
@@ -21,6 +22,7 @@ pub mod decision;
 pub mod events;
 pub mod identity;
 pub mod kubernetes;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod nft;

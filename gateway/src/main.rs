@@ -3,7 +3,7 @@
 //! stdout carries only JSON lines (decisions, DNS answers, reloads); diagnostics go to stderr,
 //! filtered by `EGRESSGATE_LOG` (tracing's env-filter syntax, default `info`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +42,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Remove the nftables table and policy routing `run` installed. They stay when the gateway
+    /// stops, so that egress fails closed; this ends interception (e.g. on uninstall).
+    Cleanup {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,16 +62,27 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
-        Command::NftRules { config } => match Config::load(&config) {
-            Ok(config) => {
-                print!("{}", egressgate::nft::render(&config));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::NftRules { config } => with_config(&config, |config| {
+            print!("{}", egressgate::nft::render(config));
+            Ok(())
+        }),
+        Command::Cleanup { config } => with_config(&config, |config| {
+            egressgate::nft::uninstall(config).map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// Loads the configuration and runs `action`; errors go to stderr and a failing exit code.
+fn with_config(path: &Path, action: impl FnOnce(&Config) -> Result<(), String>) -> ExitCode {
+    match Config::load(path)
+        .map_err(|e| e.to_string())
+        .and_then(|config| action(&config))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -123,6 +123,10 @@ pub fn render(config: &Config) -> String {
     out.push_str("        ip daddr @bypass_v4 return\n");
     out.push_str("        ip6 daddr @bypass_v6 return\n");
     out.push_str("        fib daddr type local return\n");
+    if intercept.block_quic {
+        // QUIC is UDP, which is not inspected: refusing it makes clients fall back to TCP.
+        out.push_str("        udp dport 443 reject\n");
+    }
     for family in [Family::V4, Family::V6] {
         let nfproto = family.nfproto();
         match family.target(&config.listen.tproxy) {
@@ -170,6 +174,41 @@ fn install_in(config: &Config, netns: Option<&str>) -> Result<(), NftError> {
         Err(err) => return Err(err),
     }
     runner.run(&["nft", "-f", "-"], Some(&render(config)))?;
+    Ok(())
+}
+
+/// Removes the table and the policy routing `install` added (`egressgate cleanup`); safe to
+/// repeat. Run it only when egress interception should end: while the rules stay, intercepted
+/// connections are refused when no gateway runs.
+pub fn uninstall(config: &Config) -> Result<(), NftError> {
+    uninstall_in(config, None)
+}
+
+fn uninstall_in(config: &Config, netns: Option<&str>) -> Result<(), NftError> {
+    let runner = Runner { netns };
+    let table = &config.nftables.table;
+    // Creating it first makes the delete valid when it is already gone.
+    let script = format!("table inet {table} {{}}\ndelete table inet {table}\n");
+    runner.run(&["nft", "-f", "-"], Some(&script))?;
+    let mark = format!("{:#x}", config.nftables.mark);
+    let route_table = config.nftables.route_table.to_string();
+    for family in [Family::V4, Family::V6] {
+        let flag = family.ip_flag();
+        let rule = ["fwmark", mark.as_str(), "lookup", route_table.as_str()];
+        let result = runner
+            .run(&[&["ip", flag, "rule", "show"][..], &rule].concat(), None)
+            .and_then(|shown| {
+                for _ in shown.lines().filter(|line| !line.trim().is_empty()) {
+                    runner.run(&[&["ip", flag, "rule", "del"][..], &rule].concat(), None)?;
+                }
+                runner.run(&["ip", flag, "route", "flush", "table", &route_table], None)
+            });
+        match result {
+            Ok(_) => {}
+            Err(err) if matches!(family, Family::V6) && err.ipv6_unavailable() => {}
+            Err(err) => return Err(err),
+        }
+    }
     Ok(())
 }
 
@@ -450,7 +489,10 @@ mod tests {
             rules.last(),
             Some(&"meta l4proto tcp reject with tcp reset")
         );
-        assert_eq!(script.matches("reject").count(), 2, "{script}");
+        assert!(position("fib daddr type local return") < position("udp dport 443 reject"));
+        assert_eq!(script.matches("reject").count(), 3, "{script}");
+        let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
+        assert!(!open.contains("udp dport 443"), "{open}");
     }
 
     #[test]
@@ -584,6 +626,23 @@ mod tests {
                 "ip", flag, "route", "show", "table", "25447", "type", "local",
             ]);
             assert!(routes.starts_with("local default dev lo"), "{routes}");
+        }
+    }
+
+    #[test]
+    fn uninstall_removes_everything_install_added_and_repeats_safely() {
+        let netns = Netns::create();
+        let config = config(FULL);
+        install_in(&config, Some(&netns.0)).expect("install");
+        uninstall_in(&config, Some(&netns.0)).expect("uninstall");
+        uninstall_in(&config, Some(&netns.0)).expect("uninstall again");
+        let tables = netns.run(&["nft", "list", "tables"]);
+        assert_eq!(count_lines(&tables, "egressgate"), 0, "{tables}");
+        for flag in ["-4", "-6"] {
+            let rules = netns.run(&["ip", flag, "rule", "show"]);
+            assert_eq!(count_lines(&rules, "0x6567"), 0, "{rules}");
+            let routes = netns.run(&["ip", flag, "route", "show", "table", "25447"]);
+            assert!(routes.trim().is_empty(), "{routes}");
         }
     }
 

@@ -1,5 +1,5 @@
 //! `egressgate run`: bind every listener, install the nftables rules, announce readiness, serve
-//! until SIGTERM/SIGINT.
+//! until SIGTERM/SIGINT, then stop accepting and give open connections a grace period.
 //!
 //! Order matters: the listeners exist before the rules send traffic to them, and the
 //! `listening` line (and `/readyz`) come only after both.
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::config::{Config, ForeignServers};
 use crate::connection::Proxy;
 use crate::kubernetes::{self, IdentityWatch};
+use crate::limits::{Bounds, Limits};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::{admin, listener, nft};
@@ -63,6 +64,17 @@ struct ListeningLine {
     policies: usize,
     pods: usize,
     nftables: bool,
+}
+
+/// The `shutdown` line: how many connections were open at SIGTERM and how many the grace period
+/// cut.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShutdownLine {
+    time: String,
+    event: &'static str,
+    open_at_stop: usize,
+    cut_after_grace: usize,
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -145,10 +157,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     for listeners in dns_listeners {
         tasks.spawn(Arc::clone(&shim).serve(listeners, shutdown()));
     }
+    let limits = Limits::new(Bounds {
+        max_connections: config.connections.max,
+        max_peeking: config.peek.max_pending,
+        max_peeking_per_pod: config.peek.max_pending_per_pod,
+    });
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&store),
         Arc::clone(&table),
         metrics.clone(),
+        Arc::clone(&limits),
         &config,
     ));
     for listener in tproxy_listeners {
@@ -205,8 +223,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     ready.store(false, Ordering::Release);
     tracing::info!("shutting down");
     let _ = stop.send(true);
-    // Listeners stop at once; relayed connections end with the process.
     while tasks.join_next().await.is_some() {}
+    // Listeners are closed; open connections get the grace period to finish.
+    let grace = config.connections.shutdown_grace();
+    let open = limits.open_connections();
+    let drained = tokio::time::timeout(grace, limits.all_closed())
+        .await
+        .is_ok();
+    write_json_line(&ShutdownLine {
+        time: rfc3339_now(),
+        event: "shutdown",
+        open_at_stop: open,
+        cut_after_grace: if drained {
+            0
+        } else {
+            limits.open_connections()
+        },
+    });
     Ok(())
 }
 

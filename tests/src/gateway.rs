@@ -40,6 +40,11 @@ pub struct GatewayOptions {
     pub idle_grace_seconds: u64,
     pub peek_timeout_ms: u64,
     pub require_sni: bool,
+    /// `peek.maxPendingPerPod`, when set.
+    pub max_pending_per_pod: Option<usize>,
+    /// `connections.max` and `connections.shutdownGraceSeconds`, when set.
+    pub max_connections: Option<usize>,
+    pub shutdown_grace_seconds: Option<u64>,
     /// Extra top-level YAML appended to the generated file.
     pub extra_yaml: String,
     /// The whole config file instead of the generated one. `{policy_dir}` and
@@ -68,6 +73,9 @@ impl Default for GatewayOptions {
             idle_grace_seconds: 2,
             peek_timeout_ms: 5000,
             require_sni: true,
+            max_pending_per_pod: None,
+            max_connections: None,
+            shutdown_grace_seconds: None,
             extra_yaml: String::new(),
             config_override: None,
             identity_override: None,
@@ -105,7 +113,8 @@ impl GatewayOptions {
              nftables:\n  manage: {manage}\n\
              dns:\n  upstreams: {upstreams}\n  foreignServers: {foreign}\n  \
              minTtlSeconds: {min_ttl}\n  idleGraceSeconds: {grace}\n\
-             peek:\n  timeoutMs: {peek_timeout}\n  requireSni: {require_sni}\n\
+             peek:\n  timeoutMs: {peek_timeout}\n  requireSni: {require_sni}\n{peek_extra}\
+             connections:\n{connections}\
              unselectedPods: {unselected}\n{extra}",
             tproxy = flow(&self.tproxy),
             dns = flow(&self.dns_listen),
@@ -120,10 +129,22 @@ impl GatewayOptions {
             grace = self.idle_grace_seconds,
             peek_timeout = self.peek_timeout_ms,
             require_sni = self.require_sni,
+            peek_extra = optional("maxPendingPerPod", self.max_pending_per_pod),
+            connections = [
+                optional("max", self.max_connections),
+                optional("shutdownGraceSeconds", self.shutdown_grace_seconds),
+                "  idleTimeoutSeconds: 600\n".to_owned(),
+            ]
+            .concat(),
             unselected = self.unselected,
             extra = self.extra_yaml,
         ))
     }
+}
+
+/// `  key: value\n` when set.
+fn optional(key: &str, value: Option<impl fmt::Display>) -> String {
+    value.map_or_else(String::new, |value| format!("  {key}: {value}\n"))
 }
 
 fn quote(s: &str) -> String {

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::config::{self, UnselectedPods};
 use crate::decision::{self, Reason, Verdict};
 use crate::events::{CloseLine, DecisionLine, PodName};
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::peek::{self, Sniffed};
 use crate::relay;
@@ -43,6 +44,7 @@ pub struct Proxy {
     peek: config::Peek,
     unselected: UnselectedPods,
     idle_timeout: Duration,
+    limits: Arc<Limits>,
     next_id: AtomicU64,
 }
 
@@ -81,6 +83,7 @@ impl Proxy {
         store: Arc<Store>,
         table: Arc<NameTable>,
         metrics: Metrics,
+        limits: Arc<Limits>,
         config: &config::Config,
     ) -> Self {
         Proxy {
@@ -90,6 +93,7 @@ impl Proxy {
             peek: config.peek.clone(),
             unselected: config.unselected_pods,
             idle_timeout: config.connections.idle_timeout(),
+            limits,
             next_id: AtomicU64::new(1),
         }
     }
@@ -127,7 +131,18 @@ impl Proxy {
             }
         };
         let mut line = DecisionLine::new(id, source, destination);
-        let decided = self.decide(&mut client, &mut line, accepted).await;
+        let permit = self.limits.connection();
+        let decided = match permit {
+            Some(_) => self.decide(&mut client, &mut line, accepted).await,
+            None => {
+                line.reason = Reason::ConnectionLimit;
+                Decided {
+                    verdict: Verdict::Deny,
+                    reader: None,
+                    upstream: None,
+                }
+            }
+        };
         line.verdict = decided.verdict;
         line.decision_us = u64::try_from(accepted.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.metrics
@@ -213,7 +228,12 @@ impl Proxy {
 
         let mut reader = PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes);
         let mut upstream = None;
-        let outcome = if grants.is_empty() {
+        let needs_peek = decision::tcp_grant(&grants).is_none();
+        // Held while this connection waits for its first message.
+        let peek_permit = needs_peek.then(|| self.limits.peek(src));
+        let outcome = if matches!(peek_permit, Some(None)) {
+            Err(Stop::new(Reason::PeekLimit))
+        } else if grants.is_empty() {
             let reason = decision::no_grant_reason(!names.is_empty());
             // Still read what the pod sends, for the log: which SNI or Host it wanted is what a
             // policy author needs. Whatever the peek finds, no rule allows the connection.
@@ -260,12 +280,7 @@ impl Proxy {
             Err(stop) => {
                 line.reason = stop.reason;
                 line.detail = stop.detail;
-                if stop.reason == Reason::ClientClosed {
-                    // Nothing is left to let through, audit or not.
-                    Verdict::Deny
-                } else {
-                    decision::verdict_for(selection, Err(stop.reason))
-                }
+                decision::verdict_for(selection, Err(stop.reason))
             }
         };
         Decided {

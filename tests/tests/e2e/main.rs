@@ -9,6 +9,7 @@ mod cli;
 mod configmap_reload;
 mod dns;
 mod expiry;
+mod lifecycle;
 mod nftables;
 mod operations;
 mod peek_limits;

@@ -73,3 +73,75 @@ fn silent_oversized_and_malformed_first_messages_are_denied() {
         "{out}"
     );
 }
+
+/// Python in pod a: `held` silent connections to the web IP, then one more; prints how the last
+/// one ended.
+fn one_too_many(held: usize) -> String {
+    format!(
+        "import socket, time\n\
+         held = [socket.create_connection(('{web}', 443), timeout=5) for _ in range({held})]\n\
+         time.sleep(0.3)\n\
+         s = socket.create_connection(('{web}', 443), timeout=5)\n\
+         try:\n    s.sendall(b'x')\n    print('last', len(s.recv(10)))\n\
+         except Exception as e:\n    print('last', type(e).__name__)\n",
+        web = addr::WEB
+    )
+}
+
+fn limited_lab(options: GatewayOptions) -> Lab {
+    Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(options.policy("shop.yaml", SHOP_POLICY))
+        .start()
+        .expect("lab starts")
+}
+
+#[test]
+fn connections_waiting_in_peek_are_bounded_per_pod() {
+    let lab = limited_lab(GatewayOptions {
+        max_pending_per_pod: Some(2),
+        ..GatewayOptions::default()
+    });
+    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
+    let (out, d) = run_and_find(&lab, &one_too_many(2), "peek_limit");
+    assert_eq!(d.verdict(), Some("deny"), "{d}\n{out}");
+    assert!(
+        out.stdout.contains("last ConnectionResetError") || out.stdout.contains("last 0"),
+        "{out}"
+    );
+}
+
+#[test]
+fn open_connections_are_bounded() {
+    let lab = limited_lab(GatewayOptions {
+        max_connections: Some(2),
+        ..GatewayOptions::default()
+    });
+    let (out, d) = run_and_find(&lab, &one_too_many(2), "connection_limit");
+    assert_eq!(d.verdict(), Some("deny"), "{d}\n{out}");
+    assert!(
+        out.stdout.contains("last ConnectionResetError") || out.stdout.contains("last 0"),
+        "{out}"
+    );
+}
+
+/// Runs `script` in pod a and returns the decision with `reason` it caused.
+fn run_and_find(
+    lab: &Lab,
+    script: &str,
+    reason: &str,
+) -> (egressgate_lab::Output, egressgate_lab::Decision) {
+    let cursor = lab.gateway().cursor();
+    let out = lab.pod("a").run(&["python3", "-c", script]);
+    let decision = lab
+        .gateway()
+        .wait_for_decision_since(
+            cursor,
+            |d| d.reason() == Some(reason),
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("no {reason} decision:\n{out}\n{e}"));
+    (out, decision)
+}

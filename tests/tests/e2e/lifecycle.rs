@@ -1,0 +1,161 @@
+//! The gateway's life: SIGTERM drains open connections, the rules stay after exit so egress
+//! fails closed, `egressgate cleanup` removes them; QUIC is refused so clients use TCP.
+
+use std::time::{Duration, Instant};
+
+use egressgate_lab::daemon::Daemon;
+use egressgate_lab::{addr, GatewayOptions, Lab};
+
+use crate::support::{assert_allowed, curl, run_and_decide, SHOP_POLICY};
+
+fn lab(options: GatewayOptions) -> Lab {
+    Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(options.policy("shop.yaml", SHOP_POLICY))
+        .start()
+        .expect("lab starts")
+}
+
+/// Python in pod a: a TLS request on one connection, a pause of `pause_ms`, a second request on
+/// the same connection; prints whether each got the page.
+fn two_requests(ca: &str, pause_ms: u64) -> String {
+    format!(
+        "import socket, ssl, time\n\
+         ctx = ssl.create_default_context(cafile='{ca}')\n\
+         s = ctx.wrap_socket(socket.create_connection(('{api}', 443), timeout=10), server_hostname='{api}')\n\
+         req = b'GET / HTTP/1.1\\r\\nHost: {api}\\r\\n\\r\\n'\n\
+         def get():\n    s.sendall(req)\n    return 'hello from' in s.recv(65536).decode(errors='replace')\n\
+         print('first', get(), flush=True)\n\
+         time.sleep({pause})\n\
+         print('second', get())\n",
+        api = addr::API,
+        pause = pause_ms as f64 / 1000.0
+    )
+}
+
+#[test]
+fn sigterm_drains_open_connections_and_the_rules_fail_closed_until_cleanup() {
+    let options = GatewayOptions {
+        shutdown_grace_seconds: Some(10),
+        ..GatewayOptions::default()
+    };
+    let lab = lab(options);
+    let ca = lab.ca();
+    let (out, d) = run_and_decide(&lab, "a", 443, &curl(&ca, &["https://api.example.test/"]));
+    assert_allowed(&out, &d, "hello from api.example.test");
+
+    let script = two_requests(&ca, 1500);
+    let cursor = lab.gateway().cursor();
+    let client = std::thread::scope(|scope| {
+        let client = scope.spawn(|| lab.pod("a").run(&["python3", "-c", &script]));
+        lab.gateway()
+            .wait_for_decision_since(cursor, |d| d.is("app-1", 443), Duration::from_secs(10))
+            .expect("decision for the long connection");
+        let pid = lab.gateway().daemon().pid().to_string();
+        let killed = lab.node().run(&["kill", "-TERM", &pid]);
+        assert!(killed.success(), "{killed}");
+        client.join().expect("client thread")
+    });
+    assert!(client.stdout.contains("first True"), "{client}");
+    assert!(
+        client.stdout.contains("second True"),
+        "SIGTERM cut an open connection:\n{client}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shutdown = loop {
+        if let Some(line) = lab.gateway().events("shutdown").next() {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no shutdown line");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(shutdown["openAtStop"], 1, "{shutdown}");
+    assert_eq!(shutdown["cutAfterGrace"], 0, "{shutdown}");
+
+    // Gateway gone, rules in place: DNS and TCP are refused, not let through.
+    let resolved = lab
+        .pod("a")
+        .run(&["dig", "+short", "+time=2", "+tries=1", addr::API]);
+    assert!(
+        !resolved.stdout.contains(addr::WEB),
+        "DNS bypassed the stopped shim:\n{resolved}"
+    );
+    let pinned = format!("{}:443:{}", addr::API, addr::WEB);
+    let out = lab.pod("a").run(&curl(
+        &ca,
+        &["--resolve", &pinned, "https://api.example.test/"],
+    ));
+    assert!(
+        !out.success(),
+        "egress bypassed the stopped gateway:\n{out}"
+    );
+    // Exit 7: the connection itself was refused (reset at once), not a TLS or HTTP failure.
+    assert_eq!(out.status, Some(7), "{out}");
+
+    let bin = lab.gateway().bin().display().to_string();
+    let config = lab.gateway().config_path().display().to_string();
+    let cleaned = lab.node().run(&[&bin, "cleanup", "--config", &config]);
+    assert!(cleaned.success(), "{cleaned}");
+    let tables = lab.node().run(&["nft", "list", "tables"]);
+    assert!(!tables.stdout.contains("egressgate"), "{tables}");
+    let rules = lab.node().run(&["ip", "rule", "show"]);
+    assert!(!rules.stdout.contains("0x6567"), "{rules}");
+}
+
+/// A UDP echo server on the upstream host, ports 443 and 8443.
+fn udp_echo(lab: &Lab) -> Daemon {
+    let script = format!(
+        "import socket, select\n\
+         socks = []\n\
+         for port in (443, 8443):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('{web}', port))\n    socks.append(s)\n\
+         while True:\n    for s in select.select(socks, [], [])[0]:\n        data, peer = s.recvfrom(2048)\n        s.sendto(data, peer)\n",
+        web = addr::WEB
+    );
+    Daemon::spawn(
+        lab.up().name(),
+        "udp-echo",
+        &["python3", "-c", &script],
+        lab.dir(),
+        "TERM",
+    )
+    .expect("udp echo starts")
+}
+
+fn udp_probe(lab: &Lab, port: u16) -> String {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.connect(('{web}', {port}))\n\
+         try:\n    s.send(b'ping')\n    print('answer', s.recv(64).decode())\n\
+         except Exception as e:\n    print('error', type(e).__name__)\n",
+        web = addr::WEB
+    );
+    lab.pod("a").run(&["python3", "-c", &script]).stdout
+}
+
+#[test]
+fn quic_is_refused_so_clients_fall_back_to_tcp_while_other_udp_passes() {
+    let lab = lab(GatewayOptions::default());
+    let _echo = udp_echo(&lab);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let other = loop {
+        let answer = udp_probe(&lab, 8443);
+        if answer.contains("answer ping") || Instant::now() >= deadline {
+            break answer;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        other.contains("answer ping"),
+        "UDP 8443 should pass: {other}"
+    );
+    let quic = udp_probe(&lab, 443);
+    assert!(
+        quic.contains("error ConnectionRefusedError"),
+        "UDP 443 should be refused: {quic}"
+    );
+}
