@@ -32,6 +32,9 @@ use crate::relay;
 use crate::store::Store;
 use reader::{PeekReader, Stop};
 
+/// The `namespace` metric label of connections from no known pod.
+pub const UNKNOWN_NAMESPACE: &str = "_unknown";
+
 /// How long an allowed connection may take to reach its destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -148,7 +151,12 @@ impl Proxy {
         self.metrics
             .decision_duration
             .observe(accepted.elapsed().as_secs_f64());
-        let namespace = line.pod.as_ref().map_or("", |pod| pod.namespace.as_str());
+        // Sources that are no known pod get a value no namespace can have (RFC 1123 labels have
+        // no `_`): an empty label would take the scrape target's `namespace` instead.
+        let namespace = line
+            .pod
+            .as_ref()
+            .map_or(UNKNOWN_NAMESPACE, |pod| pod.namespace.as_str());
         self.metrics
             .connections
             .with_label_values(&[

@@ -7,6 +7,7 @@
 mod audit;
 mod cli;
 mod configmap_reload;
+mod dashboards;
 mod dns;
 mod expiry;
 mod lifecycle;
