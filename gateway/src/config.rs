@@ -100,6 +100,21 @@ pub struct Identity {
     /// service account, or `$KUBECONFIG`).
     #[serde(default)]
     pub kubernetes: Option<KubernetesIdentity>,
+    /// A connection from an address no pod is known to use waits up to this long for the
+    /// identity source to learn it (a new pod can connect before its address is announced);
+    /// after that it is an unknown source and follows `unselectedPods`.
+    #[serde(default = "Identity::default_unknown_source_wait_ms")]
+    pub unknown_source_wait_ms: u64,
+}
+
+impl Identity {
+    fn default_unknown_source_wait_ms() -> u64 {
+        2000
+    }
+
+    pub fn unknown_source_wait(&self) -> Duration {
+        Duration::from_millis(self.unknown_source_wait_ms)
+    }
 }
 
 /// The Kubernetes identity source.

@@ -14,6 +14,7 @@
 //! Identities come either from the static file (reloaded like the policies) or from the
 //! Kubernetes watch, which publishes whole indexes with [`Store::set_identities`].
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +46,8 @@ pub struct Store {
     identities: ArcSwap<Identities>,
     /// True once identities are complete (static file read, or the first Kubernetes list done).
     identities_ready: watch::Sender<bool>,
+    /// Bumped whenever a new identity index is published, for connections waiting on a pod.
+    identities_published: watch::Sender<u64>,
     /// What the files looked like when last read, successfully or not.
     fingerprint: Mutex<Fingerprint>,
     metrics: Metrics,
@@ -89,6 +92,7 @@ impl Store {
             policies: ArcSwap::from_pointee(loaded.policies),
             identities: ArcSwap::from_pointee(loaded.identities.unwrap_or_default()),
             identities_ready: watch::Sender::new(ready),
+            identities_published: watch::Sender::new(0),
             fingerprint: Mutex::new(fingerprint),
             metrics,
         };
@@ -106,6 +110,25 @@ impl Store {
     /// Publishes a whole new identity index (the Kubernetes watch).
     pub fn set_identities(&self, identities: Identities) {
         self.identities.store(Arc::new(identities));
+        self.identities_published
+            .send_modify(|generation| *generation += 1);
+    }
+
+    /// The pod using `ip`, waiting until `deadline` for an index that knows it: a pod's first
+    /// connection can race the watch event that announces its address, and must not be judged
+    /// as an unknown source because of that.
+    pub async fn pod_by_ip(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Snapshot {
+        let mut published = self.identities_published.subscribe();
+        loop {
+            let snapshot = self.current();
+            if snapshot.identities.lookup(ip).is_some() {
+                return snapshot;
+            }
+            let changed = tokio::time::timeout_at(deadline, published.changed()).await;
+            if !matches!(changed, Ok(Ok(()))) {
+                return self.current();
+            }
+        }
     }
 
     /// Identities are complete: the gateway may report ready.
@@ -131,7 +154,7 @@ impl Store {
             Ok(loaded) => {
                 self.policies.store(Arc::new(loaded.policies));
                 if let Some(identities) = loaded.identities {
-                    self.identities.store(Arc::new(identities));
+                    self.set_identities(identities);
                 }
                 self.record_success();
                 Vec::new()

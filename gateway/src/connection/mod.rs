@@ -47,6 +47,7 @@ pub struct Proxy {
     peek: config::Peek,
     unselected: UnselectedPods,
     idle_timeout: Duration,
+    unknown_source_wait: Duration,
     limits: Arc<Limits>,
     next_id: AtomicU64,
 }
@@ -96,6 +97,7 @@ impl Proxy {
             peek: config.peek.clone(),
             unselected: config.unselected_pods,
             idle_timeout: config.connections.idle_timeout(),
+            unknown_source_wait: config.identity.unknown_source_wait(),
             limits,
             next_id: AtomicU64::new(1),
         }
@@ -186,8 +188,11 @@ impl Proxy {
         line: &mut DecisionLine,
         accepted: Instant,
     ) -> Decided {
-        let snapshot = self.store.current();
         let src = line.source.ip().to_canonical();
+        let snapshot = self
+            .store
+            .pod_by_ip(src, accepted + self.unknown_source_wait)
+            .await;
         let dst = line.destination.ip().to_canonical();
         let unselected = || Decided {
             verdict: match self.unselected {

@@ -129,3 +129,30 @@ fn admin_endpoint_serves_metrics_health_and_readiness() {
         "promtool check metrics failed (scripts/install-deps installs it):\n{lint}"
     );
 }
+
+#[test]
+fn a_new_pods_first_connection_waits_for_its_identity() {
+    let lab = Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(GatewayOptions {
+            identity_override: Some("pods: []\n".to_owned()),
+            ..GatewayOptions::default()
+                .policy("shop.yaml", SHOP_POLICY)
+                .unselected("deny")
+        })
+        .start()
+        .expect("lab starts");
+    let ca = lab.ca();
+    // The pod connects before the identity source knows it; the source learns it 300 ms later.
+    let (out, d) = std::thread::scope(|scope| {
+        let client = scope
+            .spawn(|| run_and_decide(&lab, "a", 443, &curl(&ca, &["https://api.example.test/"])));
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(lab.dir().join("pods.yaml"), lab.identity_yaml()).expect("identity");
+        client.join().expect("client")
+    });
+    assert_allowed(&out, &d, "hello from api.example.test");
+    assert_eq!(d.policy(), Some("shop/web"), "{d}");
+}
