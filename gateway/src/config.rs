@@ -93,7 +93,7 @@ fn both_families(port: u16) -> Vec<SocketAddr> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Identity {
-    /// A YAML file listing namespaces and pods (see README, "Identity file"), reloaded on change.
+    /// A YAML file listing namespaces and pods (see README, "Identity"), reloaded on change.
     #[serde(default)]
     pub static_file: Option<PathBuf>,
     /// Watch the pods of this node and all namespaces through the Kubernetes API (in-cluster

@@ -122,7 +122,7 @@ impl Reason {
 pub type Authorization<'g, 'a> = Result<&'g Grant<'a>, Reason>;
 
 /// The grants that count: those of enforce-mode policies when any selects the pod (audit-mode
-/// policies then only add log lines), else those of the audit-mode policies.
+/// policies are then ignored for it), else those of the audit-mode policies.
 pub fn effective_grants<'a>(selection: &Selection<'a>, grants: Vec<Grant<'a>>) -> Vec<Grant<'a>> {
     if selection.has_enforce() {
         grants

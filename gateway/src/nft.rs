@@ -1,28 +1,29 @@
 //! The nftables table and policy routing that send pod egress to the gateway through TPROXY.
 //!
 //! [`render`] produces one `nft -f` script for the `inet` table named in the configuration;
-//! [`install`] applies it and the routing it needs. The script:
+//! [`install`] applies it and the routing it needs; [`uninstall`] (`egressgate cleanup`) removes
+//! both. The script:
 //!
 //! - `prerouting` (hook prerouting, priority mangle): packets of TCP connections the gateway
 //!   already holds (`socket transparent 1`) are marked and accepted; packets from a pod CIDR or a
 //!   matching interface go to `intercept`.
 //! - `intercept`: DNS (UDP and TCP port 53, to any server) goes to the DNS shim; then
-//!   destinations in `bypassCidrs` and local addresses are left alone; every other TCP
-//!   connection goes to the TPROXY listener. Both set the mark, so the `ip rule fwmark <mark> lookup <routeTable>`
-//!   and the `local` default route in that table deliver them to the local stack. What no
-//!   listener took is refused (see "Fail closed").
+//!   destinations in `bypassCidrs` and local addresses are left alone; UDP 443 (QUIC) is
+//!   refused when `intercept.blockQuic` is on; every other TCP connection goes to the TPROXY
+//!   listener. Both TPROXY rules set the mark, so the `ip rule fwmark <mark> lookup
+//!   <routeTable>` and the `local` default route in that table deliver them to the local stack.
 //!
 //! The gateway's own upstream connections are never intercepted: they are generated locally and
 //! so pass the `output` hook, never `prerouting`. That is why the table has no `output` chain.
 //!
 //! Fail closed: when `tproxy` finds no listening socket the packet is not dropped but goes on,
-//! unmarked, and would be forwarded to its destination. So `intercept` ends by refusing the TCP
-//! and DNS it did not hand to a listener: that covers a family (IPv4, IPv6) with no listener
-//! configured and a gateway that is not running. For the same reason there is no uninstall: the
-//! table and routing stay after the gateway exits, so while it is down intercepted connections
-//! are refused (TCP reset, ICMP port unreachable) rather than bypassing policy.
+//! unmarked, and would be forwarded to its destination. So `intercept` refuses the DNS and TCP
+//! it did not hand to a listener: that covers a family (IPv4, IPv6) with no listener configured
+//! and a gateway that is not running. For the same reason `run` never removes the rules: while
+//! the gateway is down, intercepted connections are refused (TCP reset, ICMP port unreachable)
+//! rather than bypassing policy, until `cleanup` ends interception on purpose.
 //!
-//! Known limit: only TCP and DNS are intercepted; other UDP (QUIC included) passes untouched.
+//! Known limit: other UDP than DNS and QUIC passes untouched.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -120,6 +121,7 @@ pub fn render(config: &Config) -> String {
     // DNS is taken before the bypass: the cluster DNS service lives in a bypassed service range,
     // and a pod's DNS must reach the shim whatever server it addressed.
     out.push_str("        udp dport 53 reject\n");
+    out.push_str("        tcp dport 53 reject with tcp reset\n");
     out.push_str("        ip daddr @bypass_v4 return\n");
     out.push_str("        ip6 daddr @bypass_v6 return\n");
     out.push_str("        fib daddr type local return\n");
@@ -490,7 +492,9 @@ mod tests {
             Some(&"meta l4proto tcp reject with tcp reset")
         );
         assert!(position("fib daddr type local return") < position("udp dport 443 reject"));
-        assert_eq!(script.matches("reject").count(), 3, "{script}");
+        assert_eq!(script.matches("reject").count(), 4, "{script}");
+        assert!(position("tcp dport 53 tproxy ip6") < position("tcp dport 53 reject"));
+        assert!(position("tcp dport 53 reject") < position("@bypass_v4 return"));
         let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
         assert!(!open.contains("udp dport 443"), "{open}");
     }

@@ -1,4 +1,4 @@
-//! The gateway under test: its config file (docs/CONTRACTS.md), locating the binary, starting it
+//! The gateway under test: its config file (README, "Configuration"), locating the binary, starting it
 //! like hickory's server_harness (wait for the `listening` line, kill and dump output on drop),
 //! and reading its JSON lines.
 

@@ -428,7 +428,7 @@ impl Lab {
         })
     }
 
-    /// The static identity file (docs/CONTRACTS.md) for this lab's pods.
+    /// The static identity file (README, "Identity") for this lab's pods.
     pub fn identity_yaml(&self) -> String {
         let mut text = String::from(
             "# written by egressgate-lab\nnamespaces:\n  - name: shop\n    labels: {team: shop}\npods:\n",

@@ -3,7 +3,7 @@
 //!
 //! The lab owns namespaces, veths, the upstream services (dnsmasq, nginx, PostgreSQL) and the
 //! gateway process; it knows nothing of the gateway's internals and talks to it only through the
-//! documented config file, identity file, CLI and JSON log lines (docs/CONTRACTS.md).
+//! documented config file, identity file, CLI and JSON log lines (README: "Configuration", "Identity", "Logs").
 //!
 //! Layout:
 //! - [`lab`]: the [`Lab`] builder and topology; everything it creates is removed on drop.

@@ -140,6 +140,17 @@ impl Proxy {
         let decided = match permit {
             Some(_) => self.decide(&mut client, &mut line, accepted).await,
             None => {
+                // No waiting here, but name the pod if it is known.
+                let src = source.ip().to_canonical();
+                line.pod = self
+                    .store
+                    .current()
+                    .identities
+                    .lookup(src)
+                    .map(|pod| PodName {
+                        namespace: pod.namespace.clone(),
+                        name: pod.name.clone(),
+                    });
                 line.reason = Reason::ConnectionLimit;
                 Decided {
                     verdict: Verdict::Deny,
