@@ -36,6 +36,8 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         socket.set_ip_transparent_v4(true)?;
     }
     socket.set_reuse_address(true)?;
+    // A new gateway starts beside the old one during a rolling update.
+    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;

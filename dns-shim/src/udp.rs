@@ -55,6 +55,8 @@ struct Datagram {
 /// A transparent UDP socket on `addr` that reports original destinations.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpListener> {
     let socket = transparent_socket(addr)?;
+    // A new gateway starts beside the old one during a rolling update.
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;
     } else {

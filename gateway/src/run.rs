@@ -132,13 +132,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tproxy_listeners.push(bound);
     }
     let admin_addr = config.listen.admin;
-    let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-        .await
-        .map_err(|source| RunError::Bind {
-            what: "admin",
-            addr: admin_addr,
-            source,
-        })?;
+    let admin_listener = listener::bind_shared(admin_addr).map_err(|source| RunError::Bind {
+        what: "admin",
+        addr: admin_addr,
+        source,
+    })?;
 
     if config.nftables.manage {
         nft::install(&config)?;

@@ -159,3 +159,55 @@ fn quic_is_refused_so_clients_fall_back_to_tcp_while_other_udp_passes() {
         "UDP 443 should be refused: {quic}"
     );
 }
+
+/// Waits until `daemon` printed a JSON line with `"event":"<event>"`.
+fn wait_for_event(daemon: &Daemon, event: &str) -> String {
+    let needle = format!("\"event\":\"{event}\"");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = daemon.stdout_text();
+        if let Some(line) = text.lines().find(|line| line.contains(&needle)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {event} line from {}:\n{}",
+            daemon.name(),
+            daemon.output_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_second_gateway_starts_beside_the_first_and_takes_over() {
+    let lab = lab(GatewayOptions::default());
+    let ca = lab.ca();
+    let bin = lab.gateway().bin().display().to_string();
+    let config = lab.gateway().config_path().display().to_string();
+    // A rolling update with maxSurge 1: the new gateway binds the same ports while the old runs.
+    let successor_dir = lab.dir().join("successor");
+    std::fs::create_dir_all(&successor_dir).expect("mkdir");
+    let successor = Daemon::spawn(
+        lab.node().name(),
+        "egressgate-successor",
+        &[&bin, "run", "--config", &config],
+        &successor_dir,
+        "TERM",
+    )
+    .expect("successor starts");
+    wait_for_event(&successor, "listening");
+
+    let pid = lab.gateway().daemon().pid().to_string();
+    assert!(lab.node().run(&["kill", "-TERM", &pid]).success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lab.gateway().events("shutdown").next().is_none() {
+        assert!(Instant::now() < deadline, "the first gateway did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = lab.pod("a").run(&curl(&ca, &["https://api.example.test/"]));
+    assert!(out.stdout.contains("hello from api.example.test"), "{out}");
+    let decision = wait_for_event(&successor, "decision");
+    assert!(decision.contains("\"verdict\":\"allow\""), "{decision}");
+}
