@@ -153,6 +153,30 @@ pub struct Intercept {
     /// applies. Other UDP (except DNS) is not intercepted.
     #[serde(default = "default_true")]
     pub block_quic: bool,
+    /// Pods whose traffic is never intercepted, kept current from the identity source: the
+    /// cluster DNS servers (their queries to the outside would otherwise come back to the shim,
+    /// which asks them: a loop). Requires `nftables.manage`.
+    #[serde(default)]
+    pub exclude_pods: Vec<ExcludedPods>,
+}
+
+/// Pods of one namespace with all of some labels.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExcludedPods {
+    pub namespace: String,
+    #[serde(default)]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+}
+
+impl ExcludedPods {
+    pub fn matches(&self, pod: &crate::identity::Pod) -> bool {
+        pod.namespace == self.namespace
+            && self
+                .match_labels
+                .iter()
+                .all(|(key, value)| pod.labels.get(key) == Some(value))
+    }
 }
 
 impl Default for Intercept {
@@ -162,6 +186,7 @@ impl Default for Intercept {
             interfaces: Vec::new(),
             bypass_cidrs: Vec::new(),
             block_quic: true,
+            exclude_pods: Vec::new(),
         }
     }
 }
@@ -511,6 +536,9 @@ impl Config {
             return Err(format!(
                 "nftables.table: {table:?} must be a letter then up to 63 of [A-Za-z0-9_]"
             ));
+        }
+        if !self.intercept.exclude_pods.is_empty() && !self.nftables.manage {
+            return Err("intercept.excludePods needs nftables.manage: true".into());
         }
         if self.nftables.mark == 0 {
             return Err("nftables.mark: must not be 0".into());

@@ -142,6 +142,11 @@ impl Identities {
         self.by_ip.get(&ip.to_canonical())
     }
 
+    /// Every (address, pod) pair.
+    pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &Arc<Pod>)> {
+        self.by_ip.iter()
+    }
+
     /// How many pods (not addresses) are known.
     pub fn len(&self) -> usize {
         let mut pods: Vec<*const Pod> = self.by_ip.values().map(Arc::as_ptr).collect();

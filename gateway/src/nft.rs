@@ -80,6 +80,9 @@ pub fn render(config: &Config) -> String {
     push_set(&mut out, "pod_v6", "ipv6_addr", &pod_v6);
     push_set(&mut out, "bypass_v4", "ipv4_addr", &bypass_v4);
     push_set(&mut out, "bypass_v6", "ipv6_addr", &bypass_v6);
+    // Filled at run time from the identity source (`set_excluded`).
+    push_set(&mut out, "exclude_v4", "ipv4_addr", &[]);
+    push_set(&mut out, "exclude_v6", "ipv6_addr", &[]);
 
     out.push_str("    chain prerouting {\n");
     out.push_str("        type filter hook prerouting priority mangle; policy accept;\n");
@@ -90,6 +93,8 @@ pub fn render(config: &Config) -> String {
     out.push_str(&format!(
         "        meta l4proto tcp socket transparent 1 meta mark set {mark} accept\n"
     ));
+    out.push_str("        ip saddr @exclude_v4 return\n");
+    out.push_str("        ip6 saddr @exclude_v6 return\n");
     for pattern in &intercept.interfaces {
         out.push_str(&format!(
             "        iifname \"{}\" jump intercept\n",
@@ -176,6 +181,36 @@ fn install_in(config: &Config, netns: Option<&str>) -> Result<(), NftError> {
         Err(err) => return Err(err),
     }
     runner.run(&["nft", "-f", "-"], Some(&render(config)))?;
+    Ok(())
+}
+
+/// Replaces the addresses of `intercept.excludePods` in the running table, in one transaction.
+pub fn set_excluded(config: &Config, addrs: &[std::net::IpAddr]) -> Result<(), NftError> {
+    set_excluded_in(config, addrs, None)
+}
+
+fn set_excluded_in(
+    config: &Config,
+    addrs: &[std::net::IpAddr],
+    netns: Option<&str>,
+) -> Result<(), NftError> {
+    let table = &config.nftables.table;
+    let mut script = String::new();
+    for (set, v6) in [("exclude_v4", false), ("exclude_v6", true)] {
+        script.push_str(&format!("flush set inet {table} {set}\n"));
+        let family: Vec<String> = addrs
+            .iter()
+            .filter(|addr| addr.is_ipv6() == v6)
+            .map(ToString::to_string)
+            .collect();
+        if !family.is_empty() {
+            script.push_str(&format!(
+                "add element inet {table} {set} {{ {} }}\n",
+                family.join(", ")
+            ));
+        }
+    }
+    Runner { netns }.run(&["nft", "-f", "-"], Some(&script))?;
     Ok(())
 }
 
@@ -631,6 +666,33 @@ mod tests {
             ]);
             assert!(routes.starts_with("local default dev lo"), "{routes}");
         }
+    }
+
+    #[test]
+    fn excluded_pods_are_replaced_in_the_running_table() {
+        let netns = Netns::create();
+        let config = config(FULL);
+        install_in(&config, Some(&netns.0)).expect("install");
+        let first: Vec<std::net::IpAddr> = ["10.244.1.5", "fd00:10::5"]
+            .iter()
+            .map(|a| a.parse().expect("ip"))
+            .collect();
+        set_excluded_in(&config, &first, Some(&netns.0)).expect("set");
+        let listed = netns.run(&["nft", "list", "table", "inet", "egressgate"]);
+        assert!(listed.contains("elements = { 10.244.1.5 }"), "{listed}");
+        assert!(listed.contains("elements = { fd00:10::5 }"), "{listed}");
+        set_excluded_in(
+            &config,
+            &["10.244.1.9".parse().expect("ip")],
+            Some(&netns.0),
+        )
+        .expect("replace");
+        let listed = netns.run(&["nft", "list", "table", "inet", "egressgate"]);
+        assert!(listed.contains("elements = { 10.244.1.9 }"), "{listed}");
+        assert!(
+            !listed.contains("10.244.1.5") && !listed.contains("fd00:10::5"),
+            "{listed}"
+        );
     }
 
     #[test]

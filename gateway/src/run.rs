@@ -4,7 +4,8 @@
 //! Order matters: the listeners exist before the rules send traffic to them, and the
 //! `listening` line (and `/readyz`) come only after both.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -190,6 +191,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         }
     });
+    if config.nftables.manage && !config.intercept.exclude_pods.is_empty() {
+        tasks.spawn(keep_excluded_pods(
+            config.clone(),
+            Arc::clone(&store),
+            shutdown(),
+        ));
+    }
     if let Some(identity_watch) = identity_watch {
         tasks.spawn(identity_watch.run(Arc::clone(&store), shutdown()));
     }
@@ -239,6 +247,36 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         },
     });
     Ok(())
+}
+
+/// Keeps the nftables set of `intercept.excludePods` equal to their current addresses.
+async fn keep_excluded_pods(config: Config, store: Arc<Store>, shutdown: impl Future<Output = ()>) {
+    let mut updates = store.identity_updates();
+    let mut installed: Option<Vec<IpAddr>> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let mut addrs: Vec<IpAddr> = store
+            .current()
+            .identities
+            .iter()
+            .filter(|(_, pod)| config.intercept.exclude_pods.iter().any(|e| e.matches(pod)))
+            .map(|(ip, _)| *ip)
+            .collect();
+        addrs.sort_unstable();
+        if installed.as_ref() != Some(&addrs) {
+            // nft runs a process: off the async workers.
+            let (config, list) = (config.clone(), addrs.clone());
+            match tokio::task::spawn_blocking(move || nft::set_excluded(&config, &list)).await {
+                Ok(Ok(())) => installed = Some(addrs),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot update excluded pods"),
+                Err(e) => tracing::warn!(error = %e, "excluded pods update panicked"),
+            }
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            changed = updates.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 async fn purge_expired(table: &NameTable) {

@@ -114,6 +114,11 @@ impl Store {
             .send_modify(|generation| *generation += 1);
     }
 
+    /// Changes whenever a new identity index is published.
+    pub fn identity_updates(&self) -> watch::Receiver<u64> {
+        self.identities_published.subscribe()
+    }
+
     /// The pod using `ip`, waiting until `deadline` for an index that knows it: a pod's first
     /// connection can race the watch event that announces its address, and must not be judged
     /// as an unknown source because of that.

@@ -45,6 +45,8 @@ pub struct GatewayOptions {
     /// `connections.max` and `connections.shutdownGraceSeconds`, when set.
     pub max_connections: Option<usize>,
     pub shutdown_grace_seconds: Option<u64>,
+    /// Extra lines inside `intercept:` (indented by two spaces).
+    pub intercept_extra: String,
     /// Extra top-level YAML appended to the generated file.
     pub extra_yaml: String,
     /// The whole config file instead of the generated one. `{policy_dir}` and
@@ -76,6 +78,7 @@ impl Default for GatewayOptions {
             max_pending_per_pod: None,
             max_connections: None,
             shutdown_grace_seconds: None,
+            intercept_extra: String::new(),
             extra_yaml: String::new(),
             config_override: None,
             identity_override: None,
@@ -109,7 +112,7 @@ impl GatewayOptions {
              listen:\n  tproxy: {tproxy}\n  dns: {dns}\n  admin: {admin}\n\
              policyDir: {policy_dir}\n\
              identity:\n  staticFile: {identity_file}\n\
-             intercept:\n  podCidrs: {pod_cidrs}\n  interfaces: {interfaces}\n  bypassCidrs: {bypass}\n\
+             intercept:\n  podCidrs: {pod_cidrs}\n  interfaces: {interfaces}\n  bypassCidrs: {bypass}\n{intercept_extra}\
              nftables:\n  manage: {manage}\n\
              dns:\n  upstreams: {upstreams}\n  foreignServers: {foreign}\n  \
              minTtlSeconds: {min_ttl}\n  idleGraceSeconds: {grace}\n\
@@ -122,6 +125,7 @@ impl GatewayOptions {
             pod_cidrs = flow(&self.pod_cidrs),
             interfaces = flow(&self.interfaces),
             bypass = flow(&self.bypass_cidrs),
+            intercept_extra = self.intercept_extra,
             manage = self.manage_nftables,
             upstreams = flow(&self.upstreams),
             foreign = self.foreign_servers,

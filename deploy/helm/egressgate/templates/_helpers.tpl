@@ -78,7 +78,9 @@ as 1e+06, which the gateway rejects.
   "intercept" (dict
     "podCidrs" $v.intercept.podCidrs
     "interfaces" $v.intercept.interfaces
-    "bypassCidrs" $v.intercept.bypassCidrs)
+    "bypassCidrs" $v.intercept.bypassCidrs
+    "blockQuic" $v.intercept.blockQuic
+    "excludePods" $v.intercept.excludePods)
   "nftables" (dict
     "manage" $v.nftables.manage
     "table" $v.nftables.table
@@ -95,7 +97,13 @@ as 1e+06, which the gateway rejects.
   "peek" (dict
     "timeoutMs" (int64 $v.peek.timeoutMs)
     "maxBytes" (int64 $v.peek.maxBytes)
-    "requireSni" $v.peek.requireSni)
+    "requireSni" $v.peek.requireSni
+    "maxPending" (int64 $v.peek.maxPending)
+    "maxPendingPerPod" (int64 $v.peek.maxPendingPerPod))
+  "connections" (dict
+    "idleTimeoutSeconds" (int64 $v.connections.idleTimeoutSeconds)
+    "max" (int64 $v.connections.max)
+    "shutdownGraceSeconds" (int64 $v.connections.shutdownGraceSeconds))
   "unselectedPods" $v.unselectedPods
 }}
 {{- toYaml $config }}
