@@ -495,11 +495,13 @@ mod tests {
     }
 
     #[test]
-    fn prerouting_marks_held_tcp_sockets_and_jumps_for_pods() {
+    fn prerouting_marks_held_tcp_sockets_skips_excluded_pods_and_jumps_for_pods() {
         let script = render(&config(FULL));
         let expected = [
             "type filter hook prerouting priority mangle; policy accept;",
             "meta l4proto tcp socket transparent 1 meta mark set 0x00006567 accept",
+            "ip saddr @exclude_v4 return",
+            "ip6 saddr @exclude_v6 return",
             "iifname \"egp*\" jump intercept",
             "iifname \"veth0\" jump intercept",
             "ip saddr @pod_v4 jump intercept",
