@@ -383,6 +383,25 @@ mod tests {
     }
 
     #[test]
+    fn a_vanished_policy_directory_keeps_the_last_good_set_until_it_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = setup(dir.path());
+        let store = Store::load(
+            &config,
+            Metrics::register(&prometheus::Registry::new()).expect("metrics"),
+        )
+        .expect("loads");
+        let policies = dir.path().join("policies");
+        std::fs::rename(&policies, dir.path().join("moved")).expect("move away");
+        let errors = store.reload().expect_err("directory gone");
+        assert!(errors[0].contains("policies"), "{errors:?}");
+        assert_eq!(store.current().policies.len(), 1);
+        std::fs::rename(dir.path().join("moved"), &policies).expect("move back");
+        store.reload().expect("back");
+        assert_eq!(store.current().policies.len(), 1);
+    }
+
+    #[test]
     fn startup_reports_every_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = setup(dir.path());

@@ -10,6 +10,7 @@ mod configmap_reload;
 mod dashboards;
 mod dns;
 mod expiry;
+mod faults;
 mod lifecycle;
 mod nftables;
 mod operations;
