@@ -38,9 +38,14 @@ pub struct Config {
     /// Allowed connections.
     #[serde(default)]
     pub connections: Connections,
-    /// Verdict for pods that no policy selects (and for unknown source addresses).
+    /// Verdict for pods that no policy selects.
     #[serde(default)]
     pub unselected_pods: UnselectedPods,
+    /// Verdict for connections from addresses no pod is known to use (after
+    /// `identity.unknownSourceWaitMs`): a pod that takes a second address must not leave its
+    /// policies behind, so `deny` by default.
+    #[serde(default = "UnselectedPods::deny")]
+    pub unknown_sources: UnselectedPods,
 }
 
 /// Listen addresses.
@@ -448,13 +453,20 @@ impl Default for Connections {
     }
 }
 
-/// Verdict for connections from pods no policy selects.
+/// Verdict for connections that no policy can judge: from pods no policy selects
+/// (`unselectedPods`), or from unknown addresses (`unknownSources`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum UnselectedPods {
     #[default]
     Allow,
     Deny,
+}
+
+impl UnselectedPods {
+    fn deny() -> Self {
+        UnselectedPods::Deny
+    }
 }
 
 fn default_true() -> bool {
@@ -581,6 +593,7 @@ mod tests {
         assert_eq!(config.peek.timeout(), Duration::from_secs(5));
         assert!(config.peek.require_sni);
         assert_eq!(config.unselected_pods, UnselectedPods::Allow);
+        assert_eq!(config.unknown_sources, UnselectedPods::Deny);
         assert_eq!(config.dns.foreign_servers, ForeignServers::Forward);
         assert!(config.nftables.manage);
     }

@@ -32,8 +32,10 @@ impl Verdict {
 pub enum Reason {
     /// A rule allows it.
     Allowed,
-    /// No policy selects the pod (or the source is no known pod); `unselectedPods` decides.
+    /// No policy selects the pod; `unselectedPods` decides.
     Unselected,
+    /// The source address is no known pod's; `unknownSources` decides (deny by default).
+    UnknownSource,
     /// The pod resolved no (live) name to this address, and no `cidr` rule covers it.
     NoDnsRecord,
     /// Names were resolved, but no rule allows them (or the port) for this pod.
@@ -73,9 +75,10 @@ pub enum Reason {
 
 impl Reason {
     /// Every code, in the order the README lists them.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::Allowed,
         Reason::Unselected,
+        Reason::UnknownSource,
         Reason::NoDnsRecord,
         Reason::NotAllowed,
         Reason::SniMissing,
@@ -98,6 +101,7 @@ impl Reason {
         match self {
             Reason::Allowed => "allowed",
             Reason::Unselected => "unselected",
+            Reason::UnknownSource => "unknown_source",
             Reason::NoDnsRecord => "no_dns_record",
             Reason::NotAllowed => "not_allowed",
             Reason::SniMissing => "sni_missing",
@@ -197,10 +201,15 @@ pub fn authorize_http<'g, 'a>(
 }
 
 /// A plaintext PostgreSQL StartupMessage: a `postgresql` grant listing the database and user.
+///
+/// A physical replication startup (`replication=true`, also `on`, `yes`, `1`) names no database:
+/// it streams the whole cluster, so only a rule without a database list allows it. Logical
+/// replication (`replication=database`) names its database and is checked like any session.
 pub fn authorize_startup<'g, 'a>(
     grants: &'g [Grant<'a>],
     database: &str,
     user: &str,
+    replication: Option<&str>,
 ) -> Authorization<'g, 'a> {
     let mut postgres = grants
         .iter()
@@ -209,9 +218,21 @@ pub fn authorize_startup<'g, 'a>(
     if postgres.peek().is_none() {
         return Err(Reason::ProtocolMismatch);
     }
+    let physical = replication.is_some_and(is_physical_replication);
     postgres
-        .find(|g| postgres_rule(g).is_some_and(|rule| rule.allows(database, user)))
+        .find(|g| {
+            postgres_rule(g).is_some_and(|rule| {
+                rule.allows(database, user) && (!physical || rule.databases.is_empty())
+            })
+        })
         .ok_or(Reason::PostgresqlDenied)
+}
+
+/// PostgreSQL reads `replication` as a boolean (physical) or the word `database` (logical).
+fn is_physical_replication(value: &str) -> bool {
+    ["true", "on", "yes", "1"]
+        .iter()
+        .any(|word| value.eq_ignore_ascii_case(word))
 }
 
 /// A CancelRequest names no database or user: any `postgresql` grant allows it (it only works
@@ -415,7 +436,7 @@ spec:
                     Some(Reason::ProtocolMismatch)
                 );
                 assert_eq!(
-                    authorize_startup(grants, "orders", "app").err(),
+                    authorize_startup(grants, "orders", "app", None).err(),
                     Some(Reason::ProtocolMismatch)
                 );
             },
@@ -523,18 +544,28 @@ spec:
             |_, grants| {
                 assert!(has_postgres_grant(grants));
                 assert_eq!(
-                    authorize_startup(grants, "orders", "app").map(|g| g.rule),
+                    authorize_startup(grants, "orders", "app", None).map(|g| g.rule),
                     Ok(2)
                 );
                 assert_eq!(
-                    authorize_startup(grants, "other", "app").err(),
+                    authorize_startup(grants, "other", "app", None).err(),
                     Some(Reason::PostgresqlDenied)
                 );
                 assert_eq!(
-                    authorize_startup(grants, "orders", "intruder").err(),
+                    authorize_startup(grants, "orders", "intruder", None).err(),
                     Some(Reason::PostgresqlDenied)
                 );
                 assert!(authorize_cancel(grants).is_ok());
+                // Physical replication streams every database: not under `databases: [orders]`.
+                for value in ["true", "ON", "yes", "1"] {
+                    assert_eq!(
+                        authorize_startup(grants, "orders", "app", Some(value)).err(),
+                        Some(Reason::PostgresqlDenied),
+                        "{value}"
+                    );
+                }
+                assert!(authorize_startup(grants, "orders", "app", Some("database")).is_ok());
+                assert!(authorize_startup(grants, "orders", "app", Some("false")).is_ok());
                 let sni = Some(Some("db.example.test"));
                 assert_eq!(
                     authorize_encrypted_postgres(grants, sni, true).err(),

@@ -49,6 +49,9 @@ pub struct DecisionLine {
     pub database: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The startup's `replication` parameter, when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<String>,
     /// `tls` or `gssapi` when a PostgreSQL session turned encrypted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgresql_encryption: Option<&'static str>,
@@ -83,6 +86,7 @@ impl DecisionLine {
             host: None,
             database: None,
             user: None,
+            replication: None,
             postgresql_encryption: None,
             policy: None,
             rule: None,

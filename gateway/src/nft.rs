@@ -4,10 +4,12 @@
 //! [`install`] applies it and the routing it needs; [`uninstall`] (`egressgate cleanup`) removes
 //! both. The script:
 //!
-//! - `prerouting` (hook prerouting, priority mangle): packets of TCP connections the gateway
-//!   already holds (`socket transparent 1`) are marked and accepted; packets from a pod CIDR or a
-//!   matching interface go to `intercept`.
-//! - `intercept`: DNS (UDP and TCP port 53, to any server) goes to the DNS shim; then
+//! - `prerouting` (hook prerouting, priority mangle): packets from excluded pods are left alone;
+//!   packets from a pod CIDR or a matching interface go to `intercept`.
+//! - `intercept`: a strict reverse-path check drops spoofed sources; the gateway's own ports on
+//!   node addresses are refused; packets of TCP connections the gateway already holds (`socket
+//!   transparent 1`) are marked and accepted; DNS (UDP and TCP port 53, to any server) goes to
+//!   the DNS shim; then
 //!   destinations in `bypassCidrs` and local addresses are left alone; UDP 443 (QUIC) is
 //!   refused when `intercept.blockQuic` is on; every other TCP connection goes to the TPROXY
 //!   listener. Both TPROXY rules set the mark, so the `ip rule fwmark <mark> lookup
@@ -86,13 +88,6 @@ pub fn render(config: &Config) -> String {
 
     out.push_str("    chain prerouting {\n");
     out.push_str("        type filter hook prerouting priority mangle; policy accept;\n");
-    // TCP only: for UDP the lookup would also find the short-lived transparent socket the DNS
-    // shim binds to the server's address to send a reply, and a query arriving meanwhile (glibc
-    // sends A and AAAA back to back) would be delivered to it instead of the shim.
-    out.push_str("        # Packets of connections the gateway already holds: deliver locally.\n");
-    out.push_str(&format!(
-        "        meta l4proto tcp socket transparent 1 meta mark set {mark} accept\n"
-    ));
     out.push_str("        ip saddr @exclude_v4 return\n");
     out.push_str("        ip6 saddr @exclude_v6 return\n");
     for pattern in &intercept.interfaces {
@@ -106,6 +101,27 @@ pub fn render(config: &Config) -> String {
     out.push_str("    }\n\n");
 
     out.push_str("    chain intercept {\n");
+    // Strict reverse-path check: a pod may only use source addresses routed back through the
+    // interface it sends from. Without it a pod could forge the trusted resolver's answers to the
+    // shim's upstream sockets, or pose as another address.
+    out.push_str("        fib saddr . iif oif missing drop\n");
+    // The gateway's own ports on node addresses are not for pods: a connection to the TPROXY
+    // listener itself would be relayed to itself, again and again. Before the socket rule, which
+    // would match the (transparent) listener.
+    let own_ports = own_ports(config);
+    out.push_str(&format!(
+        "        fib daddr type local tcp dport {{ {own_ports} }} reject with tcp reset\n"
+    ));
+    out.push_str(&format!(
+        "        fib daddr type local udp dport {{ {own_ports} }} reject\n"
+    ));
+    // TCP only: for UDP the lookup would also find the short-lived transparent socket the DNS
+    // shim binds to the server's address to send a reply, and a query arriving meanwhile (glibc
+    // sends A and AAAA back to back) would be delivered to it instead of the shim.
+    out.push_str("        # Packets of connections the gateway already holds: deliver locally.\n");
+    out.push_str(&format!(
+        "        meta l4proto tcp socket transparent 1 meta mark set {mark} accept\n"
+    ));
     for family in [Family::V4, Family::V6] {
         let nfproto = family.nfproto();
         match family.target(&config.listen.dns) {
@@ -342,6 +358,22 @@ impl Family {
     }
 }
 
+/// Every port the gateway listens on, for the rule that keeps pods off them.
+fn own_ports(config: &Config) -> String {
+    let mut ports: Vec<u16> = config
+        .listen
+        .tproxy
+        .iter()
+        .chain(&config.listen.dns)
+        .chain(std::iter::once(&config.listen.admin))
+        .map(SocketAddr::port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    ports.join(", ")
+}
+
 /// Merges overlapping ranges and clears host bits (nft rejects both in an interval set), then
 /// splits by family.
 fn split_families(nets: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
@@ -495,11 +527,10 @@ mod tests {
     }
 
     #[test]
-    fn prerouting_marks_held_tcp_sockets_skips_excluded_pods_and_jumps_for_pods() {
+    fn prerouting_skips_excluded_pods_and_jumps_for_pods() {
         let script = render(&config(FULL));
         let expected = [
             "type filter hook prerouting priority mangle; policy accept;",
-            "meta l4proto tcp socket transparent 1 meta mark set 0x00006567 accept",
             "ip saddr @exclude_v4 return",
             "ip6 saddr @exclude_v6 return",
             "iifname \"egp*\" jump intercept",
@@ -529,7 +560,14 @@ mod tests {
             Some(&"meta l4proto tcp reject with tcp reset")
         );
         assert!(position("fib daddr type local return") < position("udp dport 443 reject"));
-        assert_eq!(script.matches("reject").count(), 4, "{script}");
+        assert_eq!(script.matches("reject").count(), 6, "{script}");
+        assert_eq!(rules.first(), Some(&"fib saddr . iif oif missing drop"));
+        assert!(position("reject with tcp reset") < position("socket transparent 1"));
+        assert!(position("socket transparent 1") < position("udp dport 53 tproxy"));
+        assert!(
+            position("tcp dport { 15001, 15053, 15090 } reject")
+                < position("fib daddr type local return")
+        );
         assert!(position("tcp dport 53 tproxy ip6") < position("tcp dport 53 reject"));
         assert!(position("tcp dport 53 reject") < position("@bypass_v4 return"));
         let open = render(&config(&format!("{FULL}  blockQuic: false\n")));

@@ -46,6 +46,7 @@ pub struct Proxy {
     metrics: Metrics,
     peek: config::Peek,
     unselected: UnselectedPods,
+    unknown_sources: UnselectedPods,
     idle_timeout: Duration,
     unknown_source_wait: Duration,
     limits: Arc<Limits>,
@@ -96,6 +97,7 @@ impl Proxy {
             metrics,
             peek: config.peek.clone(),
             unselected: config.unselected_pods,
+            unknown_sources: config.unknown_sources,
             idle_timeout: config.connections.idle_timeout(),
             unknown_source_wait: config.identity.unknown_source_wait(),
             limits,
@@ -205,8 +207,8 @@ impl Proxy {
             .pod_by_ip(src, accepted + self.unknown_source_wait)
             .await;
         let dst = line.destination.ip().to_canonical();
-        let unselected = || Decided {
-            verdict: match self.unselected {
+        let fallback = |setting: UnselectedPods| Decided {
+            verdict: match setting {
                 UnselectedPods::Allow => Verdict::Allow,
                 UnselectedPods::Deny => Verdict::Deny,
             },
@@ -214,10 +216,11 @@ impl Proxy {
             upstream: None,
         };
 
-        line.reason = Reason::Unselected;
         let Some(pod) = snapshot.identities.lookup(src) else {
-            return unselected();
+            line.reason = Reason::UnknownSource;
+            return fallback(self.unknown_sources);
         };
+        line.reason = Reason::Unselected;
         line.pod = Some(PodName {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
@@ -225,7 +228,7 @@ impl Proxy {
         let identity = pod.identity();
         let selection = snapshot.policies.select(&identity);
         if selection.is_empty() {
-            return unselected();
+            return fallback(self.unselected);
         }
 
         let now = std::time::Instant::now();

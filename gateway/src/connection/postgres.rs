@@ -35,9 +35,15 @@ pub(super) async fn negotiate(
             PgMessage::Startup(startup) => {
                 line.database = Some(startup.database.clone());
                 line.user = Some(startup.user.clone());
-                return decision::authorize_startup(grants, &startup.database, &startup.user)
-                    .map(describe)
-                    .map_err(Stop::new);
+                line.replication = startup.replication.clone();
+                return decision::authorize_startup(
+                    grants,
+                    &startup.database,
+                    &startup.user,
+                    startup.replication.as_deref(),
+                )
+                .map(describe)
+                .map_err(Stop::new);
             }
             PgMessage::CancelRequest { .. } => {
                 return decision::authorize_cancel(grants)
@@ -112,6 +118,7 @@ pub(super) async fn observe(
         if let PgMessage::Startup(startup) = first.message {
             line.database = Some(startup.database);
             line.user = Some(startup.user);
+            line.replication = startup.replication;
         }
     }
 }

@@ -212,11 +212,25 @@ fn header(line: &[u8], number: usize) -> Result<(&[u8], &[u8]), Invalid> {
     if name.is_empty() || !name.iter().copied().all(is_tchar) {
         return Err(Invalid::HttpBadHeaderName { line: number });
     }
-    let value = line[colon + 1..].trim_ascii();
+    // OWS is SP and HTAB only (RFC 9110 §5.6.3). `trim_ascii` would also drop a form feed,
+    // so `Host: api.example.test\x0c` would be checked as api while the server sees (and
+    // routes or refuses) another value.
+    let value = trim_ows(&line[colon + 1..]);
     if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(Invalid::HttpBadHeaderValue { line: number });
     }
     Ok((name, value))
+}
+
+/// `value` without leading and trailing OWS (SP / HTAB, RFC 9110 §5.6.3).
+fn trim_ows(value: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
+    &value[start..end]
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2). Empty gives `None`. The host is an

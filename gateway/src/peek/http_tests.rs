@@ -138,6 +138,24 @@ fn header_line_faults_rejected() {
         invalid("GET / HTTP/1.1\r\nX: a\0b\r\n"),
         Invalid::HttpBadHeaderValue { line: 2 }
     );
+    // Only SP and HTAB are OWS: a form feed at either end is a control byte, not trimmed
+    // (the server would see a host the gateway did not check).
+    for head in [
+        "GET / HTTP/1.1\r\nHost: api.example.test\x0c\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: \x0capi.example.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost:\x0c api.example.test \x0c\r\n\r\n",
+    ] {
+        assert_eq!(
+            invalid(head),
+            Invalid::HttpBadHeaderValue { line: 2 },
+            "{head:?}"
+        );
+    }
+    assert_eq!(
+        host("GET / HTTP/1.1\r\nHost: \t api.example.test \t \r\n\r\n").0,
+        Some("api.example.test".to_owned())
+    );
+    assert_eq!(host("GET / HTTP/1.1\r\nHost:\r\n\r\n").0, None);
     assert_eq!(
         invalid("GET / HTTP/1.1\r\nX: a\rb\r\n"),
         Invalid::HttpLineEnding { line: 2 }

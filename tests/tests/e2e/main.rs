@@ -5,6 +5,14 @@
 //! builds its own lab with unique namespace names, so tests run in parallel.
 
 mod audit;
+mod bypass_dns;
+mod bypass_http;
+mod bypass_names;
+mod bypass_node;
+mod bypass_postgres;
+mod bypass_support;
+mod bypass_tls;
+mod bypass_udp;
 mod cli;
 mod configmap_reload;
 mod dashboards;

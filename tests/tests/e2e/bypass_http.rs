@@ -1,0 +1,395 @@
+//! Bypass suite, HTTP/1: a pod that resolved api.example.test (allowed on 80/http) tries to get
+//! nginx, which serves evil.example.test on the same IP, to serve evil instead: a second Host,
+//! an absolute-form target, folding, case, line-ending and proxy tricks. Every attempt uses its
+//! own path, and nginx's access log shows whether the request reached it.
+
+use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
+
+use crate::bypass_support::{
+    assert_allowed_as, assert_blocked, assert_nginx_never_saw, send_once, send_raw, wait_nginx_saw,
+};
+use crate::support::{curl, dig, run_and_decide, SHOP_POLICY};
+
+fn lab() -> Lab {
+    let lab = Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
+        .start()
+        .expect("lab starts");
+    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
+    lab
+}
+
+fn http(lab: &Lab, request: &str) -> (Output, Decision) {
+    send_once(lab, "a", addr::WEB, 80, request.as_bytes())
+}
+
+/// Sends `request` (which asks for `path`) and asserts it was denied with `reason`/`detail`
+/// and never reached nginx.
+fn blocked(lab: &Lab, path: &str, request: &str, reason: &str, detail: Option<&str>) -> Decision {
+    assert!(
+        request.contains(path),
+        "{request:?} does not ask for {path}"
+    );
+    let (out, d) = http(lab, request);
+    assert_blocked(lab, &out, &d, reason, detail);
+    assert_nginx_never_saw(lab, path);
+    d
+}
+
+#[test]
+fn real_clients_naming_another_host_are_denied() {
+    let lab = lab();
+    let ca = lab.ca();
+    let cases: [(&[&str], &str, &str, Option<&str>); 5] = [
+        // Host header of another name on the shared IP.
+        (
+            &[
+                "-H",
+                "Host: evil.example.test",
+                "http://api.example.test/rc-host",
+            ],
+            "/rc-host",
+            "host_mismatch",
+            None,
+        ),
+        // Absolute-form target naming evil, Host naming api.
+        (
+            &[
+                "--request-target",
+                "http://evil.example.test/rc-absolute",
+                "http://api.example.test/",
+            ],
+            "/rc-absolute",
+            "malformed",
+            Some("http_host_conflict"),
+        ),
+        // The shared IP used as a forward proxy for evil.
+        (
+            &[
+                "-x",
+                "http://api.example.test:80",
+                "http://evil.example.test/rc-proxy",
+            ],
+            "/rc-proxy",
+            "host_mismatch",
+            None,
+        ),
+        // The shared IP used as a CONNECT proxy (a tunnel to anywhere).
+        (
+            &[
+                "-p",
+                "-x",
+                "http://api.example.test:80",
+                "https://evil.example.test/rc-connect",
+            ],
+            "/rc-connect",
+            "malformed",
+            Some("http_connect"),
+        ),
+        // HTTP/1.0 without Host.
+        (
+            &[
+                "--http1.0",
+                "-H",
+                "Host:",
+                "http://api.example.test/rc-nohost",
+            ],
+            "/rc-nohost",
+            "host_missing",
+            None,
+        ),
+    ];
+    for (args, path, reason, detail) in cases {
+        let (out, d) = run_and_decide(&lab, "a", 80, &curl(&ca, args));
+        assert_blocked(&lab, &out, &d, reason, detail);
+        assert_nginx_never_saw(&lab, path);
+    }
+    let d = blocked_h2(&lab);
+    assert_eq!(d.protocol(), Some("http2"), "{d}");
+}
+
+/// HTTP/2 with prior knowledge: a protocol the http rule does not speak.
+fn blocked_h2(lab: &Lab) -> Decision {
+    let ca = lab.ca();
+    let (out, d) = run_and_decide(
+        lab,
+        "a",
+        80,
+        &curl(
+            &ca,
+            &["--http2-prior-knowledge", "http://api.example.test/rc-h2"],
+        ),
+    );
+    assert_blocked(lab, &out, &d, "protocol_mismatch", None);
+    assert_nginx_never_saw(lab, "/rc-h2");
+    d
+}
+
+#[test]
+fn two_hosts_absolute_form_and_userinfo_are_refused() {
+    let lab = lab();
+    let dup = Some("http_duplicate_host");
+    blocked(
+        &lab,
+        "/dup-1",
+        "GET /dup-1 HTTP/1.1\r\nHost: api.example.test\r\nHost: evil.example.test\r\n\r\n",
+        "malformed",
+        dup,
+    );
+    blocked(
+        &lab,
+        "/dup-2",
+        "GET /dup-2 HTTP/1.1\r\nHost: evil.example.test\r\nHost: api.example.test\r\n\r\n",
+        "malformed",
+        dup,
+    );
+    blocked(
+        &lab,
+        "/dup-3",
+        "GET /dup-3 HTTP/1.1\r\nhost: api.example.test\r\nHOST: evil.example.test\r\n\r\n",
+        "malformed",
+        dup,
+    );
+
+    let conflict = Some("http_host_conflict");
+    blocked(
+        &lab,
+        "/abs-1",
+        "GET http://evil.example.test/abs-1 HTTP/1.1\r\nHost: api.example.test\r\n\r\n",
+        "malformed",
+        conflict,
+    );
+    blocked(
+        &lab,
+        "/abs-2",
+        "GET http://api.example.test/abs-2 HTTP/1.1\r\nHost: evil.example.test\r\n\r\n",
+        "malformed",
+        conflict,
+    );
+    blocked(
+        &lab,
+        "/abs-3",
+        "GET http://api.example.test:8080/abs-3 HTTP/1.1\r\nHost: api.example.test\r\n\r\n",
+        "malformed",
+        conflict,
+    );
+    // Absolute form alone names the host: evil, whatever the case of scheme and name.
+    let d = blocked(
+        &lab,
+        "/abs-4",
+        "GET HTTP://EVIL.EXAMPLE.TEST/abs-4 HTTP/1.0\r\n\r\n",
+        "host_mismatch",
+        None,
+    );
+    assert_eq!(d.host(), Some(addr::EVIL), "{d}");
+    // userinfo: `api.example.test@` is not the host; refused rather than guessed.
+    blocked(
+        &lab,
+        "/abs-5",
+        "GET http://api.example.test@evil.example.test/abs-5 HTTP/1.1\r\nHost: evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_bad_host"),
+    );
+    blocked(
+        &lab,
+        "/abs-6",
+        "GET /abs-6 HTTP/1.1\r\nHost: api.example.test@evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_bad_host"),
+    );
+}
+
+#[test]
+fn folding_line_endings_and_odd_bytes_are_refused() {
+    let lab = lab();
+    blocked(
+        &lab,
+        "/fold-1",
+        "GET /fold-1 HTTP/1.1\r\nHost: api.example.test\r\n evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_obs_fold"),
+    );
+    blocked(
+        &lab,
+        "/fold-2",
+        "GET /fold-2 HTTP/1.1\r\nX-Pad: a\r\n\tHost: evil.example.test\r\nHost: api.example.test\r\n\r\n",
+        "malformed",
+        Some("http_obs_fold"),
+    );
+    // Bare LF, where some parsers see one header line and others two.
+    blocked(
+        &lab,
+        "/lf-1",
+        "GET /lf-1 HTTP/1.1\nHost: evil.example.test\n\n",
+        "malformed",
+        Some("http_bad_line_ending"),
+    );
+    blocked(
+        &lab,
+        "/lf-2",
+        "GET /lf-2 HTTP/1.1\r\nHost: api.example.test\r\nX-Pad: a\nHost: evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_bad_line_ending"),
+    );
+    blocked(
+        &lab,
+        "/cr-1",
+        "GET /cr-1 HTTP/1.1\r\nHost: api.example.test\rHost: evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_bad_line_ending"),
+    );
+    blocked(
+        &lab,
+        "/colon-1",
+        "GET /colon-1 HTTP/1.1\r\nHost : evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_space_before_colon"),
+    );
+    // A form feed is no whitespace in HTTP (OWS is SP and HTAB): not trimmed, refused.
+    for (path, host) in [
+        ("/ff-1", "api.example.test\x0c"),
+        ("/ff-2", "\x0capi.example.test"),
+    ] {
+        blocked(
+            &lab,
+            path,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            "malformed",
+            Some("http_bad_header_value"),
+        );
+    }
+    blocked(
+        &lab,
+        "/nul-1",
+        "GET /nul-1 HTTP/1.1\r\nHost: api.example.test\0evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_bad_header_value"),
+    );
+    for (path, host) in [
+        ("/list-1", "api.example.test, evil.example.test"),
+        ("/list-2", "api.example.test evil.example.test"),
+        ("/pct-1", "api%2eexample.test"),
+        ("/idn-1", "äpi.example.test"),
+    ] {
+        blocked(
+            &lab,
+            path,
+            &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            "malformed",
+            Some("http_bad_host"),
+        );
+    }
+    let mut many = String::from("GET /many-1 HTTP/1.1\r\n");
+    for i in 0..100 {
+        many.push_str(&format!("X-Pad-{i}: a\r\n"));
+    }
+    many.push_str("Host: evil.example.test\r\n\r\n");
+    blocked(
+        &lab,
+        "/many-1",
+        &many,
+        "malformed",
+        Some("http_too_many_headers"),
+    );
+    // Request lines that are not HTTP/1.0 or 1.1.
+    blocked(
+        &lab,
+        "/v-1",
+        "GET /v-1 HTTP/1.2\r\nHost: evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_unsupported_version"),
+    );
+    blocked(
+        &lab,
+        "/v-2",
+        "GET /v-2\r\n\r\n",
+        "malformed",
+        Some("http_bad_request_line"),
+    );
+    blocked(
+        &lab,
+        "/v-3",
+        "GET  /v-3 HTTP/1.1\r\nHost: evil.example.test\r\n\r\n",
+        "malformed",
+        Some("http_bad_request_line"),
+    );
+    // An empty line before the request line (RFC 9112 §2.2 lets servers skip it).
+    blocked(
+        &lab,
+        "/crlf-1",
+        "\r\nGET /crlf-1 HTTP/1.1\r\nHost: evil.example.test\r\n\r\n",
+        "protocol_mismatch",
+        None,
+    );
+    // A lowercase `connect` is no method nginx knows; the gateway refuses its target.
+    blocked(
+        &lab,
+        "/connect-1",
+        "connect evil.example.test:443 HTTP/1.1\r\nHost: evil.example.test\r\nX-Path: /connect-1\r\n\r\n",
+        "malformed",
+        Some("http_bad_request_line"),
+    );
+}
+
+#[test]
+fn case_dots_and_ports_are_normalised_not_trusted() {
+    let lab = lab();
+    for (path, host) in [
+        ("/case-evil", "EVIL.Example.TEST"),
+        ("/dot-evil", "evil.example.test."),
+        ("/port-evil", "evil.example.test:80"),
+        ("/ip-host", "198.19.0.10"),
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nhOsT: {host}\r\n\r\n");
+        blocked(&lab, path, &request, "host_mismatch", None);
+    }
+    // The same spellings of api are api: allowed, and nginx serves api.
+    for (path, host) in [
+        ("/case-api", "API.Example.TEST"),
+        ("/dot-api", "api.example.test."),
+        ("/port-api", "api.example.test:80"),
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHOST: {host}\r\nConnection: close\r\n\r\n");
+        let (out, d) = http(&lab, &request);
+        assert_allowed_as(&out, &d, addr::API);
+        assert_eq!(d.host(), Some(addr::API), "{d}");
+        assert!(out.stdout.contains("hello from api.example.test"), "{out}");
+        wait_nginx_saw(&lab, path);
+    }
+}
+
+#[test]
+fn a_request_head_in_one_byte_segments_is_still_checked() {
+    let lab = lab();
+    let request =
+        "GET /slow-evil HTTP/1.1\r\nHost: api.example.test\r\nHost: evil.example.test\r\n\r\n";
+    let chunks: Vec<Vec<u8>> = request.bytes().map(|b| vec![b]).collect();
+    let (out, d) = send_raw(&lab, "a", addr::WEB, 80, &chunks, 2);
+    assert_blocked(&lab, &out, &d, "malformed", Some("http_duplicate_host"));
+    assert_nginx_never_saw(&lab, "/slow-evil");
+    let request = "GET /slow-evil-2 HTTP/1.1\r\nHost: evil.example.test\r\n\r\n";
+    let chunks: Vec<Vec<u8>> = request.bytes().map(|b| vec![b]).collect();
+    let (out, d) = send_raw(&lab, "a", addr::WEB, 80, &chunks, 2);
+    assert_blocked(&lab, &out, &d, "host_mismatch", None);
+    assert_nginx_never_saw(&lab, "/slow-evil-2");
+}
+
+/// Documented limit (docs/security.md): only the first request head on a connection is read.
+/// Later requests on the same keep-alive connection (or pipelined behind the first) reach the
+/// server unchecked, and nginx routes each by its own Host.
+#[test]
+fn limit_http_requests_after_the_first_on_a_connection_are_not_inspected() {
+    let lab = lab();
+    let first = b"GET /ka-1 HTTP/1.1\r\nHost: api.example.test\r\n\r\n".to_vec();
+    let second =
+        b"GET /ka-2 HTTP/1.1\r\nHost: evil.example.test\r\nConnection: close\r\n\r\n".to_vec();
+    let (out, d) = send_raw(&lab, "a", addr::WEB, 80, &[first, second], 300);
+    assert_allowed_as(&out, &d, addr::API);
+    assert_eq!(d.host(), Some(addr::API), "{d}");
+    assert!(out.stdout.contains("hello from api.example.test"), "{out}");
+    assert!(out.stdout.contains("hello from evil.example.test"), "{out}");
+    wait_nginx_saw(&lab, "/ka-2");
+}
