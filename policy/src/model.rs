@@ -23,6 +23,10 @@ pub enum ModelError {
     CidrSyntax,
     #[error("host bits are set; did you mean {network}?")]
     CidrHostBits { network: IpNet },
+    #[error(
+        "an IPv4-mapped IPv6 range never matches (connections are matched as IPv4); write {ipv4}"
+    )]
+    CidrIpv4Mapped { ipv4: String },
     #[error("endPort {end_port} is below port {port}")]
     EndPortBelowPort { port: u16, end_port: u16 },
     #[error("port 0 is not a port")]
@@ -307,15 +311,24 @@ impl FromStr for Cidr {
     type Err = ModelError;
 
     fn from_str(s: &str) -> Result<Self, ModelError> {
-        if let Ok(addr) = s.parse::<IpAddr>() {
-            return Ok(Cidr(IpNet::from(addr)));
-        }
-        let net: IpNet = s.parse().map_err(|_| ModelError::CidrSyntax)?;
+        let net = match s.parse::<IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => s.parse().map_err(|_| ModelError::CidrSyntax)?,
+        };
         // A rule like 10.0.0.1/8 is most likely a typo; refuse to guess which part was meant.
         if net.trunc() != net {
             return Err(ModelError::CidrHostBits {
                 network: net.trunc(),
             });
+        }
+        // Destinations are matched in canonical form (::ffff:a.b.c.d as a.b.c.d), so a range
+        // inside ::ffff:0:0/96 could never match anything.
+        if let IpNet::V6(v6) = net {
+            if let (Some(ipv4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+                return Err(ModelError::CidrIpv4Mapped {
+                    ipv4: format!("{ipv4}/{}", v6.prefix_len() - 96),
+                });
+            }
         }
         Ok(Cidr(net))
     }
@@ -435,6 +448,22 @@ impl PostgresRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_mapped_ranges_are_refused_with_the_ipv4_spelling() {
+        let err = "::ffff:192.0.2.0/120".parse::<Cidr>().expect_err("mapped");
+        assert_eq!(
+            err,
+            ModelError::CidrIpv4Mapped {
+                ipv4: "192.0.2.0/24".to_owned()
+            }
+        );
+        assert!("::ffff:192.0.2.7".parse::<Cidr>().is_err());
+        assert!(
+            "::/0".parse::<Cidr>().is_ok(),
+            "all of IPv6 is a plain IPv6 range"
+        );
+    }
 
     #[test]
     fn cidr_accepts_v4_v6_and_bare_addresses() {
