@@ -1,0 +1,347 @@
+//! The decision benchmark, in process and with the gateway's own code: a synthetic cluster of
+//! `pods` pods in `namespaces` namespaces, `policies` policies of `rules_per_policy` rules each,
+//! and `names_per_pod` names recorded per pod in a [`NameTable`]. Every pod is selected by ten
+//! policies (a hundred rules at full size); every name it resolved matches one of their rules.
+//!
+//! All addresses are data only (198.18.128.0/17 for pods, 198.19.128.0/17 for destinations):
+//! nothing here touches the network.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use egressgate::decision;
+use egressgate::identity::Identities;
+use egressgate_dns_shim::{Answer, NameTable, TableLimits};
+use egressgate_policy::{parse_policies, PolicySet};
+use hdrhistogram::Histogram;
+
+use crate::results::Better;
+use crate::Error;
+
+#[derive(Debug, Clone)]
+pub struct Size {
+    pub namespaces: usize,
+    pub policies: usize,
+    pub rules_per_policy: usize,
+    pub pods: usize,
+    pub names_per_pod: usize,
+    /// Decisions timed per round.
+    pub decisions: usize,
+}
+
+impl Size {
+    /// The issue's size: 10k rules, 1k pods, 1M names.
+    pub fn full() -> Size {
+        Size {
+            namespaces: 10,
+            policies: 1000,
+            rules_per_policy: 10,
+            pods: 1000,
+            names_per_pod: 1000,
+            decisions: 200_000,
+        }
+    }
+
+    pub fn smoke() -> Size {
+        Size {
+            namespaces: 2,
+            policies: 40,
+            rules_per_policy: 5,
+            pods: 20,
+            names_per_pod: 50,
+            decisions: 2_000,
+        }
+    }
+
+    pub fn rules(&self) -> usize {
+        self.policies * self.rules_per_policy
+    }
+}
+
+/// Ten tiers: policy `p` selects tier `(p / namespaces) % 10` in namespace `p % namespaces`.
+const TIERS: usize = 10;
+
+fn pod_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        198,
+        18,
+        128 + (i / 256 % 128) as u8,
+        (i % 256) as u8,
+    ))
+}
+
+fn dst_ip(n: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        198,
+        19,
+        128 + (n / 256 % 128) as u8,
+        (n % 256) as u8,
+    ))
+}
+
+/// The policy `p` that name `n` of pod `i` is allowed by, and its rule.
+fn policy_for(size: &Size, i: usize, n: usize) -> (usize, usize) {
+    let ns = i % size.namespaces;
+    let tier = (i / size.namespaces) % TIERS;
+    let per_tier = (size.policies / (size.namespaces * TIERS)).max(1);
+    let p = ns + size.namespaces * (tier + TIERS * (n % per_tier));
+    (
+        p.min(size.policies.saturating_sub(1)),
+        (n / per_tier) % size.rules_per_policy,
+    )
+}
+
+fn name_for(size: &Size, i: usize, n: usize) -> String {
+    let (p, r) = policy_for(size, i, n);
+    format!("h{n}.r{r}.p{p}.corp.test")
+}
+
+/// The policy set as YAML (one document per policy).
+pub fn policy_yaml(size: &Size) -> String {
+    let mut out = String::new();
+    for p in 0..size.policies {
+        let ns = p % size.namespaces;
+        let tier = (p / size.namespaces) % TIERS;
+        out.push_str(&format!(
+            "apiVersion: egressgate.dev/v1alpha1\nkind: EgressPolicy\n\
+             metadata: {{name: lt-p{p}, namespace: ns{ns}}}\n\
+             spec:\n  podSelector: {{matchLabels: {{tier: t{tier}}}}}\n  egress:\n"
+        ));
+        for r in 0..size.rules_per_policy {
+            out.push_str(&format!(
+                "    - to: [{{dnsName: svc{r}.p{p}.example.test}}, {{dnsName: \"*.r{r}.p{p}.corp.test\"}}]\n      \
+                 ports: [{{port: 443, protocol: tls}}]\n"
+            ));
+        }
+        out.push_str("---\n");
+    }
+    out
+}
+
+fn identity_yaml(size: &Size) -> String {
+    let mut out = String::from("namespaces:\n");
+    for ns in 0..size.namespaces {
+        out.push_str(&format!("  - name: ns{ns}\n    labels: {{team: t{ns}}}\n"));
+    }
+    out.push_str("pods:\n");
+    for i in 0..size.pods {
+        out.push_str(&format!(
+            "  - name: p{i}\n    namespace: ns{}\n    ips: [\"{}\"]\n    labels: {{tier: t{}, app: a{i}}}\n",
+            i % size.namespaces,
+            pod_ip(i),
+            (i / size.namespaces) % TIERS
+        ));
+    }
+    out
+}
+
+fn rss_kib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// The built world, reused by every round.
+#[derive(Debug)]
+pub struct Bench {
+    policies: PolicySet,
+    identities: Identities,
+    table: NameTable,
+    policy_dir: tempfile::TempDir,
+    record_per_s: f64,
+    table_bytes_per_name: f64,
+    names: usize,
+}
+
+pub fn specs() -> Vec<(&'static str, &'static str, &'static str, Better)> {
+    vec![
+        ("decision_p50", "decision p50", "ns", Better::Lower),
+        ("decision_p99", "decision p99", "ns", Better::Lower),
+        ("decision_p999", "decision p99.9", "ns", Better::Lower),
+        (
+            "select_p99",
+            "identity + policy selection p99",
+            "ns",
+            Better::Lower,
+        ),
+        ("lookup_p99", "name table lookup p99", "ns", Better::Lower),
+        (
+            "grants_p99",
+            "grants + authorization p99",
+            "ns",
+            Better::Lower,
+        ),
+        (
+            "reload_ms",
+            "policy reload (read, parse, compile)",
+            "ms",
+            Better::Lower,
+        ),
+        (
+            "record_rate",
+            "name table record rate (build)",
+            "names/s",
+            Better::Higher,
+        ),
+        (
+            "table_bytes_per_name",
+            "name table RSS per name",
+            "bytes",
+            Better::Lower,
+        ),
+    ]
+}
+
+impl Bench {
+    pub fn build(size: &Size) -> Result<Bench, Error> {
+        crate::progress(&format!(
+            "decision: building {} rules, {} pods, {} names",
+            size.rules(),
+            size.pods,
+            size.pods * size.names_per_pod
+        ));
+        let yaml = policy_yaml(size);
+        let policy_dir = tempfile::Builder::new()
+            .prefix("loadtest-policies-")
+            .tempdir()?;
+        // Ten files, as a real policy directory would have several.
+        let docs: Vec<&str> = yaml.split_inclusive("---\n").collect();
+        for (index, chunk) in docs.chunks(docs.len().div_ceil(10).max(1)).enumerate() {
+            std::fs::write(
+                policy_dir.path().join(format!("p{index}.yaml")),
+                chunk.concat(),
+            )?;
+        }
+        let policies = PolicySet::new(
+            parse_policies("bench.yaml", &yaml)
+                .map_err(|e| Error::msg(format!("policies: {:?}", e.first())))?,
+        )
+        .map_err(|e| Error::msg(format!("policies: {:?}", e.first())))?;
+        let identities = Identities::parse("pods.yaml", &identity_yaml(size))
+            .map_err(|e| Error::msg(format!("identities: {e}")))?;
+        let names = size.pods * size.names_per_pod;
+        let table = NameTable::new(TableLimits {
+            min_ttl: Duration::from_secs(3600),
+            idle_grace: Duration::from_secs(3600),
+            max_names_per_pod: size.names_per_pod * 2,
+            max_names: names * 2,
+        });
+        let rss0 = rss_kib();
+        let now = Instant::now();
+        let started = Instant::now();
+        for i in 0..size.pods {
+            for n in 0..size.names_per_pod {
+                let answer = Answer {
+                    name: name_for(size, i, n),
+                    addresses: vec![dst_ip(n)],
+                    cnames: Vec::new(),
+                    ttl: 3600,
+                };
+                table.record(pod_ip(i), &answer, now);
+            }
+        }
+        let record_per_s = names as f64 / started.elapsed().as_secs_f64();
+        let table_bytes_per_name = (rss_kib() - rss0) * 1024.0 / names as f64;
+        Ok(Bench {
+            policies,
+            identities,
+            table,
+            policy_dir,
+            record_per_s,
+            table_bytes_per_name,
+            names,
+        })
+    }
+
+    pub fn notes(&self) -> Vec<String> {
+        vec![format!(
+            "{} names recorded; every timed decision is an allow (the name matches a rule of one \
+             of the ten selecting policies). Each decision is timed alone with Instant::now() \
+             (about 20–30 ns of the figure is the clock).",
+            self.names
+        )]
+    }
+
+    pub fn measure(&self, size: &Size) -> Result<Vec<(String, f64)>, Error> {
+        let hist = || {
+            Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)
+                .map_err(|e| Error::msg(e.to_string()))
+        };
+        let (mut total, mut select, mut lookup, mut grants) = (hist()?, hist()?, hist()?, hist()?);
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut allowed = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for _ in 0..size.decisions {
+            if Instant::now() > deadline {
+                break;
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let i = (rng % size.pods as u64) as usize;
+            let n = ((rng >> 32) % size.names_per_pod as u64) as usize;
+            let (src, dst) = (pod_ip(i), dst_ip(n));
+            let sni = name_for(size, i, n);
+            let t0 = Instant::now();
+            let Some(pod) = self.identities.lookup(src) else {
+                return Err(Error::msg("pod not found"));
+            };
+            let identity = pod.identity();
+            let selection = self.policies.select(&identity);
+            let t1 = Instant::now();
+            let resolved = self.table.lookup(src, dst, std::time::Instant::now());
+            let names: Vec<&str> = resolved.iter().map(|r| &*r.name).collect();
+            let t2 = Instant::now();
+            let granted =
+                decision::effective_grants(&selection, selection.grants(dst, 443, &names));
+            let ok = decision::authorize_tls(&granted, Some(&sni), true).is_ok();
+            let t3 = Instant::now();
+            allowed += usize::from(ok);
+            let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            total.saturating_record(ns(t3 - t0));
+            select.saturating_record(ns(t1 - t0));
+            lookup.saturating_record(ns(t2 - t1));
+            grants.saturating_record(ns(t3 - t2));
+        }
+        if allowed != total.len() as usize {
+            return Err(Error::msg(format!(
+                "only {allowed} of {} decisions allowed: the synthetic world is wrong",
+                total.len()
+            )));
+        }
+        let started = Instant::now();
+        let reloaded = egressgate::store::load_policy_dir(self.policy_dir.path())
+            .map_err(|e| Error::msg(format!("reload: {:?}", e.first())))?;
+        let reload_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if reloaded.len() != size.policies {
+            return Err(Error::msg(format!(
+                "reload found {} policies, want {}",
+                reloaded.len(),
+                size.policies
+            )));
+        }
+        drop(reloaded);
+        Ok(vec![
+            ("decision_p50".into(), total.value_at_quantile(0.5) as f64),
+            ("decision_p99".into(), total.value_at_quantile(0.99) as f64),
+            (
+                "decision_p999".into(),
+                total.value_at_quantile(0.999) as f64,
+            ),
+            ("select_p99".into(), select.value_at_quantile(0.99) as f64),
+            ("lookup_p99".into(), lookup.value_at_quantile(0.99) as f64),
+            ("grants_p99".into(), grants.value_at_quantile(0.99) as f64),
+            ("reload_ms".into(), reload_ms),
+            ("record_rate".into(), self.record_per_s),
+            ("table_bytes_per_name".into(), self.table_bytes_per_name),
+        ])
+    }
+}

@@ -1,0 +1,114 @@
+//! The machine a run happened on, for the report: CPUs, model, kernel, memory, peer versions.
+
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub os: String,
+    pub memory_gib: f64,
+    pub virtualization: String,
+    /// 1-minute load average when the run started: other work on a shared machine shows here.
+    pub loadavg_at_start: String,
+    pub haproxy: String,
+    pub nginx: String,
+    pub dnsperf: String,
+    pub rustc: String,
+    pub commit: String,
+}
+
+fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|out| {
+            let text = if out.stdout.is_empty() {
+                out.stderr
+            } else {
+                out.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+impl Machine {
+    pub fn describe() -> Machine {
+        let cpuinfo = read("/proc/cpuinfo");
+        let field = |key: &str| {
+            cpuinfo
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let mem_kib: f64 = read("/proc/meminfo")
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let os = read("/etc/os-release")
+            .lines()
+            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_owned();
+        let virtualization = if field("flags").split_whitespace().any(|f| f == "hypervisor") {
+            first_line("systemd-detect-virt", &[])
+                .replace("none", "")
+                .trim()
+                .to_owned()
+                + " (virtual machine)"
+        } else {
+            "bare metal".to_owned()
+        };
+        let manifest = env!("CARGO_MANIFEST_DIR");
+        let commit = first_line("git", &["-C", manifest, "rev-parse", "--short", "HEAD"]);
+        let dirty = !first_line("git", &["-C", manifest, "status", "--porcelain"]).is_empty();
+        Machine {
+            nproc: crate::cpus(),
+            cpu_model: field("model name"),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            os,
+            memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            virtualization,
+            loadavg_at_start: read("/proc/loadavg")
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+            haproxy: first_line("haproxy", &["-v"]),
+            nginx: first_line("nginx", &["-v"]),
+            dnsperf: {
+                let v = first_line("dpkg-query", &["-W", "-f=${Version}", "dnsperf"]);
+                if v.is_empty() {
+                    v
+                } else {
+                    format!("dnsperf {v}")
+                }
+            },
+            rustc: first_line("rustc", &["--version"]),
+            commit: if dirty && !commit.is_empty() {
+                format!("{commit} (with uncommitted changes)")
+            } else {
+                commit
+            },
+        }
+    }
+}

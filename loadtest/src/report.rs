@@ -1,0 +1,570 @@
+//! `docs/benchmarks.md` and its SVG charts (in `loadtest/results/svg/`), from the result files.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::results::{Better, MetricResult, ScenarioResult};
+use crate::Error;
+
+/// Colours per path, stable across charts.
+fn colour(path: &str) -> &'static str {
+    match path {
+        "direct" | "steady" => "#8c8c8c",
+        "egressgate" | "reloading" | "in-process" => "#2a6fdb",
+        "haproxy" => "#d9822b",
+        "nginx" => "#2f9e44",
+        _ => "#7a5ea8",
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+pub fn fmt_value(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Ratio or difference against the baseline, as the report shows it.
+fn versus(metric: &MetricResult, value: f64, baseline: f64) -> String {
+    if metric.unit == "µs" || metric.unit == "ns" || metric.unit == "ms" {
+        let delta = value - baseline;
+        let sign = if delta >= 0.0 { "+" } else { "−" };
+        format!("{sign}{} {}", fmt_value(delta.abs()), metric.unit)
+    } else if baseline != 0.0 {
+        format!("{:.2}×", value / baseline)
+    } else {
+        String::new()
+    }
+}
+
+/// A horizontal bar chart: one bar per path (median), a whisker from min to max.
+pub fn svg(result: &ScenarioResult, metric: &MetricResult) -> String {
+    let rows = metric.paths.len().max(1);
+    let (width, left, right, row_h, top) = (680.0, 120.0, 150.0, 30.0, 40.0);
+    let height = top + rows as f64 * row_h + 28.0;
+    let plot = width - left - right;
+    let max = metric
+        .paths
+        .iter()
+        .map(|p| p.max.max(p.median))
+        .fold(0.0f64, f64::max)
+        .max(1e-12);
+    let x = |v: f64| left + (v.max(0.0) / max) * plot;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         viewBox=\"0 0 {width} {height}\" font-family=\"Helvetica, Arial, sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(
+        out,
+        "<rect x=\"0\" y=\"0\" width=\"{width}\" height=\"{height}\" fill=\"#ffffff\"/>"
+    );
+    let better = match metric.better {
+        Better::Higher => "higher is better",
+        Better::Lower => "lower is better",
+    };
+    let _ = writeln!(
+        out,
+        "<text x=\"10\" y=\"20\" font-size=\"14\" font-weight=\"bold\">{} — {} ({}, {better})</text>",
+        esc(&result.title),
+        esc(&metric.label),
+        esc(&metric.unit)
+    );
+    let baseline = result
+        .baseline
+        .as_deref()
+        .and_then(|b| metric.path(b))
+        .map(|b| b.median);
+    for (i, p) in metric.paths.iter().enumerate() {
+        let y = top + i as f64 * row_h;
+        let bar_w = (x(p.median) - left).max(1.0);
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            left - 8.0,
+            y + 15.0,
+            esc(&p.path)
+        );
+        let _ = writeln!(
+            out,
+            "<rect x=\"{left}\" y=\"{}\" width=\"{bar_w:.1}\" height=\"18\" fill=\"{}\"/>",
+            y + 3.0,
+            colour(&p.path)
+        );
+        let (x0, x1, ym) = (x(p.min), x(p.max), y + 12.0);
+        let _ = writeln!(
+            out,
+            "<path d=\"M{x0:.1} {ym} H{x1:.1} M{x0:.1} {} V{} M{x1:.1} {} V{}\" stroke=\"#222\" stroke-width=\"1.2\" fill=\"none\"/>",
+            ym - 5.0,
+            ym + 5.0,
+            ym - 5.0,
+            ym + 5.0
+        );
+        let mut label = fmt_value(p.median);
+        if let Some(b) = baseline {
+            if Some(p.path.as_str()) != result.baseline.as_deref() {
+                label.push_str(&format!("  ({})", versus(metric, p.median, b)));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\">{}</text>",
+            x(p.max).max(x(p.median)) + 6.0,
+            y + 15.0,
+            esc(&label)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "<text x=\"10\" y=\"{}\" fill=\"#555\" font-size=\"11\">bar: median of {} interleaved rounds; whisker: min–max</text>",
+        height - 8.0,
+        result.rounds
+    );
+    out.push_str("</svg>\n");
+    out
+}
+
+fn charted(metric: &MetricResult) -> bool {
+    !metric.paths.is_empty()
+        && ![
+            "lost",
+            "upstream_",
+            "reloads",
+            "fds_per",
+            "record_rate",
+            "rss_",
+        ]
+        .iter()
+        .any(|k| metric.key.contains(k) && !metric.key.starts_with("rss_per"))
+}
+
+/// One target line: what, measured, target, met.
+struct Target {
+    what: String,
+    measured: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn median(results: &[ScenarioResult], scenario: &str, key: &str, path: &str) -> Option<f64> {
+    results
+        .iter()
+        .find(|r| r.scenario == scenario)?
+        .metric(key)?
+        .path(path)
+        .map(|p| p.median)
+}
+
+fn targets(results: &[ScenarioResult]) -> Vec<Target> {
+    let mut out = Vec::new();
+    let m = |s: &str, k: &str, p: &str| median(results, s, k, p);
+    let mut ratio = |what: &str, s: &str, k: &str, of: &str, min: f64, target: &str| {
+        let (a, b) = (m(s, k, "egressgate"), m(s, k, of));
+        out.push(Target {
+            what: what.to_owned(),
+            measured: match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => {
+                    format!("{:.2}× ({} vs {})", a / b, fmt_value(a), fmt_value(b))
+                }
+                _ => "not measured".to_owned(),
+            },
+            target: target.to_owned(),
+            met: match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b >= min),
+                _ => None,
+            },
+        });
+    };
+    ratio(
+        "plain TCP bulk throughput vs direct",
+        "tcp_bulk",
+        "throughput",
+        "direct",
+        0.85,
+        "≥ 0.85×",
+    );
+    ratio(
+        "TLS bulk throughput vs direct",
+        "tls_bulk",
+        "throughput",
+        "direct",
+        0.95,
+        "≥ 0.95×",
+    );
+    ratio(
+        "new TLS connections/s vs direct",
+        "conn_rate",
+        "rate",
+        "direct",
+        0.95,
+        "≥ 0.95×",
+    );
+    ratio(
+        "new TLS connections/s vs HAProxy (SNI ACL)",
+        "conn_rate",
+        "rate",
+        "haproxy",
+        1.2,
+        "≥ 1.2×",
+    );
+    let mut added = |what: &str, s: &str, k: &str, max: f64| {
+        let (a, b) = (m(s, k, "egressgate"), m(s, k, "direct"));
+        out.push(Target {
+            what: what.to_owned(),
+            measured: match (a, b) {
+                (Some(a), Some(b)) => {
+                    format!("{:+.1} µs ({} vs {} µs)", a - b, fmt_value(a), fmt_value(b))
+                }
+                _ => "not measured".to_owned(),
+            },
+            target: format!("≤ +{max} µs"),
+            met: match (a, b) {
+                (Some(a), Some(b)) => Some(a - b <= max),
+                _ => None,
+            },
+        });
+    };
+    added("new TLS connection, added p50", "tls_connect", "p50", 40.0);
+    added("new TLS connection, added p99", "tls_connect", "p99", 150.0);
+    added("keep-alive request, added p50", "keepalive", "p50", 10.0);
+    added("DNS through the shim, added p50", "dns", "p50", 30.0);
+    added("DNS through the shim, added p99", "dns", "p99", 200.0);
+    let mut absolute =
+        |what: &str, value: Option<f64>, unit: &str, target: &str, ok: &dyn Fn(f64) -> bool| {
+            out.push(Target {
+                what: what.to_owned(),
+                measured: value.map_or_else(
+                    || "not measured".to_owned(),
+                    |v| format!("{} {unit}", fmt_value(v)),
+                ),
+                target: target.to_owned(),
+                met: value.map(ok),
+            });
+        };
+    let dns_qps = m("dns", "dnsperf_qps", "egressgate").or(m("dns", "qps", "egressgate"));
+    absolute(
+        "DNS shim queries/s on one core",
+        dns_qps,
+        "q/s",
+        "≥ 100k q/s",
+        &|v| v >= 100_000.0,
+    );
+    absolute(
+        "gateway RSS per idle spliced connection at 50k",
+        m("memory", "rss_per_conn_50000", "egressgate"),
+        "KiB",
+        "≤ 10 KiB",
+        &|v| v <= 10.0,
+    );
+    absolute(
+        "decision p99 (10k rules, 1k pods, 1M names)",
+        m("decision", "decision_p99", "in-process").map(|ns| ns / 1000.0),
+        "µs",
+        "≤ 2 µs",
+        &|v| v <= 2.0,
+    );
+    absolute(
+        "policy reload of that size",
+        m("decision", "reload_ms", "in-process"),
+        "ms",
+        "≤ 100 ms",
+        &|v| v <= 100.0,
+    );
+    let (steady, reloading) = (
+        m("reload", "max", "steady"),
+        m("reload", "max", "reloading"),
+    );
+    out.push(Target {
+        what: "no stall during reload (new-connection max latency, reloading vs steady)".to_owned(),
+        measured: match (steady, reloading) {
+            (Some(s), Some(r)) => format!("max {} µs vs {} µs", fmt_value(r), fmt_value(s)),
+            _ => "not measured".to_owned(),
+        },
+        target: "no visible stall".to_owned(),
+        met: match (steady, reloading) {
+            // A stall of the size of a reload (tens of ms) dwarfs the steady max.
+            (Some(s), Some(r)) => Some(r <= s * 2.0 + 2000.0),
+            _ => None,
+        },
+    });
+    out
+}
+
+/// Criterion's estimates under `target/criterion`: (benchmark id, median ns).
+fn criterion_estimates(target: &Path) -> Vec<(String, f64)> {
+    let root = target.join("criterion");
+    let mut out = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n == "new") {
+                    let estimates = path.join("estimates.json");
+                    let value = std::fs::read_to_string(&estimates)
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                        .and_then(|v| v["median"]["point_estimate"].as_f64());
+                    if let (Some(value), Ok(rel)) = (value, dir.strip_prefix(&root)) {
+                        out.push((rel.display().to_string(), value));
+                    }
+                } else if path.file_name().is_some_and(|n| n != "report") {
+                    stack.push(path);
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+/// Writes the report and the charts; returns the report's path.
+pub fn write(
+    results: &[ScenarioResult],
+    results_dir: &Path,
+    report: &Path,
+    target_dir: &Path,
+) -> Result<PathBuf, Error> {
+    let svg_dir = results_dir.join("svg");
+    std::fs::create_dir_all(&svg_dir)?;
+    let report_dir = report.parent().unwrap_or(Path::new("."));
+    let rel_svg = relative(report_dir, &svg_dir);
+    let mut md = String::new();
+    md.push_str("# egressgate benchmarks\n\n");
+    md.push_str(
+        "<!-- Generated by `cargo run -p loadtest --release -- report` from loadtest/results/*.json; \
+         edits are overwritten. -->\n\n",
+    );
+    md.push_str(
+        "Measured by the `loadtest` harness (issue 4): the network-namespace lab of the end-to-end \
+         tests, the real `egressgate` binary with its nftables TPROXY rules, and HAProxy and nginx \
+         from Debian on the same node, all measured in one run with interleaved rounds. Ratios are \
+         against the direct path of the same run. Numbers depend on the machine: compare ratios, \
+         not absolute values, and re-run on a quiet machine before quoting them.\n\n",
+    );
+    if let Some(first) = results.first() {
+        let m = &first.machine;
+        md.push_str("## Machine\n\n| | |\n|---|---|\n");
+        for (k, v) in [
+            ("CPUs (nproc)", m.nproc.to_string()),
+            ("CPU model", m.cpu_model.clone()),
+            ("virtualization", m.virtualization.clone()),
+            ("kernel", m.kernel.clone()),
+            ("OS", m.os.clone()),
+            ("memory", format!("{} GiB", m.memory_gib)),
+            (
+                "load average at start (1/5/15 min)",
+                m.loadavg_at_start.clone(),
+            ),
+            ("HAProxy", m.haproxy.clone()),
+            ("nginx", m.nginx.clone()),
+            ("dnsperf", m.dnsperf.clone()),
+            ("rustc", m.rustc.clone()),
+            ("egressgate commit", m.commit.clone()),
+        ] {
+            let _ = writeln!(md, "| {k} | {} |", esc(&v));
+        }
+        let busy: Vec<&str> = results
+            .iter()
+            .filter(|r| {
+                r.machine
+                    .loadavg_at_start
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.5)
+            })
+            .map(|r| r.scenario.as_str())
+            .collect();
+        if !busy.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n**Noisy:** the machine was busy with other work when these scenarios started \
+                 (1-minute load average above 0.5): {}. Treat their numbers as indicative and \
+                 re-run on a quiet machine.",
+                busy.join(", ")
+            );
+        }
+        md.push_str("\n## Method\n\n");
+        let _ = writeln!(md, "**CPU placement.** {}\n", esc(&first.placement));
+        md.push_str(
+            "**Paths.** Each path has its own pod in the same lab, so all exist at once and \
+             rounds interleave (direct, egressgate, haproxy, nginx, direct, …):\n\n| path | what |\n|---|---|\n",
+        );
+        let mut seen = Vec::new();
+        for r in results {
+            for p in &r.paths {
+                if !p.description.is_empty() && !seen.contains(&p.name) && r.scenario != "dns" {
+                    seen.push(p.name.clone());
+                    let _ = writeln!(md, "| {} | {} |", p.name, p.description);
+                }
+            }
+        }
+        md.push_str(
+            "\nThe upstream is the harness's own server in the `up` namespace (plain TCP, TLS \
+             via rustls, an idle-connection sink and a DNS responder), the clients are the \
+             harness's own generator (tokio, rustls, HDR histograms) and dnsperf. Every sample is \
+             bounded in count and time. Each table cell is the median of the rounds, with min–max \
+             below it; the last columns compare with the baseline (a ratio, or the added time for \
+             latencies).\n",
+        );
+    }
+
+    md.push_str("\n## Targets of issue 4\n\n| target | measured (egressgate) | goal | |\n|---|---|---|---|\n");
+    for t in targets(results) {
+        let mark = match t.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "—",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {mark} |",
+            t.what, t.measured, t.target
+        );
+    }
+
+    md.push_str("\n## Results\n");
+    for r in results {
+        let _ = writeln!(md, "\n### {}\n\n{}\n", r.title, esc(&r.description));
+        let _ = writeln!(
+            md,
+            "Scenario `{}`, {} round(s), started {}, took {:.0} s.\n",
+            r.scenario, r.rounds, r.started, r.seconds
+        );
+        let paths: Vec<&str> = r.paths.iter().map(|p| p.name.as_str()).collect();
+        let others: Vec<&str> = paths
+            .iter()
+            .copied()
+            .filter(|p| Some(*p) != r.baseline.as_deref())
+            .collect();
+        md.push_str("| metric | ");
+        md.push_str(&paths.join(" | "));
+        if let Some(b) = &r.baseline {
+            for o in &others {
+                let _ = write!(md, " | {o} vs {b}");
+            }
+        }
+        md.push_str(" |\n|---|");
+        md.push_str(&"---|".repeat(paths.len()));
+        if r.baseline.is_some() {
+            md.push_str(&"---|".repeat(others.len()));
+        }
+        md.push('\n');
+        for metric in &r.metrics {
+            let _ = write!(md, "| {} ({}) |", metric.label, metric.unit);
+            for p in &paths {
+                match metric.path(p) {
+                    Some(s) => {
+                        let _ = write!(
+                            md,
+                            " {}<br><sub>{}–{}</sub> |",
+                            fmt_value(s.median),
+                            fmt_value(s.min),
+                            fmt_value(s.max)
+                        );
+                    }
+                    None => md.push_str(" — |"),
+                }
+            }
+            if let Some(b) = r.baseline.as_deref().and_then(|b| metric.path(b)) {
+                for o in &others {
+                    match metric.path(o) {
+                        Some(s) => {
+                            let _ = write!(md, " {} |", versus(metric, s.median, b.median));
+                        }
+                        None => md.push_str(" — |"),
+                    }
+                }
+            } else if r.baseline.is_some() {
+                md.push_str(&" — |".repeat(others.len()));
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+        for metric in r.metrics.iter().filter(|m| charted(m)) {
+            let file = format!("{}-{}.svg", r.scenario, metric.key);
+            std::fs::write(svg_dir.join(&file), svg(r, metric))?;
+            let _ = writeln!(
+                md,
+                "![{} — {}]({rel_svg}/{file})",
+                esc(&r.title),
+                esc(&metric.label)
+            );
+        }
+        if !r.notes.is_empty() {
+            md.push_str("\nNotes:\n\n");
+            for note in &r.notes {
+                let _ = writeln!(md, "- {}", esc(note));
+            }
+        }
+    }
+
+    let estimates = criterion_estimates(target_dir);
+    md.push_str("\n## Micro-benchmarks\n\n");
+    md.push_str(
+        "criterion benches in `loadtest/benches/` (`cargo bench -p loadtest`): the matcher \
+         (`PolicySet::select` + `Selection::grants`), the name table (`NameTable::lookup` / \
+         `record`) and each peeker over real client captures. Medians from the last \
+         `cargo bench` on this machine:\n\n",
+    );
+    if estimates.is_empty() {
+        md.push_str("_No criterion results found: run `cargo bench -p loadtest`, then `cargo run -p loadtest --release -- report`._\n");
+    } else {
+        md.push_str("| benchmark | median |\n|---|---|\n");
+        for (id, ns) in estimates {
+            let _ = writeln!(md, "| `{id}` | {} |", fmt_ns(ns));
+        }
+    }
+    md.push_str(
+        "\n## Running\n\n```sh\ncargo run -p loadtest --release -- all          # every scenario, then this report\n\
+         cargo run -p loadtest --release -- tcp_bulk dns # some scenarios\n\
+         cargo run -p loadtest --release -- smoke        # seconds; what CI runs\n\
+         cargo bench -p loadtest                         # micro-benchmarks\n\
+         cargo run -p loadtest --release -- report       # regenerate this file\n```\n\n\
+         See `loadtest/README.md` for the options (rounds, sample length, paths, memory counts).\n",
+    );
+    std::fs::write(report, md)?;
+    Ok(report.to_path_buf())
+}
+
+/// `to` relative to `from` (both absolute or both relative to the same root).
+fn relative(from: &Path, to: &Path) -> String {
+    let from: Vec<_> = from.components().collect();
+    let to: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = vec!["..".to_owned(); from.len() - common];
+    parts.extend(
+        to[common..]
+            .iter()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned()),
+    );
+    parts.join("/")
+}

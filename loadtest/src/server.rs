@@ -1,0 +1,190 @@
+//! `loadtest __serve`: the upstream side, run in the lab's `up` namespace (pinned with the load
+//! generator). One process serves:
+//!
+//! - plain TCP on [`BULK_PORT`] and TLS on [`TLS_PORT`]: a request `DOWN <n>\n` is answered with
+//!   `n` bytes then a close (bulk); anything else is read as HTTP/1.1 requests (up to the blank
+//!   line), each answered with [`RESPONSE`], on the same connection until the client closes;
+//! - [`HOLD_PORTS`]: accepts, reads and discards, never answers (idle connections);
+//! - UDP port 53 on the DNS address: [`crate::dns::respond`].
+//!
+//! Everything the harness measures passes through here, so it stays minimal: no logging, no
+//! allocation per request, a current-thread runtime.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::{dns, tls, Error};
+
+pub const BULK_PORT: u16 = 5001;
+pub const TLS_PORT: u16 = 5443;
+/// Idle-connection ports: four, so 50k connections from one pod never run short of 4-tuples.
+pub const HOLD_PORTS: [u16; 4] = [5101, 5102, 5103, 5104];
+/// The fixed small response to every HTTP request.
+pub const RESPONSE: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nhello\n";
+/// TTL of every DNS answer: nothing expires during a run.
+const DNS_TTL: u32 = 3600;
+const LISTEN_BACKLOG: i32 = 8192;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the TCP/TLS services (the lab's web address).
+    #[arg(long)]
+    pub web: Ipv4Addr,
+    /// Address of the DNS responder (the lab's trusted DNS address).
+    #[arg(long)]
+    pub dns: Ipv4Addr,
+    #[arg(long)]
+    pub cert: PathBuf,
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+static ZEROS: [u8; 256 * 1024] = [0; 256 * 1024];
+
+pub fn main(args: ServeArgs) -> Result<(), Error> {
+    let dns_socket = UdpSocket::bind(SocketAddr::from((args.dns, 53)))?;
+    let web = args.web;
+    std::thread::Builder::new()
+        .name("dns".into())
+        .spawn(move || dns_loop(dns_socket, web))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&args.cert, &args.key)?);
+        let bulk = listen(SocketAddr::from((args.web, BULK_PORT)))?;
+        let tls = listen(SocketAddr::from((args.web, TLS_PORT)))?;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            loop {
+                if let Ok((stream, _)) = bulk.accept().await {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let _ = serve_stream(stream).await;
+                    });
+                }
+            }
+        });
+        tasks.spawn(async move {
+            loop {
+                if let Ok((stream, _)) = tls.accept().await {
+                    let _ = stream.set_nodelay(true);
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = serve_stream(stream).await;
+                        }
+                    });
+                }
+            }
+        });
+        for port in HOLD_PORTS {
+            let hold = listen(SocketAddr::from((args.web, port)))?;
+            tasks.spawn(async move {
+                loop {
+                    match hold.accept().await {
+                        Ok((stream, _)) => {
+                            tokio::spawn(hold_stream(stream));
+                        }
+                        // Out of descriptors: wait for some to close.
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                    }
+                }
+            });
+        }
+        println!("ready");
+        while tasks.join_next().await.is_some() {}
+        Ok::<(), Error>(())
+    })
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener, Error> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+/// Bulk (`DOWN <n>\n`) or HTTP request/response, see the module docs.
+async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut have = 0;
+    loop {
+        let n = stream.read(&mut buf[have..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        have += n;
+        loop {
+            let data = &buf[..have];
+            if data.starts_with(b"DOWN ") {
+                let Some(end) = data.iter().position(|&b| b == b'\n') else {
+                    break;
+                };
+                let bytes: u64 = std::str::from_utf8(&data[5..end])
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                return send_bulk(stream, bytes).await;
+            }
+            let Some(end) = find(data, b"\r\n\r\n") else {
+                break;
+            };
+            stream.write_all(RESPONSE).await?;
+            buf.copy_within(end + 4..have, 0);
+            have -= end + 4;
+        }
+        if have == buf.len() {
+            return Ok(()); // not a request we know
+        }
+    }
+}
+
+async fn send_bulk<S: AsyncWrite + Unpin>(mut stream: S, bytes: u64) -> std::io::Result<()> {
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(ZEROS.len() as u64)).unwrap_or(ZEROS.len());
+        stream.write_all(&ZEROS[..n]).await?;
+        left -= n as u64;
+    }
+    stream.shutdown().await
+}
+
+async fn hold_stream(mut stream: tokio::net::TcpStream) {
+    let mut buf = [0u8; 512];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn dns_loop(socket: UdpSocket, web: Ipv4Addr) {
+    let socket = Arc::new(socket);
+    let mut buf = [0u8; 2048];
+    let mut out = Vec::with_capacity(512);
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        if dns::respond(&buf[..n], web, DNS_TTL, &mut out) {
+            let _ = socket.send_to(&out, from);
+        }
+    }
+}
