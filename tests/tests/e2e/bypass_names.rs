@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
 
 use crate::bypass_support::{assert_blocked, assert_nginx_never_saw};
-use crate::support::{assert_allowed, dig, run_and_decide, SHOP_POLICY, WAIT};
+use crate::support::{
+    assert_allowed, dig, run_and_decide, short_ttl_lab, GRACE_SECONDS, SHOP_POLICY, WAIT,
+};
 
 fn shop_lab(options: GatewayOptions) -> Lab {
     Lab::builder()
@@ -139,32 +141,9 @@ fn a_disallowed_name_on_the_shared_ip_grants_nothing_to_an_allowed_sni() {
     assert_eq!(d.sni(), Some(addr::API), "{d}");
 }
 
-const SHORT_POLICY: &str = r#"apiVersion: egressgate.dev/v1alpha1
-kind: EgressPolicy
-metadata: {name: short, namespace: shop}
-spec:
-  podSelector: {matchLabels: {role: app}}
-  egress:
-    - to: [{dnsName: short.example.test}]
-      ports: [{port: 443, protocol: tls}]
-"#;
-
-/// The lab's `dns.idleGraceSeconds`.
-const GRACE_SECONDS: u64 = 2;
-
 #[test]
 fn a_record_used_after_ttl_and_grace_is_denied_and_denied_attempts_do_not_extend_it() {
-    let lab = Lab::builder()
-        .pods(1)
-        .dns()
-        .web()
-        .gateway(GatewayOptions {
-            min_ttl_seconds: 0,
-            idle_grace_seconds: GRACE_SECONDS,
-            ..GatewayOptions::default().policy("short.yaml", SHORT_POLICY)
-        })
-        .start()
-        .expect("lab starts");
+    let lab = short_ttl_lab();
     // The record is made between these two instants.
     let asked = Instant::now();
     assert_eq!(dig(&lab, "a", addr::SHORT, &[]), [addr::WEB]);

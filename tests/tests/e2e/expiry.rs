@@ -2,35 +2,15 @@
 
 use std::time::{Duration, Instant};
 
-use egressgate_lab::{addr, GatewayOptions, Lab};
+use egressgate_lab::addr;
 
-use crate::support::{assert_allowed, assert_denied, curl, dig, run_and_decide};
-
-const SHORT_POLICY: &str = r#"apiVersion: egressgate.dev/v1alpha1
-kind: EgressPolicy
-metadata: {name: short, namespace: shop}
-spec:
-  podSelector: {matchLabels: {role: app}}
-  egress:
-    - to: [{dnsName: short.example.test}]
-      ports: [{port: 443, protocol: tls}]
-"#;
-
-const GRACE_SECONDS: u64 = 2;
+use crate::support::{
+    assert_allowed, assert_denied, curl, dig, run_and_decide, short_ttl_lab, GRACE_SECONDS,
+};
 
 #[test]
 fn record_expires_after_ttl_and_idle_grace() {
-    let lab = Lab::builder()
-        .pods(1)
-        .dns()
-        .web()
-        .gateway(GatewayOptions {
-            min_ttl_seconds: 0,
-            idle_grace_seconds: GRACE_SECONDS,
-            ..GatewayOptions::default().policy("short.yaml", SHORT_POLICY)
-        })
-        .start()
-        .expect("lab starts");
+    let lab = short_ttl_lab();
     let ca = lab.ca();
     let resolve = format!("{}:443:{}", addr::SHORT, addr::WEB);
     let args = curl(&ca, &["--resolve", &resolve, "https://short.example.test/"]);

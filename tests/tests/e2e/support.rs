@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use egressgate_lab::{Decision, Lab, Output};
+use egressgate_lab::{Decision, GatewayOptions, Lab, Output};
 
 /// role=app may reach api.example.test over TLS on 443 and HTTP on 80; role=batch may reach it
 /// over TLS. Both pods are selected, so a missing DNS record (not `unselectedPods`) decides.
@@ -87,4 +87,33 @@ pub fn curl<'a>(ca: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["curl", "-sS", "-4", "--max-time", "10", "--cacert", ca];
     args.extend_from_slice(rest);
     args
+}
+
+/// role=app may reach short.example.test (TTL 1 s in the lab's DNS) over TLS.
+pub const SHORT_POLICY: &str = r#"apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: short, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{dnsName: short.example.test}]
+      ports: [{port: 443, protocol: tls}]
+"#;
+
+/// The `dns.idleGraceSeconds` of [`short_ttl_lab`].
+pub const GRACE_SECONDS: u64 = 2;
+
+/// One pod, DNS and web, [`SHORT_POLICY`], no TTL floor and a [`GRACE_SECONDS`] idle grace.
+pub fn short_ttl_lab() -> Lab {
+    Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(GatewayOptions {
+            min_ttl_seconds: 0,
+            idle_grace_seconds: GRACE_SECONDS,
+            ..GatewayOptions::default().policy("short.yaml", SHORT_POLICY)
+        })
+        .start()
+        .expect("lab starts")
 }
