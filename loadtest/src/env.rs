@@ -432,7 +432,7 @@ impl Env {
         };
         let room = usize::try_from(self.nofile)
             .unwrap_or(usize::MAX)
-            .saturating_sub(512);
+            .saturating_sub(2000);
         room / per_conn
     }
 

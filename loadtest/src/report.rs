@@ -263,8 +263,15 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
         "≥ 100k q/s",
         &|v| v >= 100_000.0,
     );
+    let held = m("memory", "conns_50000", "egressgate").map_or_else(String::new, |n| {
+        if n < 50_000.0 {
+            format!(" (measured with {n:.0} connections: fd limit)")
+        } else {
+            String::new()
+        }
+    });
     absolute(
-        "gateway RSS per idle spliced connection at 50k",
+        &format!("gateway RSS per idle spliced connection at 50k{held}"),
         m("memory", "rss_per_conn_50000", "egressgate"),
         "KiB",
         "≤ 10 KiB",

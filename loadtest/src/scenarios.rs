@@ -784,6 +784,9 @@ fn dns_sample(
     Ok(values)
 }
 
+/// Each proxy's RSS before its first memory sample, by pid.
+static FIRST_RSS: std::sync::Mutex<BTreeMap<u32, f64>> = std::sync::Mutex::new(BTreeMap::new());
+
 fn status_kib(pid: u32, key: &str) -> Option<f64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
@@ -835,7 +838,13 @@ fn hold_sample(
 ) -> Result<Vec<(String, f64)>, Error> {
     prepare(env, path)?;
     let pid = env.proxy_pid(path);
-    let rss0 = pid.and_then(|p| status_kib(p, "VmRSS:"));
+    // The idle baseline is the proxy's RSS before its first sample: allocators keep memory
+    // after connections close, so a later "before" would hide the connections' cost.
+    let rss0 = pid.and_then(|p| {
+        let now = status_kib(p, "VmRSS:")?;
+        let mut first = FIRST_RSS.lock().ok()?;
+        Some(*first.entry(p).or_insert(now))
+    });
     let fds0 = pid.and_then(fd_count);
     let slab0 = slab_kib();
     let up0 = upstream_established(env).unwrap_or(0.0);
@@ -894,7 +903,12 @@ fn hold_sample(
             "only {opened} of {count} connections opened: {why}"
         )));
     }
-    // Wait for the proxy to close them before the next sample.
+    // Wait for the proxy and the upstream to close them before the next sample, so that the
+    // next sample's baseline is idle.
+    let drained = Instant::now() + Duration::from_secs(60);
+    while upstream_established(env).is_some_and(|n| n > up0 + 32.0) && Instant::now() < drained {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     if let (Some(pid), Some(fds0)) = (pid, fds0) {
         let drained = Instant::now() + Duration::from_secs(60);
         while fd_count(pid).is_some_and(|n| n > fds0 + 32.0) && Instant::now() < drained {
