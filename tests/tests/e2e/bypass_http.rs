@@ -3,24 +3,13 @@
 //! an absolute-form target, folding, case, line-ending and proxy tricks. Every attempt uses its
 //! own path, and nginx's access log shows whether the request reached it.
 
-use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
+use egressgate_lab::{addr, Decision, Lab, Output};
 
 use crate::bypass_support::{
-    assert_allowed_as, assert_blocked, assert_nginx_never_saw, send_once, send_raw, wait_nginx_saw,
+    assert_allowed_as, assert_blocked, assert_nginx_never_saw, send_once, send_raw,
+    shop_lab_resolved, wait_nginx_saw,
 };
-use crate::support::{curl, dig, run_and_decide, SHOP_POLICY};
-
-fn lab() -> Lab {
-    let lab = Lab::builder()
-        .pods(1)
-        .dns()
-        .web()
-        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
-        .start()
-        .expect("lab starts");
-    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
-    lab
-}
+use crate::support::{curl, run_and_decide};
 
 fn http(lab: &Lab, request: &str) -> (Output, Decision) {
     send_once(lab, "a", addr::WEB, 80, request.as_bytes())
@@ -41,7 +30,7 @@ fn blocked(lab: &Lab, path: &str, request: &str, reason: &str, detail: Option<&s
 
 #[test]
 fn real_clients_naming_another_host_are_denied() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let ca = lab.ca();
     let cases: [(&[&str], &str, &str, Option<&str>); 5] = [
         // Host header of another name on the shared IP.
@@ -130,7 +119,7 @@ fn blocked_h2(lab: &Lab) -> Decision {
 
 #[test]
 fn two_hosts_absolute_form_and_userinfo_are_refused() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let dup = Some("http_duplicate_host");
     blocked(
         &lab,
@@ -204,7 +193,7 @@ fn two_hosts_absolute_form_and_userinfo_are_refused() {
 
 #[test]
 fn folding_line_endings_and_odd_bytes_are_refused() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     blocked(
         &lab,
         "/fold-1",
@@ -336,7 +325,7 @@ fn folding_line_endings_and_odd_bytes_are_refused() {
 
 #[test]
 fn case_dots_and_ports_are_normalised_not_trusted() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     for (path, host) in [
         ("/case-evil", "EVIL.Example.TEST"),
         ("/dot-evil", "evil.example.test."),
@@ -363,7 +352,7 @@ fn case_dots_and_ports_are_normalised_not_trusted() {
 
 #[test]
 fn a_request_head_in_one_byte_segments_is_still_checked() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let request =
         "GET /slow-evil HTTP/1.1\r\nHost: api.example.test\r\nHost: evil.example.test\r\n\r\n";
     let chunks: Vec<Vec<u8>> = request.bytes().map(|b| vec![b]).collect();
@@ -382,7 +371,7 @@ fn a_request_head_in_one_byte_segments_is_still_checked() {
 /// server unchecked, and nginx routes each by its own Host.
 #[test]
 fn limit_http_requests_after_the_first_on_a_connection_are_not_inspected() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let first = b"GET /ka-1 HTTP/1.1\r\nHost: api.example.test\r\n\r\n".to_vec();
     let second =
         b"GET /ka-2 HTTP/1.1\r\nHost: evil.example.test\r\nConnection: close\r\n\r\n".to_vec();

@@ -9,18 +9,8 @@ use crate::bypass_support::{
     send_and_wait, send_once, send_raw, Hello, PG_GSSENC_REQUEST, PG_PROTOCOL_3, PG_SSL_REQUEST,
     PYTHON_HELLO,
 };
+use crate::postgres::ORDERS_POLICY;
 use crate::support::dig;
-
-const ORDERS_POLICY: &str = r#"apiVersion: egressgate.dev/v1alpha1
-kind: EgressPolicy
-metadata: {name: orders-db, namespace: shop}
-spec:
-  podSelector: {matchLabels: {role: app}}
-  egress:
-    - to: [{dnsName: db.example.test}]
-      ports:
-        - {port: 5432, protocol: postgresql, postgresql: {databases: [orders], users: [app], allowEncrypted: false}}
-"#;
 
 /// Short, so that a startup that never completes is decided quickly.
 const PEEK_TIMEOUT_MS: u64 = 2000;

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use egressgate_lab::{Decision, Lab, Output};
+use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
 
-use crate::support::run_and_decide;
+use crate::support::{dig, run_and_decide, SHOP_POLICY};
 
 /// Python in the pod: connects to argv[1]:argv[2] (IPv4 or IPv6) with TCP_NODELAY, sends each
 /// hex chunk of argv[5..] as its own `send` with argv[3] seconds between chunks, then reads until
@@ -422,4 +422,17 @@ pub fn pg_message(code: u32, body: &[u8]) -> Vec<u8> {
 /// An 8-byte request (SSLRequest, GSSENCRequest).
 pub fn pg_request(code: u32) -> Vec<u8> {
     pg_message(code, &[])
+}
+
+/// One pod (a, role=app: api.example.test on 443/tls and 80/http) that has resolved api.
+pub fn shop_lab_resolved() -> Lab {
+    let lab = Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
+        .start()
+        .expect("lab starts");
+    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
+    lab
 }

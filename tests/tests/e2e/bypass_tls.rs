@@ -3,27 +3,14 @@
 //! Real clients (openssl, curl) where they can send the trick; otherwise real captured
 //! ClientHellos, edited with every length recomputed, sent raw from the pod.
 
-use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
+use egressgate_lab::{addr, Decision, Lab, Output};
 
 use crate::bypass_support::{
     assert_allowed_as, assert_blocked, assert_nginx_never_saw, assert_reply_starts,
-    one_byte_segments, records, send_once, send_raw, server_name_list, wait_nginx_saw, Hello,
-    CHROMIUM_ECH_HELLO, EXT_ECH, EXT_PADDING, EXT_SERVER_NAME,
+    one_byte_segments, records, send_once, send_raw, server_name_list, shop_lab_resolved,
+    wait_nginx_saw, Hello, CHROMIUM_ECH_HELLO, EXT_ECH, EXT_PADDING, EXT_SERVER_NAME,
 };
-use crate::support::{curl, dig, run_and_decide, SHOP_POLICY, WAIT};
-
-/// Pod a (role=app, may use api.example.test on 443/tls and 80/http), having resolved api.
-fn lab() -> Lab {
-    let lab = Lab::builder()
-        .pods(1)
-        .dns()
-        .web()
-        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
-        .start()
-        .expect("lab starts");
-    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
-    lab
-}
+use crate::support::{curl, dig, run_and_decide, WAIT};
 
 fn tls(lab: &Lab, bytes: &[u8]) -> (Output, Decision) {
     send_once(lab, "a", addr::WEB, 443, bytes)
@@ -74,7 +61,7 @@ fn assert_server_hello(out: &Output) {
 
 #[test]
 fn fake_sni_of_another_name_on_the_shared_ip_is_denied() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     // A real client claiming a name the pod never resolved, on the IP it resolved for api.
     let (out, d) = openssl(&lab, addr::EVIL, addr::EVIL, "/fake-sni-openssl");
     assert_blocked(&lab, &out, &d, "sni_mismatch", None);
@@ -106,7 +93,7 @@ fn fake_sni_of_another_name_on_the_shared_ip_is_denied() {
 
 #[test]
 fn missing_or_hidden_sni_is_denied_sni_missing() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let ca = lab.ca();
     // curl to the IP literal sends no SNI (RFC 6066 forbids IP literals in it).
     let (out, d) = run_and_decide(
@@ -134,7 +121,7 @@ fn missing_or_hidden_sni_is_denied_sni_missing() {
 
 #[test]
 fn sni_spelling_tricks_are_normalised_or_refused() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     // Case and a trailing dot name the same host: allowed only because api really is allowed,
     // and logged in canonical form. The same tricks on evil stay evil.
     let (out, d) = openssl(&lab, "API.Example.TEST", addr::API, "/upper-api");
@@ -220,7 +207,7 @@ fn sni_spelling_tricks_are_normalised_or_refused() {
 
 #[test]
 fn client_hello_in_one_byte_segments_is_reassembled_not_bypassed() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let evil = Hello::python().sni(addr::EVIL.as_bytes()).bytes();
     let (out, d) = send_raw(&lab, "a", addr::WEB, 443, &one_byte_segments(&evil), 2);
     assert_blocked(&lab, &out, &d, "sni_mismatch", None);
@@ -242,7 +229,7 @@ const PYTHON: &[u8] = crate::bypass_support::PYTHON_HELLO;
 
 #[test]
 fn client_hello_spread_over_many_records_is_reassembled() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     for fragment in [1, 7, 100] {
         let evil = Hello::python().sni(addr::EVIL.as_bytes()).records(fragment);
         let (out, d) = tls(&lab, &evil);
@@ -281,7 +268,7 @@ const PEEK_MAX_BYTES: usize = 16_384;
 
 #[test]
 fn client_hello_padded_to_the_peek_limit_is_still_checked() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     // Padding first and the SNI last, so the name is in the very last bytes the gateway reads.
     let padded = |sni: &str, total: usize, fragment: usize| {
         let hello = Hello::python().no_sni().remove_ext(EXT_PADDING);
@@ -312,7 +299,7 @@ fn client_hello_padded_to_the_peek_limit_is_still_checked() {
 
 #[test]
 fn a_second_client_hello_cannot_switch_the_name() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let api = Hello::python().handshake();
     let evil = Hello::python().sni(addr::EVIL.as_bytes()).handshake();
 
@@ -346,7 +333,7 @@ fn a_second_client_hello_cannot_switch_the_name() {
 
 #[test]
 fn ech_with_a_mismatched_outer_name_is_denied() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     // Chromium's real ClientHello carries an encrypted_client_hello extension (GREASE); what
     // the gateway checks is the outer SNI.
     let chromium = Hello::parse(CHROMIUM_ECH_HELLO);
@@ -376,7 +363,7 @@ fn ech_with_a_mismatched_outer_name_is_denied() {
 /// the inner name is encrypted. An allowed outer name passes, and the log says ECH was offered.
 #[test]
 fn limit_ech_inner_name_is_not_visible_outer_name_is_checked() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let (out, d) = tls(&lab, &Hello::parse(CHROMIUM_ECH_HELLO).bytes());
     assert_allowed_as(&out, &d, addr::API);
     assert_eq!(d.0["ech"], true, "{d}");
@@ -388,7 +375,7 @@ fn limit_ech_inner_name_is_not_visible_outer_name_is_checked() {
 /// another name that shares the IP.
 #[test]
 fn limit_domain_fronting_inside_tls_is_not_visible() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     let (out, d) = openssl(&lab, addr::API, addr::EVIL, "/fronted");
     assert_allowed_as(&out, &d, addr::API);
     assert_eq!(d.sni(), Some(addr::API), "{d}");
@@ -398,7 +385,7 @@ fn limit_domain_fronting_inside_tls_is_not_visible() {
 
 #[test]
 fn openings_that_are_not_a_client_hello_are_denied() {
-    let lab = lab();
+    let lab = shop_lab_resolved();
     // SSLv2-compatible ClientHello (no extensions, so no SNI): not a handshake record.
     let sslv2 = [
         0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x2f, 0x00,

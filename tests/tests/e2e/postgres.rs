@@ -4,7 +4,8 @@ use egressgate_lab::{GatewayOptions, Lab, Output};
 
 use crate::support::{assert_denied, run_and_decide};
 
-const ORDERS_POLICY: &str = r#"apiVersion: egressgate.dev/v1alpha1
+/// role=app may reach the orders database as app, in clear text only.
+pub const ORDERS_POLICY: &str = r#"apiVersion: egressgate.dev/v1alpha1
 kind: EgressPolicy
 metadata: {name: orders-db, namespace: shop}
 spec:
