@@ -27,6 +27,6 @@ mod udp;
 
 pub use answer::{check_response, read_answer, read_exchange, Answer, Mismatch, Reading};
 pub use forward::ForwardError;
-pub use query::{read_head, MessageHead, Question, Rcode};
+pub use query::{edns_udp_payload, read_head, MessageHead, Question, Rcode};
 pub use shim::{DnsShim, ForeignServerPolicy, ShimConfig, ShimListeners};
 pub use table::{NameTable, ResolvedName, TableLimits};

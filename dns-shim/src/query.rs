@@ -88,6 +88,10 @@ pub struct MessageHead {
 }
 
 /// Reads the header and, if QDCOUNT is 1, the question. `None` below 12 bytes.
+///
+/// A question name with a compression pointer (RFC 1035 §4.1.4) is unreadable: it is the
+/// first name of the message, so no stub compresses it, and a pointer may reach into the
+/// header, whose ID the forwarder rewrites: the upstream would read another question.
 pub fn read_head(bytes: &[u8]) -> Option<MessageHead> {
     let header = bytes.get(..HEADER_LEN)?;
     let id = u16::from_be_bytes([header[0], header[1]]);
@@ -104,6 +108,9 @@ pub fn read_head(bytes: &[u8]) -> Option<MessageHead> {
     if qdcount != 1 {
         return Some(head);
     }
+    if !question_name_is_uncompressed(bytes) {
+        return Some(head);
+    }
     let mut decoder = BinDecoder::new(bytes);
     if decoder.read_slice(HEADER_LEN).is_err() {
         return Some(head);
@@ -117,6 +124,76 @@ pub fn read_head(bytes: &[u8]) -> Option<MessageHead> {
         head.question_end = decoder.index();
     }
     Some(head)
+}
+
+/// Whether the name at offset 12 is a plain run of labels ending in the root label.
+fn question_name_is_uncompressed(bytes: &[u8]) -> bool {
+    let mut at = HEADER_LEN;
+    loop {
+        match bytes.get(at) {
+            None => return false,
+            Some(0) => return true,
+            Some(&len) if len & LABEL_TYPE_MASK != 0 => return false,
+            Some(&len) => at += 1 + usize::from(len),
+        }
+    }
+}
+
+/// RFC 1035 §4.1.4: the two high bits of a length octet mark a pointer (or, RFC 6891 §5,
+/// a reserved label type); a plain label has them clear.
+const LABEL_TYPE_MASK: u8 = 0xc0;
+/// RFC 6891 §6.1.2: the OPT pseudo-record's TYPE; its CLASS is the sender's UDP payload size.
+const TYPE_OPT: u16 = 41;
+
+/// The UDP payload size a query's OPT record (RFC 6891 §6.1.2) advertises, found by walking
+/// the sections without decoding any record: a decoder that reserves room from the header's
+/// counts would allocate megabytes for a 12-byte query that claims 65535 records.
+/// `None` without an OPT record or when the message ends before one.
+pub fn edns_udp_payload(message: &[u8]) -> Option<u16> {
+    let count = |at: usize| read_u16(message, at).map(usize::from);
+    let (questions, answers, authorities, additionals) =
+        (count(4)?, count(6)?, count(8)?, count(10)?);
+    let mut at = HEADER_LEN;
+    for _ in 0..questions {
+        at = skip_name(message, at)? + 4;
+    }
+    for _ in 0..answers + authorities {
+        at = skip_record(message, at)?;
+    }
+    for _ in 0..additionals {
+        let name_end = skip_name(message, at)?;
+        if read_u16(message, name_end)? == TYPE_OPT {
+            return read_u16(message, name_end + 2);
+        }
+        at = skip_record(message, at)?;
+    }
+    None
+}
+
+/// Offset just past the name at `at`: its root label or its compression pointer.
+fn skip_name(message: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *message.get(at)?;
+        match len & LABEL_TYPE_MASK {
+            0 if len == 0 => return Some(at + 1),
+            0 => at += 1 + usize::from(len),
+            LABEL_TYPE_MASK => return Some(at + 2).filter(|&end| end <= message.len()),
+            _ => return None,
+        }
+    }
+}
+
+/// Offset just past the resource record at `at` (RFC 1035 §4.1.3: name, TYPE, CLASS, TTL,
+/// RDLENGTH, RDATA).
+fn skip_record(message: &[u8], at: usize) -> Option<usize> {
+    let fixed = skip_name(message, at)?;
+    let end = fixed + 10 + usize::from(read_u16(message, fixed + 8)?);
+    Some(end).filter(|&end| end <= message.len())
+}
+
+fn read_u16(message: &[u8], at: usize) -> Option<u16> {
+    let bytes = message.get(at..at + 2)?;
+    Some(u16::from_be_bytes([bytes[0], bytes[1]]))
 }
 
 /// Replaces the ID (octets 0..2) and leaves every other byte as it was.
@@ -217,6 +294,42 @@ mod tests {
         let msg = hickory_proto::op::Message::from_vec(&reply).expect("parses");
         assert!(msg.answers().is_empty());
         assert!(reply.len() < DNSMASQ_A.len());
+    }
+
+    #[test]
+    fn question_with_a_compression_pointer_is_unreadable() {
+        // The pointer (0xc0 0x00) reaches back into the header: the name would change with
+        // the ID the forwarder writes.
+        let mut query = DIG_A[..HEADER_LEN].to_vec();
+        query.extend_from_slice(&[3, b'a', b'p', b'i', 0xc0, 0x00, 0, 1, 0, 1]);
+        let head = read_head(&query).expect("head");
+        assert_eq!(head.question, None);
+        assert_eq!(error_reply(&query, &head, Rcode::REFUSED), None);
+    }
+
+    #[test]
+    fn edns_payload_is_read_from_the_opt_record() {
+        const GLIBC_A: &[u8] = include_bytes!(
+            "testdata/glibc-2.36-getaddrinfo-k8s-ndots5/07-query-api.example.test-A.bin"
+        );
+        assert_eq!(edns_udp_payload(DIG_A), Some(1232));
+        assert_eq!(edns_udp_payload(GLIBC_A), None);
+        // Counts that promise more than the message holds end the walk.
+        let mut huge_counts = DIG_A[..HEADER_LEN].to_vec();
+        huge_counts[6..12].copy_from_slice(&[0xff; 6]);
+        assert_eq!(edns_udp_payload(&huge_counts), None);
+        // Cut inside the OPT record's TYPE: no payload size.
+        assert_eq!(edns_udp_payload(&DIG_A[..0x24]), None);
+    }
+
+    #[test]
+    fn edns_payload_skips_answer_records_with_pointers() {
+        const DNSMASQ_A: &[u8] =
+            include_bytes!("testdata/dnsmasq-2.90-udp-response-api.example.test-A-cname-chain.bin");
+        let parsed = hickory_proto::op::Message::from_vec(DNSMASQ_A).expect("parses");
+        assert!(!parsed.answers().is_empty());
+        let expected = parsed.extensions().as_ref().map(|edns| edns.max_payload());
+        assert_eq!(edns_udp_payload(DNSMASQ_A), expected);
     }
 
     #[test]

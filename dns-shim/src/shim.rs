@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::Message;
 use prometheus::Registry;
 
 use crate::answer::{read_answer, Answer, Reading};
@@ -301,7 +300,9 @@ impl DnsShim {
 
 /// The largest UDP answer the pod accepts: its EDNS payload size (RFC 6891 §6.2.3), else 512.
 fn udp_payload_limit(query: &[u8]) -> usize {
-    Message::from_vec(query).map_or(CLASSIC_UDP_PAYLOAD, |m| usize::from(m.max_payload()))
+    query::edns_udp_payload(query).map_or(CLASSIC_UDP_PAYLOAD, |size| {
+        usize::from(size).max(CLASSIC_UDP_PAYLOAD)
+    })
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use egressgate_dns_shim::{
-    check_response, read_answer, read_exchange, read_head, Answer, Mismatch, NameTable, Question,
-    Reading, TableLimits,
+    check_response, edns_udp_payload, read_answer, read_exchange, read_head, Answer, Mismatch,
+    NameTable, Question, Reading, TableLimits,
 };
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
@@ -72,14 +72,28 @@ fn check_query(q: &[u8]) {
         assert_eq!(q[4..6], [0, 1], "a question read with QDCOUNT != 1");
         check_name(question);
     }
-    // The UDP reply limit (`shim::udp_payload_limit`).
-    let _ = Message::from_vec(q).map(|m| m.max_payload());
+    // The UDP reply limit (`shim::udp_payload_limit`): the OPT record's payload size, read
+    // without decoding the message, is the one a full decoder finds.
+    // (hickory reserves room for every record the header counts: only small counts are
+    // compared, or each run would allocate megabytes.)
+    let payload = edns_udp_payload(q);
+    let counted: usize = (4..12)
+        .step_by(2)
+        .map(|at| usize::from(u16::from_be_bytes([q[at], q[at + 1]])))
+        .sum();
+    let decoded = (counted <= 64).then(|| Message::from_vec(q));
+    if let Some(Ok(Some(edns))) = decoded.map(|m| m.map(|m| m.extensions().clone())) {
+        assert_eq!(
+            payload.map(|size| size.max(512)),
+            Some(edns.max_payload()),
+            "EDNS payload size"
+        );
+    }
 
-    // A compression pointer may point into the header (hickory follows any earlier offset), and
-    // then the question depends on the ID and flags: the properties below need a plain name.
-    // Such a question still can't fool the shim: the upstream's response is checked against
-    // the question read from the pod's own bytes.
+    // A question whose name is compressed (or cut short) is unreadable: a pointer may reach
+    // into the header, and the question would then change with the ID the forwarder writes.
     if question_has_pointer(q) {
+        assert_eq!(head.question, None, "a compressed question was read");
         return;
     }
     // The forwarder changes the ID only: the head reads the same.
