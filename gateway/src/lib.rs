@@ -27,6 +27,7 @@ pub mod listener;
 pub mod metrics;
 pub mod nft;
 pub mod peek;
+pub mod pipes;
 pub mod relay;
 pub mod run;
 pub mod store;

@@ -8,14 +8,16 @@
 //! for the idle timeout: a peer that goes silent cannot pin a connection forever.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use nix::fcntl::{splice, SpliceFFlags};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::pipes::Pipe;
 
 /// Most bytes one splice call moves: the default pipe capacity.
 const CHUNK: usize = 64 * 1024;
@@ -40,11 +42,11 @@ pub enum RelayError {
     Idle(Duration),
 }
 
-/// Writes `replay` to `upstream`, then splices both ways until done, failed or idle.
+/// Writes `replay` to `upstream` (and frees it), then splices both ways until done, failed or idle.
 pub async fn relay(
     client: TcpStream,
     mut upstream: TcpStream,
-    replay: &[u8],
+    replay: Vec<u8>,
     idle_timeout: Duration,
 ) -> Relayed {
     let up = AtomicU64::new(0);
@@ -52,10 +54,12 @@ pub async fn relay(
     let activity = Activity::new();
     let result = async {
         upstream
-            .write_all(replay)
+            .write_all(&replay)
             .await
             .map_err(RelayError::Upstream)?;
         up.fetch_add(replay.len() as u64, Ordering::Relaxed);
+        // Freed before the (possibly hours-long) splice.
+        drop(replay);
         let upward = pump(&client, &upstream, &up, &activity, Side::Client);
         let downward = pump(&upstream, &client, &down, &activity, Side::Upstream);
         tokio::select! {
@@ -105,7 +109,8 @@ impl Side {
     }
 }
 
-/// Moves bytes `from` → `to` through a pipe until `from` ends, then half-closes `to`.
+/// Moves bytes `from` → `to` through a pipe until `from` ends, then half-closes `to`. The pipe
+/// is borrowed per chunk (see `pipes`): a direction waiting for bytes holds none.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -113,25 +118,33 @@ async fn pump(
     activity: &Activity,
     side: Side,
 ) -> Result<(), RelayError> {
-    let (pipe_out, pipe_in) = pipe().map_err(|e| side.error(e))?;
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
-        let filled = from
-            .async_io(Interest::READABLE, || {
-                splice(from.as_fd(), None, pipe_in.as_fd(), None, CHUNK, flags)
-                    .map_err(io::Error::from)
-            })
-            .await
-            .map_err(|e| side.error(e))?;
+        from.readable().await.map_err(|e| side.error(e))?;
+        let pipe = Pipe::take().map_err(|e| side.error(e))?;
+        let filled = from.try_io(Interest::READABLE, || {
+            splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags)
+                .map_err(io::Error::from)
+        });
+        let filled = match filled {
+            Ok(filled) => filled,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                continue;
+            }
+            Err(e) => return Err(side.error(e)),
+        };
         if filled == 0 {
+            pipe.give_back();
             // EOF: pass the half-close on; the other direction may still be talking.
             return shutdown_write(to).map_err(|e| side.other().error(e));
         }
+        // On error the pipe may hold bytes: it is dropped, not given back.
         let mut left = filled;
         while left > 0 {
             let drained = to
                 .async_io(Interest::WRITABLE, || {
-                    splice(pipe_out.as_fd(), None, to.as_fd(), None, left, flags)
+                    splice(pipe.read.as_fd(), None, to.as_fd(), None, left, flags)
                         .map_err(io::Error::from)
                 })
                 .await
@@ -140,12 +153,8 @@ async fn pump(
             total.fetch_add(drained as u64, Ordering::Relaxed);
             activity.touch();
         }
+        pipe.give_back();
     }
-}
-
-/// A pipe (read end, write end) that never blocks the runtime.
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?)
 }
 
 fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
@@ -208,7 +217,12 @@ mod tests {
     async fn bytes_flow_both_ways_with_half_close_and_replay_first() {
         let (mut pod, client) = pair().await;
         let (upstream, mut server) = pair().await;
-        let relay = tokio::spawn(relay(client, upstream, b"peeked ", Duration::from_secs(5)));
+        let relay = tokio::spawn(relay(
+            client,
+            upstream,
+            b"peeked ".to_vec(),
+            Duration::from_secs(5),
+        ));
 
         pod.write_all(b"request").await.expect("write");
         pod.shutdown().await.expect("half-close");
@@ -234,7 +248,7 @@ mod tests {
         let (_pod, client) = pair().await;
         let (upstream, _server) = pair().await;
         let started = Instant::now();
-        let relayed = relay(client, upstream, b"", Duration::from_millis(200)).await;
+        let relayed = relay(client, upstream, Vec::new(), Duration::from_millis(200)).await;
         assert!(
             matches!(relayed.error, Some(RelayError::Idle(_))),
             "{:?}",
@@ -247,7 +261,7 @@ mod tests {
     async fn an_upstream_reset_reaches_the_pod_as_a_reset() {
         let (mut pod, client) = pair().await;
         let (upstream, server) = pair().await;
-        let relay = tokio::spawn(relay(client, upstream, b"", Duration::from_secs(5)));
+        let relay = tokio::spawn(relay(client, upstream, Vec::new(), Duration::from_secs(5)));
         server.set_zero_linger().expect("linger");
         drop(server);
         let relayed = relay.await.expect("joins");

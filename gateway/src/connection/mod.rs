@@ -401,8 +401,7 @@ impl Proxy {
     async fn relay(&self, id: u64, client: TcpStream, decided: Decided, accepted: Instant) {
         let replay = decided
             .reader
-            .as_ref()
-            .map(PeekReader::unforwarded)
+            .map(PeekReader::into_unforwarded)
             .unwrap_or_default();
         let upstream = match decided.upstream {
             Some(upstream) => Ok(upstream),

@@ -101,8 +101,9 @@ impl PeekReader {
         }
     }
 
-    /// The bytes read but not yet sent upstream.
-    pub fn unforwarded(&self) -> &[u8] {
-        self.buf.get(self.forwarded..).unwrap_or_default()
+    /// The bytes read but not yet sent upstream, owned: the relay frees them once written.
+    pub fn into_unforwarded(mut self) -> Vec<u8> {
+        self.buf.drain(..self.forwarded.min(self.buf.len()));
+        self.buf
     }
 }
