@@ -244,6 +244,19 @@ pub struct Nftables {
     /// Routing table holding the `local` default route for marked packets.
     #[serde(default = "Nftables::default_route_table")]
     pub route_table: u32,
+    /// The DaemonSet running this gateway. When set, the rules are removed at exit if it is
+    /// gone or being deleted (uninstalled); otherwise (restart, rollout, eviction) they stay and
+    /// egress fails closed. Needs API access (in-cluster or `$KUBECONFIG`).
+    #[serde(default)]
+    pub owner_daemon_set: Option<DaemonSetRef>,
+}
+
+/// A DaemonSet by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSetRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 impl Nftables {
@@ -267,6 +280,7 @@ impl Default for Nftables {
             table: Self::default_table(),
             mark: Self::default_mark(),
             route_table: Self::default_route_table(),
+            owner_daemon_set: None,
         }
     }
 }
@@ -551,6 +565,9 @@ impl Config {
         }
         if !self.intercept.exclude_pods.is_empty() && !self.nftables.manage {
             return Err("intercept.excludePods needs nftables.manage: true".into());
+        }
+        if self.nftables.owner_daemon_set.is_some() && !self.nftables.manage {
+            return Err("nftables.ownerDaemonSet needs nftables.manage: true".into());
         }
         if self.nftables.mark == 0 {
             return Err("nftables.mark: must not be 0".into());

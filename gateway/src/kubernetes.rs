@@ -38,6 +38,7 @@ use std::sync::Arc;
 
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod as PodObject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::watcher::{self, Event};
@@ -45,6 +46,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use crate::config::DaemonSetRef;
 use crate::identity::{Identities, Pod};
 use crate::store::Store;
 
@@ -386,6 +388,14 @@ fn pod_entry(pod: &PodObject, previous: Option<&PodEntry>, clock: u64) -> Option
         started: status.start_time.clone(),
         created: pod.metadata.creation_timestamp.clone(),
     })
+}
+
+/// Whether `owner` is gone or being deleted: the gateway was uninstalled rather than restarted
+/// or rolled (a rollout keeps the DaemonSet; `helm uninstall` deletes it before its pods).
+pub async fn daemon_set_removed(owner: &DaemonSetRef) -> Result<bool, kube::Error> {
+    let api: Api<DaemonSet> = Api::namespaced(Client::try_default().await?, &owner.namespace);
+    let found = api.get_opt(&owner.name).await?;
+    Ok(found.is_none_or(|daemon_set| daemon_set.metadata.deletion_timestamp.is_some()))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::{Config, ForeignServers};
+use crate::config::{Config, DaemonSetRef, ForeignServers};
 use crate::connection::Proxy;
 use crate::kubernetes::{self, IdentityWatch};
 use crate::limits::{Bounds, Limits};
@@ -28,6 +28,8 @@ use crate::{admin, listener, nft};
 const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often policy files are checked for changes.
 const RELOAD_POLL: Duration = Duration::from_secs(1);
+/// How long the exit may wait for the API to say whether the gateway was uninstalled.
+const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often expired name records are dropped (lookups ignore them in between anyway).
 const PURGE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -246,7 +248,38 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             limits.open_connections()
         },
     });
+    if let Some(owner) = config.nftables.owner_daemon_set.as_ref() {
+        remove_rules_if_uninstalled(&config, owner).await;
+    }
     Ok(())
+}
+
+/// At exit: removes the rules only when the owning DaemonSet is gone. Any doubt (API down,
+/// no permission) keeps them: egress then fails closed until `egressgate cleanup`.
+async fn remove_rules_if_uninstalled(config: &Config, owner: &DaemonSetRef) {
+    let removed = tokio::time::timeout(OWNER_CHECK_TIMEOUT, kubernetes::daemon_set_removed(owner));
+    match removed.await {
+        Ok(Ok(true)) => {
+            let config = config.clone();
+            match tokio::task::spawn_blocking(move || nft::uninstall(&config)).await {
+                Ok(Ok(())) => tracing::info!(
+                    daemon_set = %owner.name,
+                    "owner DaemonSet is gone (uninstalled): nftables rules removed"
+                ),
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot remove nftables rules"),
+                Err(e) => tracing::error!(error = %e, "nftables removal panicked"),
+            }
+        }
+        Ok(Ok(false)) => {
+            tracing::info!(daemon_set = %owner.name, "owner DaemonSet remains: nftables rules kept");
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the owner DaemonSet: nftables rules kept")
+        }
+        Err(_) => {
+            tracing::warn!("the API did not answer about the owner DaemonSet: nftables rules kept")
+        }
+    }
 }
 
 /// Keeps the nftables set of `intercept.excludePods` equal to their current addresses.

@@ -63,18 +63,16 @@ def cmd_split(rendered, outdir):
 # --- assert ------------------------------------------------------------------------------------
 
 # What each value set in deploy/helm/ci renders: kind -> count.
+RBAC = {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "Role": 1,
+        "RoleBinding": 1}
 EXPECTED_KINDS = {
-    "defaults": {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "ConfigMap": 3,
-                 "Service": 1, "DaemonSet": 1},
-    "full": {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1, "ConfigMap": 3,
-             "Service": 1, "DaemonSet": 1, "ServiceMonitor": 1, "PrometheusRule": 1},
-    "existing-configmaps": {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1,
-                            "Service": 1, "DaemonSet": 1},
-    "monitoring-without-api": {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1,
-                               "ConfigMap": 3, "Service": 1, "DaemonSet": 1},
-    "monitoring-assumed": {"ServiceAccount": 1, "ClusterRole": 1, "ClusterRoleBinding": 1,
-                           "ConfigMap": 3, "Service": 1, "DaemonSet": 1, "ServiceMonitor": 1,
-                           "PrometheusRule": 1},
+    "defaults": {**RBAC, "ConfigMap": 3, "Service": 1, "DaemonSet": 1},
+    "full": {**RBAC, "ConfigMap": 3, "Service": 1, "DaemonSet": 1, "ServiceMonitor": 1,
+             "PrometheusRule": 1},
+    "existing-configmaps": {**RBAC, "Service": 1, "DaemonSet": 1},
+    "monitoring-without-api": {**RBAC, "ConfigMap": 3, "Service": 1, "DaemonSet": 1},
+    "monitoring-assumed": {**RBAC, "ConfigMap": 3, "Service": 1, "DaemonSet": 1,
+                           "ServiceMonitor": 1, "PrometheusRule": 1},
 }
 
 
@@ -160,6 +158,14 @@ def cmd_assert(value_set, rendered):
            "binding subject is the ServiceAccount")
 
     ds = one(docs, "DaemonSet")
+    # At exit the gateway reads its own DaemonSet (gone: uninstalled, remove the rules).
+    own_role = one(docs, "Role")
+    expect(own_role["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                                  "resourceNames": [ds["metadata"]["name"]], "verbs": ["get"]}],
+           f"Role rules: {own_role['rules']}")
+    own_binding = one(docs, "RoleBinding")
+    expect(own_binding["roleRef"]["name"] == own_role["metadata"]["name"]
+           and own_binding["subjects"] == binding["subjects"], "RoleBinding")
     config_cm = config_map_named(docs, "-config")
     admin_port = ADMIN_DEFAULT_PORT
     if config_cm:
@@ -167,6 +173,9 @@ def cmd_assert(value_set, rendered):
         config = yaml.safe_load(text)
         expect(config["identity"] == {"kubernetes": {}}, f"identity: {config['identity']}")
         expect(config["policyDir"] == "/etc/egressgate/policies", "policyDir")
+        owner = {"namespace": ds["metadata"]["namespace"], "name": ds["metadata"]["name"]}
+        expect(config["nftables"].get("ownerDaemonSet") == owner,
+               f"nftables.ownerDaemonSet: {config['nftables'].get('ownerDaemonSet')}")
         for section, key in (("dns", "maxNames"), ("dns", "maxNamesPerPod"), ("nftables", "mark"),
                              ("peek", "maxBytes"), ("dns", "upstreamTimeoutMs")):
             value = config[section][key]

@@ -47,8 +47,12 @@ pub struct GatewayOptions {
     pub shutdown_grace_seconds: Option<u64>,
     /// Extra lines inside `intercept:` (indented by two spaces).
     pub intercept_extra: String,
+    /// Extra lines inside `nftables:` (indented by two spaces).
+    pub nftables_extra: String,
     /// Extra top-level YAML appended to the generated file.
     pub extra_yaml: String,
+    /// Environment variables set for the gateway process only.
+    pub env: Vec<(String, String)>,
     /// The whole config file instead of the generated one. `{policy_dir}` and
     /// `{identity_file}` are replaced by the lab's paths.
     pub config_override: Option<String>,
@@ -79,7 +83,9 @@ impl Default for GatewayOptions {
             max_connections: None,
             shutdown_grace_seconds: None,
             intercept_extra: String::new(),
+            nftables_extra: String::new(),
             extra_yaml: String::new(),
+            env: Vec::new(),
             config_override: None,
             identity_override: None,
         }
@@ -113,7 +119,7 @@ impl GatewayOptions {
              policyDir: {policy_dir}\n\
              identity:\n  staticFile: {identity_file}\n\
              intercept:\n  podCidrs: {pod_cidrs}\n  interfaces: {interfaces}\n  bypassCidrs: {bypass}\n{intercept_extra}\
-             nftables:\n  manage: {manage}\n\
+             nftables:\n  manage: {manage}\n{nftables_extra}\
              dns:\n  upstreams: {upstreams}\n  foreignServers: {foreign}\n  \
              minTtlSeconds: {min_ttl}\n  idleGraceSeconds: {grace}\n\
              peek:\n  timeoutMs: {peek_timeout}\n  requireSni: {require_sni}\n{peek_extra}\
@@ -127,6 +133,7 @@ impl GatewayOptions {
             bypass = flow(&self.bypass_cidrs),
             intercept_extra = self.intercept_extra,
             manage = self.manage_nftables,
+            nftables_extra = self.nftables_extra,
             upstreams = flow(&self.upstreams),
             foreign = self.foreign_servers,
             min_ttl = self.min_ttl_seconds,
@@ -206,15 +213,19 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts the gateway and waits for its `listening` line.
-    pub fn start(node: &Netns, bin: PathBuf, config: PathBuf, log_dir: &Path) -> Result<Self> {
-        let daemon = Daemon::spawn(
-            node.name(),
-            "egressgate",
-            &[path_str(&bin)?, "run", "--config", path_str(&config)?],
-            log_dir,
-            "TERM",
-        )?;
+    /// Starts the gateway with `env` added to its environment and waits for its `listening` line.
+    pub fn start(
+        node: &Netns,
+        bin: PathBuf,
+        config: PathBuf,
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> Result<Self> {
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut args = vec!["env"];
+        args.extend(assignments.iter().map(String::as_str));
+        args.extend([path_str(&bin)?, "run", "--config", path_str(&config)?]);
+        let daemon = Daemon::spawn(node.name(), "egressgate", &args, log_dir, "TERM")?;
         let mut gateway = Self {
             daemon,
             bin,

@@ -290,7 +290,13 @@ impl Lab {
             std::fs::write(&identity, identity_text)?;
             let config = dir.join("gateway.yaml");
             std::fs::write(&config, options.config_yaml(&policy_dir, &identity)?)?;
-            self.gateway = Some(Gateway::start(self.node(), bin, config, &dir)?);
+            self.gateway = Some(Gateway::start(
+                self.node(),
+                bin,
+                config,
+                &options.env,
+                &dir,
+            )?);
         }
         Ok(())
     }

@@ -211,3 +211,112 @@ fn a_second_gateway_starts_beside_the_first_and_takes_over() {
     let decision = wait_for_event(&successor, "decision");
     assert!(decision.contains("\"verdict\":\"allow\""), "{decision}");
 }
+
+/// A stand-in for the Kubernetes API on the node's loopback: answers every GET with `status`
+/// (200: the DaemonSet, 404: a NotFound `Status`) and prints the paths it was asked for.
+const FAKE_API: &str = r#"
+import http.server, json, sys
+status, port = int(sys.argv[1]), int(sys.argv[2])
+meta = {"name": "egressgate", "namespace": "egressgate"}
+found = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": meta}
+missing = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound",
+           "code": 404, "message": "daemonsets.apps \"egressgate\" not found"}
+class Api(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print("GET", self.path, flush=True)
+        body = json.dumps(found if status == 200 else missing).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+server = http.server.HTTPServer(("127.0.0.1", port), Api)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+const FAKE_API_PORT: u16 = 16443;
+
+/// A gateway told it runs as DaemonSet egressgate/egressgate, with a kubeconfig for the fake
+/// API; SIGTERM, then the exit's verdict on the rules: what it logged and the node's tables.
+fn stop_with_owner_answering(status: u16) -> (String, String, String) {
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "egressgate-e2e-kubeconfig-{}-{status}",
+        std::process::id()
+    ));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+             clusters: [{{name: lab, cluster: {{server: \"http://127.0.0.1:{FAKE_API_PORT}\"}}}}]\n\
+             users: [{{name: lab, user: {{token: lab}}}}]\n\
+             contexts: [{{name: lab, context: {{cluster: lab, user: lab}}}}]\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let options = GatewayOptions {
+        nftables_extra: "  ownerDaemonSet: {namespace: egressgate, name: egressgate}\n".to_owned(),
+        env: vec![("KUBECONFIG".to_owned(), kubeconfig.display().to_string())],
+        shutdown_grace_seconds: Some(1),
+        ..GatewayOptions::default()
+    };
+    let lab = lab(options);
+    let args = [
+        "python3",
+        "-c",
+        FAKE_API,
+        &status.to_string(),
+        &FAKE_API_PORT.to_string(),
+    ];
+    let api = Daemon::spawn(lab.node().name(), "fake-api", &args, lab.dir(), "TERM")
+        .expect("fake API starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.stdout_text().contains("ready") {
+        assert!(
+            Instant::now() < deadline,
+            "fake API: {}",
+            api.output_tail(10)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tables = lab.node().run(&["nft", "list", "tables"]);
+    assert!(tables.stdout.contains("egressgate"), "{tables}");
+
+    let pid = lab.gateway().daemon().pid().to_string();
+    assert!(lab.node().run(&["kill", "-TERM", &pid]).success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let verdict = loop {
+        let log = lab.gateway().daemon().stderr_text();
+        if let Some(line) = log.lines().find(|line| line.contains("owner DaemonSet")) {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no word on the owner DaemonSet:\n{}",
+            lab.gateway().daemon().output_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::fs::remove_file(&kubeconfig);
+    let tables = lab.node().run(&["nft", "list", "tables"]).stdout;
+    (verdict, api.stdout_text(), tables)
+}
+
+#[test]
+fn an_uninstalled_gateway_removes_its_rules_at_exit() {
+    let (verdict, asked, tables) = stop_with_owner_answering(404);
+    assert!(verdict.contains("rules removed"), "{verdict}");
+    assert!(
+        asked.contains("GET /apis/apps/v1/namespaces/egressgate/daemonsets/egressgate"),
+        "{asked}"
+    );
+    assert!(!tables.contains("egressgate"), "{tables}");
+}
+
+#[test]
+fn a_restarted_gateway_keeps_its_rules_so_egress_fails_closed() {
+    let (verdict, asked, tables) = stop_with_owner_answering(200);
+    assert!(verdict.contains("rules kept"), "{verdict}");
+    assert!(asked.contains("daemonsets/egressgate"), "{asked}");
+    assert!(tables.contains("egressgate"), "{tables}");
+}

@@ -106,6 +106,9 @@ as 1e+06, which the gateway rejects.
     "shutdownGraceSeconds" (int64 $v.connections.shutdownGraceSeconds))
   "unselectedPods" $v.unselectedPods
 }}
+{{- if and $v.nftables.manage $v.nftables.removeOnUninstall }}
+{{- $_ := set $config.nftables "ownerDaemonSet" (dict "namespace" .Release.Namespace "name" (include "egressgate.fullname" .)) }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
