@@ -1,25 +1,26 @@
-//! The exchange with the trusted upstream resolvers: a fresh socket (so a fresh kernel-random
-//! source port) and a fresh random ID per attempt, only the upstream's answer to the same
-//! question accepted, TC answers retried over TCP, upstreams tried in order.
+//! The exchange with the trusted upstream resolvers: a fresh random ID per attempt on a shared,
+//! often renewed socket (see `sockets`), only the upstream's answer to the same question
+//! accepted, TC answers retried over TCP, upstreams tried in order.
 //!
 //! The query is forwarded byte-exact apart from its ID (octets 0..2), so EDNS options, cookies and
 //! flags reach the upstream as the pod sent them.
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
 use crate::answer::check_response;
 use crate::metrics::{Metrics, UpstreamError};
 use crate::query::{with_id, MessageHead};
 
-/// Largest DNS message over UDP (RFC 6891 allows up to 65535 minus headers); a larger buffer
-/// would never fill.
-const MAX_UDP_MESSAGE: usize = 65_535;
+mod sockets;
+
+use sockets::{Delivery, UpstreamSockets};
 
 /// The transport to use with the upstream: the pod's, except that a TC UDP answer is retried
 /// over TCP.
@@ -65,6 +66,7 @@ pub(crate) struct Forwarder {
     upstreams: Vec<SocketAddr>,
     /// Per upstream attempt (the TCP retry after TC gets its own).
     timeout: Duration,
+    sockets: Arc<UpstreamSockets>,
     metrics: Metrics,
 }
 
@@ -73,6 +75,7 @@ impl Forwarder {
         Forwarder {
             upstreams,
             timeout,
+            sockets: Arc::new(UpstreamSockets::new(metrics.clone())),
             metrics,
         }
     }
@@ -142,24 +145,18 @@ impl Forwarder {
         head: &MessageHead,
     ) -> Result<(Vec<u8>, MessageHead), AttemptError> {
         let deadline = Instant::now() + self.timeout;
-        let id: u16 = rand::random();
-        // A new socket per query: a fresh ephemeral port the kernel picks at random.
-        let socket = UdpSocket::bind(unspecified(upstream)).await?;
-        // Connected: the kernel already drops datagrams from any other address; we still check.
-        socket.connect(upstream).await?;
-        socket.send(&with_id(query, id)).await?;
-        let mut buf = vec![0u8; MAX_UDP_MESSAGE];
+        let mut in_flight = self.sockets.send(upstream, query).await?;
         loop {
-            let (n, from) = timeout_at(deadline, socket.recv_from(&mut buf))
+            let delivery = timeout_at(deadline, in_flight.next())
                 .await
-                .map_err(|_| AttemptError::Timeout)??;
-            if from != upstream {
-                self.metrics.upstream_error(UpstreamError::Mismatch);
-                continue;
-            }
-            let response = &buf[..n];
-            match check_response(id, head.question.as_ref(), response) {
-                Ok(response_head) => return Ok((response.to_vec(), response_head)),
+                .map_err(|_| AttemptError::Timeout)?;
+            let response = match delivery {
+                Some(Delivery::Datagram(response)) => response,
+                Some(Delivery::Failed(kind)) => return Err(io::Error::from(kind).into()),
+                None => return Err(io::Error::other("upstream socket closed").into()),
+            };
+            match check_response(in_flight.id, head.question.as_ref(), &response) {
+                Ok(response_head) => return Ok((response, response_head)),
                 Err(why) => {
                     tracing::debug!(%upstream, %why, "dropped a datagram that is not the answer");
                     self.metrics.upstream_error(UpstreamError::Mismatch);
@@ -202,14 +199,6 @@ impl Forwarder {
         Ok(timeout_at(deadline, exchange)
             .await
             .map_err(|_| AttemptError::Timeout)??)
-    }
-}
-
-/// The wildcard address of `upstream`'s family, port 0.
-fn unspecified(upstream: SocketAddr) -> SocketAddr {
-    match upstream {
-        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     }
 }
 

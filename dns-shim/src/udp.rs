@@ -4,12 +4,18 @@
 //! Replying as that server needs its address and its port. When the original destination port
 //! equals the listener's port, `sendmsg` with IP_PKTINFO / IPV6_PKTINFO sets the source address
 //! (a transparent socket may use a non-local one). Otherwise (TPROXY to another port, the usual
-//! case) a short-lived transparent socket bound to the original destination sends the reply.
+//! case) a transparent socket bound to the original destination sends the reply; it is kept for
+//! the next reply from that server (pods mostly ask one: the cluster DNS Service).
+//!
+//! Kept reply sockets stay unconnected: TPROXY's first lookup takes only *connected* UDP sockets
+//! (`nf_tproxy_get_sock_v4`, `NF_TPROXY_LOOKUP_ESTABLISHED`), so the pods' next queries still
+//! reach the listener and never a reply socket.
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::libc;
 use nix::sys::socket::{
@@ -30,6 +36,10 @@ const MAX_IN_FLIGHT: usize = 1024;
 
 /// The largest UDP payload; a larger datagram cannot arrive, so no query is cut short.
 const MAX_DATAGRAM: usize = 65_535;
+
+/// Servers whose reply socket is kept. Past this (pods asking many servers), replies from new
+/// servers use a socket each, as before, instead of holding ever more descriptors.
+const MAX_REPLY_SOCKETS: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct UdpListener {
@@ -86,6 +96,7 @@ fn transparent_socket(addr: SocketAddr) -> io::Result<Socket> {
 pub(crate) async fn serve(shim: Arc<DnsShim>, listener: UdpListener) {
     let local = listener.local;
     let socket = Arc::new(listener.socket);
+    let reply_sockets = Arc::new(ReplySockets::default());
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -117,12 +128,14 @@ pub(crate) async fn serve(shim: Arc<DnsShim>, listener: UdpListener) {
         let query = buf[..datagram.len].to_vec();
         let shim = shim.clone();
         let socket = socket.clone();
+        let reply_sockets = reply_sockets.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let Some(reply) = shim.handle(&query, client).await else {
                 return;
             };
-            if let Err(e) = send_reply(&socket, local, &reply, client).await {
+            let sent = send_reply(&socket, &reply_sockets, local, &reply, client).await;
+            if let Err(e) = sent {
                 tracing::debug!(pod = %client.pod, server = %client.server, error = %e,
                     "UDP reply failed");
             }
@@ -171,6 +184,7 @@ fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
 /// Sends `reply` to the pod from the address (and port) it addressed.
 async fn send_reply(
     socket: &UdpSocket,
+    reply_sockets: &ReplySockets,
     local: SocketAddr,
     reply: &[u8],
     client: Client,
@@ -191,9 +205,35 @@ async fn send_reply(
             Err(e) => tracing::debug!(error = %e, "IP_PKTINFO send failed; binding the source"),
         }
     }
-    let socket = UdpSocket::from_std(bound_to(server)?.into())?;
-    socket.send_to(reply, client.pod).await?;
+    reply_sockets
+        .bound_to(server)?
+        .send_to(reply, client.pod)
+        .await?;
     Ok(())
+}
+
+/// Transparent sockets bound to the servers pods addressed, kept for their next replies.
+#[derive(Debug, Default)]
+struct ReplySockets {
+    by_server: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+}
+
+impl ReplySockets {
+    /// The kept socket for `server`, or a new one (kept while there is room).
+    fn bound_to(&self, server: SocketAddr) -> io::Result<Arc<UdpSocket>> {
+        let mut by_server = self
+            .by_server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(socket) = by_server.get(&server) {
+            return Ok(Arc::clone(socket));
+        }
+        let socket = Arc::new(UdpSocket::from_std(bound_to(server)?.into())?);
+        if by_server.len() < MAX_REPLY_SOCKETS {
+            by_server.insert(server, Arc::clone(&socket));
+        }
+        Ok(socket)
+    }
 }
 
 /// `sendmsg` with IP_PKTINFO / IPV6_PKTINFO choosing `source` as the source address.
@@ -241,7 +281,7 @@ fn send_from(fd: RawFd, reply: &[u8], pod: SocketAddr, source: IpAddr) -> io::Re
     }
 }
 
-/// A transparent socket bound to `server` (a non-local address is fine), for one reply.
+/// A transparent socket bound to `server` (a non-local address is fine), to reply from.
 fn bound_to(server: SocketAddr) -> io::Result<Socket> {
     let socket = transparent_socket(server)?;
     socket.bind(&server.into())?;

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use prometheus::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 use super::*;
 use crate::answer::{read_answer, Reading};
@@ -162,4 +162,54 @@ async fn truncated_udp_answer_is_retried_over_tcp() {
     assert!(!exchange.head.truncated, "the full TCP answer is returned");
     assert_eq!(&exchange.response[2..], &DNSMASQ_A[2..]);
     assert_eq!(mismatches(&registry), 1);
+}
+
+#[tokio::test]
+async fn concurrent_queries_share_a_few_sockets_and_each_gets_its_own_answer() {
+    const QUERIES: usize = 16;
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    let fake = tokio::spawn(async move {
+        let mut received = Vec::new();
+        let mut buf = [0u8; 512];
+        while received.len() < QUERIES {
+            let (n, client) = upstream.recv_from(&mut buf).await.expect("query");
+            received.push((u16::from_be_bytes([buf[0], buf[1]]), client, n));
+        }
+        // Answered in reverse order: each must still reach the query that asked.
+        for &(id, client, _) in received.iter().rev() {
+            upstream
+                .send_to(&with_id(DNSMASQ_A, id), client)
+                .await
+                .expect("send");
+        }
+        received
+    });
+    let (metrics, registry) = metrics();
+    let forwarder = Forwarder::new(vec![addr], Duration::from_secs(5), metrics);
+    let head = read_head(DIG_A).expect("head");
+    let mut queries = tokio::task::JoinSet::new();
+    for _ in 0..QUERIES {
+        let (forwarder, head) = (forwarder.clone(), head.clone());
+        queries.spawn(async move {
+            forwarder
+                .exchange(DIG_A, &head, UpstreamTransport::Udp)
+                .await
+        });
+    }
+    let exchanges = queries.join_all().await;
+    let received = fake.await.expect("fake upstream");
+    let ports: std::collections::BTreeSet<u16> = received
+        .iter()
+        .map(|(_, client, _)| client.port())
+        .collect();
+    assert!(ports.len() <= 4, "one socket per query: {ports:?}");
+    let ids: std::collections::BTreeSet<u16> = received.iter().map(|(id, _, _)| *id).collect();
+    assert_eq!(ids.len(), QUERIES, "IDs reused while in flight");
+    for exchange in exchanges {
+        let exchange = exchange.expect("answered");
+        let id = u16::from_be_bytes([exchange.response[0], exchange.response[1]]);
+        assert!(ids.contains(&id));
+    }
+    assert_eq!(mismatches(&registry), 0);
 }
