@@ -97,9 +97,12 @@ pub struct HoldArgs {
 pub struct DnsArgs {
     #[arg(long)]
     pub server: SocketAddr,
-    /// Distinct names queried (`n<i>.bench.test`), cycled.
+    /// Distinct names queried (`n<i>.<zone>`), cycled.
     #[arg(long, default_value_t = 10_000)]
     pub names: usize,
+    /// The zone of the names: `bench.test` (TTL one hour) or `churn.test` (TTL one second).
+    #[arg(long, default_value = dns::BENCH_ZONE)]
+    pub zone: String,
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
     #[arg(long)]
@@ -148,6 +151,10 @@ pub struct BulkResult {
 pub struct RrResult {
     /// Operations recorded (after warm-up) and failed.
     pub ops: u64,
+    /// Operations started, warm-up and the window's last ones included: with `--new-conn`, the
+    /// connections opened.
+    #[serde(default)]
+    pub attempts: u64,
     pub errors: u64,
     pub first_error: Option<String>,
     /// Recording window.
@@ -296,7 +303,9 @@ async fn rr(args: RrArgs) -> Result<RrResult, Error> {
             let mut first_error = None;
             let mut kept: Option<Box<dyn Stream>> = None;
             let mut done = 0u64;
+            let mut attempts = 0u64;
             while done < per_worker && Instant::now() < deadline {
+                attempts += 1;
                 let began = Instant::now();
                 let result = async {
                     let mut stream = match kept.take() {
@@ -334,16 +343,18 @@ async fn rr(args: RrArgs) -> Result<RrResult, Error> {
                     break;
                 }
             }
-            Ok::<_, Error>((hist, errors, first_error))
+            Ok::<_, Error>((hist, errors, first_error, attempts))
         });
     }
     let mut hist = histogram()?;
     let mut errors = 0;
+    let mut attempts = 0;
     let mut first_error = None;
     while let Some(joined) = workers.join_next().await {
-        let (h, e, f) = joined.map_err(|e| Error::msg(e.to_string()))??;
+        let (h, e, f, a) = joined.map_err(|e| Error::msg(e.to_string()))??;
         hist.add(&h).map_err(|e| Error::msg(e.to_string()))?;
         errors += e;
+        attempts += a;
         if first_error.is_none() {
             first_error = f;
         }
@@ -353,6 +364,7 @@ async fn rr(args: RrArgs) -> Result<RrResult, Error> {
         .max(1e-9);
     Ok(RrResult {
         ops: hist.len(),
+        attempts,
         errors,
         first_error,
         seconds,
@@ -437,7 +449,9 @@ fn dns_load(args: DnsArgs) -> Result<DnsResult, Error> {
     })?;
     socket.connect(args.server)?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let names: Vec<String> = (0..args.names.max(1)).map(dns::bench_name).collect();
+    let names: Vec<String> = (0..args.names.max(1))
+        .map(|i| dns::bench_name(i, &args.zone))
+        .collect();
     let mut sent_at: Vec<Option<Instant>> = vec![None; 65_536];
     let mut hist = histogram()?;
     let start = Instant::now();

@@ -2,7 +2,8 @@
 //! one A answer. The responder answers every A query at once (no logging, no cache), so that the
 //! upstream is never what limits a DNS measurement: `*.example.test` → the web address (so pods can
 //! resolve the names the egressgate policy allows), anything else → an address in 198.19.128.0/17
-//! derived from the name (never connected to), TTL one hour. AAAA and other types get NODATA.
+//! derived from the name (never connected to), TTL one hour (one second under `churn.test`, for
+//! the soak run). AAAA and other types get NODATA.
 
 use std::net::Ipv4Addr;
 
@@ -83,6 +84,11 @@ pub fn respond(query: &[u8], web: Ipv4Addr, ttl: u32, out: &mut Vec<u8>) -> bool
     out.extend_from_slice(&[0, 0, 0, 0]);
     out.extend_from_slice(&query[12..end]);
     if qtype == 1 {
+        let ttl = if name.ends_with(CHURN_ZONE) {
+            CHURN_TTL
+        } else {
+            ttl
+        };
         out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
         out.extend_from_slice(&ttl.to_be_bytes());
         out.extend_from_slice(&[0, 4]);
@@ -91,9 +97,15 @@ pub fn respond(query: &[u8], web: Ipv4Addr, ttl: u32, out: &mut Vec<u8>) -> bool
     true
 }
 
-/// The names the DNS load uses: `n<i>.bench.test`.
-pub fn bench_name(i: usize) -> String {
-    format!("n{i}.bench.test")
+/// The zone of the DNS benchmark's names: answered with the responder's long TTL.
+pub const BENCH_ZONE: &str = "bench.test";
+/// Names under this zone are answered with [`CHURN_TTL`], so that the soak run's records expire.
+pub const CHURN_ZONE: &str = "churn.test";
+pub const CHURN_TTL: u32 = 1;
+
+/// The names the DNS load uses: `n<i>.<zone>`.
+pub fn bench_name(i: usize, zone: &str) -> String {
+    format!("n{i}.{zone}")
 }
 
 #[cfg(test)]

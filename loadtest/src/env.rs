@@ -427,7 +427,8 @@ impl Env {
     pub fn capacity(&self, path: PathKind) -> usize {
         let per_conn = match path {
             PathKind::Direct => 1,
-            PathKind::Egressgate => 6,
+            // Two sockets; pipes are borrowed from a small pool only while bytes are in flight.
+            PathKind::Egressgate => 2,
             PathKind::Haproxy | PathKind::Nginx => 2,
         };
         let room = usize::try_from(self.nofile)

@@ -24,6 +24,7 @@ mod report;
 mod results;
 mod scenarios;
 mod server;
+mod soak;
 mod tls;
 
 use std::fmt;
@@ -95,7 +96,7 @@ pub fn progress(line: &str) {
 #[command(
     name = "loadtest",
     about = "egressgate benchmark harness: direct vs egressgate vs HAProxy vs nginx",
-    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns memory reload decision.\n\
+    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns memory reload soak decision.\n\
                   `all` runs them all; `smoke` runs all of them tiny (for CI); `report` only rewrites \
                   docs/benchmarks.md from loadtest/results/*.json. Needs root (namespaces, nftables)."
 )]
@@ -118,6 +119,9 @@ struct Cli {
     /// Rounds of the memory scenario (default 2).
     #[arg(long)]
     memory_rounds: Option<usize>,
+    /// Length of the soak run's churn in seconds (default 300; smoke 2).
+    #[arg(long)]
+    soak_seconds: Option<f64>,
     /// Concurrent clients of conn_rate (default 32).
     #[arg(long)]
     conn_concurrency: Option<usize>,
@@ -231,6 +235,9 @@ fn harness(cli: Cli) -> Result<(), Error> {
     }
     if let Some(r) = cli.memory_rounds {
         settings.memory_rounds = r.max(1);
+    }
+    if let Some(seconds) = cli.soak_seconds {
+        settings.soak.seconds = seconds.max(1.0);
     }
     if let Some(c) = cli.conn_concurrency {
         settings.conn_concurrency = c.max(1);
@@ -378,7 +385,7 @@ fn prepare_process(settings: &Settings) -> Result<(), Error> {
         let most = settings.memory_counts.iter().copied().max().unwrap_or(0);
         progress(&format!(
             "RLIMIT_NOFILE is capped at {hard} (no CAP_SYS_RESOURCE to raise it to {want}): \
-             memory runs are capped per path (egressgate needs 6 fds per connection), {most} \
+             memory runs are capped per path (egressgate needs 2 fds per connection), {most} \
              connections may not fit"
         ));
     }
