@@ -67,6 +67,15 @@ struct ReloadLine<'a> {
     errors: &'a [String],
 }
 
+/// Which reload `Store::watch` asks for.
+#[derive(Debug, Clone, Copy)]
+enum Reload {
+    /// An inotify event or the poll: only if a file changed.
+    IfChanged,
+    /// SIGHUP: read everything again.
+    Always,
+}
+
 /// Files loaded together.
 struct Loaded {
     policies: PolicySet,
@@ -227,11 +236,11 @@ impl Store {
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = ticker.tick() => self.reload_if_changed(),
+                _ = ticker.tick() => self.reload_off_runtime(Reload::IfChanged).await,
                 Some(()) = changes.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
                     while changes.try_recv().is_ok() {}
-                    self.reload_if_changed();
+                    self.reload_off_runtime(Reload::IfChanged).await;
                 }
                 Some(()) = async {
                     match hangup.as_mut() {
@@ -239,9 +248,24 @@ impl Store {
                         None => std::future::pending().await,
                     }
                 } => {
-                    let _ = self.reload();
+                    self.reload_off_runtime(Reload::Always).await;
                 }
             }
+        }
+    }
+
+    /// Reading, parsing and compiling a large policy set (and freeing the old one) takes tens of
+    /// milliseconds: done on a blocking thread so that no runtime worker stalls the connections
+    /// queued on it meanwhile.
+    async fn reload_off_runtime(self: &Arc<Self>, when: Reload) {
+        let store = Arc::clone(self);
+        let reloaded = tokio::task::spawn_blocking(move || match when {
+            Reload::IfChanged => store.reload_if_changed(),
+            // The outcome is logged and counted by `reload`; the last good rules stay either way.
+            Reload::Always => drop(store.reload()),
+        });
+        if let Err(e) = reloaded.await {
+            tracing::error!(error = %e, "policy reload panicked; the last good rules stay");
         }
     }
 
