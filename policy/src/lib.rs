@@ -9,9 +9,12 @@
 //! - [`model`]: the policy model; every type rejects invalid rules when built.
 //! - [`parse`]: YAML documents → [`Policy`], with [`LoadError`] positions.
 //! - [`set`]: [`PolicySet`], pod [`Selection`] and [`Grant`]s.
+//! - `index`: the set's indexes (by namespace and pod label, by name suffix, and its `cidr`
+//!   rules), which keep a decision from scanning every policy.
 
 #![forbid(unsafe_code)]
 
+mod index;
 pub mod model;
 pub mod name;
 pub mod parse;

@@ -1,8 +1,11 @@
 //! DNS names and `dnsName` patterns.
 //!
 //! A pattern is parsed once into lowercase labels stored reversed (TLD first), like linkerd's
-//! `MatchHost`, so matching is a walk from the right with no allocation.
+//! `MatchHost`, so matching is a walk from the right with no allocation. The policy set's name
+//! index (`crate::index`) instead looks names up by their suffixes, through `Prefix::accepts` and
+//! `match_form` here, so both ways share one definition of what matches.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -40,7 +43,7 @@ pub enum NameError {
 
 /// How many labels a pattern accepts in front of its fixed suffix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Prefix {
+pub(crate) enum Prefix {
     /// `db.corp.example`: nothing in front.
     Exact,
     /// `*.corp.example`: exactly one label.
@@ -75,17 +78,35 @@ impl DnsNamePattern {
                 _ => return false,
             }
         }
-        let extra = labels.count();
-        match self.prefix {
-            Prefix::Exact => extra == 0,
-            Prefix::OneLabel => extra == 1,
-            Prefix::AnyLabels => extra >= 1,
-        }
+        self.prefix.accepts(labels.count())
     }
 
     /// Whether this pattern is a plain name without a wildcard.
     pub fn is_exact(&self) -> bool {
         self.prefix == Prefix::Exact
+    }
+
+    pub(crate) fn prefix(&self) -> Prefix {
+        self.prefix
+    }
+
+    /// The fixed part in [`match_form`]: `*.Corp.Example` gives `corp.example`.
+    pub(crate) fn fixed_part(&self) -> String {
+        let labels: Vec<&str> = self.reversed.iter().rev().map(String::as_str).collect();
+        labels.join(".")
+    }
+}
+
+// === impl Prefix ===
+
+impl Prefix {
+    /// Whether a name with `extra` labels in front of the fixed part is covered.
+    pub(crate) fn accepts(self, extra: usize) -> bool {
+        match self {
+            Prefix::Exact => extra == 0,
+            Prefix::OneLabel => extra == 1,
+            Prefix::AnyLabels => extra >= 1,
+        }
     }
 }
 
@@ -137,9 +158,19 @@ impl fmt::Display for DnsNamePattern {
 /// of 1..=63 letters, digits, `-` or `_`, no `-` at either end, at most 253 characters, not an IP
 /// address). Used for SNI, Host headers and DNS answers before they meet a policy.
 pub fn normalize_name(name: &str) -> Option<String> {
+    match_form(name).map(Cow::into_owned)
+}
+
+/// [`normalize_name`] without the copy when `name` is already lowercase without a trailing dot,
+/// as names from the gateway's name table are: checked once per lookup, not once per pattern.
+pub(crate) fn match_form(name: &str) -> Option<Cow<'_, str>> {
     let name = name.strip_suffix('.').unwrap_or(name);
     check_name(name).ok()?;
-    Some(name.to_ascii_lowercase())
+    Some(if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    })
 }
 
 /// Checks a name that has already lost its trailing dot.
@@ -150,14 +181,30 @@ fn check_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong { len: name.len() });
     }
-    if name.parse::<IpAddr>().is_ok() {
+    let labels = check_labels(name);
+    // Every IP literal breaks a label rule (IPv6 has `:`, IPv4 ends in a numeric label), so the
+    // costlier parse only runs then, to report the more telling reason.
+    if labels.is_err() && name.parse::<IpAddr>().is_ok() {
         return Err(NameError::IpLiteral);
     }
-    let mut last = "";
-    for label in name.split('.') {
-        check_label(label)?;
-        last = label;
-    }
+    labels
+}
+
+fn check_labels(name: &str) -> Result<(), NameError> {
+    // Split by hand: on names this short, `str::split` costs more than the checks.
+    let mut rest = name;
+    let last = loop {
+        match rest.bytes().position(|b| b == b'.') {
+            Some(dot) => {
+                check_label(&rest[..dot])?;
+                rest = &rest[dot + 1..];
+            }
+            None => {
+                check_label(rest)?;
+                break rest;
+            }
+        }
+    };
     // No TLD is numeric; this also catches short IPv4 forms like `127.1` that resolvers accept.
     if last.bytes().all(|b| b.is_ascii_digit()) {
         return Err(NameError::NumericTopLabel);
@@ -174,10 +221,12 @@ fn check_label(label: &str) -> Result<(), NameError> {
             label: label.to_owned(),
         });
     }
-    if let Some(ch) = label
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    if let Some(at) = label
+        .bytes()
+        .position(|b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
     {
+        // The bytes before are ASCII, so a character starts at `at`.
+        let ch = label[at..].chars().next().unwrap_or_default();
         return Err(if ch == '*' {
             NameError::MisplacedWildcard
         } else {
@@ -278,6 +327,8 @@ mod tests {
             ("-a.example", NameError::HyphenAtEdge { label: "-a".into() }),
             ("192.0.2.1", NameError::IpLiteral),
             ("::1", NameError::IpLiteral),
+            ("::ffff:192.0.2.1", NameError::IpLiteral),
+            ("a.é.example", NameError::InvalidChar { ch: 'é' }),
             ("127.1", NameError::NumericTopLabel),
         ];
         for (input, want) in cases {

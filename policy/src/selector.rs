@@ -80,6 +80,16 @@ impl LabelSelector {
         self.match_labels.is_empty() && self.match_expressions.is_empty()
     }
 
+    /// The `matchLabels` pairs, which a pod must all carry: the policy set files policies under
+    /// one.
+    pub(crate) fn match_labels(&self) -> &BTreeMap<String, String> {
+        &self.match_labels
+    }
+
+    pub(crate) fn match_expressions(&self) -> &[Requirement] {
+        &self.match_expressions
+    }
+
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.match_labels
             .iter()

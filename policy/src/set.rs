@@ -1,22 +1,28 @@
 //! The compiled policy set: which policies select a pod, and what they grant.
 //!
 //! Everything that can be worked out from the policies alone is worked out in
-//! [`PolicySet::new`]; [`Selection::grants`] only compares.
+//! [`PolicySet::new`], indexes included (see `crate::index`), so [`PolicySet::select`] and
+//! [`Selection::grants`] look only at the policies and rules that can apply.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::index::{CidrRules, NameIndex, SelectionIndex};
 use crate::model::{EgressRule, Mode, Peer, Policy, PolicyRef, PortRange, Protocol};
-use crate::name::DnsNamePattern;
 use crate::parse::LoadError;
 
 /// A validated, compiled set of policies. Cheap to share behind an `Arc` and swap whole.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     /// Sorted by [`PolicyRef`], so grants come out in the same order whatever the file order.
+    /// The indexes below refer to policies by their position here.
     policies: Vec<CompiledPolicy>,
+    selection: SelectionIndex,
+    names: NameIndex,
+    cidr_rules: CidrRules,
 }
 
 /// Who a pod is, as the gateway learned it from the cluster.
@@ -29,9 +35,11 @@ pub struct PodIdentity<'a> {
 }
 
 /// The policies that select one pod.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Selection<'a> {
-    policies: Vec<&'a CompiledPolicy>,
+    set: &'a PolicySet,
+    /// Positions in `set.policies`, ascending.
+    policies: Vec<usize>,
 }
 
 /// One (policy, rule, port entry) that allows a connection.
@@ -60,12 +68,11 @@ struct CompiledPolicy {
     rules: Vec<CompiledRule>,
 }
 
-/// A rule with its peers split by kind, so lookups don't re-match on `Peer`.
+/// A rule's `cidr` peers and ports; its `dnsName` peers live in the set's [`NameIndex`].
 #[derive(Debug, Clone)]
 struct CompiledRule {
     /// Longest prefix first, so the first hit is the most specific.
     cidrs: Vec<IpNet>,
-    patterns: Vec<DnsNamePattern>,
     ports: Vec<(PortRange, Protocol)>,
 }
 
@@ -101,7 +108,13 @@ impl PolicySet {
         let mut compiled: Vec<CompiledPolicy> =
             policies.into_iter().map(CompiledPolicy::new).collect();
         compiled.sort_by(|a, b| a.policy.reference().cmp(b.policy.reference()));
-        Ok(PolicySet { policies: compiled })
+        let models = || compiled.iter().map(|c| &c.policy);
+        Ok(PolicySet {
+            selection: SelectionIndex::new(models()),
+            names: NameIndex::new(models()),
+            cidr_rules: CidrRules::new(models()),
+            policies: compiled,
+        })
     }
 
     /// No policies: every pod is unselected.
@@ -122,10 +135,16 @@ impl PolicySet {
         self.policies.iter().map(|c| &c.policy)
     }
 
-    /// Every policy that selects `pod`.
+    /// Every policy that selects `pod`, sorted by reference. The index narrows the search to the
+    /// policies of its namespace (and cluster ones) filed under none or one of its labels.
     pub fn select<'a>(&'a self, pod: &PodIdentity<'_>) -> Selection<'a> {
-        let policies = self.policies.iter().filter(|c| c.selects(pod)).collect();
-        Selection { policies }
+        let policies = self
+            .selection
+            .select(pod.namespace, pod.labels, |i| self.policies[i].selects(pod));
+        Selection {
+            set: self,
+            policies,
+        }
     }
 }
 
@@ -153,11 +172,9 @@ impl CompiledPolicy {
 impl CompiledRule {
     fn new(rule: &EgressRule) -> Self {
         let mut cidrs = Vec::new();
-        let mut patterns = Vec::new();
         for peer in rule.to() {
-            match peer {
-                Peer::Cidr(cidr) => cidrs.push(cidr.net()),
-                Peer::DnsName(pattern) => patterns.push(pattern.clone()),
+            if let Peer::Cidr(cidr) = peer {
+                cidrs.push(cidr.net());
             }
         }
         cidrs.sort_by_key(|net| std::cmp::Reverse(net.prefix_len()));
@@ -166,25 +183,16 @@ impl CompiledRule {
             .iter()
             .map(|p| (p.range(), p.protocol().clone()))
             .collect();
-        CompiledRule {
-            cidrs,
-            patterns,
-            ports,
-        }
+        CompiledRule { cidrs, ports }
     }
 
-    /// A `cidr` match wins over names: the rule then allows the address whatever the name.
-    fn peer(&self, dst: IpAddr, resolved_names: &[&str]) -> Option<GrantPeer> {
-        if let Some(net) = self.cidrs.iter().find(|net| net.contains(&dst)) {
-            return Some(GrantPeer::Cidr(*net));
-        }
-        let mut names: Vec<String> = Vec::new();
-        for name in resolved_names {
-            if !names.iter().any(|n| n == name) && self.patterns.iter().any(|p| p.matches(name)) {
-                names.push((*name).to_owned());
-            }
-        }
-        (!names.is_empty()).then_some(GrantPeer::Names(names))
+    fn has_port(&self, port: u16) -> bool {
+        self.ports.iter().any(|(range, _)| range.contains(port))
+    }
+
+    /// The most specific `cidr` peer containing `dst`.
+    fn cidr(&self, dst: IpAddr) -> Option<IpNet> {
+        self.cidrs.iter().find(|net| net.contains(&dst)).copied()
     }
 }
 
@@ -198,49 +206,90 @@ impl<'a> Selection<'a> {
 
     /// At least one selecting policy is in enforce mode.
     pub fn has_enforce(&self) -> bool {
-        self.policies
-            .iter()
-            .any(|c| c.policy.mode() == Mode::Enforce)
+        self.compiled().any(|c| c.policy.mode() == Mode::Enforce)
     }
 
     /// The selecting policies, sorted by reference.
     pub fn policies(&self) -> impl Iterator<Item = &'a PolicyRef> + '_ {
-        self.policies.iter().map(|c| c.policy.reference())
+        self.compiled().map(|c| c.policy.reference())
+    }
+
+    fn compiled(&self) -> impl Iterator<Item = &'a CompiledPolicy> + '_ {
+        let set = self.set;
+        self.policies.iter().map(move |&i| &set.policies[i])
     }
 
     /// Every (policy, rule, port entry) whose port range contains `port` and whose peers match:
     /// a `cidr` peer containing `dst`, or a `dnsName` peer matching at least one of
-    /// `resolved_names` (names this pod resolved to `dst`, lowercase without trailing dot).
+    /// `resolved_names` (names this pod resolved to `dst`: fastest lowercase without a trailing
+    /// dot, as the name table keeps them; other spellings match as in `DnsNamePattern::matches`).
+    /// Grants come by policy (sorted by reference), then rule, then port entry. A `cidr` match
+    /// wins over names: the rule then allows the address whatever the name.
     pub fn grants(&self, dst: IpAddr, port: u16, resolved_names: &[&str]) -> Vec<Grant<'a>> {
         // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; IPv4 rules must still match.
         let dst = dst.to_canonical();
+        let policies = &self.set.policies;
+        // (policy, rule, index in `resolved_names` or `None` for a cidr match): once sorted, in
+        // grant order, each rule's names in the caller's order.
+        let mut hits: Vec<(usize, usize, Option<usize>)> = Vec::new();
+        self.set
+            .cidr_rules
+            .for_each_selected(&self.policies, |policy, rule| {
+                let compiled = &policies[policy].rules[rule];
+                if compiled.has_port(port) && compiled.cidr(dst).is_some() {
+                    hits.push((policy, rule, None));
+                }
+            });
+        for (index, name) in resolved_names.iter().enumerate() {
+            self.set
+                .names
+                .for_each_match(name, &self.policies, |policy, rule| {
+                    if policies[policy].rules[rule].has_port(port) {
+                        hits.push((policy, rule, Some(index)));
+                    }
+                });
+        }
+        hits.sort_unstable();
+
         let mut grants = Vec::new();
-        for compiled in &self.policies {
-            let policy = &compiled.policy;
-            for (index, rule) in compiled.rules.iter().enumerate() {
-                let mut ports = rule
-                    .ports
-                    .iter()
-                    .filter(|(r, _)| r.contains(port))
-                    .peekable();
-                if ports.peek().is_none() {
-                    continue;
+        for rule_hits in hits.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (policy_index, rule_index, _) = rule_hits[0];
+            let policy = &policies[policy_index].policy;
+            let rule = &policies[policy_index].rules[rule_index];
+            let peer = match rule.cidr(dst) {
+                Some(net) => GrantPeer::Cidr(net),
+                None => {
+                    let mut names: Vec<String> = Vec::new();
+                    for name in rule_hits.iter().filter_map(|&(_, _, n)| n) {
+                        let name = resolved_names[name];
+                        if !names.iter().any(|n| n == name) {
+                            names.push(name.to_owned());
+                        }
+                    }
+                    GrantPeer::Names(names)
                 }
-                let Some(peer) = rule.peer(dst, resolved_names) else {
-                    continue;
-                };
-                for (_, protocol) in ports {
-                    grants.push(Grant {
-                        policy: policy.reference(),
-                        rule: index,
-                        mode: policy.mode(),
-                        protocol,
-                        peer: peer.clone(),
-                    });
-                }
+            };
+            for (_, protocol) in rule.ports.iter().filter(|(r, _)| r.contains(port)) {
+                grants.push(Grant {
+                    policy: policy.reference(),
+                    rule: rule_index,
+                    mode: policy.mode(),
+                    protocol,
+                    peer: peer.clone(),
+                });
             }
         }
         grants
+    }
+}
+
+impl fmt::Debug for Selection<'_> {
+    /// The selecting policies only: the whole set would drown them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let policies: Vec<&PolicyRef> = self.policies().collect();
+        f.debug_struct("Selection")
+            .field("policies", &policies)
+            .finish()
     }
 }
 
