@@ -17,7 +17,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::pipes::Pipe;
+use crate::pipes::PIPES;
 
 /// Most bytes one splice call moves: the default pipe capacity.
 const CHUNK: usize = 64 * 1024;
@@ -121,7 +121,7 @@ async fn pump(
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         from.readable().await.map_err(|e| side.error(e))?;
-        let pipe = Pipe::take().map_err(|e| side.error(e))?;
+        let pipe = PIPES.take().map_err(|e| side.error(e))?;
         let filled = from.try_io(Interest::READABLE, || {
             splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags)
                 .map_err(io::Error::from)
@@ -129,13 +129,13 @@ async fn pump(
         let filled = match filled {
             Ok(filled) => filled,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pipe.give_back();
+                PIPES.give_back(pipe);
                 continue;
             }
             Err(e) => return Err(side.error(e)),
         };
         if filled == 0 {
-            pipe.give_back();
+            PIPES.give_back(pipe);
             // EOF: pass the half-close on; the other direction may still be talking.
             return shutdown_write(to).map_err(|e| side.other().error(e));
         }
@@ -153,7 +153,7 @@ async fn pump(
             total.fetch_add(drained as u64, Ordering::Relaxed);
             activity.touch();
         }
-        pipe.give_back();
+        PIPES.give_back(pipe);
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use egressgate_dns_shim::NameTable;
 use egressgate_policy::{Grant, GrantPeer, Selection};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::config::{self, UnselectedPods};
@@ -28,6 +28,7 @@ use crate::events::{CloseLine, DecisionLine, PodName};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::peek::{self, Sniffed};
+use crate::pipes::PIPES;
 use crate::relay;
 use crate::store::Store;
 use reader::{PeekReader, Stop};
@@ -116,8 +117,10 @@ impl Proxy {
                         tokio::spawn(Arc::clone(&self).handle(client, source));
                     }
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
+                        // EMFILE and friends: free the descriptors the pipe pool keeps, and back
+                        // off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
+                        PIPES.release_kept();
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -464,7 +467,13 @@ fn wanted_destination(line: &DecisionLine) -> String {
 /// Opens the upstream connection to the original destination.
 async fn connect(destination: Option<SocketAddr>) -> std::io::Result<TcpStream> {
     let destination = destination.ok_or_else(|| std::io::Error::other("no destination"))?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination))
+    // The socket is made before connecting, so that running out of descriptors can free the
+    // pipe pool's and try again.
+    let socket = PIPES.retry_out_of_descriptors(|| match destination {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    })?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     let _ = stream.set_nodelay(true);

@@ -81,16 +81,17 @@ fn one_too_many(held: usize) -> String {
         "import socket, time\n\
          held = [socket.create_connection(('{web}', 443), timeout=5) for _ in range({held})]\n\
          time.sleep(0.3)\n\
-         s = socket.create_connection(('{web}', 443), timeout=5)\n\
-         try:\n    s.sendall(b'x')\n    print('last', len(s.recv(10)))\n\
+         try:\n    s = socket.create_connection(('{web}', 443), timeout=5)\n\
+         \x20   s.sendall(b'x')\n    print('last', len(s.recv(10)))\n\
          except Exception as e:\n    print('last', type(e).__name__)\n",
         web = addr::WEB
     )
 }
 
 /// The last connection of `one_too_many` was reset: the reset reached the pod before its write
-/// (`BrokenPipeError` or `ConnectionResetError` from `sendall`), or after it (from `recv`, or as
-/// end of stream).
+/// (`ConnectionResetError` from `connect`, whose completion a socket with a timeout checks only
+/// later, or `BrokenPipeError` / `ConnectionResetError` from `sendall`), or after it (from
+/// `recv`, or as end of stream).
 fn was_cut(stdout: &str) -> bool {
     [
         "last ConnectionResetError",
