@@ -1,12 +1,8 @@
-//! The decision benchmark, in process and with the gateway's own code: a synthetic cluster of
-//! `pods` pods in `namespaces` namespaces, `policies` policies of `rules_per_policy` rules each,
-//! and `names_per_pod` names recorded per pod in a [`NameTable`]. Every pod is selected by ten
-//! policies (a hundred rules at full size); every name it resolved matches one of their rules.
-//!
-//! All addresses are data only (198.18.128.0/17 for pods, 198.19.128.0/17 for destinations):
-//! nothing here touches the network.
+//! The decision benchmark, in process and with the gateway's own code: the synthetic cluster of
+//! [`crate::world`] with `pods` pods and `names_per_pod` names recorded per pod in a
+//! [`NameTable`]. Every pod is selected by ten policies (a hundred rules at full size); every
+//! name it resolved matches one of their rules.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use egressgate::decision;
@@ -16,6 +12,7 @@ use egressgate_policy::{parse_policies, PolicySet};
 use hdrhistogram::Histogram;
 
 use crate::results::Better;
+use crate::world::{self, dst_ip, name_for, pod_ip, Shape, TIERS};
 use crate::Error;
 
 #[derive(Debug, Clone)]
@@ -54,68 +51,21 @@ impl Size {
     }
 
     pub fn rules(&self) -> usize {
-        self.policies * self.rules_per_policy
+        self.shape().total_rules()
     }
-}
 
-/// Ten tiers: policy `p` selects tier `(p / namespaces) % 10` in namespace `p % namespaces`.
-const TIERS: usize = 10;
-
-fn pod_ip(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        198,
-        18,
-        128 + (i / 256 % 128) as u8,
-        (i % 256) as u8,
-    ))
-}
-
-fn dst_ip(n: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        198,
-        19,
-        128 + (n / 256 % 128) as u8,
-        (n % 256) as u8,
-    ))
-}
-
-/// The policy `p` that name `n` of pod `i` is allowed by, and its rule.
-fn policy_for(size: &Size, i: usize, n: usize) -> (usize, usize) {
-    let ns = i % size.namespaces;
-    let tier = (i / size.namespaces) % TIERS;
-    let per_tier = (size.policies / (size.namespaces * TIERS)).max(1);
-    let p = ns + size.namespaces * (tier + TIERS * (n % per_tier));
-    (
-        p.min(size.policies.saturating_sub(1)),
-        (n / per_tier) % size.rules_per_policy,
-    )
-}
-
-fn name_for(size: &Size, i: usize, n: usize) -> String {
-    let (p, r) = policy_for(size, i, n);
-    format!("h{n}.r{r}.p{p}.corp.test")
+    fn shape(&self) -> Shape {
+        Shape {
+            namespaces: self.namespaces,
+            policies: self.policies,
+            rules: self.rules_per_policy,
+        }
+    }
 }
 
 /// The policy set as YAML (one document per policy).
 pub fn policy_yaml(size: &Size) -> String {
-    let mut out = String::new();
-    for p in 0..size.policies {
-        let ns = p % size.namespaces;
-        let tier = (p / size.namespaces) % TIERS;
-        out.push_str(&format!(
-            "apiVersion: egressgate.dev/v1alpha1\nkind: EgressPolicy\n\
-             metadata: {{name: lt-p{p}, namespace: ns{ns}}}\n\
-             spec:\n  podSelector: {{matchLabels: {{tier: t{tier}}}}}\n  egress:\n"
-        ));
-        for r in 0..size.rules_per_policy {
-            out.push_str(&format!(
-                "    - to: [{{dnsName: svc{r}.p{p}.example.test}}, {{dnsName: \"*.r{r}.p{p}.corp.test\"}}]\n      \
-                 ports: [{{port: 443, protocol: tls}}]\n"
-            ));
-        }
-        out.push_str("---\n");
-    }
-    out
+    world::policy_yaml(&size.shape())
 }
 
 fn identity_yaml(size: &Size) -> String {
@@ -240,7 +190,7 @@ impl Bench {
         for i in 0..size.pods {
             for n in 0..size.names_per_pod {
                 let answer = Answer {
-                    name: name_for(size, i, n),
+                    name: name_for(&size.shape(), i, n),
                     addresses: vec![dst_ip(n)],
                     cnames: Vec::new(),
                     ttl: 3600,
@@ -271,6 +221,7 @@ impl Bench {
     }
 
     pub fn measure(&self, size: &Size) -> Result<Vec<(String, f64)>, Error> {
+        let shape = size.shape();
         let hist = || {
             Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)
                 .map_err(|e| Error::msg(e.to_string()))
@@ -289,7 +240,7 @@ impl Bench {
             let i = (rng % size.pods as u64) as usize;
             let n = ((rng >> 32) % size.names_per_pod as u64) as usize;
             let (src, dst) = (pod_ip(i), dst_ip(n));
-            let sni = name_for(size, i, n);
+            let sni = name_for(&shape, i, n);
             let t0 = Instant::now();
             let Some(pod) = self.identities.lookup(src) else {
                 return Err(Error::msg("pod not found"));

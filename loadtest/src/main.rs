@@ -26,6 +26,7 @@ mod scenarios;
 mod server;
 mod soak;
 mod tls;
+mod world;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
