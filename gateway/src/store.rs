@@ -274,9 +274,22 @@ impl Store {
         &self,
         changed: mpsc::UnboundedSender<()>,
     ) -> notify::Result<notify::RecommendedWatcher> {
+        let identity_name = self
+            .identity_file
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(ToOwned::to_owned);
+        let policy_dir = self.policy_dir.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                let concerns_inputs = event.is_ok_and(|event| {
+                    !event.kind.is_access()
+                        && event
+                            .paths
+                            .iter()
+                            .any(|path| is_input(path, &policy_dir, identity_name.as_deref()))
+                });
+                if concerns_inputs {
                     let _ = changed.send(());
                 }
             })?;
@@ -286,6 +299,18 @@ impl Store {
         }
         Ok(watcher)
     }
+}
+
+/// Whether an inotify event on `path` may change the inputs: anything in the policy directory,
+/// but in the identity file's directory (which may hold unrelated, busy files such as logs) only
+/// the file itself and kubelet's `..data` symlink swap.
+fn is_input(path: &Path, policy_dir: &Path, identity_name: Option<&std::ffi::OsStr>) -> bool {
+    if path == policy_dir || path.parent() == Some(policy_dir) {
+        return true;
+    }
+    path.file_name().is_some_and(|name| {
+        Some(name) == identity_name || name.as_encoded_bytes().starts_with(b"..")
+    })
 }
 
 fn load_files(policy_dir: &Path, identity_file: Option<&Path>) -> Result<Loaded, Vec<String>> {
@@ -376,6 +401,25 @@ mod tests {
             dir.join("pods.yaml").display()
         );
         Config::parse("c.yaml", &text).expect("config")
+    }
+
+    #[test]
+    fn only_events_on_the_inputs_trigger_a_reload() {
+        let policies = Path::new("/etc/egressgate/policies");
+        let identity = Some(std::ffi::OsStr::new("pods.yaml"));
+        let input = |path: &str| is_input(Path::new(path), policies, identity);
+        assert!(input("/etc/egressgate/policies/web.yaml"));
+        assert!(input("/etc/egressgate/policies/..data"));
+        assert!(input("/etc/egressgate/policies"));
+        assert!(input("/etc/identity/pods.yaml"));
+        assert!(input("/etc/identity/..data_tmp"));
+        assert!(!input("/etc/identity/egressgate.stdout"));
+        assert!(!input("/etc/egressgate/policies/sub/web.yaml"));
+        assert!(!is_input(
+            Path::new("/etc/identity/pods.yaml"),
+            policies,
+            None
+        ));
     }
 
     #[test]

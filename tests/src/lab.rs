@@ -282,7 +282,10 @@ impl Lab {
             for (file, text) in &options.policies {
                 std::fs::write(policy_dir.join(file), text)?;
             }
-            let identity = dir.join("pods.yaml");
+            // In a directory of its own, as a ConfigMap volume would be: the gateway watches
+            // it, and the busy log files in `dir` would wake that watch on every line.
+            let identity = self.identity_file();
+            std::fs::create_dir_all(dir.join("identity"))?;
             let identity_text = match &options.identity_override {
                 Some(text) => text.clone(),
                 None => self.identity_yaml(),
@@ -451,6 +454,11 @@ impl Lab {
     /// Paths for the lab's gateway config and policies (also when it has no gateway).
     pub fn gateway_config_path(&self) -> PathBuf {
         self.dir().join("gateway.yaml")
+    }
+
+    /// The gateway's static identity file: tests rewrite it to exercise identity reloads.
+    pub fn identity_file(&self) -> PathBuf {
+        self.dir().join("identity/pods.yaml")
     }
 
     /// The gateway's `policyDir`: tests write files here to exercise reloads.

@@ -150,7 +150,7 @@ fn a_new_pods_first_connection_waits_for_its_identity() {
         let client = scope
             .spawn(|| run_and_decide(&lab, "a", 443, &curl(&ca, &["https://api.example.test/"])));
         std::thread::sleep(Duration::from_millis(300));
-        std::fs::write(lab.dir().join("pods.yaml"), lab.identity_yaml()).expect("identity");
+        std::fs::write(lab.identity_file(), lab.identity_yaml()).expect("identity");
         client.join().expect("client")
     });
     assert_allowed(&out, &d, "hello from api.example.test");
