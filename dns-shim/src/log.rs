@@ -1,13 +1,16 @@
 //! The one JSON line per answered query, on stdout. Diagnostics go through `tracing` instead.
 //!
-//! [`write_json_line`] and [`rfc3339_now`] are public so that the gateway's decision lines share
-//! one format and one stdout discipline with the DNS lines.
+//! [`write_json_line`], [`flush`] and [`rfc3339_now`] are public so that the gateway's decision
+//! lines share one format and one stdout discipline with the DNS lines.
 
-use std::io::Write;
+mod output;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+pub use output::flush;
 
 /// One answered (or refused / failed) query.
 #[derive(Debug, Serialize)]
@@ -29,17 +32,9 @@ pub(crate) struct DnsLine<'a> {
     pub upstream_ms: Option<f64>,
 }
 
-/// Serialises `line` and writes it with one locked write, so lines from concurrent tasks
-/// never interleave.
+/// Queues `line` for stdout (see [`output`]): one whole line, never interleaved with another.
 pub fn write_json_line(line: &impl Serialize) {
-    let Ok(mut text) = serde_json::to_string(line) else {
-        return;
-    };
-    text.push('\n');
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        tracing::debug!(error = %e, "cannot write a JSON log line");
-    }
+    output::push(line);
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T10:00:00.123Z`.

@@ -101,7 +101,10 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(egressgate::run::run(config)) {
+    let result = runtime.block_on(egressgate::run::run(config));
+    // The shutdown line and the last decisions are queued, not yet written.
+    egressgate_dns_shim::log::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("egressgate: {e}");

@@ -1,0 +1,248 @@
+//! Where the JSON lines go: stdout, written by a thread of their own.
+//!
+//! The tasks that answer queries and decide connections only append their line to a queue; the
+//! `json-log` thread writes whatever has queued with one `write`, at most a millisecond later.
+//! So the data path never waits on stdout (a file, or a pipe to the container runtime that may be
+//! slow) until `MAX_QUEUED` bytes are waiting, and then it waits rather than drop a line; under
+//! load many lines share one system call.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+/// Queued bytes beyond which producers wait for the writer.
+const MAX_QUEUED: usize = 4 << 20;
+
+/// While lines keep coming, the writer looks for them this often instead of being woken for
+/// each: a wake-up per line costs the producer a system call and a context switch, which is more
+/// than the write it saves.
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Empty polls after which the writer sleeps until a producer wakes it (an idle gateway must
+/// not wake up a thousand times a second).
+const IDLE_POLLS: u32 = 100;
+
+/// A batch buffer larger than this is not kept for the next batch.
+const KEPT_CAPACITY: usize = 64 << 10;
+
+static STDOUT: OnceLock<Output> = OnceLock::new();
+
+/// Queues `line` (one JSON object, no newline yet) for stdout.
+pub(super) fn push(line: &impl serde::Serialize) {
+    let output = STDOUT.get_or_init(|| Output::start(|| io::stdout().lock()));
+    output.push(line);
+}
+
+/// Waits until every line queued so far is written. Call before the process exits.
+pub fn flush() {
+    if let Some(output) = STDOUT.get() {
+        output.flush();
+    }
+}
+
+/// A queue of lines and the thread that writes them to a sink.
+#[derive(Debug)]
+struct Output {
+    shared: Arc<Shared>,
+    /// `false` if the thread could not be started: lines are then written by their producer.
+    threaded: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Lines were queued for an idle writer.
+    queued: Condvar,
+    /// The writer took a batch (there is room again) or finished writing one.
+    progressed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    lines: Vec<u8>,
+    /// The writer sleeps on `queued` until notified (it polls otherwise).
+    writer_idle: bool,
+    /// The writer holds a batch it has not finished writing.
+    writing: bool,
+    /// Threads sleeping on `progressed`.
+    waiters: usize,
+}
+
+impl Output {
+    /// Starts the writer thread; `sink` gives it the writer for each batch.
+    fn start<W: Write>(mut sink: impl FnMut() -> W + Send + 'static) -> Output {
+        let shared = Arc::new(Shared::default());
+        let writer = Arc::clone(&shared);
+        let threaded = std::thread::Builder::new()
+            .name("json-log".to_owned())
+            .spawn(move || writer.write_batches(&mut sink))
+            .is_ok();
+        Output { shared, threaded }
+    }
+
+    fn push(&self, line: &impl serde::Serialize) {
+        if !self.threaded {
+            if let Ok(mut text) = serde_json::to_vec(line) {
+                text.push(b'\n');
+                write_batch(&mut io::stdout().lock(), &text);
+            }
+            return;
+        }
+        let shared = &*self.shared;
+        let mut queue = shared.lock();
+        while queue.lines.len() >= MAX_QUEUED {
+            queue = shared.wait_for_progress(queue);
+        }
+        let start = queue.lines.len();
+        if serde_json::to_writer(&mut queue.lines, line).is_err() {
+            queue.lines.truncate(start);
+            return;
+        }
+        queue.lines.push(b'\n');
+        if queue.writer_idle {
+            queue.writer_idle = false;
+            shared.queued.notify_one();
+        }
+    }
+
+    fn flush(&self) {
+        let shared = &*self.shared;
+        let mut queue = shared.lock();
+        while self.threaded && (!queue.lines.is_empty() || queue.writing) {
+            queue = shared.wait_for_progress(queue);
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait_for_progress<'a>(&self, mut queue: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
+        queue.waiters += 1;
+        let mut queue = self
+            .progressed
+            .wait(queue)
+            .unwrap_or_else(PoisonError::into_inner);
+        queue.waiters -= 1;
+        queue
+    }
+
+    fn write_batches<W: Write>(&self, sink: &mut impl FnMut() -> W) {
+        let mut batch = Vec::new();
+        let mut queue = self.lock();
+        loop {
+            let mut empty_polls = 0;
+            while queue.lines.is_empty() {
+                if empty_polls < IDLE_POLLS {
+                    empty_polls += 1;
+                    queue = self
+                        .queued
+                        .wait_timeout(queue, POLL_INTERVAL)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                } else {
+                    queue.writer_idle = true;
+                    queue = self
+                        .queued
+                        .wait(queue)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+            queue.writer_idle = false;
+            std::mem::swap(&mut queue.lines, &mut batch);
+            queue.writing = true;
+            self.notify_waiters(&queue);
+            drop(queue);
+
+            write_batch(&mut sink(), &batch);
+            batch.clear();
+            batch.shrink_to(KEPT_CAPACITY);
+
+            queue = self.lock();
+            queue.writing = false;
+            self.notify_waiters(&queue);
+        }
+    }
+
+    fn notify_waiters(&self, queue: &Queue) {
+        if queue.waiters > 0 {
+            self.progressed.notify_all();
+        }
+    }
+}
+
+fn write_batch(sink: &mut impl Write, batch: &[u8]) {
+    if let Err(e) = sink.write_all(batch).and_then(|()| sink.flush()) {
+        tracing::debug!(error = %e, "cannot write JSON log lines");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that keeps what was written, and counts the writes.
+    #[derive(Debug, Clone, Default)]
+    struct Kept(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut kept = self.0.lock().expect("lock");
+            kept.0.extend_from_slice(buf);
+            kept.1 += 1;
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_line_from_every_thread_is_written_whole_and_in_order_per_thread() {
+        let kept = Kept::default();
+        let sink = kept.clone();
+        let output = Output::start(move || sink.clone());
+        assert!(output.threaded);
+        // Past MAX_QUEUED in total, so producers also wait for room.
+        let (threads, lines) = (4, 20_000);
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let output = &output;
+                scope.spawn(move || {
+                    for i in 0..lines {
+                        output.push(&serde_json::json!({"t": t, "i": i, "pad": "x".repeat(64)}));
+                    }
+                });
+            }
+        });
+        output.flush();
+        let (text, writes) = {
+            let kept = kept.0.lock().expect("lock");
+            (String::from_utf8(kept.0.clone()).expect("utf-8"), kept.1)
+        };
+        let mut next = vec![0u64; threads];
+        for line in text.lines() {
+            let value: serde_json::Value = serde_json::from_str(line).expect("whole JSON line");
+            let t = usize::try_from(value["t"].as_u64().expect("t")).expect("small");
+            assert_eq!(
+                value["i"].as_u64(),
+                Some(next[t]),
+                "thread {t} out of order"
+            );
+            next[t] += 1;
+        }
+        assert_eq!(next, vec![lines as u64; threads], "every line written");
+        assert!(writes < threads * lines, "lines share writes: {writes}");
+    }
+
+    #[test]
+    fn flush_returns_at_once_when_nothing_is_queued() {
+        let output = Output::start(Kept::default);
+        output.flush();
+        output.push(&serde_json::json!({"event": "x"}));
+        output.flush();
+    }
+}
