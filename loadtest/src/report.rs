@@ -257,8 +257,15 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
         };
     let dns_qps = m("dns", "dnsperf_qps", "egressgate").or(m("dns", "qps", "egressgate"));
     absolute(
-        "DNS shim queries/s on one core",
+        "DNS shim queries/s measured (limited by the generator and upstream sharing one CPU)",
         dns_qps,
+        "q/s",
+        "≥ 100k q/s",
+        &|v| v >= 100_000.0,
+    );
+    absolute(
+        "DNS shim queries/s on one core (1 / shim CPU time per query)",
+        m("dns", "qps_per_core", "egressgate"),
         "q/s",
         "≥ 100k q/s",
         &|v| v >= 100_000.0,

@@ -362,6 +362,18 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                     "queries",
                     Better::Lower,
                 ),
+                spec(
+                    "cpu_per_query",
+                    "shim CPU time per query (user + system, own generator run)",
+                    "µs",
+                    Better::Lower,
+                ),
+                spec(
+                    "qps_per_core",
+                    "queries/s one core of shim sustains (1 / CPU time per query)",
+                    "queries/s",
+                    Better::Higher,
+                ),
             ];
             if env.peers.dnsperf {
                 specs.push(spec(
@@ -773,7 +785,13 @@ fn dns_sample(
         .to_vec()
     };
     let latency: DnsResult = env.client(path, &dns_args(1), limit(s.seconds))?;
+    let pid = env.proxy_pid(path);
+    let cpu_before = pid.and_then(cpu_seconds);
     let load: DnsResult = env.client(path, &dns_args(s.dns_concurrency), limit(s.seconds))?;
+    let cpu_used = pid
+        .and_then(cpu_seconds)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     let mut values = vec![
         ("p50".to_owned(), latency.latency.p50_us),
         ("p99".to_owned(), latency.latency.p99_us),
@@ -781,6 +799,13 @@ fn dns_sample(
         ("qps".to_owned(), load.per_second),
         ("lost".to_owned(), (latency.lost + load.lost) as f64),
     ];
+    // The shim's own cost, whatever else limits the rate here (the generator and the upstream
+    // share the other CPU): CPU time per answered query, and the rate one core would sustain.
+    if let Some(used) = cpu_used.filter(|&used| used > 0.0 && load.answered > 0) {
+        let per_query = used / load.answered as f64;
+        values.push(("cpu_per_query".to_owned(), per_query * 1e6));
+        values.push(("qps_per_core".to_owned(), 1.0 / per_query));
+    }
     if env.peers.dnsperf {
         let seconds = format!("{}", s.seconds.ceil().max(1.0));
         let file = query_file.display().to_string();
@@ -831,6 +856,17 @@ fn dns_sample(
         }
     }
     Ok(values)
+}
+
+/// User + system CPU time of process `pid` (all its threads) so far, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces: state is the first, utime the
+    // 12th and stime the 13th (proc(5) fields 14 and 15).
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: f64 = fields.next()?.parse::<f64>().ok()? + fields.next()?.parse::<f64>().ok()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks / per_second as f64)
 }
 
 /// Each proxy's RSS before its first memory sample, by pid.
