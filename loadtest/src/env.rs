@@ -111,7 +111,8 @@ impl Placement {
         let cpus = crate::cpus();
         let (load_cpu, proxy_cpu) = if cpus >= 2 { (0, 1) } else { (0, 0) };
         let text = format!(
-            "CPU {proxy_cpu}: the proxy under test (every egressgate thread via `taskset -a`; HAProxy nbthread 1; \
+            "CPU {proxy_cpu}: the proxy under test (every egressgate thread via `taskset -a`, with one runtime \
+             worker: `TOKIO_WORKER_THREADS=1`; HAProxy nbthread 1; \
              nginx one worker). CPU {load_cpu}: the load generator, the upstream server (TCP/TLS/DNS), dnsperf and \
              the harness. The direct path's forwarding runs in softirq on the sending CPU, i.e. CPU {load_cpu}; \
              a proxy's own work runs on CPU {proxy_cpu}."
@@ -390,6 +391,9 @@ impl Env {
         let exe = std::env::current_exe()?;
         let options = GatewayOptions {
             interfaces: vec!["egpb".to_owned()],
+            // It is pinned to one CPU after it starts: one runtime worker, as tokio would choose
+            // by itself for a process started on one CPU (two workers would take turns on it).
+            env: vec![("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())],
             ..GatewayOptions::default()
         }
         .policy("loadtest.yaml", &policy());
