@@ -469,8 +469,12 @@ fn dns_load(args: DnsArgs) -> Result<DnsResult, Error> {
             next_id = next_id.wrapping_add(1);
         }
         let name = &names[(*sent as usize) % names.len()];
-        socket.send(&dns::query(next_id, name))?;
-        sent_at[usize::from(next_id)] = Some(Instant::now());
+        let query = dns::query(next_id, name);
+        // Timed from before the send: on a shared CPU the answer may be queued before `send`
+        // returns, and a later timestamp would make the round trip look almost free.
+        let at = Instant::now();
+        socket.send(&query)?;
+        sent_at[usize::from(next_id)] = Some(at);
         next_id = next_id.wrapping_add(1);
         *sent += 1;
         Ok(())

@@ -12,13 +12,40 @@ pub struct Machine {
     pub os: String,
     pub memory_gib: f64,
     pub virtualization: String,
-    /// 1-minute load average when the run started: other work on a shared machine shows here.
+    /// Load averages when the run started (they lag: work that just ended still shows).
     pub loadavg_at_start: String,
+    /// Share of all CPUs busy (not idle, not waiting for I/O) over two seconds before the run
+    /// started, when the harness itself runs nothing: other work on a shared machine.
+    #[serde(default)]
+    pub cpu_busy_at_start: Option<f64>,
     pub haproxy: String,
     pub nginx: String,
     pub dnsperf: String,
     pub rustc: String,
     pub commit: String,
+}
+
+/// The busy share of all CPUs over `window`, from the `cpu` line of /proc/stat.
+fn cpu_busy(window: std::time::Duration) -> Option<f64> {
+    // (busy, total) jiffies: every field counts toward the total; idle and iowait are not busy.
+    let sample = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = fields.get(3)? + fields.get(4)?;
+        Some((total - idle, total))
+    };
+    let (busy0, total0) = sample()?;
+    std::thread::sleep(window);
+    let (busy1, total1) = sample()?;
+    let total = total1.checked_sub(total0).filter(|&t| t > 0)?;
+    Some(busy1.saturating_sub(busy0) as f64 / total as f64)
 }
 
 fn first_line(program: &str, args: &[&str]) -> String {
@@ -88,6 +115,7 @@ impl Machine {
             os,
             memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
             virtualization,
+            cpu_busy_at_start: cpu_busy(std::time::Duration::from_secs(2)),
             loadavg_at_start: read("/proc/loadavg")
                 .split_whitespace()
                 .take(3)

@@ -397,6 +397,13 @@ pub fn write(
                 "load average at start (1/5/15 min)",
                 m.loadavg_at_start.clone(),
             ),
+            (
+                "CPU busy in the 2 s before the run (all CPUs)",
+                m.cpu_busy_at_start.map_or_else(
+                    || "not measured".to_owned(),
+                    |b| format!("{:.1} %", b * 100.0),
+                ),
+            ),
             ("HAProxy", m.haproxy.clone()),
             ("nginx", m.nginx.clone()),
             ("dnsperf", m.dnsperf.clone()),
@@ -405,24 +412,29 @@ pub fn write(
         ] {
             let _ = writeln!(md, "| {k} | {} |", esc(&v));
         }
+        // Busy means other work: more than 10 % of the CPUs in use before the run started (or,
+        // for results that predate that measure, a 1-minute load average above 0.5).
         let busy: Vec<&str> = results
             .iter()
-            .filter(|r| {
-                r.machine
+            .filter(|r| match r.machine.cpu_busy_at_start {
+                Some(busy) => busy > 0.10,
+                None => r
+                    .machine
                     .loadavg_at_start
                     .split_whitespace()
                     .next()
                     .and_then(|v| v.parse::<f64>().ok())
-                    .is_some_and(|v| v > 0.5)
+                    .is_some_and(|v| v > 0.5),
             })
             .map(|r| r.scenario.as_str())
             .collect();
         if !busy.is_empty() {
             let _ = writeln!(
                 md,
-                "\n**Noisy:** the machine was busy with other work when these scenarios started \
-                 (1-minute load average above 0.5): {}. Treat their numbers as indicative and \
-                 re-run on a quiet machine.",
+                "\n**Noisy:** the machine was busy with other work when these scenarios' run \
+                 started (over 10 % of the CPUs in use before it, or a 1-minute load average above \
+                 0.5 where that was not measured): {}. Treat their numbers as indicative and re-run \
+                 on a quiet machine.",
                 busy.join(", ")
             );
         }
