@@ -27,7 +27,8 @@ pub struct Machine {
 
 /// The busy share of all CPUs over `window`, from the `cpu` line of /proc/stat.
 fn cpu_busy(window: std::time::Duration) -> Option<f64> {
-    // (busy, total) jiffies: every field counts toward the total; idle and iowait are not busy.
+    // (busy, total) jiffies over the first eight fields (guest time is already in user); idle
+    // and iowait are not busy.
     let sample = || -> Option<(u64, u64)> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let fields: Vec<u64> = stat

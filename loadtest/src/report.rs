@@ -412,29 +412,18 @@ pub fn write(
         ] {
             let _ = writeln!(md, "| {k} | {} |", esc(&v));
         }
-        // Busy means other work: more than 10 % of the CPUs in use before the run started (or,
-        // for results that predate that measure, a 1-minute load average above 0.5).
+        // Busy means other work: more than 10 % of the CPUs in use before the run started.
         let busy: Vec<&str> = results
             .iter()
-            .filter(|r| match r.machine.cpu_busy_at_start {
-                Some(busy) => busy > 0.10,
-                None => r
-                    .machine
-                    .loadavg_at_start
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .is_some_and(|v| v > 0.5),
-            })
+            .filter(|r| r.machine.cpu_busy_at_start.is_some_and(|busy| busy > 0.10))
             .map(|r| r.scenario.as_str())
             .collect();
         if !busy.is_empty() {
             let _ = writeln!(
                 md,
                 "\n**Noisy:** the machine was busy with other work when these scenarios' run \
-                 started (over 10 % of the CPUs in use before it, or a 1-minute load average above \
-                 0.5 where that was not measured): {}. Treat their numbers as indicative and re-run \
-                 on a quiet machine.",
+                 started (over 10 % of the CPUs in use before it): {}. Treat their numbers as \
+                 indicative and re-run on a quiet machine.",
                 busy.join(", ")
             );
         }

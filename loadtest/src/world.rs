@@ -24,20 +24,20 @@ impl Shape {
 }
 
 pub fn pod_ip(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        198,
-        18,
-        128 + (i / 256 % 128) as u8,
-        (i % 256) as u8,
-    ))
+    upper_half_ip(18, i)
 }
 
 pub fn dst_ip(n: usize) -> IpAddr {
+    upper_half_ip(19, n)
+}
+
+/// Address `i` (wrapping after 32,768) in 198.`second`.128.0/17.
+fn upper_half_ip(second: u8, i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(
         198,
-        19,
-        128 + (n / 256 % 128) as u8,
-        (n % 256) as u8,
+        second,
+        128 + (i / 256 % 128) as u8,
+        (i % 256) as u8,
     ))
 }
 

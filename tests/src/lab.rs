@@ -285,7 +285,9 @@ impl Lab {
             // In a directory of its own, as a ConfigMap volume would be: the gateway watches
             // it, and the busy log files in `dir` would wake that watch on every line.
             let identity = self.identity_file();
-            std::fs::create_dir_all(dir.join("identity"))?;
+            if let Some(identity_dir) = identity.parent() {
+                std::fs::create_dir_all(identity_dir)?;
+            }
             let identity_text = match &options.identity_override {
                 Some(text) => text.clone(),
                 None => self.identity_yaml(),
