@@ -35,16 +35,21 @@ fn an_upstream_that_refuses_resets_the_pod_and_logs_the_error() {
     assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
     // Allowed by policy, but nothing listens on 8443 upstream.
     let cursor = lab.gateway().cursor();
-    let out = lab.pod("a").run(&[
-        "curl",
-        "-sS",
-        "-4",
-        "--max-time",
-        "10",
-        "http://api.example.test:8443/",
-    ]);
+    // The errno tells a reset (the pod's connection was established, then cut) from a refusal
+    // (ConnectionRefusedError). curl reports both as "Couldn't connect" when the reset lands
+    // before it checks the connect, which a quick gateway makes likely.
+    let script = format!(
+        "import socket\n\
+         try:\n\
+         \x20   s = socket.create_connection(('{web}', 8443), timeout=10)\n\
+         \x20   s.sendall(b'GET / HTTP/1.1\\r\\nHost: api.example.test\\r\\n\\r\\n')\n\
+         \x20   print('read', len(s.recv(10)))\n\
+         except Exception as e:\n    print('error', type(e).__name__)\n",
+        web = addr::WEB
+    );
+    let out = lab.pod("a").run(&["python3", "-c", &script]);
     // TPROXY completed the pod's handshake with the gateway, so the refusal arrives as a reset.
-    assert!(!out.success() && out.stderr.contains("reset"), "{out}");
+    assert!(out.stdout.contains("error ConnectionResetError"), "{out}");
     let decision = lab
         .gateway()
         .wait_for_decision_since(cursor, |d| d.is("app-1", 8443), Duration::from_secs(10))
