@@ -1,26 +1,30 @@
 //! The per-pod name table: which names a pod resolved to which address, recorded before the pod
 //! sees the answer, read by the gateway for every new connection.
 //!
-//! Design: one `RwLock` over `HashMap<pod, Pod>`, each pod holding `HashMap<dst, Vec<Entry>>`.
-//! The hot path (`lookup`, and `touch` for every allowed connection) takes only the read lock:
-//! a lookup is two hash probes and a scan of the few names sharing one address, and `touch`
-//! renews an entry through an atomic. Only `record` and `purge_expired` write. Oldest-first
-//! eviction uses a sequence number per entry, indexed in a `BTreeMap` per pod and one for the
-//! whole table, so picking a victim never scans.
+//! Design: one `RwLock` over a map keyed by (pod, destination address) whose slot holds the
+//! entries themselves, with room inline for one name (most addresses carry one). In a table of a
+//! million names every probe misses the cache, so a lookup costs what it touches: the hash
+//! probe, that slot and the name. `touch` renews an entry through an atomic under the read lock;
+//! only `record` and `purge_expired` write. Oldest-first eviction follows [`order`]: linked
+//! lists in a slab, O(1) to keep in order and to pick a victim from.
 //!
 //! An entry is keyed by (pod, destination address, name); its count is what the limits and the
 //! `len` gauge measure. A pod's entries live under that pod's key only, so no lookup can reach
 //! another pod's names.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
+use smallvec::SmallVec;
 
 use crate::answer::Answer;
+use order::{NodeId, Order, Route};
+
+mod order;
 
 /// How long entries live and how many there may be.
 #[derive(Debug, Clone)]
@@ -49,40 +53,47 @@ pub struct NameTable {
     inner: RwLock<Inner>,
     len: AtomicUsize,
     evictions: IntCounter,
+    /// Shared by every entry without CNAMEs, so that those allocate nothing for them.
+    no_cnames: Arc<[Arc<str>]>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    pods: HashMap<IpAddr, Pod>,
-    /// Every entry by sequence number: the global oldest-first order.
-    order: BTreeMap<u64, (IpAddr, IpAddr, Arc<str>)>,
-    next_seq: u64,
+    routes: HashMap<Route, Names>,
+    order: Order,
+    /// When expired entries were last swept to make room under the global limit.
+    last_sweep: Option<Instant>,
 }
 
-#[derive(Debug, Default)]
-struct Pod {
-    by_dst: HashMap<IpAddr, Vec<Entry>>,
-    /// This pod's entries by sequence number.
-    order: BTreeMap<u64, (IpAddr, Arc<str>)>,
-}
+/// The names a pod resolved to one address.
+type Names = SmallVec<[Entry; 1]>;
 
 #[derive(Debug)]
 struct Entry {
     name: Arc<str>,
     cnames: Arc<[Arc<str>]>,
     resolved_at: Instant,
-    /// The TTL, already raised to `min_ttl`.
-    ttl: Duration,
+    /// The TTL, already raised to `min_ttl`, in nanoseconds.
+    ttl_ns: u64,
     /// Last `touch`, as nanoseconds after `resolved_at` (0: never). An atomic so that `touch`
     /// runs under the read lock.
     used_after_ns: AtomicU64,
-    seq: u64,
+    /// Its place in the eviction order.
+    node: NodeId,
 }
+
+/// Sweeping the whole table for expired entries when it is full is O(n); once a second is
+/// enough, since entries only expire as time passes. In between, the oldest are evicted.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The order's node ids are 32 bits.
+const MAX_ENTRIES: usize = 1 << 31;
 
 // === impl NameTable ===
 
 impl NameTable {
-    pub fn new(limits: TableLimits) -> Self {
+    pub fn new(mut limits: TableLimits) -> Self {
+        limits.max_names = limits.max_names.min(MAX_ENTRIES);
         // The name and help are fixed, so this cannot fail; the shim registers a clone.
         let evictions = IntCounter::new(
             "egressgate_dns_table_evictions_total",
@@ -94,6 +105,7 @@ impl NameTable {
             inner: RwLock::new(Inner::default()),
             len: AtomicUsize::new(0),
             evictions,
+            no_cnames: Arc::from(Vec::new()),
         }
     }
 
@@ -103,55 +115,51 @@ impl NameTable {
             return;
         }
         let name: Arc<str> = Arc::from(normalize(&answer.name));
-        let cnames: Arc<[Arc<str>]> = answer
-            .cnames
-            .iter()
-            .map(|c| Arc::from(normalize(c)))
-            .collect();
+        let cnames: Arc<[Arc<str>]> = if answer.cnames.is_empty() {
+            self.no_cnames.clone()
+        } else {
+            answer
+                .cnames
+                .iter()
+                .map(|c| Arc::from(normalize(c)))
+                .collect()
+        };
         let ttl = Duration::from_secs(u64::from(answer.ttl)).max(self.limits.min_ttl);
 
         let mut guard = self.write();
         let inner = &mut *guard;
-        for dst in &answer.addresses {
-            let seq = inner.next_seq;
-            inner.next_seq += 1;
-            let pod_entry = inner.pods.entry(pod).or_default();
-            let entries = pod_entry.by_dst.entry(*dst).or_default();
+        for &dst in &answer.addresses {
+            let route = Route { pod, dst };
+            let entries = inner.routes.entry(route).or_default();
             match entries.iter_mut().find(|e| e.name == name) {
                 Some(entry) => {
-                    // Re-resolving refreshes: new TTL from now, the last touch is kept.
+                    // Re-resolving refreshes: new TTL from now, and the entry is the newest.
                     let last_used = entry.last_used();
-                    pod_entry.order.remove(&entry.seq);
-                    inner.order.remove(&entry.seq);
                     entry.resolved_at = now;
-                    entry.ttl = ttl;
+                    entry.ttl_ns = nanos(ttl);
                     entry.cnames = cnames.clone();
-                    entry.seq = seq;
                     let used = last_used.map_or(0, |t| nanos(t.saturating_duration_since(now)));
                     entry.used_after_ns.store(used, Ordering::Relaxed);
+                    inner.order.renew(entry.node);
                 }
-                None => {
-                    entries.push(Entry {
-                        name: name.clone(),
-                        cnames: cnames.clone(),
-                        resolved_at: now,
-                        ttl,
-                        used_after_ns: AtomicU64::new(0),
-                        seq,
-                    });
-                    self.len.fetch_add(1, Ordering::Relaxed);
-                }
+                None => entries.push(Entry {
+                    name: name.clone(),
+                    cnames: cnames.clone(),
+                    resolved_at: now,
+                    ttl_ns: nanos(ttl),
+                    used_after_ns: AtomicU64::new(0),
+                    node: inner.order.push(route),
+                }),
             }
-            pod_entry.order.insert(seq, (*dst, name.clone()));
-            inner.order.insert(seq, (pod, *dst, name.clone()));
         }
         self.enforce_limits(inner, pod, now);
+        self.len.store(inner.order.len(), Ordering::Relaxed);
     }
 
     /// Live names this pod resolved to `dst` (deduplicated), with their CNAME chains.
     pub fn lookup(&self, pod: IpAddr, dst: IpAddr, now: Instant) -> Vec<ResolvedName> {
         let inner = self.read();
-        let Some(entries) = inner.pods.get(&pod).and_then(|p| p.by_dst.get(&dst)) else {
+        let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
             return Vec::new();
         };
         entries
@@ -168,9 +176,8 @@ impl NameTable {
     pub fn touch(&self, pod: IpAddr, dst: IpAddr, name: &str, now: Instant) {
         let inner = self.read();
         let entry = inner
-            .pods
-            .get(&pod)
-            .and_then(|p| p.by_dst.get(&dst))
+            .routes
+            .get(&Route { pod, dst })
             .and_then(|entries| entries.iter().find(|e| &*e.name == name));
         if let Some(entry) = entry {
             let after = nanos(now.saturating_duration_since(entry.resolved_at));
@@ -181,28 +188,8 @@ impl NameTable {
     /// Drops every entry no longer live at `now`; returns how many.
     pub fn purge_expired(&self, now: Instant) -> usize {
         let mut inner = self.write();
-        let Inner { pods, order, .. } = &mut *inner;
-        let mut removed = 0;
-        pods.retain(|_, pod| {
-            let Pod {
-                by_dst,
-                order: pod_order,
-            } = pod;
-            by_dst.retain(|_, entries| {
-                entries.retain(|e| {
-                    if e.is_live(now, &self.limits) {
-                        return true;
-                    }
-                    pod_order.remove(&e.seq);
-                    order.remove(&e.seq);
-                    removed += 1;
-                    false
-                });
-                !entries.is_empty()
-            });
-            !by_dst.is_empty()
-        });
-        self.len.fetch_sub(removed, Ordering::Relaxed);
+        let removed = self.sweep(&mut inner, now);
+        self.len.store(inner.order.len(), Ordering::Relaxed);
         removed
     }
 
@@ -227,70 +214,56 @@ impl NameTable {
 
     /// Over a limit, expired entries go first (not counted as evictions), then the oldest.
     fn enforce_limits(&self, inner: &mut Inner, pod: IpAddr, now: Instant) {
-        let pod_len = |inner: &Inner| inner.pods.get(&pod).map_or(0, |p| p.order.len());
-        if pod_len(inner) > self.limits.max_names_per_pod {
-            self.drop_expired_of(inner, pod, now);
-            while pod_len(inner) > self.limits.max_names_per_pod {
-                let Some((&seq, _)) = inner.pods.get(&pod).and_then(|p| p.order.first_key_value())
-                else {
+        if inner.order.len_of(pod) > self.limits.max_names_per_pod {
+            for node in inner.order.nodes_of(pod) {
+                if !inner
+                    .entry(node)
+                    .is_some_and(|e| e.is_live(now, &self.limits))
+                {
+                    inner.remove(node);
+                }
+            }
+            while inner.order.len_of(pod) > self.limits.max_names_per_pod {
+                let Some(node) = inner.order.oldest_of(pod) else {
                     break;
                 };
-                self.remove(inner, seq);
+                inner.remove(node);
                 self.evictions.inc();
             }
         }
         if inner.order.len() > self.limits.max_names {
-            let expired: Vec<IpAddr> = inner.pods.keys().copied().collect();
-            for p in expired {
-                self.drop_expired_of(inner, p, now);
+            if inner
+                .last_sweep
+                .is_none_or(|last| now.saturating_duration_since(last) >= SWEEP_INTERVAL)
+            {
+                self.sweep(inner, now);
+                inner.last_sweep = Some(now);
             }
             while inner.order.len() > self.limits.max_names {
-                let Some((&seq, _)) = inner.order.first_key_value() else {
+                let Some(node) = inner.order.oldest() else {
                     break;
                 };
-                self.remove(inner, seq);
+                inner.remove(node);
                 self.evictions.inc();
             }
         }
     }
 
-    fn drop_expired_of(&self, inner: &mut Inner, pod: IpAddr, now: Instant) {
-        let Some(p) = inner.pods.get(&pod) else {
-            return;
-        };
-        let dead: Vec<u64> = p
-            .by_dst
-            .values()
-            .flatten()
-            .filter(|e| !e.is_live(now, &self.limits))
-            .map(|e| e.seq)
-            .collect();
-        for seq in dead {
-            self.remove(inner, seq);
-        }
-    }
-
-    /// Removes the entry with sequence number `seq` from every index.
-    fn remove(&self, inner: &mut Inner, seq: u64) {
-        let Some((pod, dst, _)) = inner.order.remove(&seq) else {
-            return;
-        };
-        let Some(p) = inner.pods.get_mut(&pod) else {
-            return;
-        };
-        p.order.remove(&seq);
-        if let Some(entries) = p.by_dst.get_mut(&dst) {
-            let before = entries.len();
-            entries.retain(|e| e.seq != seq);
-            self.len
-                .fetch_sub(before - entries.len(), Ordering::Relaxed);
-            if entries.is_empty() {
-                p.by_dst.remove(&dst);
-            }
-        }
-        if p.by_dst.is_empty() {
-            inner.pods.remove(&pod);
-        }
+    /// Drops every expired entry; returns how many.
+    fn sweep(&self, inner: &mut Inner, now: Instant) -> usize {
+        let Inner { routes, order, .. } = inner;
+        let before = order.len();
+        routes.retain(|_, entries| {
+            entries.retain(|e| {
+                let live = e.is_live(now, &self.limits);
+                if !live {
+                    order.remove(e.node);
+                }
+                live
+            });
+            !entries.is_empty()
+        });
+        before - order.len()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -301,6 +274,29 @@ impl NameTable {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    /// The entry of an ordered node (every node has one).
+    fn entry(&self, node: NodeId) -> Option<&Entry> {
+        let route = self.order.route(node);
+        self.routes
+            .get(&route)
+            .and_then(|entries| entries.iter().find(|e| e.node == node))
+    }
+
+    /// Removes the entry of `node` from the routes and the order.
+    fn remove(&mut self, node: NodeId) {
+        let route = self.order.remove(node);
+        if let Some(entries) = self.routes.get_mut(&route) {
+            entries.retain(|e| e.node != node);
+            if entries.is_empty() {
+                self.routes.remove(&route);
+            }
+        }
     }
 }
 
@@ -316,8 +312,8 @@ impl Entry {
 
     /// `now < max(resolved_at + ttl, last_used) + idle_grace`.
     fn is_live(&self, now: Instant, limits: &TableLimits) -> bool {
-        let used = Duration::from_nanos(self.used_after_ns.load(Ordering::Relaxed));
-        let valid_for = self.ttl.max(used).saturating_add(limits.idle_grace);
+        let fresh_for = self.ttl_ns.max(self.used_after_ns.load(Ordering::Relaxed));
+        let valid_for = Duration::from_nanos(fresh_for).saturating_add(limits.idle_grace);
         match self.resolved_at.checked_add(valid_for) {
             Some(expires) => now < expires,
             None => true, // beyond the clock's range: never expires in practice

@@ -224,3 +224,155 @@ fn empty_answer_records_nothing() {
     table.record(POD_A, &answer("api.example.test", &[], 60), Instant::now());
     assert!(table.is_empty());
 }
+
+/// A plain list, oldest first, that follows the documented rules step by step: the table (its
+/// maps, slab and linked lists) must agree with it after every operation.
+mod model {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const PODS: [IpAddr; 3] = [POD_A, POD_B, IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4))];
+    const DSTS: [IpAddr; 3] = [DST, DST2, IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12))];
+    const NAMES: [&str; 4] = ["a.test", "b.test", "c.test", "d.test"];
+    const LIMITS: TableLimits = TableLimits {
+        min_ttl: Duration::from_secs(5),
+        idle_grace: Duration::from_secs(10),
+        max_names_per_pod: 4,
+        max_names: 7,
+    };
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Record {
+            pod: usize,
+            name: usize,
+            dsts: Vec<usize>,
+            ttl: u32,
+        },
+        Touch {
+            pod: usize,
+            dst: usize,
+            name: usize,
+        },
+        Purge,
+        Wait(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..3usize, 0..4usize, proptest::collection::vec(0..3usize, 1..3), 0..30u32)
+                .prop_map(|(pod, name, dsts, ttl)| Op::Record { pod, name, dsts, ttl }),
+            1 => (0..3usize, 0..3usize, 0..4usize)
+                .prop_map(|(pod, dst, name)| Op::Touch { pod, dst, name }),
+            1 => Just(Op::Purge),
+            2 => (0..20u64).prop_map(Op::Wait),
+        ]
+    }
+
+    /// (pod, dst, name, resolved at, TTL, last touch), all times in seconds; oldest first.
+    type Row = (usize, usize, usize, u64, u64, u64);
+
+    fn live(row: &Row, now: u64) -> bool {
+        now < (row.3 + row.4).max(row.5) + LIMITS.idle_grace.as_secs()
+    }
+
+    #[derive(Default)]
+    struct Model {
+        rows: Vec<Row>,
+        evictions: u64,
+        last_sweep: Option<u64>,
+    }
+
+    impl Model {
+        fn record(&mut self, pod: usize, name: usize, dsts: &[usize], ttl: u32, now: u64) {
+            let ttl = u64::from(ttl).max(LIMITS.min_ttl.as_secs());
+            for &dst in dsts {
+                self.rows.retain(|r| (r.0, r.1, r.2) != (pod, dst, name));
+                self.rows.push((pod, dst, name, now, ttl, 0));
+            }
+            if self.rows.iter().filter(|r| r.0 == pod).count() > LIMITS.max_names_per_pod {
+                self.rows.retain(|r| r.0 != pod || live(r, now));
+                while self.rows.iter().filter(|r| r.0 == pod).count() > LIMITS.max_names_per_pod {
+                    let Some(oldest) = self.rows.iter().position(|r| r.0 == pod) else {
+                        break;
+                    };
+                    self.rows.remove(oldest);
+                    self.evictions += 1;
+                }
+            }
+            if self.rows.len() > LIMITS.max_names {
+                if self.last_sweep.is_none_or(|last| now > last) {
+                    self.rows.retain(|r| live(r, now));
+                    self.last_sweep = Some(now);
+                }
+                while self.rows.len() > LIMITS.max_names {
+                    self.rows.remove(0);
+                    self.evictions += 1;
+                }
+            }
+        }
+
+        fn touch(&mut self, pod: usize, dst: usize, name: usize, now: u64) {
+            if let Some(row) = self
+                .rows
+                .iter_mut()
+                .find(|r| (r.0, r.1, r.2) == (pod, dst, name))
+            {
+                row.5 = row.5.max(now);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_table_agrees_with_a_plain_list(ops in proptest::collection::vec(op(), 1..60)) {
+            let table = NameTable::new(LIMITS);
+            let mut model = Model::default();
+            let t0 = Instant::now();
+            let mut now = 0u64;
+            for op in ops {
+                let at = t0 + secs(now);
+                match op {
+                    Op::Record { pod, name, dsts, ttl } => {
+                        let addresses: Vec<IpAddr> = dsts.iter().map(|&d| DSTS[d]).collect();
+                        let answer = Answer {
+                            name: NAMES[name].to_owned(),
+                            addresses,
+                            cnames: Vec::new(),
+                            ttl,
+                        };
+                        table.record(PODS[pod], &answer, at);
+                        model.record(pod, name, &dsts, ttl, now);
+                    }
+                    Op::Touch { pod, dst, name } => {
+                        table.touch(PODS[pod], DSTS[dst], NAMES[name], at);
+                        model.touch(pod, dst, name, now);
+                    }
+                    Op::Purge => {
+                        let before = model.rows.len();
+                        model.rows.retain(|r| live(r, now));
+                        prop_assert_eq!(table.purge_expired(at), before - model.rows.len());
+                    }
+                    Op::Wait(s) => now += s,
+                }
+                let at = t0 + secs(now);
+                prop_assert_eq!(table.len(), model.rows.len());
+                prop_assert_eq!(table.evictions(), model.evictions);
+                for (p, &pod) in PODS.iter().enumerate() {
+                    for (d, &dst) in DSTS.iter().enumerate() {
+                        let mut want: Vec<&str> = model
+                            .rows
+                            .iter()
+                            .filter(|r| (r.0, r.1) == (p, d) && live(r, now))
+                            .map(|r| NAMES[r.2])
+                            .collect();
+                        want.sort_unstable();
+                        let found = table.lookup(pod, dst, at);
+                        prop_assert_eq!(names(&found), want);
+                    }
+                }
+            }
+        }
+    }
+}
