@@ -8,13 +8,14 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use egressgate_policy::PodIdentity;
+use arc_swap::ArcSwapOption;
+use egressgate_policy::{KeptSelection, PodIdentity, PolicySet, Selection};
 use serde::Deserialize;
 
 use crate::yaml_file::{self, YamlFileError};
 
 /// One pod, as the policies see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
@@ -23,9 +24,34 @@ pub struct Pod {
     /// Every address of the pod: a dual-stack pod may resolve over IPv4 and connect over IPv6,
     /// and its DNS records are its own under either address.
     pub ips: Vec<IpAddr>,
+    /// Which policies selected it at its last decision: see [`Pod::select`].
+    pub selection: SelectionCache,
 }
 
+/// A pod's last [`Selection`], kept without a lock. A pod whose identity changes is a new `Pod`,
+/// and a reload is a new `PolicySet`, so the kept selection is right while its set is current.
+#[derive(Debug, Default)]
+pub struct SelectionCache(ArcSwapOption<KeptSelection>);
+
 impl Pod {
+    /// The policies that select this pod: the kept selection when `policies` made it (the
+    /// common case, a few cache lines instead of a walk through the selection index), else
+    /// worked out and kept.
+    pub fn select<'a>(&self, policies: &'a PolicySet) -> Selection<'a> {
+        if let Some(selection) = self
+            .selection
+            .0
+            .load()
+            .as_deref()
+            .and_then(|kept| policies.reuse(kept))
+        {
+            return selection;
+        }
+        let selection = policies.select(&self.identity());
+        self.selection.0.store(Some(Arc::new(selection.keep())));
+        selection
+    }
+
     pub fn identity(&self) -> PodIdentity<'_> {
         PodIdentity {
             namespace: &self.namespace,
@@ -112,6 +138,7 @@ impl Identities {
                     .map(|labels| (*labels).clone())
                     .unwrap_or_default(),
                 ips: entry.ips.iter().map(|ip| ip.to_canonical()).collect(),
+                selection: SelectionCache::default(),
             });
             for ip in &entry.ips {
                 let ip = ip.to_canonical();
@@ -182,10 +209,10 @@ mod tests {
             Some("shop")
         );
         let v6 = ids.lookup("fd00:1::2".parse().expect("ip")).expect("known");
-        assert_eq!(v6, pod);
+        assert!(Arc::ptr_eq(v6, pod), "one pod, two addresses");
         assert_eq!(pod.ips.len(), 2);
         let mapped = ids.lookup("::ffff:198.18.1.2".parse().expect("ip"));
-        assert_eq!(mapped, Some(pod));
+        assert!(mapped.is_some_and(|mapped| Arc::ptr_eq(mapped, pod)));
         let lonely = ids
             .lookup("198.18.3.2".parse().expect("ip"))
             .expect("known");
@@ -213,5 +240,29 @@ mod tests {
             shown.contains("1.2.3.4 is listed for both x/a and x/b"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_kept_selection_follows_policy_reloads() {
+        let policies = |pod_label: &str| {
+            let yaml = format!(
+                "apiVersion: egressgate.dev/v1alpha1\nkind: EgressPolicy\n\
+                 metadata: {{name: p, namespace: shop}}\n\
+                 spec:\n  podSelector: {{matchLabels: {{role: {pod_label}}}}}\n  egress: []\n"
+            );
+            let parsed = egressgate_policy::parse_policies("p.yaml", &yaml).expect("parses");
+            PolicySet::new(parsed).expect("compiles")
+        };
+        let ids = Identities::parse("pods.yaml", FILE).expect("valid");
+        let pod = ids
+            .lookup("198.18.1.2".parse().expect("ip"))
+            .expect("known");
+        let (selects, reloaded) = (policies("app"), policies("web"));
+        assert_eq!(pod.select(&selects).policies().count(), 1);
+        assert!(pod.selection.0.load().is_some(), "kept");
+        assert_eq!(pod.select(&selects).policies().count(), 1, "reused");
+        assert!(pod.select(&reloaded).is_empty(), "worked out anew");
+        assert!(pod.select(&reloaded).is_empty());
+        assert_eq!(pod.select(&selects).policies().count(), 1);
     }
 }

@@ -47,7 +47,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use crate::config::DaemonSetRef;
-use crate::identity::{Identities, Pod};
+use crate::identity::{Identities, Pod, SelectionCache};
 use crate::store::Store;
 
 /// The watch could not start.
@@ -339,6 +339,7 @@ impl Index {
                     .cloned()
                     .unwrap_or_default(),
                 ips: owned.clone(),
+                selection: SelectionCache::default(),
             });
             for ip in owned {
                 by_ip.insert(ip, Arc::clone(&pod));

@@ -28,4 +28,4 @@ pub use model::{
 pub use name::{normalize_name, DnsNamePattern, NameError};
 pub use parse::{parse_policies, LoadError, API_VERSION};
 pub use selector::{LabelSelector, Operator, Requirement, SelectorError};
-pub use set::{Grant, GrantPeer, PodIdentity, PolicySet, Selection};
+pub use set::{Grant, GrantPeer, KeptSelection, PodIdentity, PolicySet, Selection};

@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -23,6 +25,8 @@ pub struct PolicySet {
     selection: SelectionIndex,
     names: NameIndex,
     cidr_rules: CidrRules,
+    /// Tells this set's [`KeptSelection`]s from another's (0: the empty set).
+    id: u64,
 }
 
 /// Who a pod is, as the gateway learned it from the cluster.
@@ -38,9 +42,27 @@ pub struct PodIdentity<'a> {
 #[derive(Clone)]
 pub struct Selection<'a> {
     set: &'a PolicySet,
-    /// Positions in `set.policies`, ascending.
-    policies: Vec<usize>,
+    selected: Selected,
 }
+
+/// A [`Selection`] kept for the next decisions of the same pod: working out which policies
+/// select a pod walks several maps and strings, cold in a big set, while a pod's identity and
+/// the set change seldom. Valid only for the set that made it ([`PolicySet::reuse`] checks).
+#[derive(Debug, Clone)]
+pub struct KeptSelection {
+    set_id: u64,
+    selected: Selected,
+}
+
+#[derive(Debug, Clone)]
+struct Selected {
+    /// Positions in `set.policies`, ascending.
+    policies: Arc<[usize]>,
+    has_enforce: bool,
+}
+
+/// Source of [`PolicySet`] ids.
+static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One (policy, rule, port entry) that allows a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +136,7 @@ impl PolicySet {
             names: NameIndex::new(models()),
             cidr_rules: CidrRules::new(models()),
             policies: compiled,
+            id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -141,10 +164,24 @@ impl PolicySet {
         let policies = self
             .selection
             .select(pod.namespace, pod.labels, |i| self.policies[i].selects(pod));
+        let has_enforce = policies
+            .iter()
+            .any(|&i| self.policies[i].policy.mode() == Mode::Enforce);
         Selection {
             set: self,
-            policies,
+            selected: Selected {
+                policies: policies.into(),
+                has_enforce,
+            },
         }
+    }
+
+    /// `kept` as a selection of this set, if this set made it.
+    pub fn reuse<'a>(&'a self, kept: &KeptSelection) -> Option<Selection<'a>> {
+        (kept.set_id == self.id).then(|| Selection {
+            set: self,
+            selected: kept.selected.clone(),
+        })
     }
 }
 
@@ -201,12 +238,20 @@ impl CompiledRule {
 impl<'a> Selection<'a> {
     /// The pod is selected by no policy.
     pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
+        self.selected.policies.is_empty()
     }
 
     /// At least one selecting policy is in enforce mode.
     pub fn has_enforce(&self) -> bool {
-        self.compiled().any(|c| c.policy.mode() == Mode::Enforce)
+        self.selected.has_enforce
+    }
+
+    /// This selection, to [`reuse`](PolicySet::reuse) with the same set.
+    pub fn keep(&self) -> KeptSelection {
+        KeptSelection {
+            set_id: self.set.id,
+            selected: self.selected.clone(),
+        }
     }
 
     /// The selecting policies, sorted by reference.
@@ -216,7 +261,10 @@ impl<'a> Selection<'a> {
 
     fn compiled(&self) -> impl Iterator<Item = &'a CompiledPolicy> + '_ {
         let set = self.set;
-        self.policies.iter().map(move |&i| &set.policies[i])
+        self.selected
+            .policies
+            .iter()
+            .map(move |&i| &set.policies[i])
     }
 
     /// Every (policy, rule, port entry) whose port range contains `port` and whose peers match:
@@ -234,7 +282,7 @@ impl<'a> Selection<'a> {
         let mut hits: Vec<(usize, usize, Option<usize>)> = Vec::new();
         self.set
             .cidr_rules
-            .for_each_selected(&self.policies, |policy, rule| {
+            .for_each_selected(&self.selected.policies, |policy, rule| {
                 let compiled = &policies[policy].rules[rule];
                 if compiled.has_port(port) && compiled.cidr(dst).is_some() {
                     hits.push((policy, rule, None));
@@ -243,7 +291,7 @@ impl<'a> Selection<'a> {
         for (index, name) in resolved_names.iter().enumerate() {
             self.set
                 .names
-                .for_each_match(name, &self.policies, |policy, rule| {
+                .for_each_match(name, &self.selected.policies, |policy, rule| {
                     if policies[policy].rules[rule].has_port(port) {
                         hits.push((policy, rule, Some(index)));
                     }
@@ -391,6 +439,27 @@ spec:
             selected(&set, "shop", &[("role", "web")], &[]),
             ["shop/web", "everyone"]
         );
+    }
+
+    #[test]
+    fn a_kept_selection_is_reused_only_by_the_set_that_made_it() {
+        let (first, same_text) = (set(), set());
+        let (labels, none) = (labels(&[("role", "app")]), labels(&[]));
+        let pod = PodIdentity {
+            namespace: "shop",
+            name: "pod-0",
+            labels: &labels,
+            namespace_labels: &none,
+        };
+        let selection = first.select(&pod);
+        let kept = selection.keep();
+        let reused = first.reuse(&kept).expect("same set");
+        assert!(reused.policies().eq(selection.policies()));
+        assert_eq!(reused.has_enforce(), selection.has_enforce());
+        assert_eq!(reused.policies().count(), 3);
+        // A reload builds a new set, even from the same text: what it selects may differ.
+        assert!(same_text.reuse(&kept).is_none());
+        assert!(PolicySet::empty().reuse(&kept).is_none());
     }
 
     #[test]

@@ -228,8 +228,7 @@ impl Proxy {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
         });
-        let identity = pod.identity();
-        let selection = snapshot.policies.select(&identity);
+        let selection = pod.select(&snapshot.policies);
         if selection.is_empty() {
             return fallback(self.unselected);
         }
