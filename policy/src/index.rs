@@ -1,6 +1,9 @@
 //! Indexes over a policy set, built once in `PolicySet::new` so that a decision looks only at
 //! the policies and rules that can apply, not at all of them.
 //!
+//! Policies are named by their position in the set; rules by their position in the set's flat
+//! list of rules, policy after policy (so rule positions ascend with policy positions).
+//!
 //! They only narrow the search, and give the answers of a full scan (the tests below hold them
 //! to one): [`SelectionIndex`] leaves to the caller's full check every candidate it cannot vouch
 //! for, [`NameIndex`] matches as `DnsNamePattern::matches` does, and [`CidrRules`] lists the
@@ -8,7 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::model::{Peer, Policy};
+use smallvec::SmallVec;
+
+use crate::model::{EgressRule, Peer, Policy};
 use crate::name::{match_form, Prefix};
 use crate::selector::LabelSelector;
 
@@ -44,8 +49,9 @@ struct Candidate {
 /// Which `dnsName` patterns match a name, found by looking up the name's suffixes.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct NameIndex {
-    /// Fixed part (lowercase, no wildcard) → the patterns with it, sorted by policy.
-    by_fixed_part: HashMap<Box<str>, Vec<NameEntry>>,
+    /// Fixed part (lowercase, no wildcard) → the patterns with it, sorted by policy. Most fixed
+    /// parts belong to one pattern, kept inline in the map's slot.
+    by_fixed_part: HashMap<Box<str>, SmallVec<[NameEntry; 1]>>,
     /// Bit `n` is set when some fixed part has `n` labels: suffixes of other lengths cannot be
     /// keys, so they are not hashed.
     label_counts: u128,
@@ -153,22 +159,20 @@ impl NameIndex {
     /// `policies` in set order: their positions are the indices handed out.
     pub(crate) fn new<'p>(policies: impl IntoIterator<Item = &'p Policy>) -> Self {
         let mut index = NameIndex::default();
-        for (policy_index, policy) in policies.into_iter().enumerate() {
-            for (rule_index, rule) in policy.egress().iter().enumerate() {
-                for peer in rule.to() {
-                    if let Peer::DnsName(pattern) = peer {
-                        let fixed_part = pattern.fixed_part();
-                        index.label_counts |= label_count_bit(fixed_part.split('.').count());
-                        index
-                            .by_fixed_part
-                            .entry(fixed_part.into())
-                            .or_default()
-                            .push(NameEntry {
-                                policy: policy_index,
-                                rule: rule_index,
-                                prefix: pattern.prefix(),
-                            });
-                    }
+        for (rule_index, (policy_index, _, rule)) in rules_in_order(policies).enumerate() {
+            for peer in rule.to() {
+                if let Peer::DnsName(pattern) = peer {
+                    let fixed_part = pattern.fixed_part();
+                    index.label_counts |= label_count_bit(fixed_part.split('.').count());
+                    index
+                        .by_fixed_part
+                        .entry(fixed_part.into())
+                        .or_default()
+                        .push(NameEntry {
+                            policy: policy_index,
+                            rule: rule_index,
+                            prefix: pattern.prefix(),
+                        });
                 }
             }
         }
@@ -180,14 +184,14 @@ impl NameIndex {
         index
     }
 
-    /// Calls `found(policy, rule)` for each `dnsName` peer of a `selected` policy (indices,
-    /// ascending) that matches `name`, in no particular order; a rule may be reported more than
-    /// once. Like `DnsNamePattern::matches`, an invalid name matches nothing.
+    /// Calls `found(rule)` for each `dnsName` peer of a `selected` policy (indices, ascending)
+    /// that matches `name`, in no particular order; a rule may be reported more than once. Like
+    /// `DnsNamePattern::matches`, an invalid name matches nothing.
     pub(crate) fn for_each_match(
         &self,
         name: &str,
         selected: &[usize],
-        mut found: impl FnMut(usize, usize),
+        mut found: impl FnMut(usize),
     ) {
         let Some(name) = match_form(name) else {
             return;
@@ -208,7 +212,7 @@ impl NameIndex {
                     selected,
                     |entry| {
                         if entry.prefix.accepts(extra) {
-                            found(entry.policy, entry.rule);
+                            found(entry.rule);
                         }
                     },
                 );
@@ -228,31 +232,38 @@ fn label_count_bit(labels: usize) -> u128 {
 impl CidrRules {
     /// `policies` in set order: their positions are the indices handed out.
     pub(crate) fn new<'p>(policies: impl IntoIterator<Item = &'p Policy>) -> Self {
-        let mut rules = Vec::new();
-        for (policy_index, policy) in policies.into_iter().enumerate() {
-            for (rule_index, rule) in policy.egress().iter().enumerate() {
-                if rule.to().iter().any(|peer| matches!(peer, Peer::Cidr(_))) {
-                    rules.push((policy_index, rule_index));
-                }
-            }
-        }
+        let rules = rules_in_order(policies)
+            .enumerate()
+            .filter(|(_, (_, _, rule))| rule.to().iter().any(|peer| matches!(peer, Peer::Cidr(_))))
+            .map(|(rule_index, (policy_index, _, _))| (policy_index, rule_index))
+            .collect();
         CidrRules { rules }
     }
 
-    /// Calls `found(policy, rule)` for each rule with `cidr` peers of a `selected` policy
-    /// (indices, ascending), in order.
-    pub(crate) fn for_each_selected(
-        &self,
-        selected: &[usize],
-        mut found: impl FnMut(usize, usize),
-    ) {
+    /// Calls `found(rule)` for each rule with `cidr` peers of a `selected` policy (indices,
+    /// ascending), in order.
+    pub(crate) fn for_each_selected(&self, selected: &[usize], mut found: impl FnMut(usize)) {
         for_each_selected(
             &self.rules,
             |&(policy, _)| policy,
             selected,
-            |&(policy, rule)| found(policy, rule),
+            |&(_, rule)| found(rule),
         );
     }
+}
+
+/// (policy position, index in the policy's `spec.egress`, rule) of every rule, policy after
+/// policy: the n-th is rule position n (see the module docs).
+pub(crate) fn rules_in_order<'p>(
+    policies: impl IntoIterator<Item = &'p Policy>,
+) -> impl Iterator<Item = (usize, usize, &'p EgressRule)> {
+    policies
+        .into_iter()
+        .enumerate()
+        .flat_map(|(position, policy)| {
+            let rules = policy.egress().iter().enumerate();
+            rules.map(move |(index, rule)| (position, index, rule))
+        })
 }
 
 /// Calls `f`, in order, on the `items` (sorted by `policy_of`) whose policy is in `selected`
