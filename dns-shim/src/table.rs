@@ -2,9 +2,11 @@
 //! sees the answer, read by the gateway for every new connection.
 //!
 //! Design: one `RwLock` over a map keyed by (pod, destination address) whose slot holds the
-//! entries themselves, with room inline for one name (most addresses carry one). In a table of a
-//! million names every probe misses the cache, so a lookup costs what it touches: the hash
-//! probe, that slot and the name. `touch` renews an entry through an atomic under the read lock;
+//! entries themselves, with room inline for one entry (most addresses carry one name) and, in
+//! the entry, for a name of up to [`INLINE_NAME`] bytes (most names). In a table of a million
+//! names every probe misses the cache, so a lookup costs what it touches: the hash probe and
+//! that slot. [`NameTable::lookup_each`] lends the names out under the read lock, so the hot
+//! path copies and counts nothing. `touch` renews an entry through an atomic under the read lock;
 //! only `record` and `purge_expired` write. Oldest-first eviction follows [`order`]: linked
 //! lists in a slab, O(1) to keep in order and to pick a victim from.
 //!
@@ -53,8 +55,6 @@ pub struct NameTable {
     inner: RwLock<Inner>,
     len: AtomicUsize,
     evictions: IntCounter,
-    /// Shared by every entry without CNAMEs, so that those allocate nothing for them.
-    no_cnames: Arc<[Arc<str>]>,
 }
 
 #[derive(Debug, Default)]
@@ -70,8 +70,9 @@ type Names = SmallVec<[Entry; 1]>;
 
 #[derive(Debug)]
 struct Entry {
-    name: Arc<str>,
-    cnames: Arc<[Arc<str>]>,
+    name: StoredName,
+    /// `None` when there are none: most answers, and no allocation for them.
+    cnames: Option<Arc<[Arc<str>]>>,
     resolved_at: Instant,
     /// The TTL, already raised to `min_ttl`, in nanoseconds.
     ttl_ns: u64,
@@ -89,6 +90,16 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// The order's node ids are 32 bits.
 const MAX_ENTRIES: usize = 1 << 31;
 
+/// Longest name kept inside its entry; 38 bytes make a 40-byte `StoredName`.
+const INLINE_NAME: usize = 38;
+
+/// A recorded name: inline when short, else shared by the entries of one answer.
+#[derive(Debug, Clone)]
+enum StoredName {
+    Inline { len: u8, bytes: [u8; INLINE_NAME] },
+    Shared(Arc<str>),
+}
+
 // === impl NameTable ===
 
 impl NameTable {
@@ -105,7 +116,6 @@ impl NameTable {
             inner: RwLock::new(Inner::default()),
             len: AtomicUsize::new(0),
             evictions,
-            no_cnames: Arc::from(Vec::new()),
         }
     }
 
@@ -114,16 +124,14 @@ impl NameTable {
         if answer.addresses.is_empty() {
             return;
         }
-        let name: Arc<str> = Arc::from(normalize(&answer.name));
-        let cnames: Arc<[Arc<str>]> = if answer.cnames.is_empty() {
-            self.no_cnames.clone()
-        } else {
+        let name = StoredName::new(normalize(&answer.name));
+        let cnames: Option<Arc<[Arc<str>]>> = (!answer.cnames.is_empty()).then(|| {
             answer
                 .cnames
                 .iter()
                 .map(|c| Arc::from(normalize(c)))
                 .collect()
-        };
+        });
         let ttl = Duration::from_secs(u64::from(answer.ttl)).max(self.limits.min_ttl);
 
         let mut guard = self.write();
@@ -131,7 +139,10 @@ impl NameTable {
         for &dst in &answer.addresses {
             let route = Route { pod, dst };
             let entries = inner.routes.entry(route).or_default();
-            match entries.iter_mut().find(|e| e.name == name) {
+            match entries
+                .iter_mut()
+                .find(|e| e.name.as_str() == name.as_str())
+            {
                 Some(entry) => {
                     // Re-resolving refreshes: new TTL from now, and the entry is the newest.
                     let last_used = entry.last_used();
@@ -156,20 +167,38 @@ impl NameTable {
         self.len.store(inner.order.len(), Ordering::Relaxed);
     }
 
-    /// Live names this pod resolved to `dst` (deduplicated), with their CNAME chains.
-    pub fn lookup(&self, pod: IpAddr, dst: IpAddr, now: Instant) -> Vec<ResolvedName> {
+    /// Calls `visit(name, cnames)` for each live name this pod resolved to `dst`
+    /// (deduplicated), with its CNAME chain. It runs under the read lock: copy out what you
+    /// need and return.
+    pub fn lookup_each(
+        &self,
+        pod: IpAddr,
+        dst: IpAddr,
+        now: Instant,
+        mut visit: impl FnMut(&str, &[Arc<str>]),
+    ) {
         let inner = self.read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
-            return Vec::new();
+            return;
         };
-        entries
-            .iter()
-            .filter(|e| e.is_live(now, &self.limits))
-            .map(|e| ResolvedName {
-                name: e.name.clone(),
-                cnames: e.cnames.clone(),
-            })
-            .collect()
+        for entry in entries.iter().filter(|e| e.is_live(now, &self.limits)) {
+            visit(
+                entry.name.as_str(),
+                entry.cnames.as_deref().unwrap_or_default(),
+            );
+        }
+    }
+
+    /// [`lookup_each`](Self::lookup_each), collected.
+    pub fn lookup(&self, pod: IpAddr, dst: IpAddr, now: Instant) -> Vec<ResolvedName> {
+        let mut found = Vec::new();
+        self.lookup_each(pod, dst, now, |name, cnames| {
+            found.push(ResolvedName {
+                name: Arc::from(name),
+                cnames: Arc::from(cnames),
+            });
+        });
+        found
     }
 
     /// A connection was allowed through this record: extends its idle grace.
@@ -178,7 +207,7 @@ impl NameTable {
         let entry = inner
             .routes
             .get(&Route { pod, dst })
-            .and_then(|entries| entries.iter().find(|e| &*e.name == name));
+            .and_then(|entries| entries.iter().find(|e| e.name.as_str() == name));
         if let Some(entry) = entry {
             let after = nanos(now.saturating_duration_since(entry.resolved_at));
             entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
@@ -296,6 +325,32 @@ impl Inner {
             if entries.is_empty() {
                 self.routes.remove(&route);
             }
+        }
+    }
+}
+
+// === impl StoredName ===
+
+impl StoredName {
+    fn new(name: String) -> Self {
+        let mut bytes = [0; INLINE_NAME];
+        match (bytes.get_mut(..name.len()), u8::try_from(name.len())) {
+            (Some(inline), Ok(len)) => {
+                inline.copy_from_slice(name.as_bytes());
+                StoredName::Inline { len, bytes }
+            }
+            _ => StoredName::Shared(Arc::from(name)),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a `str`, whole: always valid UTF-8.
+            StoredName::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|name| std::str::from_utf8(name).ok())
+                .unwrap_or_default(),
+            StoredName::Shared(name) => name,
         }
     }
 }

@@ -249,8 +249,13 @@ impl Bench {
             };
             let selection = pod.select(&self.policies);
             let t1 = Instant::now();
-            let resolved = self.table.lookup(src, dst, std::time::Instant::now());
-            let names: Vec<&str> = resolved.iter().map(|r| &*r.name).collect();
+            // As the gateway does: the names are copied out for the decision's log line.
+            let mut resolved: Vec<String> = Vec::new();
+            self.table
+                .lookup_each(src, dst, std::time::Instant::now(), |name, _| {
+                    resolved.push(name.to_owned())
+                });
+            let names: Vec<&str> = resolved.iter().map(String::as_str).collect();
             let t2 = Instant::now();
             let granted =
                 decision::effective_grants(&selection, selection.grants(dst, 443, &names));

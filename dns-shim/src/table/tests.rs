@@ -225,6 +225,39 @@ fn empty_answer_records_nothing() {
     assert!(table.is_empty());
 }
 
+#[test]
+fn names_of_every_length_come_back_whole() {
+    let table = NameTable::new(limits());
+    let t0 = Instant::now();
+    // Around the inline limit, and the longest a DNS name can be.
+    let label = |n: usize| "a".repeat(n);
+    let lengths = [INLINE_NAME - 1, INLINE_NAME, INLINE_NAME + 1, 253];
+    let recorded: Vec<String> = lengths
+        .iter()
+        .map(|&len| format!("{}.test", label(len - 5)))
+        .collect();
+    for name in &recorded {
+        assert!(name.len() <= 253);
+        table.record(POD_A, &answer(&name.to_uppercase(), &[DST, DST2], 10), t0);
+    }
+    let mut want: Vec<&str> = recorded.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(names(&table.lookup(POD_A, DST2, t0)), want);
+    let mut seen = Vec::new();
+    table.lookup_each(POD_A, DST, t0, |name, cnames| {
+        assert_eq!(cnames, [Arc::<str>::from("lb.cdn.example.test")]);
+        seen.push(name.to_owned());
+    });
+    seen.sort_unstable();
+    assert_eq!(seen, want);
+    // Touch finds them by name too: only the touched one outlives the others.
+    table.touch(POD_A, DST, &recorded[3], t0 + secs(30));
+    assert_eq!(
+        names(&table.lookup(POD_A, DST, t0 + secs(50))),
+        [&*recorded[3]]
+    );
+}
+
 /// A plain list, oldest first, that follows the documented rules step by step: the table (its
 /// maps, slab and linked lists) must agree with it after every operation.
 mod model {

@@ -234,20 +234,18 @@ impl Proxy {
         }
 
         let now = std::time::Instant::now();
-        let resolved = pod
-            .ips
-            .iter()
-            .flat_map(|&ip| self.table.lookup(ip, dst, now));
-        for name in resolved {
-            if line.names.iter().any(|n| **n == *name.name) {
-                continue;
-            }
-            line.names.push(name.name.to_string());
-            for cname in name.cnames.iter() {
-                if !line.cnames.iter().any(|c| **c == **cname) {
-                    line.cnames.push(cname.to_string());
+        for &ip in &pod.ips {
+            self.table.lookup_each(ip, dst, now, |name, cnames| {
+                if line.names.iter().any(|n| n == name) {
+                    return;
                 }
-            }
+                line.names.push(name.to_owned());
+                for cname in cnames {
+                    if !line.cnames.iter().any(|c| **c == **cname) {
+                        line.cnames.push(cname.to_string());
+                    }
+                }
+            });
         }
         let names: Vec<&str> = line.names.iter().map(String::as_str).collect();
         let grants = decision::effective_grants(
