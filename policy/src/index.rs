@@ -51,7 +51,8 @@ struct Candidate {
 pub(crate) struct NameIndex {
     /// Fixed part (lowercase, no wildcard) → the patterns with it, sorted by policy. Most fixed
     /// parts belong to one pattern, kept inline in the map's slot.
-    by_fixed_part: HashMap<Box<str>, SmallVec<[NameEntry; 1]>>,
+    /// foldhash: the keys come from the policies, and SipHash's DoS resistance would only cost.
+    by_fixed_part: foldhash::HashMap<Box<str>, SmallVec<[NameEntry; 1]>>,
     /// Bit `n` is set when some fixed part has `n` labels: suffixes of other lengths cannot be
     /// keys, so they are not hashed.
     label_counts: u128,

@@ -330,14 +330,23 @@ impl<'a> Selection<'a> {
                     GrantPeer::Names(names)
                 }
             };
-            for (_, protocol) in rule.ports.iter().filter(|(r, _)| r.contains(port)) {
-                grants.push(Grant {
-                    policy: policy.reference(),
-                    rule: rule.index,
-                    mode: policy.mode(),
-                    protocol,
-                    peer: peer.clone(),
-                });
+            let protocols: SmallVec<[&Protocol; 2]> = rule
+                .ports
+                .iter()
+                .filter(|(range, _)| range.contains(port))
+                .map(|(_, protocol)| protocol)
+                .collect();
+            let grant = |protocol, peer| Grant {
+                policy: policy.reference(),
+                rule: rule.index,
+                mode: policy.mode(),
+                protocol,
+                peer,
+            };
+            // The last (usually the only) port entry takes the peer, the others a copy.
+            if let Some((last, others)) = protocols.split_last() {
+                grants.extend(others.iter().map(|protocol| grant(protocol, peer.clone())));
+                grants.push(grant(last, peer));
             }
         }
         grants
