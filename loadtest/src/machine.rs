@@ -18,6 +18,11 @@ pub struct Machine {
     /// started, when the harness itself runs nothing: other work on a shared machine.
     #[serde(default)]
     pub cpu_busy_at_start: Option<f64>,
+    /// A DAMON monitor (`kdamond` threads) samples page access bits behind every process's
+    /// back: expect noise in memory-bound figures such as the decision benchmark. `None`:
+    /// not recorded (older results).
+    #[serde(default)]
+    pub memory_monitor: Option<String>,
     pub haproxy: String,
     pub nginx: String,
     pub dnsperf: String,
@@ -68,6 +73,25 @@ fn first_line(program: &str, args: &[&str]) -> String {
                 .to_owned()
         })
         .unwrap_or_default()
+}
+
+/// Whether the kernel runs DAMON monitors, and how many.
+fn damon_threads() -> Option<String> {
+    let count = std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with("kdamond"))
+        })
+        .count();
+    Some(match count {
+        0 => "none".to_owned(),
+        n => format!(
+            "DAMON ({n} kdamond thread(s)): samples page access bits, adds noise to \
+             memory-bound figures"
+        ),
+    })
 }
 
 fn read(path: &str) -> String {
@@ -122,6 +146,7 @@ impl Machine {
                 .take(3)
                 .collect::<Vec<_>>()
                 .join(" "),
+            memory_monitor: damon_threads(),
             haproxy: first_line("haproxy", &["-v"]),
             nginx: first_line("nginx", &["-v"]),
             dnsperf: {

@@ -404,6 +404,12 @@ pub fn write(
                     |b| format!("{:.1} %", b * 100.0),
                 ),
             ),
+            (
+                "kernel memory monitor",
+                m.memory_monitor
+                    .clone()
+                    .unwrap_or_else(|| "none seen".to_owned()),
+            ),
             ("HAProxy", m.haproxy.clone()),
             ("nginx", m.nginx.clone()),
             ("dnsperf", m.dnsperf.clone()),
@@ -469,9 +475,16 @@ pub fn write(
     md.push_str("\n## Results\n");
     for r in results {
         let _ = writeln!(md, "\n### {}\n\n{}\n", r.title, esc(&r.description));
+        // Scenarios re-run alone after a code change say which code they measured.
+        let commit = match results.first() {
+            Some(first) if first.machine.commit != r.machine.commit => {
+                format!(", egressgate commit {}", r.machine.commit)
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             md,
-            "Scenario `{}`, {} round(s), started {}, took {:.0} s.\n",
+            "Scenario `{}`, {} round(s), started {}, took {:.0} s{commit}.\n",
             r.scenario, r.rounds, r.started, r.seconds
         );
         let paths: Vec<&str> = r.paths.iter().map(|p| p.name.as_str()).collect();
