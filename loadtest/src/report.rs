@@ -406,9 +406,11 @@ pub fn write(
             ),
             (
                 "kernel memory monitor",
-                m.memory_monitor
-                    .clone()
-                    .unwrap_or_else(|| "none seen".to_owned()),
+                // Recorded since a later run than some results may come from.
+                results
+                    .iter()
+                    .find_map(|r| r.machine.memory_monitor.clone())
+                    .unwrap_or_else(|| "not recorded".to_owned()),
             ),
             ("HAProxy", m.haproxy.clone()),
             ("nginx", m.nginx.clone()),
