@@ -194,7 +194,7 @@ impl Proxy {
             reset(client);
             return;
         }
-        self.relay(id, client, decided, accepted).await;
+        self.relay(id, client, destination, decided, accepted).await;
     }
 
     /// Runs every stage up to the verdict, filling `line` as facts are learned.
@@ -397,15 +397,23 @@ impl Proxy {
         authorization.map(describe).map_err(Stop::new)
     }
 
-    /// Connects (unless negotiation already did), replays the peeked bytes, and splices.
-    async fn relay(&self, id: u64, client: TcpStream, decided: Decided, accepted: Instant) {
+    /// Connects to `destination` (unless negotiation already did), replays the peeked bytes,
+    /// and splices.
+    async fn relay(
+        &self,
+        id: u64,
+        client: TcpStream,
+        destination: SocketAddr,
+        decided: Decided,
+        accepted: Instant,
+    ) {
         let replay = decided
             .reader
             .map(PeekReader::into_unforwarded)
             .unwrap_or_default();
         let upstream = match decided.upstream {
             Some(upstream) => Ok(upstream),
-            None => connect(client.local_addr().ok()).await,
+            None => connect(destination).await,
         };
         let upstream = match upstream {
             Ok(upstream) => upstream,
@@ -462,8 +470,7 @@ fn wanted_destination(line: &DecisionLine) -> String {
 }
 
 /// Opens the upstream connection to the original destination.
-async fn connect(destination: Option<SocketAddr>) -> std::io::Result<TcpStream> {
-    let destination = destination.ok_or_else(|| std::io::Error::other("no destination"))?;
+async fn connect(destination: SocketAddr) -> std::io::Result<TcpStream> {
     // The socket is made before connecting, so that running out of descriptors can free the
     // pipe pool's and try again.
     let socket = PIPES.retry_out_of_descriptors(|| match destination {

@@ -137,11 +137,7 @@ async fn exchange(
         detail: None,
     };
     if upstream.is_none() {
-        *upstream = Some(
-            connect(Some(line.destination))
-                .await
-                .map_err(|_| unreachable)?,
-        );
+        *upstream = Some(connect(line.destination).await.map_err(|_| unreachable)?);
     }
     let server = upstream.as_mut().ok_or(unreachable)?;
     let request = reader.buf.get(from..end).unwrap_or_default();
