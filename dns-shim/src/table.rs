@@ -6,8 +6,8 @@
 //! the entry, for a name of up to [`INLINE_NAME`] bytes (most names). In a table of a million
 //! names every probe misses the cache, so a lookup costs what it touches: the hash probe and
 //! that slot. [`NameTable::lookup_each`] lends the names out under the read lock, so the hot
-//! path copies and counts nothing. `touch` renews an entry through an atomic under the read lock;
-//! only `record` and `purge_expired` write. Oldest-first eviction follows [`order`]: linked
+//! path neither allocates nor touches a reference count. `touch` renews an entry through an
+//! atomic under the read lock; only `record` and `purge_expired` write. Oldest-first eviction follows [`order`]: linked
 //! lists in a slab, O(1) to keep in order and to pick a victim from.
 //!
 //! An entry is keyed by (pod, destination address, name); its count is what the limits and the
@@ -90,7 +90,7 @@ struct Entry {
 /// enough, since entries only expire as time passes. In between, the oldest are evicted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The order's node ids are 32 bits.
+/// `max_names` is clamped to this: the order's node ids are 32 bits.
 const MAX_ENTRIES: usize = 1 << 31;
 
 /// Longest name kept inside its entry; 38 bytes make a 40-byte `StoredName`.
