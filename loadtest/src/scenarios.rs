@@ -293,18 +293,30 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
             interleave(name, s.rounds, &paths, &mut samples, |path, _| {
                 let path = kind(path)?;
                 prepare(env, path)?;
+                let pid = env.proxy_pid(path);
+                let cpu_before = pid.and_then(cpu_seconds);
                 let r: RrResult = env.client(
                     path,
                     &rr_args(env, path, new_conn, concurrency, s.seconds, 10_000_000, 0.3),
                     limit(s.seconds),
                 )?;
+                let cpu_used = pid
+                    .and_then(cpu_seconds)
+                    .zip(cpu_before)
+                    .map(|(after, before)| after - before);
                 if r.ops == 0 {
                     return Err(Error::msg(format!(
                         "no operation succeeded: {}",
                         r.first_error.unwrap_or_default()
                     )));
                 }
-                Ok(rr_values(&r))
+                let mut values = rr_values(&r);
+                // The proxy's own cost per operation, steadier here than latency: what it spent
+                // over the whole client run, warm-up included, over every operation started.
+                if let Some(used) = cpu_used.filter(|&used| used > 0.0 && r.attempts > 0) {
+                    values.push(("cpu_per_op".to_owned(), used / r.attempts as f64 * 1e6));
+                }
+                Ok(values)
             })?;
             let what = match name {
                     "tls_connect" => format!(
@@ -698,6 +710,12 @@ fn rr_specs() -> Vec<Spec> {
         spec("p90", "latency p90", "µs", Better::Lower),
         spec("p99", "latency p99", "µs", Better::Lower),
         spec("p999", "latency p99.9", "µs", Better::Lower),
+        spec(
+            "cpu_per_op",
+            "proxy CPU time per operation (user + system, all threads)",
+            "µs",
+            Better::Lower,
+        ),
     ]
 }
 
