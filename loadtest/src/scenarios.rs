@@ -293,17 +293,13 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
             interleave(name, s.rounds, &paths, &mut samples, |path, _| {
                 let path = kind(path)?;
                 prepare(env, path)?;
-                let pid = env.proxy_pid(path);
-                let cpu_before = pid.and_then(cpu_seconds);
-                let r: RrResult = env.client(
-                    path,
-                    &rr_args(env, path, new_conn, concurrency, s.seconds, 10_000_000, 0.3),
-                    limit(s.seconds),
-                )?;
-                let cpu_used = pid
-                    .and_then(cpu_seconds)
-                    .zip(cpu_before)
-                    .map(|(after, before)| after - before);
+                let (r, cpu_used): (RrResult, _) = proxy_cpu_during(env, path, || {
+                    env.client(
+                        path,
+                        &rr_args(env, path, new_conn, concurrency, s.seconds, 10_000_000, 0.3),
+                        limit(s.seconds),
+                    )
+                })?;
                 if r.ops == 0 {
                     return Err(Error::msg(format!(
                         "no operation succeeded: {}",
@@ -803,13 +799,9 @@ fn dns_sample(
         .to_vec()
     };
     let latency: DnsResult = env.client(path, &dns_args(1), limit(s.seconds))?;
-    let pid = env.proxy_pid(path);
-    let cpu_before = pid.and_then(cpu_seconds);
-    let load: DnsResult = env.client(path, &dns_args(s.dns_concurrency), limit(s.seconds))?;
-    let cpu_used = pid
-        .and_then(cpu_seconds)
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
+    let (load, cpu_used): (DnsResult, _) = proxy_cpu_during(env, path, || {
+        env.client(path, &dns_args(s.dns_concurrency), limit(s.seconds))
+    })?;
     let mut values = vec![
         ("p50".to_owned(), latency.latency.p50_us),
         ("p99".to_owned(), latency.latency.p99_us),
@@ -874,6 +866,23 @@ fn dns_sample(
         }
     }
     Ok(values)
+}
+
+/// Runs `work`; also returns the CPU seconds the proxy of `path` spent meanwhile (`None` for
+/// the direct path, or if /proc could not be read).
+fn proxy_cpu_during<T>(
+    env: &Env,
+    path: PathKind,
+    work: impl FnOnce() -> Result<T, Error>,
+) -> Result<(T, Option<f64>), Error> {
+    let pid = env.proxy_pid(path);
+    let before = pid.and_then(cpu_seconds);
+    let result = work()?;
+    let used = pid
+        .and_then(cpu_seconds)
+        .zip(before)
+        .map(|(after, before)| after - before);
+    Ok((result, used))
 }
 
 /// User + system CPU time of process `pid` (all its threads) so far, from /proc/PID/stat.

@@ -22,7 +22,7 @@ use crate::parse::LoadError;
 pub struct PolicySet {
     /// Sorted by [`PolicyRef`], so grants come out in the same order whatever the file order.
     /// The indexes below refer to policies by their position here.
-    policies: Vec<CompiledPolicy>,
+    policies: Vec<Policy>,
     /// Every policy's rules, policy after policy in the order above. The indexes refer to rules
     /// by their position here, so that a match reaches its rule, ports included, in one step.
     rules: Vec<CompiledRule>,
@@ -88,11 +88,6 @@ pub enum GrantPeer {
     Names(Vec<String>),
 }
 
-#[derive(Debug, Clone)]
-struct CompiledPolicy {
-    policy: Policy,
-}
-
 /// A rule's `cidr` peers and ports; its `dnsName` peers live in the set's [`NameIndex`].
 #[derive(Debug, Clone)]
 struct CompiledRule {
@@ -111,7 +106,7 @@ struct CompiledRule {
 impl PolicySet {
     /// Checks that no two policies share (kind, namespace, name) and compiles them. Every
     /// duplicate is reported at the later definition.
-    pub fn new(policies: Vec<Policy>) -> Result<PolicySet, Vec<LoadError>> {
+    pub fn new(mut policies: Vec<Policy>) -> Result<PolicySet, Vec<LoadError>> {
         let mut seen: HashMap<&PolicyRef, &Policy> = HashMap::new();
         let mut errors = Vec::new();
         for policy in &policies {
@@ -135,21 +130,16 @@ impl PolicySet {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let mut compiled: Vec<CompiledPolicy> = policies
-            .into_iter()
-            .map(|policy| CompiledPolicy { policy })
-            .collect();
-        compiled.sort_by(|a, b| a.policy.reference().cmp(b.policy.reference()));
-        let models = || compiled.iter().map(|c| &c.policy);
-        let rules = rules_in_order(models())
+        policies.sort_by(|a, b| a.reference().cmp(b.reference()));
+        let rules = rules_in_order(&policies)
             .map(|(policy, index, rule)| CompiledRule::new(policy, index, rule))
             .collect();
         Ok(PolicySet {
-            selection: SelectionIndex::new(models()),
-            names: NameIndex::new(models()),
-            cidr_rules: CidrRules::new(models()),
-            policies: compiled,
+            selection: SelectionIndex::new(&policies),
+            names: NameIndex::new(&policies),
+            cidr_rules: CidrRules::new(&policies),
             rules,
+            policies,
             id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -169,18 +159,18 @@ impl PolicySet {
 
     /// The policies, sorted by reference.
     pub fn policies(&self) -> impl Iterator<Item = &Policy> {
-        self.policies.iter().map(|c| &c.policy)
+        self.policies.iter()
     }
 
     /// Every policy that selects `pod`, sorted by reference. The index narrows the search to the
     /// policies of its namespace (and cluster ones) filed under none or one of its labels.
     pub fn select<'a>(&'a self, pod: &PodIdentity<'_>) -> Selection<'a> {
-        let policies = self
-            .selection
-            .select(pod.namespace, pod.labels, |i| self.policies[i].selects(pod));
+        let policies = self.selection.select(pod.namespace, pod.labels, |i| {
+            selects(&self.policies[i], pod)
+        });
         let has_enforce = policies
             .iter()
-            .any(|&i| self.policies[i].policy.mode() == Mode::Enforce);
+            .any(|&i| self.policies[i].mode() == Mode::Enforce);
         Selection {
             set: self,
             selected: Selected {
@@ -199,18 +189,14 @@ impl PolicySet {
     }
 }
 
-// === impl CompiledPolicy ===
-
-impl CompiledPolicy {
-    fn selects(&self, pod: &PodIdentity<'_>) -> bool {
-        let p = &self.policy;
-        let in_scope = match (&p.reference().namespace, p.namespace_selector()) {
-            (Some(ns), _) => ns == pod.namespace,
-            (None, Some(selector)) => selector.matches(pod.namespace_labels),
-            (None, None) => true,
-        };
-        in_scope && p.pod_selector().matches(pod.labels)
-    }
+/// The full check: `p`'s scope takes the pod's namespace and its pod selector the pod.
+fn selects(p: &Policy, pod: &PodIdentity<'_>) -> bool {
+    let in_scope = match (&p.reference().namespace, p.namespace_selector()) {
+        (Some(ns), _) => ns == pod.namespace,
+        (None, Some(selector)) => selector.matches(pod.namespace_labels),
+        (None, None) => true,
+    };
+    in_scope && p.pod_selector().matches(pod.labels)
 }
 
 // === impl CompiledRule ===
@@ -270,15 +256,11 @@ impl<'a> Selection<'a> {
 
     /// The selecting policies, sorted by reference.
     pub fn policies(&self) -> impl Iterator<Item = &'a PolicyRef> + '_ {
-        self.compiled().map(|c| c.policy.reference())
-    }
-
-    fn compiled(&self) -> impl Iterator<Item = &'a CompiledPolicy> + '_ {
         let set = self.set;
         self.selected
             .policies
             .iter()
-            .map(move |&i| &set.policies[i])
+            .map(move |&i| set.policies[i].reference())
     }
 
     /// Every (policy, rule, port entry) whose port range contains `port` and whose peers match:
@@ -316,7 +298,7 @@ impl<'a> Selection<'a> {
         let mut grants = Vec::new();
         for rule_hits in hits.chunk_by(|a, b| a.0 == b.0) {
             let rule = &rules[rule_hits[0].0];
-            let policy = &self.set.policies[rule.policy].policy;
+            let policy = &self.set.policies[rule.policy];
             let peer = match rule.cidr(dst) {
                 Some(net) => GrantPeer::Cidr(net),
                 None => {
