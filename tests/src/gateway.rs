@@ -292,6 +292,33 @@ impl Gateway {
         self.events("dns").collect()
     }
 
+    /// The `event` lines matching `pred`, once there are at least `count` of them, waiting up
+    /// to `timeout`: lines reach stdout through a writer that flushes every few milliseconds,
+    /// so an answer can reach a client before its line is printed.
+    pub fn wait_for_events(
+        &self,
+        event: &str,
+        pred: impl Fn(&Value) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found: Vec<Value> = self.events(event).filter(|line| pred(line)).collect();
+            if found.len() >= count {
+                return Ok(found);
+            }
+            if Instant::now() >= deadline {
+                return Err(LabError::new(format!(
+                    "{} matching {event} lines within {timeout:?}, expected {count}:\n{}",
+                    found.len(),
+                    self.daemon.output_tail(30)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The number of decisions so far: pass it to [`Gateway::wait_for_decision_since`] to see
     /// only decisions made after this point.
     pub fn cursor(&self) -> usize {

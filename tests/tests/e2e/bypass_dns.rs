@@ -10,7 +10,7 @@ use egressgate_lab::daemon::{wait_until, Daemon};
 use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
 
 use crate::bypass_support::{assert_blocked, metric};
-use crate::support::{dig, run_and_decide, SHOP_POLICY};
+use crate::support::{dig, run_and_decide, SHOP_POLICY, WAIT};
 
 /// A small UDP DNS server for the upstream namespace: argv = bind address, port, log file,
 /// records as JSON `{"name": [ipv4, delay_seconds, ttl]}`. It logs every query as
@@ -139,12 +139,10 @@ fn dns_to_any_server_on_port_53_is_answered_by_the_trusted_upstream_only() {
         lab.rogue_dns_queries()
     );
     // Every one of them was recorded as an answer of the trusted upstream.
-    let answered: Vec<_> = lab
+    let answered = lab
         .gateway()
-        .dns_events()
-        .into_iter()
-        .filter(|e| e["name"] == addr::API)
-        .collect();
+        .wait_for_events("dns", |e| e["name"] == addr::API, 5, WAIT)
+        .expect("a dns line per query");
     assert_eq!(answered.len(), 5, "{answered:?}");
     for event in answered {
         assert_eq!(event["upstream"], "198.19.0.53:53", "{event}");
@@ -502,11 +500,11 @@ fn forge(lab: &Lab, log: &str, mode: &str) -> Output {
 
 /// The `dns` line for `name`.
 fn dns_line(lab: &Lab, name: &str) -> serde_json::Value {
-    let events = lab.gateway().dns_events();
-    events
-        .into_iter()
-        .find(|e| e["name"] == name)
-        .unwrap_or_else(|| panic!("no dns line for {name}"))
+    let mut lines = lab
+        .gateway()
+        .wait_for_events("dns", |e| e["name"] == name, 1, WAIT)
+        .unwrap_or_else(|e| panic!("no dns line for {name}: {e}"));
+    lines.swap_remove(0)
 }
 
 #[test]
