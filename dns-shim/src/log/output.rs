@@ -26,7 +26,9 @@ const IDLE_POLLS: u32 = 10;
 /// A batch buffer larger than this is not kept for the next batch.
 const KEPT_CAPACITY: usize = 64 << 10;
 
-static STDOUT: OnceLock<Output> = OnceLock::new();
+type StdoutSink = fn() -> io::StdoutLock<'static>;
+
+static STDOUT: OnceLock<Output<StdoutSink>> = OnceLock::new();
 
 /// Queues `line` (one JSON object, no newline yet) for stdout.
 pub(super) fn push(line: &impl serde::Serialize) {
@@ -43,14 +45,16 @@ pub fn flush() {
 
 /// A queue of lines and the thread that writes them to a sink.
 #[derive(Debug)]
-struct Output {
-    shared: Arc<Shared>,
+struct Output<S> {
+    shared: Arc<Shared<S>>,
     /// `false` if the thread could not be started: lines are then written by their producer.
     threaded: bool,
 }
 
-#[derive(Debug, Default)]
-struct Shared {
+/// `sink` gives the writer for each batch (stdout's lock, in the process).
+#[derive(Debug)]
+struct Shared<S> {
+    sink: Mutex<S>,
     queue: Mutex<Queue>,
     /// Lines were queued for an idle writer.
     queued: Condvar,
@@ -69,14 +73,18 @@ struct Queue {
     waiters: usize,
 }
 
-impl Output {
+impl<S, W> Output<S>
+where
+    S: FnMut() -> W + Send + 'static,
+    W: Write,
+{
     /// Starts the writer thread; `sink` gives it the writer for each batch.
-    fn start<W: Write>(mut sink: impl FnMut() -> W + Send + 'static) -> Output {
-        let shared = Arc::new(Shared::default());
+    fn start(sink: S) -> Self {
+        let shared = Arc::new(Shared::new(sink));
         let writer = Arc::clone(&shared);
         let threaded = std::thread::Builder::new()
             .name("json-log".to_owned())
-            .spawn(move || writer.write_batches(&mut sink))
+            .spawn(move || writer.write_batches())
             .is_ok();
         Output { shared, threaded }
     }
@@ -85,7 +93,7 @@ impl Output {
         if !self.threaded {
             if let Ok(mut text) = serde_json::to_vec(line) {
                 text.push(b'\n');
-                write_batch(&mut io::stdout().lock(), &text);
+                self.shared.write(&text);
             }
             return;
         }
@@ -115,7 +123,20 @@ impl Output {
     }
 }
 
-impl Shared {
+impl<S, W> Shared<S>
+where
+    S: FnMut() -> W,
+    W: Write,
+{
+    fn new(sink: S) -> Self {
+        Shared {
+            sink: Mutex::new(sink),
+            queue: Mutex::default(),
+            queued: Condvar::new(),
+            progressed: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -130,7 +151,17 @@ impl Shared {
         queue
     }
 
-    fn write_batches<W: Write>(&self, sink: &mut impl FnMut() -> W) {
+    /// One batch to the sink. Only the writer thread writes, or (without it) each producer
+    /// in turn.
+    fn write(&self, batch: &[u8]) {
+        let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = sink();
+        if let Err(e) = out.write_all(batch).and_then(|()| out.flush()) {
+            tracing::debug!(error = %e, "cannot write JSON log lines");
+        }
+    }
+
+    fn write_batches(&self) {
         let mut batch = Vec::new();
         let mut queue = self.lock();
         loop {
@@ -157,7 +188,7 @@ impl Shared {
             self.notify_waiters(&queue);
             drop(queue);
 
-            write_batch(&mut sink(), &batch);
+            self.write(&batch);
             batch.clear();
             batch.shrink_to(KEPT_CAPACITY);
 
@@ -171,12 +202,6 @@ impl Shared {
         if queue.waiters > 0 {
             self.progressed.notify_all();
         }
-    }
-}
-
-fn write_batch(sink: &mut impl Write, batch: &[u8]) {
-    if let Err(e) = sink.write_all(batch).and_then(|()| sink.flush()) {
-        tracing::debug!(error = %e, "cannot write JSON log lines");
     }
 }
 
@@ -237,6 +262,27 @@ mod tests {
         }
         assert_eq!(next, vec![lines as u64; threads], "every line written");
         assert!(writes < threads * lines, "lines share writes: {writes}");
+    }
+
+    #[test]
+    fn without_the_writer_thread_each_line_is_written_by_its_producer() {
+        let kept = Kept::default();
+        let sink = kept.clone();
+        // What `start` falls back to when the thread cannot be spawned.
+        let output = Output {
+            shared: Arc::new(Shared::new(move || sink.clone())),
+            threaded: false,
+        };
+        output.push(&serde_json::json!({"event": "a"}));
+        output.push(&serde_json::json!({"event": "b"}));
+        let kept = kept.0.lock().expect("lock");
+        assert_eq!(
+            String::from_utf8_lossy(&kept.0),
+            "{\"event\":\"a\"}\n{\"event\":\"b\"}\n"
+        );
+        assert_eq!(kept.1, 2, "one write per line, at once");
+        drop(kept);
+        output.flush();
     }
 
     #[test]
