@@ -10,6 +10,7 @@
 //! - [`peek`]: pure parsers of TLS ClientHello, HTTP/1 request head, PostgreSQL first messages.
 //! - [`decision`]: verdicts, reason codes and the pure authorization rules.
 //! - [`limits`]: bounds on open connections and connections waiting in peek.
+//! - [`memory_budget`]: whether the caps fit in the cgroup's memory limit.
 //! - [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`nft`]: the nftables table and routing.
 //! - [`run`]: wiring it all together for `egressgate run`.
@@ -24,6 +25,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod limits;
 pub mod listener;
+pub mod memory_budget;
 pub mod metrics;
 pub mod nft;
 pub mod peek;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use egressgate::config::Config;
 use egressgate::identity::Identities;
+use egressgate::memory_budget::{self, Budget};
 use egressgate::store::load_policy_dir;
 
 #[derive(Debug, Parser)]
@@ -142,6 +143,11 @@ fn check(path: PathBuf) -> ExitCode {
         }
         eprintln!("{} error(s)", errors.len());
         return ExitCode::FAILURE;
+    }
+    if let Some(warning) =
+        memory_budget::cgroup_limit().and_then(|limit| Budget::of(&config).exceeds(limit))
+    {
+        eprintln!("warning: {warning}");
     }
     let pods = match identities {
         Some(identities) => format!("{} pods", identities.len()),

@@ -22,7 +22,7 @@ use crate::kubernetes::{self, IdentityWatch};
 use crate::limits::{Bounds, Limits};
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::{admin, listener, nft};
+use crate::{admin, listener, memory_budget, nft};
 
 /// A pod's DNS-over-TCP connection is closed after this long without a complete query.
 const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,6 +81,11 @@ struct ShutdownLine {
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
+    if let Some(warning) = memory_budget::cgroup_limit()
+        .and_then(|limit| memory_budget::Budget::of(&config).exceeds(limit))
+    {
+        tracing::warn!("{warning}");
+    }
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
     let store = Arc::new(Store::load(&config, metrics.clone()).map_err(RunError::Rules)?);
