@@ -12,12 +12,14 @@
 //! - [`services`]: the upstream certificate, dnsmasq (trusted and rogue), nginx and PostgreSQL.
 //! - [`gateway`]: the gateway's config, locating its binary, and its decision lines.
 //! - [`addr`]: the lab's fixed addresses.
+//! - [`cgroup`]: a memory cgroup to run a process under test in.
 //!
 //! Safety rules kept throughout: addresses only from 198.18.0.0/15 and fd00::/8, every client
 //! runs inside a namespace (`ip netns exec`), and every wait has a deadline.
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod cgroup;
 pub mod daemon;
 pub mod error;
 pub mod gateway;

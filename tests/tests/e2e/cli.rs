@@ -1,9 +1,13 @@
 //! The command line without a lab: `check` reports every error with its position, `--help`
 //! works everywhere.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
+use egressgate_lab::cgroup::MemoryCgroup;
 use egressgate_lab::gateway::egressgate_bin;
 
 use crate::support::SHOP_POLICY;
@@ -85,59 +89,26 @@ fn help_is_available_for_every_command() {
     }
 }
 
-/// A memory cgroup of its own (cgroup v2, or v1's memory controller), removed on drop.
-struct MemoryCgroup {
-    dir: PathBuf,
-}
-
-impl MemoryCgroup {
-    fn with_limit(bytes: u64) -> MemoryCgroup {
-        let name = format!("egressgate-test-{}", std::process::id());
-        let (dir, file) = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            (Path::new("/sys/fs/cgroup").join(name), "memory.max")
-        } else {
-            (
-                Path::new("/sys/fs/cgroup/memory").join(name),
-                "memory.limit_in_bytes",
-            )
-        };
-        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let cgroup = MemoryCgroup { dir };
-        std::fs::write(cgroup.dir.join(file), bytes.to_string()).expect("set the limit");
-        cgroup
-    }
-
-    /// Runs the gateway with `args` inside this cgroup.
-    fn egressgate(&self, args: &[&str]) -> Output {
-        let bin = egressgate_bin().expect("built gateway");
-        Command::new("sh")
-            .arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(&self.dir)
-            .arg(bin)
-            .args(args)
-            .output()
-            .expect("runs")
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        // The processes run in it have exited: an empty cgroup can be removed.
-        if let Err(e) = std::fs::remove_dir(&self.dir) {
-            eprintln!("cannot remove {}: {e}", self.dir.display());
-        }
-    }
+/// Runs the gateway with `args` inside `cgroup`.
+fn egressgate_in(cgroup: &MemoryCgroup, args: &[&str]) -> Output {
+    let bin = egressgate_bin().expect("built gateway");
+    let enter = cgroup.enter();
+    Command::new(&enter[0])
+        .args(&enter[1..])
+        .arg(bin)
+        .args(args)
+        .output()
+        .expect("runs")
 }
 
 #[test]
 fn check_warns_when_the_caps_do_not_fit_in_the_memory_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path());
-    let cgroup = MemoryCgroup::with_limit(256 << 20);
+    let cgroup = MemoryCgroup::with_limit(256 << 20).expect("a memory cgroup");
 
     // The defaults: a million names and 65536 connections need over a GiB when full.
-    let out = cgroup.egressgate(&["check", "--config", &config]);
+    let out = egressgate_in(&cgroup, &["check", "--config", &config]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "a warning, not an error: {out:?}");
     assert!(
@@ -153,7 +124,61 @@ fn check_warns_when_the_caps_do_not_fit_in_the_memory_limit() {
     );
     assert_ne!(small, text);
     std::fs::write(&config, small).expect("write");
-    let out = cgroup.egressgate(&["check", "--config", &config]);
+    let out = egressgate_in(&cgroup, &["check", "--config", &config]);
     assert!(out.status.success(), "{out:?}");
     assert!(out.stderr.is_empty(), "{out:?}");
+}
+
+#[test]
+fn run_warns_at_start_when_the_caps_do_not_fit_in_the_memory_limit_and_serves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path());
+    let mut text = std::fs::read_to_string(&config).expect("read");
+    // Loopback only, in a network namespace of the test's own, and no nftables rules.
+    text.push_str(
+        "listen: {tproxy: [\"127.0.0.1:15001\"], dns: [\"127.0.0.1:15053\"], \
+         admin: \"127.0.0.1:15090\"}\nnftables: {manage: false}\n",
+    );
+    std::fs::write(&config, text).expect("write");
+    let cgroup = MemoryCgroup::with_limit(256 << 20).expect("a memory cgroup");
+    let bin = egressgate_bin().expect("built gateway");
+    // `unshare --net`, not `ip netns exec`: that one remounts /sys, where the limit is read.
+    let mut gateway = Command::new("unshare")
+        .arg("--net")
+        .args(cgroup.enter())
+        .args(["sh", "-c", "ip link set lo up && exec \"$@\"", "sh"])
+        .arg(bin)
+        .args(["run", "--config", &config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let stdout = gateway.stdout.take().expect("stdout");
+    let (lines, listening) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("\"event\":\"listening\"") && lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let started = listening.recv_timeout(Duration::from_secs(10));
+    // `unshare`, `sh` and `sh` exec into the gateway: the child is the gateway itself.
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", gateway.id()));
+    let _ = gateway.kill();
+    let out = gateway.wait_with_output().expect("exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(started.is_ok(), "no listening line:\n{stderr}");
+    let cgroups = cgroups.expect("the gateway's cgroups");
+    assert!(
+        cgroups
+            .lines()
+            .any(|line| line.ends_with(&format!("/{}", cgroup.name()))),
+        "{cgroups}"
+    );
+    assert!(
+        stderr.contains("with dns.maxNames and connections.max both reached")
+            && stderr.contains("more than its memory limit of 256 MiB"),
+        "{stderr}"
+    );
 }
