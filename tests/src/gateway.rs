@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::daemon::Daemon;
+use crate::daemon::{wait_until, Daemon};
 use crate::error::{LabError, Result};
 use crate::netns::Netns;
 use crate::services::path_str;
@@ -302,21 +302,19 @@ impl Gateway {
         count: usize,
         timeout: Duration,
     ) -> Result<Vec<Value>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found: Vec<Value> = self.events(event).filter(|line| pred(line)).collect();
-            if found.len() >= count {
-                return Ok(found);
-            }
-            if Instant::now() >= deadline {
-                return Err(LabError::new(format!(
-                    "{} matching {event} lines within {timeout:?}, expected {count}:\n{}",
-                    found.len(),
-                    self.daemon.output_tail(30)
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut found = Vec::new();
+        wait_until(&format!("{count} {event} lines"), timeout, || {
+            found = self.events(event).filter(|line| pred(line)).collect();
+            Ok(found.len() >= count)
+        })
+        .map_err(|e| {
+            LabError::new(format!(
+                "{e}: {} matched\n{}",
+                found.len(),
+                self.daemon.output_tail(30)
+            ))
+        })?;
+        Ok(found)
     }
 
     /// The number of decisions so far: pass it to [`Gateway::wait_for_decision_since`] to see
