@@ -9,6 +9,7 @@
 //! - `query`: the head of a DNS message (header + question) and the replies the shim builds itself.
 //! - `answer`: reading a response against its query: question match, CNAME chain, min TTL (pure).
 //! - `table`: [`NameTable`], the per-pod record of resolved names.
+//! - `persist`: the table on disk (journal, snapshot, restore), so restarts forget nothing.
 //! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts.
 //! - `shim`: [`DnsShim`], its config and the one pipeline every query takes.
 //! - `udp` / `tcp`: transparent serving (original destination in, reply as that server).
@@ -19,6 +20,7 @@ mod answer;
 mod forward;
 pub mod log;
 mod metrics;
+pub mod persist;
 mod query;
 mod shim;
 mod table;
@@ -29,4 +31,6 @@ pub use answer::{check_response, read_answer, read_exchange, Answer, Mismatch, R
 pub use forward::ForwardError;
 pub use query::{edns_udp_payload, read_head, MessageHead, Question, Rcode};
 pub use shim::{DnsShim, ForeignServerPolicy, ShimConfig, ShimListeners};
-pub use table::{NameTable, ResolvedName, TableLimits};
+pub use table::{
+    ExportedName, NameTable, ResolvedName, Restored, SavedName, SavedTouch, TableLimits, Touched,
+};

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::answer::{read_answer, Answer, Reading};
 use crate::forward::{Forwarder, UpstreamTransport};
 use crate::log::{rfc3339_now, write_json_line, DnsLine};
 use crate::metrics::{Metrics, QueryResult};
+use crate::persist::Journal;
 use crate::query::{self, error_reply, read_head, truncated_reply, MessageHead, Rcode};
 use crate::table::NameTable;
 use crate::{tcp, udp};
@@ -72,6 +74,11 @@ impl ShimListeners {
     pub fn tcp_local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
+
+    /// The UDP and TCP sockets, to hand over to a successor (which serves the same sockets).
+    pub fn fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        (self.udp.as_fd(), self.tcp.as_fd())
+    }
 }
 
 /// See the crate docs.
@@ -81,6 +88,8 @@ pub struct DnsShim {
     table: Arc<NameTable>,
     forwarder: Forwarder,
     metrics: Metrics,
+    /// Saves each record before its reply leaves, when the table is persisted.
+    journal: Option<Arc<Journal>>,
 }
 
 /// Where a query came from and where it was going.
@@ -135,7 +144,14 @@ impl DnsShim {
             table,
             forwarder,
             metrics,
+            journal: None,
         })
+    }
+
+    /// Saves every record in `journal` too, before the pod gets its answer.
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
+        self.journal = Some(journal);
+        self
     }
 
     /// Binds transparent UDP + TCP sockets on `addr` (v4, or v6 with IPV6_V6ONLY). Port 0 binds
@@ -147,12 +163,18 @@ impl DnsShim {
         Ok(ShimListeners { udp, tcp })
     }
 
-    /// Serves both listeners until `shutdown` completes; in-flight queries are then abandoned.
-    pub async fn serve(
-        self: Arc<Self>,
-        listeners: ShimListeners,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    /// Serves sockets a predecessor handed over (see [`ShimListeners::fds`]): bound, listening
+    /// and configured as [`DnsShim::bind`] left them.
+    pub fn adopt(udp: OwnedFd, tcp: OwnedFd) -> io::Result<ShimListeners> {
+        Ok(ShimListeners {
+            udp: udp::adopt(udp)?,
+            tcp: tcp::adopt(tcp)?,
+        })
+    }
+
+    /// Serves both listeners until `stop` completes. Then it reads no more queries, answers
+    /// those it already read, closes pod TCP connections between queries, and returns.
+    pub async fn serve(self: Arc<Self>, listeners: ShimListeners, stop: impl Future<Output = ()>) {
         let ShimListeners { udp, tcp } = listeners;
         tracing::info!(
             udp = %udp.local_addr(),
@@ -160,11 +182,16 @@ impl DnsShim {
             upstreams = ?self.config.upstreams,
             "dns shim listening"
         );
-        tokio::select! {
-            () = udp::serve(self.clone(), udp) => {}
-            () = tcp::serve(self.clone(), tcp) => {}
-            () = shutdown => {}
-        }
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        let stopper = async move {
+            stop.await;
+            let _ = stopping.send(true);
+        };
+        tokio::join!(
+            udp::serve(self.clone(), udp, stopped.clone()),
+            tcp::serve(self.clone(), tcp, stopped),
+            stopper,
+        );
         tracing::info!("dns shim stopped");
     }
 
@@ -203,9 +230,13 @@ impl DnsShim {
         };
         let (result, answer) = match reading {
             Reading::Record(answer) => {
-                // Recorded before the pod can see the answer and connect.
-                self.table
+                // Recorded (and saved) before the pod can see the answer and connect.
+                let ttl = self
+                    .table
                     .record(client.pod.ip(), &answer, std::time::Instant::now());
+                if let Some(journal) = &self.journal {
+                    journal.record(client.pod.ip(), &answer, ttl);
+                }
                 (QueryResult::Answered, Some(answer))
             }
             Reading::Nothing => (QueryResult::Answered, None),

@@ -16,7 +16,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
@@ -26,6 +26,9 @@ use crate::answer::Answer;
 use order::{NodeId, Order, Route};
 
 mod order;
+mod saved;
+
+pub use saved::{ExportedName, Restored, SavedName, SavedTouch};
 
 /// How long entries live and how many there may be.
 #[derive(Debug, Clone)]
@@ -54,7 +57,22 @@ pub struct NameTable {
     inner: RwLock<Inner>,
     len: AtomicUsize,
     evictions: IntCounter,
+    /// Uses of entries not yet saved, when the table is persisted ([`NameTable::log_touches`]).
+    touches: Option<Mutex<Vec<Touched>>>,
 }
+
+/// A use of an entry by an allowed connection, waiting to be saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touched {
+    pub pod: IpAddr,
+    pub dst: IpAddr,
+    pub name: Box<str>,
+    pub at: Instant,
+}
+
+/// Uses kept between two saves; past this (a burst of connections faster than the journal's
+/// flush), later ones are not saved: a lost use only shortens an entry's life after a crash.
+const MAX_UNSAVED_TOUCHES: usize = 65_536;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -119,13 +137,30 @@ impl NameTable {
             inner: RwLock::new(Inner::default()),
             len: AtomicUsize::new(0),
             evictions,
+            touches: None,
         }
     }
 
-    /// Records (or refreshes) one entry per address of `answer` for `pod`.
-    pub fn record(&self, pod: IpAddr, answer: &Answer, now: Instant) {
+    /// Keeps each [`touch`](Self::touch) that found an entry until
+    /// [`take_touches`](Self::take_touches), for a journal to save.
+    pub fn log_touches(mut self) -> Self {
+        self.touches = Some(Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The uses logged since the last call.
+    pub fn take_touches(&self) -> Vec<Touched> {
+        self.touches.as_ref().map_or_else(Vec::new, |touches| {
+            std::mem::take(&mut *touches.lock().unwrap_or_else(PoisonError::into_inner))
+        })
+    }
+
+    /// Records (or refreshes) one entry per address of `answer` for `pod`. Returns the TTL the
+    /// entries got (raised to `min_ttl`).
+    pub fn record(&self, pod: IpAddr, answer: &Answer, now: Instant) -> Duration {
+        let ttl = Duration::from_secs(u64::from(answer.ttl)).max(self.limits.min_ttl);
         if answer.addresses.is_empty() {
-            return;
+            return ttl;
         }
         let name = StoredName::new(normalize(&answer.name));
         let cnames: Option<Arc<[Arc<str>]>> = (!answer.cnames.is_empty()).then(|| {
@@ -135,7 +170,6 @@ impl NameTable {
                 .map(|c| Arc::from(normalize(c)))
                 .collect()
         });
-        let ttl = Duration::from_secs(u64::from(answer.ttl)).max(self.limits.min_ttl);
 
         let mut guard = self.write();
         let inner = &mut *guard;
@@ -168,6 +202,7 @@ impl NameTable {
         }
         self.enforce_limits(inner, pod, now);
         self.len.store(inner.order.len(), Ordering::Relaxed);
+        ttl
     }
 
     /// Calls `visit(name, cnames)` for each live name this pod resolved to `dst`
@@ -214,6 +249,23 @@ impl NameTable {
         if let Some(entry) = entry {
             let after = nanos(now.saturating_duration_since(entry.resolved_at));
             entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
+            drop(inner);
+            self.log_touch(pod, dst, name, now);
+        }
+    }
+
+    fn log_touch(&self, pod: IpAddr, dst: IpAddr, name: &str, at: Instant) {
+        let Some(touches) = &self.touches else {
+            return;
+        };
+        let mut touches = touches.lock().unwrap_or_else(PoisonError::into_inner);
+        if touches.len() < MAX_UNSAVED_TOUCHES {
+            touches.push(Touched {
+                pod,
+                dst,
+                name: name.into(),
+                at,
+            });
         }
     }
 

@@ -4,13 +4,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
@@ -44,12 +45,29 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-pub(crate) async fn serve(shim: Arc<DnsShim>, listener: TcpListener) {
+/// A listener [`bind`] made, handed over by a predecessor.
+pub(crate) fn adopt(fd: OwnedFd) -> io::Result<TcpListener> {
+    let listener = std::net::TcpListener::from(fd);
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+/// Serves connections until `stopped` turns true; then each open one answers the query it is
+/// reading, if any, and closes.
+pub(crate) async fn serve(
+    shim: Arc<DnsShim>,
+    listener: TcpListener,
+    mut stopped: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let (stream, pod) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.wait_for(|stop| *stop) => break,
+        };
+        let (stream, pod) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "TCP accept failed");
@@ -75,8 +93,15 @@ pub(crate) async fn serve(shim: Arc<DnsShim>, listener: TcpListener) {
             server,
             transport: Transport::Tcp,
         };
-        connections.spawn(connection(shim.clone(), stream, client, permit));
+        connections.spawn(connection(
+            shim.clone(),
+            stream,
+            client,
+            permit,
+            stopped.clone(),
+        ));
     }
+    while connections.join_next().await.is_some() {}
 }
 
 async fn connection(
@@ -84,11 +109,18 @@ async fn connection(
     mut stream: TcpStream,
     client: Client,
     _permit: OwnedSemaphorePermit,
+    mut stopped: watch::Receiver<bool>,
 ) {
     let idle = shim.tcp_idle_timeout();
     let _ = stream.set_nodelay(true);
     loop {
-        let Ok(Ok(len)) = timeout(idle, stream.read_u16()).await else {
+        // Between queries, stopping closes the connection: the stub's next query opens a new
+        // one, which the successor (or nobody, at exit) accepts.
+        let len = tokio::select! {
+            len = timeout(idle, stream.read_u16()) => len,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        let Ok(Ok(len)) = len else {
             return; // idle, closed or broken
         };
         let mut query = vec![0u8; usize::from(len)];

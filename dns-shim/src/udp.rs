@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::libc;
@@ -25,7 +25,7 @@ use nix::sys::socket::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::shim::{Client, DnsShim, Transport};
@@ -93,7 +93,27 @@ fn transparent_socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-pub(crate) async fn serve(shim: Arc<DnsShim>, listener: UdpListener) {
+/// A socket [`bind`] made, handed over by a predecessor.
+pub(crate) fn adopt(fd: OwnedFd) -> io::Result<UdpListener> {
+    let socket = std::net::UdpSocket::from(fd);
+    socket.set_nonblocking(true)?;
+    let socket = UdpSocket::from_std(socket)?;
+    let local = socket.local_addr()?;
+    Ok(UdpListener { socket, local })
+}
+
+impl AsFd for UdpListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// Answers queries until `stopped` turns true, then those already read.
+pub(crate) async fn serve(
+    shim: Arc<DnsShim>,
+    listener: UdpListener,
+    mut stopped: watch::Receiver<bool>,
+) {
     let local = listener.local;
     let socket = Arc::new(listener.socket);
     let reply_sockets = Arc::new(ReplySockets::default());
@@ -102,11 +122,12 @@ pub(crate) async fn serve(shim: Arc<DnsShim>, listener: UdpListener) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         while tasks.try_join_next().is_some() {}
-        let received = socket
-            .async_io(Interest::READABLE, || {
+        let received = tokio::select! {
+            received = socket.async_io(Interest::READABLE, || {
                 recv_with_orig_dst(socket.as_raw_fd(), &mut buf)
-            })
-            .await;
+            }) => received,
+            _ = stopped.wait_for(|stop| *stop) => break,
+        };
         let datagram = match received {
             Ok(Some(d)) => d,
             Ok(None) => continue,
@@ -141,6 +162,7 @@ pub(crate) async fn serve(shim: Arc<DnsShim>, listener: UdpListener) {
             }
         });
     }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// `recvmsg` with the original destination control message. `Ok(None)`: a datagram not worth

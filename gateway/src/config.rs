@@ -38,6 +38,9 @@ pub struct Config {
     /// Allowed connections.
     #[serde(default)]
     pub connections: Connections,
+    /// What outlives the process: the name table on disk, the live hand-over.
+    #[serde(default)]
+    pub state: State,
     /// Verdict for pods that no policy selects.
     #[serde(default)]
     pub unselected_pods: UnselectedPods,
@@ -467,6 +470,57 @@ impl Default for Connections {
     }
 }
 
+/// The state directory: the name journal and snapshot, and the hand-over socket.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct State {
+    /// Kept across restarts (the chart mounts a hostPath here). Two gateways given the same
+    /// directory hand over to each other: the one started later takes over.
+    #[serde(default = "State::default_dir")]
+    pub dir: PathBuf,
+    /// How often the journal is compacted into a snapshot.
+    #[serde(default = "State::default_snapshot_interval_seconds")]
+    pub snapshot_interval_seconds: u64,
+    /// What the old gateway does once it has handed over and its connections have ended (or
+    /// the grace period passed): `exit`, or `wait` for SIGTERM (under a DaemonSet, which deletes
+    /// the old pod itself and would restart a container that exits).
+    #[serde(default)]
+    pub after_handover: AfterHandover,
+}
+
+impl State {
+    fn default_dir() -> PathBuf {
+        PathBuf::from("/var/lib/egressgate")
+    }
+
+    fn default_snapshot_interval_seconds() -> u64 {
+        60
+    }
+
+    pub fn snapshot_interval(&self) -> Duration {
+        Duration::from_secs(self.snapshot_interval_seconds)
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            dir: Self::default_dir(),
+            snapshot_interval_seconds: Self::default_snapshot_interval_seconds(),
+            after_handover: AfterHandover::default(),
+        }
+    }
+}
+
+/// See [`State::after_handover`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AfterHandover {
+    #[default]
+    Exit,
+    Wait,
+}
+
 /// Verdict for connections that no policy can judge: from pods no policy selects
 /// (`unselectedPods`), or from unknown addresses (`unknownSources`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -571,6 +625,9 @@ impl Config {
         }
         if self.nftables.mark == 0 {
             return Err("nftables.mark: must not be 0".into());
+        }
+        if self.state.snapshot_interval_seconds == 0 {
+            return Err("state.snapshotIntervalSeconds must be positive".into());
         }
         Ok(())
     }

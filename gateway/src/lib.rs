@@ -13,6 +13,8 @@
 //! - [`memory_budget`]: whether the caps fit in the cgroup's memory limit.
 //! - [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`nft`]: the nftables table and routing.
+//! - [`state`]: the name table across restarts (restore, journal upkeep, the old side of a
+//!   hand-over); [`handover`]: the exchange that passes sockets and table to a successor.
 //! - [`run`]: wiring it all together for `egressgate run`.
 //! - [`yaml_file`]: typed YAML files with `file:line:column` errors.
 
@@ -21,6 +23,7 @@ pub mod config;
 pub mod connection;
 pub mod decision;
 pub mod events;
+pub mod handover;
 pub mod identity;
 pub mod kubernetes;
 pub mod limits;
@@ -32,5 +35,6 @@ pub mod peek;
 pub mod pipes;
 pub mod relay;
 pub mod run;
+pub mod state;
 pub mod store;
 pub mod yaml_file;

@@ -11,16 +11,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
+use egressgate_dns_shim::persist::PersistMetrics;
 use egressgate_dns_shim::{DnsShim, ForeignServerPolicy, NameTable, ShimConfig, TableLimits};
 use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::{Config, DaemonSetRef, ForeignServers};
+use crate::config::{AfterHandover, Config, DaemonSetRef, ForeignServers};
 use crate::connection::Proxy;
+use crate::handover::{self, HandoverMetrics, Role};
 use crate::kubernetes::{self, IdentityWatch};
 use crate::limits::{Bounds, Limits};
 use crate::metrics::Metrics;
+use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
 use crate::{admin, listener, memory_budget, nft};
 
@@ -32,6 +35,9 @@ const RELOAD_POLL: Duration = Duration::from_secs(1);
 const OWNER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often expired name records are dropped (lookups ignore them in between anyway).
 const PURGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a new gateway taking over waits for its identities before it tells the old one to
+/// stop anyway: decisions without identities would all be `unknown_source`.
+const TAKEOVER_IDENTITY_WAIT: Duration = Duration::from_secs(30);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +64,7 @@ pub enum RunError {
 
 /// The `listening` line: every address the gateway serves.
 #[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct ListeningLine {
     time: String,
     event: &'static str,
@@ -67,6 +74,10 @@ struct ListeningLine {
     policies: usize,
     pods: usize,
     nftables: bool,
+    /// Name records restored from the state directory and a predecessor.
+    restored_names: usize,
+    /// From the process's start to this line.
+    start_ms: f64,
 }
 
 /// The `shutdown` line: how many connections were open at SIGTERM and how many the grace period
@@ -78,6 +89,8 @@ struct ShutdownLine {
     event: &'static str,
     open_at_stop: usize,
     cut_after_grace: usize,
+    /// Stopped because a successor took over (not by a signal).
+    handed_over: bool,
 }
 
 pub async fn run(config: Config) -> Result<(), RunError> {
@@ -101,44 +114,78 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if upstreams.is_empty() {
         return Err(RunError::NoUpstreams);
     }
-    let table = Arc::new(NameTable::new(TableLimits {
-        min_ttl: Duration::from_secs(config.dns.min_ttl_seconds),
-        idle_grace: Duration::from_secs(config.dns.idle_grace_seconds),
-        max_names_per_pod: config.dns.max_names_per_pod,
-        max_names: config.dns.max_names,
-    }));
-    let shim = Arc::new(DnsShim::new(
-        ShimConfig {
-            upstreams,
-            foreign_servers: match config.dns.foreign_servers {
-                ForeignServers::Forward => ForeignServerPolicy::Forward,
-                ForeignServers::Refuse => ForeignServerPolicy::Refuse,
-            },
-            upstream_timeout: config.dns.upstream_timeout(),
-            tcp_idle_timeout: DNS_TCP_IDLE_TIMEOUT,
-        },
-        Arc::clone(&table),
-        &registry,
-    )?);
+    let table = Arc::new(
+        NameTable::new(TableLimits {
+            min_ttl: Duration::from_secs(config.dns.min_ttl_seconds),
+            idle_grace: Duration::from_secs(config.dns.idle_grace_seconds),
+            max_names_per_pod: config.dns.max_names_per_pod,
+            max_names: config.dns.max_names,
+        })
+        .log_touches(),
+    );
+    let persist_metrics = PersistMetrics::register(&registry)?;
+    let handover_metrics = HandoverMetrics::register(&registry)?;
+    let started = std::time::Instant::now();
+    // Before any listener: what this node's pods resolved before a restart or a crash.
+    let restored = state::restore(&config, &table, &persist_metrics);
+    // A gateway already serving from this state directory hands over its sockets and table.
+    let takeover = match handover::connect(&config.state.dir).await {
+        Ok(takeover) => takeover,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take over from the running gateway; starting beside it");
+            None
+        }
+    };
+    let mut inherited = Inherited::default();
+    if let Some(takeover) = &takeover {
+        let applied = state::apply_handover(&table, &takeover.dump, &persist_metrics);
+        tracing::info!(
+            names = applied.names,
+            sockets = takeover.sockets.len(),
+            "took the running gateway's table and sockets"
+        );
+    }
+    let takeover = takeover.map(|mut takeover| {
+        inherited = Inherited::new(std::mem::take(&mut takeover.sockets));
+        takeover
+    });
 
+    let mut inventory = Inventory::default();
     let mut dns_listeners = Vec::new();
     for &addr in &config.listen.dns {
-        let bound = DnsShim::bind(addr).map_err(|source| RunError::Bind {
+        let bound = match (
+            inherited.take(Role::DnsUdp, addr),
+            inherited.take(Role::DnsTcp, addr),
+        ) {
+            (Some(udp), Some(tcp)) => DnsShim::adopt(udp, tcp),
+            _ => DnsShim::bind(addr),
+        }
+        .map_err(|source| RunError::Bind {
             what: "dns",
             addr,
             source,
         })?;
+        let (udp, tcp) = bound.fds();
+        inventory.add(Role::DnsUdp, addr, udp);
+        inventory.add(Role::DnsTcp, addr, tcp);
         dns_listeners.push(bound);
     }
     let mut tproxy_listeners = Vec::new();
     for &addr in &config.listen.tproxy {
-        let bound = listener::bind_transparent(addr).map_err(|source| RunError::Bind {
+        let bound = match inherited.take(Role::Tproxy, addr) {
+            Some(fd) => listener::adopt(fd),
+            None => listener::bind_transparent(addr),
+        }
+        .map_err(|source| RunError::Bind {
             what: "tproxy",
             addr,
             source,
         })?;
+        inventory.add(Role::Tproxy, addr, std::os::fd::AsFd::as_fd(&bound));
         tproxy_listeners.push(bound);
     }
+    // Sockets of listen addresses this config no longer has close here.
+    drop(inherited);
     let admin_addr = config.listen.admin;
     let admin_listener = listener::bind_shared(admin_addr).map_err(|source| RunError::Bind {
         what: "admin",
@@ -150,6 +197,67 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         nft::install(&config)?;
     }
 
+    if let Some(takeover) = takeover {
+        // Identities first: the old gateway keeps deciding until this one can.
+        if tokio::time::timeout(TAKEOVER_IDENTITY_WAIT, store.identities_ready())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "identities not ready after {TAKEOVER_IDENTITY_WAIT:?}; taking over anyway"
+            );
+        }
+        match takeover.finish().await {
+            Ok(stopped) => {
+                let applied = state::apply_handover(&table, &stopped.records, &persist_metrics);
+                handover_metrics.took_over(
+                    started.elapsed(),
+                    applied.names,
+                    stopped.open_connections,
+                );
+                write_json_line(&state::HandoverLine {
+                    time: rfc3339_now(),
+                    event: "handover",
+                    role: "successor",
+                    duration_ms: started.elapsed().as_secs_f64() * 1e3,
+                    names: table.len(),
+                    records_during_handover: applied.names,
+                    predecessor_open_connections: stopped.open_connections as usize,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the running gateway did not stop; serving beside it")
+            }
+        }
+    }
+    let journal = state::journal(&config, &registry, &persist_metrics);
+    let shim = DnsShim::new(
+        ShimConfig {
+            upstreams,
+            foreign_servers: match config.dns.foreign_servers {
+                ForeignServers::Forward => ForeignServerPolicy::Forward,
+                ForeignServers::Refuse => ForeignServerPolicy::Refuse,
+            },
+            upstream_timeout: config.dns.upstream_timeout(),
+            tcp_idle_timeout: DNS_TCP_IDLE_TIMEOUT,
+        },
+        Arc::clone(&table),
+        &registry,
+    )?;
+    let shim = Arc::new(match &journal {
+        Some(journal) => shim.with_journal(Arc::clone(journal)),
+        None => shim,
+    });
+
+    // Two stops: serving pod traffic ends on SIGTERM or when a successor takes over; the rest
+    // (admin, reloads, the state) runs until the process exits.
+    let (stop_serving, serving_stopped) = watch::channel(false);
+    let stop_serving_signal = move || {
+        let mut stopped = serving_stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
     let (stop, stopped) = watch::channel(false);
     let shutdown = move || {
         let mut stopped = stopped.clone();
@@ -159,9 +267,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     };
     let ready = Arc::new(AtomicBool::new(false));
+    let mut serving = tokio::task::JoinSet::new();
     let mut tasks = tokio::task::JoinSet::new();
     for listeners in dns_listeners {
-        tasks.spawn(Arc::clone(&shim).serve(listeners, shutdown()));
+        serving.spawn(Arc::clone(&shim).serve(listeners, stop_serving_signal()));
     }
     let limits = Limits::new(Bounds {
         max_connections: config.connections.max,
@@ -176,7 +285,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         &config,
     ));
     for listener in tproxy_listeners {
-        tasks.spawn(Arc::clone(&proxy).serve(listener, shutdown()));
+        serving.spawn(Arc::clone(&proxy).serve(listener, stop_serving_signal()));
     }
     tasks.spawn(admin::serve(
         admin_listener,
@@ -191,6 +300,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     });
     tasks.spawn({
         let shutdown = shutdown();
+        let table = Arc::clone(&table);
         async move {
             tokio::select! {
                 () = shutdown => {}
@@ -198,6 +308,20 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             }
         }
     });
+    if let Some(journal) = &journal {
+        tasks.spawn(state::keep(
+            Arc::clone(journal),
+            Arc::clone(&table),
+            config.state.snapshot_interval(),
+            shutdown(),
+        ));
+    }
+    tasks.spawn(state::forget_gone_pods(
+        Arc::clone(&store),
+        Arc::clone(&table),
+        restored.pods,
+        persist_metrics.clone(),
+    ));
     if config.nftables.manage && !config.intercept.exclude_pods.is_empty() {
         tasks.spawn(keep_excluded_pods(
             config.clone(),
@@ -208,6 +332,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if let Some(identity_watch) = identity_watch {
         tasks.spawn(identity_watch.run(Arc::clone(&store), shutdown()));
     }
+    let offer = match handover::Offer::bind(&config.state.dir) {
+        Ok(offer) => Some(offer),
+        Err(e) => {
+            tracing::warn!(dir = %config.state.dir.display(), error = %e,
+                "no hand-over socket: a new gateway will not take over from this one");
+            None
+        }
+    };
 
     let snapshot = store.current();
     write_json_line(&ListeningLine {
@@ -219,6 +351,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         policies: snapshot.policies.len(),
         pods: snapshot.identities.len(),
         nftables: config.nftables.manage,
+        restored_names: table.len(),
+        start_ms: started.elapsed().as_secs_f64() * 1e3,
     });
     // Ready once identities are complete too: until the first pod list, every pod would be
     // "unselected".
@@ -232,27 +366,75 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     });
 
-    wait_for_termination().await;
+    let handed_over = loop {
+        let successor = async {
+            match &offer {
+                Some(offer) => offer.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wait_for_termination() => break false,
+            successor = successor => {
+                let handed = state::hand_over(
+                    successor,
+                    &inventory,
+                    journal.as_deref(),
+                    &table,
+                    &limits,
+                    &stop_serving,
+                    &mut serving,
+                    &handover_metrics,
+                )
+                .await;
+                match handed {
+                    Ok(()) => break true,
+                    Err(e) => tracing::warn!(error = %e, "hand-over failed; still serving"),
+                }
+            }
+        }
+    };
     ready.store(false, Ordering::Release);
-    tracing::info!("shutting down");
-    let _ = stop.send(true);
-    while tasks.join_next().await.is_some() {}
+    tracing::info!(handed_over, "stopping");
+    let _ = stop_serving.send(true);
+    while serving.join_next().await.is_some() {}
+    drop(inventory);
+    if !handed_over {
+        if let Some(journal) = &journal {
+            // The next start restores from one fresh snapshot.
+            let (journal, table) = (Arc::clone(journal), Arc::clone(&table));
+            let _ = tokio::task::spawn_blocking(move || journal.compact(&table)).await;
+        }
+    }
+    if let Some(offer) = offer {
+        offer.remove();
+    }
     // Listeners are closed; open connections get the grace period to finish.
     let grace = config.connections.shutdown_grace();
     let open = limits.open_connections();
     let drained = tokio::time::timeout(grace, limits.all_closed())
         .await
         .is_ok();
+    let cut = if drained {
+        0
+    } else {
+        limits.open_connections()
+    };
+    if handed_over {
+        handover_metrics.drained(open, cut);
+    }
     write_json_line(&ShutdownLine {
         time: rfc3339_now(),
         event: "shutdown",
         open_at_stop: open,
-        cut_after_grace: if drained {
-            0
-        } else {
-            limits.open_connections()
-        },
+        cut_after_grace: cut,
+        handed_over,
     });
+    if handed_over && config.state.after_handover == AfterHandover::Wait {
+        wait_for_termination().await;
+    }
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
     if let Some(owner) = config.nftables.owner_daemon_set.as_ref() {
         remove_rules_if_uninstalled(&config, owner).await;
     }

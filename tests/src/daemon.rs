@@ -97,6 +97,26 @@ impl Daemon {
         )
     }
 
+    /// Sends `signal` (a `kill -s` name) to the process alone.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        host(&["kill", "-s", signal, &self.child.id().to_string()])?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends the stop signal to the process group, waits up to [`STOP_GRACE`], then SIGKILLs
     /// the group. Idempotent.
     pub fn stop(&mut self) {

@@ -105,13 +105,20 @@ impl GatewayOptions {
     }
 
     /// The config file text for the given paths.
-    pub fn config_yaml(&self, policy_dir: &Path, identity_file: &Path) -> Result<String> {
+    pub fn config_yaml(
+        &self,
+        policy_dir: &Path,
+        identity_file: &Path,
+        state_dir: &Path,
+    ) -> Result<String> {
         let policy_dir = path_str(policy_dir)?;
         let identity_file = path_str(identity_file)?;
+        let state_dir = path_str(state_dir)?;
         if let Some(text) = &self.config_override {
             return Ok(text
                 .replace("{policy_dir}", policy_dir)
-                .replace("{identity_file}", identity_file));
+                .replace("{identity_file}", identity_file)
+                .replace("{state_dir}", state_dir));
         }
         Ok(format!(
             "# written by egressgate-lab\n\
@@ -124,7 +131,8 @@ impl GatewayOptions {
              minTtlSeconds: {min_ttl}\n  idleGraceSeconds: {grace}\n\
              peek:\n  timeoutMs: {peek_timeout}\n  requireSni: {require_sni}\n{peek_extra}\
              connections:\n{connections}\
-             unselectedPods: {unselected}\n{extra}",
+             unselectedPods: {unselected}\n\
+             state:\n  dir: {state_dir}\n{extra}",
             tproxy = flow(&self.tproxy),
             dns = flow(&self.dns_listen),
             admin = quote(&self.admin),
@@ -221,11 +229,24 @@ impl Gateway {
         env: &[(String, String)],
         log_dir: &Path,
     ) -> Result<Self> {
+        Self::start_named(node, bin, config, env, log_dir, "egressgate")
+    }
+
+    /// [`Gateway::start`] with output in `<log_dir>/<name>.{stdout,stderr}`: a second gateway
+    /// process beside the first (a restart, or a successor taking over).
+    pub fn start_named(
+        node: &Netns,
+        bin: PathBuf,
+        config: PathBuf,
+        env: &[(String, String)],
+        log_dir: &Path,
+        name: &str,
+    ) -> Result<Self> {
         let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut args = vec!["env"];
         args.extend(assignments.iter().map(String::as_str));
         args.extend([path_str(&bin)?, "run", "--config", path_str(&config)?]);
-        let daemon = Daemon::spawn(node.name(), "egressgate", &args, log_dir, "TERM")?;
+        let daemon = Daemon::spawn(node.name(), name, &args, log_dir, "TERM")?;
         let mut gateway = Self {
             daemon,
             bin,
@@ -262,6 +283,10 @@ impl Gateway {
 
     pub fn daemon(&self) -> &Daemon {
         &self.daemon
+    }
+
+    pub fn daemon_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
     }
 
     /// Every JSON object line on stdout so far (other lines are skipped).

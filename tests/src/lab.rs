@@ -294,7 +294,10 @@ impl Lab {
             };
             std::fs::write(&identity, identity_text)?;
             let config = dir.join("gateway.yaml");
-            std::fs::write(&config, options.config_yaml(&policy_dir, &identity)?)?;
+            std::fs::write(
+                &config,
+                options.config_yaml(&policy_dir, &identity, &self.state_dir())?,
+            )?;
             self.gateway = Some(Gateway::start(
                 self.node(),
                 bin,
@@ -461,6 +464,34 @@ impl Lab {
     /// The gateway's static identity file: tests rewrite it to exercise identity reloads.
     pub fn identity_file(&self) -> PathBuf {
         self.dir().join("identity/pods.yaml")
+    }
+
+    /// The gateway's `state.dir`: the name journal and snapshot, the hand-over socket.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    /// Starts another `egressgate run` with the lab's config, logging as `name`: with the
+    /// first one still running it takes over; after it stopped, it restarts from the state.
+    pub fn start_gateway_process(&self, name: &str) -> Result<Gateway> {
+        Gateway::start_named(
+            self.node(),
+            egressgate_bin()?,
+            self.gateway_config_path(),
+            &[],
+            self.dir(),
+            name,
+        )
+    }
+
+    /// Makes `gateway` the lab's gateway; returns the one it replaces.
+    pub fn replace_gateway(&mut self, gateway: Gateway) -> Option<Gateway> {
+        self.gateway.replace(gateway)
+    }
+
+    /// Takes the lab's gateway out (to stop or kill it).
+    pub fn take_gateway(&mut self) -> Option<Gateway> {
+        self.gateway.take()
     }
 
     /// The gateway's `policyDir`: tests write files here to exercise reloads.

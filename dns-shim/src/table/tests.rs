@@ -409,3 +409,49 @@ mod model {
         }
     }
 }
+
+#[test]
+fn forget_pod_drops_only_that_pods_entries() {
+    let table = NameTable::new(limits());
+    let now = Instant::now();
+    table.record(POD_A, &answer("api.example.test", &[DST, DST2], 60), now);
+    table.record(POD_B, &answer("api.example.test", &[DST], 60), now);
+    assert_eq!(table.pods(), vec![POD_A, POD_B]);
+    assert_eq!(table.forget_pod(POD_A), 2);
+    assert!(table.lookup(POD_A, DST, now).is_empty());
+    assert_eq!(names(&table.lookup(POD_B, DST, now)), ["api.example.test"]);
+    assert_eq!(table.len(), 1);
+}
+
+#[test]
+fn export_and_restore_keep_what_stays_fresh_longest() {
+    let source = NameTable::new(limits());
+    let now = Instant::now();
+    let wall = std::time::SystemTime::now();
+    source.record(POD_A, &answer("api.example.test", &[DST], 60), now);
+    let mut saved = Vec::new();
+    source.export_each(now, wall, |e| {
+        saved.push(SavedName {
+            pod: e.pod,
+            dst: e.dst,
+            name: e.name.to_owned(),
+            cnames: e.cnames.iter().map(|c| c.to_string()).collect(),
+            fresh_until: e.fresh_until,
+        });
+    });
+    assert_eq!(saved.len(), 1);
+    assert_eq!(saved[0].cnames, ["lb.cdn.example.test"]);
+    let fresh_for = saved[0].fresh_until.duration_since(wall).expect("future");
+    assert!(
+        fresh_for.as_secs() == 59 || fresh_for.as_secs() == 60,
+        "{fresh_for:?}"
+    );
+
+    let target = NameTable::new(limits());
+    target.record(POD_A, &answer("api.example.test", &[DST], 5), now);
+    assert_eq!(target.restore(&saved[0], now, wall), Restored::Kept);
+    // The restored entry outlives the 5 s one it met: 60 s TTL + 30 s grace.
+    assert_eq!(target.lookup(POD_A, DST, now + secs(80)).len(), 1);
+    assert!(target.lookup(POD_A, DST, now + secs(91)).is_empty());
+    assert_eq!(target.len(), 1, "merged, not duplicated");
+}

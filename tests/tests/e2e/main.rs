@@ -24,6 +24,7 @@ mod nftables;
 mod operations;
 mod peek_limits;
 mod postgres;
+mod restart;
 mod self_check;
 mod support;
 mod tls_http;

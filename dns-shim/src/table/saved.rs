@@ -1,0 +1,201 @@
+//! The table's entries as plain values that outlive the process: exported for the snapshot and
+//! the hand-over, restored at start. Monotonic time does not survive a restart, so an entry
+//! leaves as the wall-clock time its TTL (or its last use) ends, and comes back against the
+//! wall clock of the new process.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::order::Route;
+use super::{nanos, Entry, NameTable, StoredName};
+
+/// One entry as data: `pod` resolved `name` (through `cnames`) to `dst`. It is fresh until
+/// `fresh_until` and valid for the table's idle grace after that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedName {
+    pub pod: IpAddr,
+    pub dst: IpAddr,
+    pub name: String,
+    pub cnames: Vec<String>,
+    pub fresh_until: SystemTime,
+}
+
+/// A connection used a record at `at`: its idle grace starts again from there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedTouch {
+    pub pod: IpAddr,
+    pub dst: IpAddr,
+    pub name: String,
+    pub at: SystemTime,
+}
+
+/// What [`NameTable::restore`] did with a saved entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restored {
+    /// Added, or it extended the entry already there.
+    Kept,
+    /// Its idle grace had passed: dropped.
+    Expired,
+}
+
+/// An entry seen through [`NameTable::export_each`], borrowed from the table.
+#[derive(Debug)]
+pub struct ExportedName<'a> {
+    pub pod: IpAddr,
+    pub dst: IpAddr,
+    pub name: &'a str,
+    pub cnames: &'a [Arc<str>],
+    pub fresh_until: SystemTime,
+}
+
+impl NameTable {
+    /// Calls `visit` for every live entry, under the read lock (so recording waits meanwhile:
+    /// about 50 ms for a million entries). Encode what you need and return.
+    pub fn export_each(
+        &self,
+        now: Instant,
+        wall_now: SystemTime,
+        mut visit: impl FnMut(ExportedName<'_>),
+    ) {
+        let inner = self.read();
+        for (route, entries) in &inner.routes {
+            for entry in entries.iter().filter(|e| e.is_live(now, &self.limits)) {
+                visit(ExportedName {
+                    pod: route.pod,
+                    dst: route.dst,
+                    name: entry.name.as_str(),
+                    cnames: entry.cnames.as_deref().unwrap_or_default(),
+                    fresh_until: to_wall(entry.fresh_until(), now, wall_now),
+                });
+            }
+        }
+    }
+
+    /// Puts a saved entry back, judged by the wall clock: an entry already there keeps
+    /// whichever of the two stays fresh longer. Limits apply as to any record.
+    pub fn restore(&self, saved: &SavedName, now: Instant, wall_now: SystemTime) -> Restored {
+        let Some((resolved_at, ttl)) = self.since_wall(saved.fresh_until, now, wall_now) else {
+            return Restored::Expired;
+        };
+        let name = StoredName::new(super::normalize(&saved.name));
+        let cnames: Option<Arc<[Arc<str>]>> = (!saved.cnames.is_empty())
+            .then(|| saved.cnames.iter().map(|c| Arc::from(c.as_str())).collect());
+        let fresh_until = resolved_at.checked_add(ttl);
+        let route = Route {
+            pod: saved.pod,
+            dst: saved.dst,
+        };
+        let mut guard = self.write();
+        let inner = &mut *guard;
+        let entries = inner.routes.entry(route).or_default();
+        match entries
+            .iter_mut()
+            .find(|e| e.name.as_str() == name.as_str())
+        {
+            Some(entry) => {
+                if fresh_until > entry.fresh_until() {
+                    entry.resolved_at = resolved_at;
+                    entry.ttl_ns = nanos(ttl);
+                    entry.used_after_ns.store(0, Ordering::Relaxed);
+                    entry.cnames = cnames;
+                }
+            }
+            None => entries.push(Entry {
+                name,
+                cnames,
+                resolved_at,
+                ttl_ns: nanos(ttl),
+                used_after_ns: AtomicU64::new(0),
+                node: inner.order.push(route),
+            }),
+        }
+        self.enforce_limits(inner, saved.pod, now);
+        self.len
+            .store(inner.order.len(), std::sync::atomic::Ordering::Relaxed);
+        Restored::Kept
+    }
+
+    /// Replays a saved use of an entry (only extends one that is there).
+    pub fn restore_touch(&self, touch: &SavedTouch, now: Instant, wall_now: SystemTime) {
+        let Some((at, _)) = self.since_wall(touch.at, now, wall_now) else {
+            return;
+        };
+        let inner = self.read();
+        let entry = inner
+            .routes
+            .get(&Route {
+                pod: touch.pod,
+                dst: touch.dst,
+            })
+            .and_then(|entries| entries.iter().find(|e| e.name.as_str() == touch.name));
+        if let Some(entry) = entry {
+            if let Some(after) = at.checked_duration_since(entry.resolved_at) {
+                entry
+                    .used_after_ns
+                    .fetch_max(nanos(after), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drops every entry of `pod` (a pod that no longer exists); returns how many.
+    pub fn forget_pod(&self, pod: IpAddr) -> usize {
+        let mut inner = self.write();
+        let nodes = inner.order.nodes_of(pod);
+        for &node in &nodes {
+            inner.remove(node);
+        }
+        self.len.store(inner.order.len(), Ordering::Relaxed);
+        nodes.len()
+    }
+
+    /// The pods that have entries.
+    pub fn pods(&self) -> Vec<IpAddr> {
+        let inner = self.read();
+        let mut pods: Vec<IpAddr> = inner.routes.keys().map(|route| route.pod).collect();
+        pods.sort_unstable();
+        pods.dedup();
+        pods
+    }
+
+    /// `(resolved_at, ttl)` for an entry fresh until `fresh_until` on the wall clock; `None`
+    /// when its idle grace is over too.
+    fn since_wall(
+        &self,
+        fresh_until: SystemTime,
+        now: Instant,
+        wall_now: SystemTime,
+    ) -> Option<(Instant, Duration)> {
+        match fresh_until.duration_since(wall_now) {
+            Ok(left) => Some((now, left)),
+            Err(past) => {
+                let past = past.duration();
+                // Resolved in the past, so that it stays valid exactly `idle_grace` after it
+                // went stale; a clock too young for that keeps it from now (a little longer).
+                (past < self.limits.idle_grace)
+                    .then(|| (now.checked_sub(past).unwrap_or(now), Duration::ZERO))
+            }
+        }
+    }
+}
+
+impl Entry {
+    /// When the TTL or the last use, whichever is later, ends.
+    fn fresh_until(&self) -> Option<Instant> {
+        let fresh_for = self.ttl_ns.max(self.used_after_ns.load(Ordering::Relaxed));
+        self.resolved_at
+            .checked_add(Duration::from_nanos(fresh_for))
+    }
+}
+
+/// The wall-clock time of `at` (monotonic), given that `now` is `wall_now`; beyond the
+/// clock's range, the far future.
+fn to_wall(at: Option<Instant>, now: Instant, wall_now: SystemTime) -> SystemTime {
+    let far = wall_now + Duration::from_secs(100 * 365 * 86_400);
+    match at {
+        Some(at) if at >= now => wall_now.checked_add(at - now).unwrap_or(far),
+        Some(at) => wall_now.checked_sub(now - at).unwrap_or(wall_now),
+        None => far,
+    }
+}
