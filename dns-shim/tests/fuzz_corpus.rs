@@ -18,3 +18,11 @@ fn dns_query_corpus_replays() {
 fn dns_response_corpus_replays() {
     replay::replay(MANIFEST_DIR, "dns_response", dns_checks::response);
 }
+
+#[path = "../../fuzz/checks/state.rs"]
+mod state_checks;
+
+#[test]
+fn state_file_corpus_replays() {
+    replay::replay(MANIFEST_DIR, "state_file", state_checks::state_file);
+}

@@ -486,6 +486,12 @@ pub struct State {
     /// the old pod itself and would restart a container that exits).
     #[serde(default)]
     pub after_handover: AfterHandover,
+    /// After SIGTERM, keep serving up to this long for a successor to take over before
+    /// stopping (0: stop at once). Under a DaemonSet the replacement of a deleted pod starts
+    /// while the old one terminates: with a wait, it takes the sockets over and nothing is
+    /// refused in between.
+    #[serde(default)]
+    pub successor_wait_seconds: u64,
 }
 
 impl State {
@@ -500,6 +506,10 @@ impl State {
     pub fn snapshot_interval(&self) -> Duration {
         Duration::from_secs(self.snapshot_interval_seconds)
     }
+
+    pub fn successor_wait(&self) -> Duration {
+        Duration::from_secs(self.successor_wait_seconds)
+    }
 }
 
 impl Default for State {
@@ -508,6 +518,7 @@ impl Default for State {
             dir: Self::default_dir(),
             snapshot_interval_seconds: Self::default_snapshot_interval_seconds(),
             after_handover: AfterHandover::default(),
+            successor_wait_seconds: 0,
         }
     }
 }

@@ -366,6 +366,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     });
 
+    // After SIGTERM, with `state.successorWaitSeconds`, serving goes on until a successor takes
+    // over (a DaemonSet replaces a deleted pod while the old one terminates) or the wait ends.
+    let mut successor_deadline: Option<tokio::time::Instant> = None;
     let handed_over = loop {
         let successor = async {
             match &offer {
@@ -373,8 +376,26 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 None => std::future::pending().await,
             }
         };
+        let wait_over = async {
+            match successor_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = wait_for_termination() => break false,
+            () = wait_for_termination() => {
+                let wait = config.state.successor_wait();
+                if successor_deadline.is_some() || wait.is_zero() || offer.is_none() {
+                    break false;
+                }
+                tracing::info!(?wait, "terminating: serving until a successor takes over");
+                ready.store(false, Ordering::Release);
+                successor_deadline = Some(tokio::time::Instant::now() + wait);
+            }
+            () = wait_over => {
+                tracing::info!("no successor came; stopping");
+                break false;
+            }
             successor = successor => {
                 let handed = state::hand_over(
                     successor,
@@ -430,7 +451,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         cut_after_grace: cut,
         handed_over,
     });
-    if handed_over && config.state.after_handover == AfterHandover::Wait {
+    if handed_over
+        && successor_deadline.is_none()
+        && config.state.after_handover == AfterHandover::Wait
+    {
         wait_for_termination().await;
     }
     let _ = stop.send(true);

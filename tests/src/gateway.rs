@@ -49,6 +49,8 @@ pub struct GatewayOptions {
     pub intercept_extra: String,
     /// Extra lines inside `nftables:` (indented by two spaces).
     pub nftables_extra: String,
+    /// Extra lines inside `state:` (indented by two spaces).
+    pub state_extra: String,
     /// Extra top-level YAML appended to the generated file.
     pub extra_yaml: String,
     /// Environment variables set for the gateway process only.
@@ -84,6 +86,7 @@ impl Default for GatewayOptions {
             shutdown_grace_seconds: None,
             intercept_extra: String::new(),
             nftables_extra: String::new(),
+            state_extra: String::new(),
             extra_yaml: String::new(),
             env: Vec::new(),
             config_override: None,
@@ -132,7 +135,7 @@ impl GatewayOptions {
              peek:\n  timeoutMs: {peek_timeout}\n  requireSni: {require_sni}\n{peek_extra}\
              connections:\n{connections}\
              unselectedPods: {unselected}\n\
-             state:\n  dir: {state_dir}\n{extra}",
+             state:\n  dir: {state_dir}\n{state_extra}{extra}",
             tproxy = flow(&self.tproxy),
             dns = flow(&self.dns_listen),
             admin = quote(&self.admin),
@@ -156,6 +159,7 @@ impl GatewayOptions {
             ]
             .concat(),
             unselected = self.unselected,
+            state_extra = self.state_extra,
             extra = self.extra_yaml,
         ))
     }

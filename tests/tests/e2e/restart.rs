@@ -147,30 +147,48 @@ while time.time() < end:
 print("ok", ok)
 "#;
 
-#[test]
-fn a_second_gateway_takes_over_under_load_without_losing_anything() {
-    let mut lab = shop_lab();
+/// What the traffic saw while `event` ran: a long-lived stream from pod a, and back-to-back
+/// DNS queries and new TLS connections from pods a and b.
+struct Load<T> {
+    stream: egressgate_lab::Output,
+    failures: Vec<String>,
+    rounds: usize,
+    event: T,
+}
+
+impl<T> Load<T> {
+    fn assert_nothing_lost(&self) {
+        assert!(
+            self.failures.is_empty(),
+            "{} failures in {} rounds:\n{}",
+            self.failures.len(),
+            self.rounds,
+            self.failures.join("\n")
+        );
+        assert!(self.rounds >= 4, "the load ran only {} rounds", self.rounds);
+        assert!(
+            self.stream.success() && self.stream.stdout.starts_with("ok"),
+            "the long-lived stream broke:\n{}",
+            self.stream
+        );
+    }
+}
+
+/// Runs `event` 2 s into the load; the load goes on 3 s after it returns.
+fn under_load<T: Send>(lab: &Lab, event: impl FnOnce() -> T + Send) -> Load<T> {
     let ca = lab.ca();
-    let stream_seconds = "8";
-    let load_running = AtomicBool::new(true);
-    let (stream, failures, rounds, successor) = std::thread::scope(|scope| {
+    let running = AtomicBool::new(true);
+    std::thread::scope(|scope| {
         let stream = scope.spawn(|| {
-            lab.pod("a").run(&[
-                "python3",
-                "-c",
-                STREAM_CLIENT,
-                &ca,
-                addr::API,
-                stream_seconds,
-            ])
+            lab.pod("a")
+                .run(&["python3", "-c", STREAM_CLIENT, &ca, addr::API, "10"])
         });
-        // New DNS queries and new TLS connections, back to back, from both pods.
         let load = |letter: &'static str| {
-            let (lab, ca, running) = (&lab, &ca, &load_running);
+            let (ca, running) = (&ca, &running);
             scope.spawn(move || {
                 let mut failures = Vec::new();
                 let mut rounds = 0;
-                let deadline = Instant::now() + Duration::from_secs(30);
+                let deadline = Instant::now() + Duration::from_secs(40);
                 while running.load(Ordering::Acquire) && Instant::now() < deadline {
                     let dig =
                         lab.pod(letter)
@@ -191,43 +209,33 @@ fn a_second_gateway_takes_over_under_load_without_losing_anything() {
         };
         let loads = [load("a"), load("b")];
         std::thread::sleep(Duration::from_secs(2));
-        let successor = lab
-            .start_gateway_process("egressgate-2")
-            .expect("successor starts");
+        let event = event();
         std::thread::sleep(Duration::from_secs(3));
-        load_running.store(false, Ordering::Release);
-        let mut failures = Vec::new();
-        let mut rounds = 0;
+        running.store(false, Ordering::Release);
+        let (mut failures, mut rounds) = (Vec::new(), 0);
         for load in loads {
             let (f, r) = load.join().expect("load thread");
             failures.extend(f);
             rounds += r;
         }
-        (
-            stream.join().expect("stream thread"),
+        let stream = stream.join().expect("stream thread");
+        Load {
+            stream,
             failures,
             rounds,
-            successor,
-        )
-    });
-    assert!(
-        failures.is_empty(),
-        "{} failures in {rounds} rounds:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    assert!(rounds >= 4, "the load ran only {rounds} rounds");
-    assert!(
-        stream.success() && stream.stdout.starts_with("ok"),
-        "the long-lived stream broke:\n{stream}"
-    );
+            event,
+        }
+    })
+}
 
-    let handover = successor
+/// The old gateway handed over, drained its stream, exited by itself, and neither process
+/// denied anything.
+fn assert_clean_hand_over(lab: &Lab, mut old: Gateway) {
+    let handover = lab
+        .gateway()
         .wait_for_events("handover", |_| true, 1, Duration::from_secs(5))
         .expect("successor's handover line");
     assert_eq!(handover[0]["role"], "successor", "{}", handover[0]);
-    let mut old = lab.replace_gateway(successor).expect("old gateway");
-    // The old process drained its stream and exited by itself (state.afterHandover: exit).
     assert!(
         old.daemon_mut()
             .wait_exit(Duration::from_secs(20))
@@ -246,7 +254,6 @@ fn a_second_gateway_takes_over_under_load_without_losing_anything() {
         "{}",
         old.daemon().output_tail(20)
     );
-    // Every connection the old one decided, and every one after, was allowed.
     for gateway in [&old, lab.gateway()] {
         let denied: Vec<String> = gateway
             .decisions()
@@ -262,8 +269,44 @@ fn a_second_gateway_takes_over_under_load_without_losing_anything() {
     }
     assert!(lab.gateway().cursor() > 0, "the successor decided nothing");
     // The successor holds what pod a resolved before it started.
-    let (out, d) = curl_without_dns(&lab, "a", addr::API);
+    let (out, d) = curl_without_dns(lab, "a", addr::API);
     assert_allowed(&out, &d, "hello from api.example.test");
+}
+
+#[test]
+fn a_second_gateway_takes_over_under_load_without_losing_anything() {
+    let mut lab = shop_lab();
+    let load = under_load(&lab, || {
+        lab.start_gateway_process("egressgate-2")
+            .expect("successor starts")
+    });
+    load.assert_nothing_lost();
+    let old = lab.replace_gateway(load.event).expect("old gateway");
+    assert_clean_hand_over(&lab, old);
+}
+
+#[test]
+fn after_sigterm_the_gateway_serves_until_its_replacement_takes_over() {
+    let mut lab = Lab::builder()
+        .pods(2)
+        .dns()
+        .web()
+        .gateway(GatewayOptions {
+            state_extra: "  successorWaitSeconds: 20\n".to_owned(),
+            ..GatewayOptions::default().policy("shop.yaml", SHOP_POLICY)
+        })
+        .start()
+        .expect("lab starts");
+    // A deleted DaemonSet pod: SIGTERM first, its replacement a moment later.
+    let load = under_load(&lab, || {
+        lab.gateway().daemon().signal("TERM").expect("signal");
+        std::thread::sleep(Duration::from_secs(1));
+        lab.start_gateway_process("egressgate-2")
+            .expect("replacement starts")
+    });
+    load.assert_nothing_lost();
+    let old = lab.replace_gateway(load.event).expect("old gateway");
+    assert_clean_hand_over(&lab, old);
 }
 
 #[test]

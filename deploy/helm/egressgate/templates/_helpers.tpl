@@ -105,6 +105,11 @@ as 1e+06, which the gateway rejects.
     "max" (int64 $v.connections.max)
     "shutdownGraceSeconds" (int64 $v.connections.shutdownGraceSeconds))
   "unselectedPods" $v.unselectedPods
+  "state" (dict
+    "dir" "/var/lib/egressgate"
+    "snapshotIntervalSeconds" (int64 $v.stateDir.snapshotIntervalSeconds)
+    "afterHandover" "wait"
+    "successorWaitSeconds" (int64 $v.stateDir.successorWaitSeconds))
 }}
 {{- if and $v.nftables.manage $v.nftables.removeOnUninstall }}
 {{- $_ := set $config.nftables "ownerDaemonSet" (dict "namespace" .Release.Namespace "name" (include "egressgate.fullname" .)) }}
