@@ -136,6 +136,9 @@ impl HandoverMetrics {
             ),
             &["outcome"],
         )?;
+        for outcome in ["drained", "cut"] {
+            connections.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(records.clone()))?;
         registry.register(Box::new(predecessor_open.clone()))?;

@@ -64,7 +64,7 @@ impl PersistMetrics {
         let restored = IntCounterVec::new(
             Opts::new(
                 "egressgate_state_restored_records_total",
-                "Name records put back into the table at start, by source (snapshot, journal, handover)",
+                "Name records put back into the table at start, by source (files: the state directory; handover: a predecessor)",
             ),
             &["source"],
         )?;
@@ -79,6 +79,20 @@ impl PersistMetrics {
             "egressgate_state_write_errors_total",
             "Failed writes of the name journal or snapshot (the table keeps working in memory)",
         )?;
+        // Every known series from the start, so a dashboard or alert sees 0 rather than nothing.
+        for source in ["files", "handover"] {
+            restored.with_label_values(&[source]);
+        }
+        for reason in [
+            "expired",
+            "corrupt",
+            "version",
+            "foreign",
+            "unreadable",
+            "pod_gone",
+        ] {
+            skipped.with_label_values(&[reason]);
+        }
         registry.register(Box::new(restored.clone()))?;
         registry.register(Box::new(skipped.clone()))?;
         registry.register(Box::new(write_errors.clone()))?;

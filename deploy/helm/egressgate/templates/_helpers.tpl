@@ -219,4 +219,25 @@ Prometheus template syntax through Helm.
           errors, mismatched answers); pods see SERVFAIL when every upstream fails.
   {{- end }}
   {{- end }}
+  {{- with $a.stateNotSaved }}
+  {{- if .enabled }}
+    # Writes of the name journal or snapshot fail, or no snapshot was written for 10 minutes
+    # (the default interval is one minute): a restart of that gateway would forget names.
+    - alert: EgressgateStateNotSaved
+      expr: |-
+        increase(egressgate_state_write_errors_total{ {{- $job -}} }[10m]) > 0
+        or
+        egressgate_state_journal_age_seconds{ {{- $job -}} } > 600
+      for: {{ .for }}
+      labels:
+        {{- toYaml (merge (dict "severity" .severity) $extra) | nindent 8 }}
+      annotations:
+        summary: egressgate on {{ "{{ $labels.node }}" }} cannot save its name table
+        description: >-
+          The gateway on {{ "{{ $labels.node }}" }} ({{ "{{ $labels.instance }}" }}) fails to write its name journal or
+          snapshot to its state directory (full or read-only disk?). It keeps working, but a restart
+          would forget the names pods resolved: connections of pods that cache DNS answers would
+          be denied (no_dns_record) until they resolve again. See docs/operations.md.
+  {{- end }}
+  {{- end }}
 {{- end }}
