@@ -73,6 +73,8 @@ pub enum HandoverError {
     Malformed(&'static str),
     #[error("the other gateway did not answer within {STEP_TIMEOUT:?}")]
     Timeout,
+    #[error("the process at the other end runs as uid {peer}, not {ours}")]
+    Peer { peer: u32, ours: u32 },
 }
 
 /// Message kinds on the stream.
@@ -205,6 +207,9 @@ pub async fn connect(state_dir: &Path) -> Result<Option<Takeover>, HandoverError
         Err(e) => return Err(e.into()),
     };
     let mut stream = stream;
+    // Only a process of our own user may hand us sockets and names: anyone else could grant
+    // names to pods through a planted socket.
+    check_peer(&stream)?;
     send(&mut stream, Kind::Hello, &PROTOCOL_VERSION.to_le_bytes()).await?;
     let (payload, fds) = step(receive_with_fds(&stream)).await??;
     let sockets = read_sockets(&payload, fds)?;
@@ -287,6 +292,7 @@ impl Offer {
         let tmp = state_dir.join(format!("{SOCKET_NAME}.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         std::fs::rename(&tmp, &path)?;
         let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path)?);
         Ok(Offer {
@@ -304,6 +310,11 @@ impl Offer {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
+            // Only a process of our own user may take the sockets (and stop this one).
+            if let Err(e) = check_peer(&stream) {
+                tracing::warn!(error = %e, "hand-over socket: refused a connection");
+                continue;
+            }
             match step(receive(&mut stream)).await {
                 Ok(Ok((Kind::Hello, payload))) => {
                     let version = payload
@@ -578,6 +589,17 @@ fn take_socket_addr(bytes: &[u8]) -> Option<(SocketAddr, &[u8])> {
     };
     let port = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?);
     Some((SocketAddr::new(ip, port), rest.get(2..)?))
+}
+
+/// The peer must run as our effective user (root, for a gateway).
+fn check_peer(stream: &UnixStream) -> Result<(), HandoverError> {
+    let peer = stream.peer_cred()?.uid();
+    let ours = rustix::process::geteuid().as_raw();
+    if peer == ours {
+        Ok(())
+    } else {
+        Err(HandoverError::Peer { peer, ours })
+    }
 }
 
 /// One step of the exchange, bounded in time.

@@ -137,14 +137,8 @@ pub fn journal(
     metrics: &PersistMetrics,
 ) -> Option<Arc<Journal>> {
     let dir = &config.state.dir;
-    let created = std::fs::create_dir_all(dir).and_then(|()| {
-        Journal::create(
-            dir,
-            scope(config),
-            persist::next_generation(dir)?,
-            metrics.clone(),
-            registry,
-        )
+    let created = persist::next_generation(dir).and_then(|generation| {
+        Journal::create(dir, scope(config), generation, metrics.clone(), registry)
     });
     match created {
         Ok(journal) => Some(Arc::new(journal)),

@@ -4,6 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -49,7 +50,11 @@ impl Journal {
         metrics: PersistMetrics,
         registry: &Registry,
     ) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        // Root's alone: whoever can write here can grant names to pods.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let active = Active::create(dir, &scope, generation)?;
         let bytes = IntGauge::new(
             "egressgate_state_journal_bytes",
@@ -232,6 +237,7 @@ impl Active {
             .create(true)
             .truncate(true)
             .write(true)
+            .mode(0o600)
             .open(&path)?;
         let header = Header {
             kind: FileKind::Journal,
@@ -251,7 +257,12 @@ impl Active {
 /// `dir/name` replaced by `bytes` as a whole: a reader sees the old file or the new one.
 fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = File::create(&tmp)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);

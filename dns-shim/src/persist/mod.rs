@@ -310,11 +310,15 @@ pub fn encode_table(table: &NameTable) -> Vec<u8> {
     out
 }
 
-/// The generation a new journal in `dir` takes: above every journal and snapshot there.
+/// The generation a new journal in `dir` takes: above every journal and snapshot there (1 in
+/// a directory that does not exist yet).
 pub fn next_generation(dir: &Path) -> io::Result<u64> {
-    let newest_journal = journals(dir)?
-        .last()
-        .map_or(0, |(generation, _)| *generation);
+    let journals = match journals(dir) {
+        Ok(journals) => journals,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(1),
+        Err(e) => return Err(e),
+    };
+    let newest_journal = journals.last().map_or(0, |(generation, _)| *generation);
     let snapshot = fs::read(dir.join(SNAPSHOT))
         .ok()
         .and_then(|bytes| Header::decode(&bytes).ok())

@@ -313,3 +313,23 @@ impl Kept {
         self.journal.generation()
     }
 }
+
+#[test]
+fn the_state_directory_and_files_are_roots_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().expect("tempdir");
+    let dir = parent.path().join("state");
+    let (kept, _) = Kept::start(&dir);
+    kept.record(POD_A, &answer("api.example.test", WEB, 300));
+    kept.journal.compact(&kept.table).expect("compact");
+    let mode = |path: &Path| {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join(SNAPSHOT)), 0o600);
+    assert_eq!(mode(&journal_path(&dir, kept.journal_generation())), 0o600);
+}

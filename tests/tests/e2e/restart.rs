@@ -357,3 +357,65 @@ fn restored_names_of_a_pod_that_is_gone_are_not_inherited_by_its_address() {
     };
     assert_denied(&out, &d, &["no_dns_record"]);
 }
+
+#[test]
+fn only_roots_processes_may_take_over() {
+    let lab = shop_lab();
+    let socket = lab.state_dir().join("handover.sock");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&socket)
+            .expect("handover.sock")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "handover.sock is root's alone");
+    // Even through a socket opened to everyone, another user is turned away before a byte.
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [
+        (lab.dir(), 0o711),
+        (&lab.state_dir(), 0o711),
+        (&socket, 0o666),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let hello = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(5)
+try:
+    s.sendall(bytes([1, 2, 0, 0, 0, 1, 0]))
+    print("answer", len(s.recv(64)))
+except OSError as e:
+    print("closed", e.errno)
+"#;
+    let out = lab.node().run(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        hello,
+        socket.to_str().expect("path"),
+    ]);
+    assert!(
+        out.stdout.contains("answer 0") || out.stdout.contains("closed"),
+        "nobody got an answer:\n{out}"
+    );
+    assert!(
+        lab.gateway()
+            .daemon()
+            .stderr_text()
+            .contains("refused a connection"),
+        "{}",
+        lab.gateway().daemon().output_tail(10)
+    );
+    // Still serving.
+    let (out, d) = run_and_decide(
+        &lab,
+        "a",
+        443,
+        &curl(&lab.ca(), &["https://api.example.test/"]),
+    );
+    assert_allowed(&out, &d, "hello from api.example.test");
+}
