@@ -49,6 +49,7 @@ use serde::de::DeserializeOwned;
 use crate::config::DaemonSetRef;
 use crate::identity::{Identities, Pod, SelectionCache};
 use crate::store::Store;
+use crate::watch_metrics::WatchMetrics;
 
 /// The watch could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,7 @@ pub enum WatchError {
 pub struct IdentityWatch {
     client: Client,
     node: String,
+    metrics: WatchMetrics,
 }
 
 impl std::fmt::Debug for IdentityWatch {
@@ -77,12 +79,16 @@ const MAX_BATCH: usize = 256;
 
 impl IdentityWatch {
     /// A client from the in-cluster service account or `$KUBECONFIG`.
-    pub async fn connect(node: String) -> Result<Self, WatchError> {
-        Ok(Self::new(Client::try_default().await?, node))
+    pub async fn connect(node: String, metrics: WatchMetrics) -> Result<Self, WatchError> {
+        Ok(Self::new(Client::try_default().await?, node, metrics))
     }
 
-    pub fn new(client: Client, node: String) -> Self {
-        IdentityWatch { client, node }
+    pub fn new(client: Client, node: String, metrics: WatchMetrics) -> Self {
+        IdentityWatch {
+            client,
+            node,
+            metrics,
+        }
     }
 
     /// Watches until `shutdown`, publishing a new index after every change once both first lists
@@ -95,29 +101,41 @@ impl IdentityWatch {
             watcher::Config::default(),
         );
         let mut index = Index::default();
+        let metrics = &self.metrics;
+        let (mut pods_failing, mut namespaces_failing) = (false, false);
+        let mut on_pod = |index: &mut Index, event| {
+            metrics.observe("pods", &event, &mut pods_failing);
+            index.pod_event(event);
+        };
+        let mut on_namespace = |index: &mut Index, event| {
+            metrics.observe("namespaces", &event, &mut namespaces_failing);
+            index.namespace_event(event);
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                Some(event) = pod_events.next() => index.pod_event(event),
-                Some(event) = namespace_events.next() => index.namespace_event(event),
+                Some(event) = pod_events.next() => on_pod(&mut index, event),
+                Some(event) = namespace_events.next() => on_namespace(&mut index, event),
             }
             // Whatever else already arrived goes into the same publication.
             for _ in 0..MAX_BATCH {
                 let mut more = false;
                 if let Some(Some(event)) = pod_events.next().now_or_never() {
-                    index.pod_event(event);
+                    on_pod(&mut index, event);
                     more = true;
                 }
                 if let Some(Some(event)) = namespace_events.next().now_or_never() {
-                    index.namespace_event(event);
+                    on_namespace(&mut index, event);
                     more = true;
                 }
                 if !more {
                     break;
                 }
             }
-            index.publish(&store);
+            if let Some((pods, addresses)) = index.publish(&store) {
+                metrics.published(pods, addresses);
+            }
         }
     }
 }
@@ -276,10 +294,10 @@ impl Index {
     }
 
     /// Swaps in a new index if something changed and both first lists are complete; marks the
-    /// store ready on the first publication.
-    fn publish(&mut self, store: &Store) {
+    /// store ready on the first publication. Returns (pods, addresses) when it published.
+    fn publish(&mut self, store: &Store) -> Option<(usize, usize)> {
         if !(self.changed && self.pods_listed && self.namespaces_listed) {
-            return;
+            return None;
         }
         self.changed = false;
         let identities = self.identities();
@@ -297,6 +315,7 @@ impl Index {
         } else {
             tracing::debug!(pods = self.pods.len(), addresses, "pod identities updated");
         }
+        Some((self.pods.len(), addresses))
     }
 
     /// The IP → pod index; see the module docs for who owns a reused address.

@@ -3,7 +3,8 @@
 //!
 //! Layout (docs/ARCHITECTURE.md has the picture):
 //! - [`config`]: the YAML configuration file.
-//! - [`identity`]: pod IP → namespace, name, labels; [`kubernetes`]: the same from the API.
+//! - [`identity`]: pod IP → namespace, name, labels; [`kubernetes`]: the same from the API;
+//!   [`watch_metrics`]: what operators see of that watch.
 //! - [`store`]: policies + identities in force, reloaded without restarts.
 //! - [`listener`]: transparent TCP sockets.
 //! - [`connection`]: the stages one connection goes through; [`relay`]: splice(2) both ways.
@@ -37,4 +38,5 @@ pub mod relay;
 pub mod run;
 pub mod state;
 pub mod store;
+pub mod watch_metrics;
 pub mod yaml_file;

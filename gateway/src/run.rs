@@ -25,6 +25,7 @@ use crate::limits::{Bounds, Limits};
 use crate::metrics::Metrics;
 use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
+use crate::watch_metrics::WatchMetrics;
 use crate::{admin, listener, memory_budget, nft};
 
 /// A pod's DNS-over-TCP connection is closed after this long without a complete query.
@@ -105,7 +106,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let identity_watch = match &config.identity.kubernetes {
         Some(kubernetes) => {
             let node = kubernetes.node_name().ok_or(RunError::NoNodeName)?;
-            Some(IdentityWatch::connect(node).await?)
+            let metrics = WatchMetrics::register(&registry)?;
+            Some(IdentityWatch::connect(node, metrics).await?)
         }
         None => None,
     };

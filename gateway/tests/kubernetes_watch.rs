@@ -51,7 +51,10 @@ impl Gateway {
         let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
         let store = Arc::new(Store::load(&config, metrics).expect("store"));
         let (stop, stopped) = oneshot::channel::<()>();
-        let watch = IdentityWatch::new(server.client(), NODE.to_owned());
+        let metrics =
+            egressgate::watch_metrics::WatchMetrics::register(&prometheus::Registry::new())
+                .expect("metrics");
+        let watch = IdentityWatch::new(server.client(), NODE.to_owned(), metrics);
         let task = tokio::spawn(watch.run(Arc::clone(&store), async move {
             let _ = stopped.await;
         }));

@@ -102,31 +102,7 @@ impl Netns {
 
     /// Runs `args` inside the namespace under `timeout -k 2 <limit>`.
     pub fn run_with(&self, args: &[&str], stdin: Option<&[u8]>, limit: Duration) -> Result<Output> {
-        let limit = format!("{}", limit.as_secs().max(1));
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, "timeout", "-k", "2", &limit])
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|err| LabError::new(format!("spawn ip netns exec: {err}")))?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // Small inputs only: the pipe buffer holds them, so this cannot block on our reads.
-            let _ = pipe.write_all(input);
-        }
-        let out = child.wait_with_output()?;
-        Ok(Output {
-            command: format!("[{}] {}", self.name, args.join(" ")),
-            status: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        run_in(&self.name, args, stdin, limit)
     }
 
     /// PIDs of processes still running in the namespace.
@@ -197,4 +173,34 @@ pub fn tail(text: &str, lines: usize) -> String {
     }
     out.push_str(&all[start..].join("\n"));
     out
+}
+
+/// Runs `args` inside namespace `ns` under `timeout -k 2 <limit>` (for helpers that keep the
+/// name, not the [`Netns`]).
+pub fn run_in(ns: &str, args: &[&str], stdin: Option<&[u8]>, limit: Duration) -> Result<Output> {
+    let limit = format!("{}", limit.as_secs().max(1));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "timeout", "-k", "2", &limit])
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|err| LabError::new(format!("spawn ip netns exec: {err}")))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // Small inputs only: the pipe buffer holds them, so this cannot block on our reads.
+        let _ = pipe.write_all(input);
+    }
+    let out = child.wait_with_output()?;
+    Ok(Output {
+        command: format!("[{}] {}", ns, args.join(" ")),
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
