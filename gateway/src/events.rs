@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
 use serde::Serialize;
 
-use crate::decision::{Reason, Verdict};
+use crate::decision::{PolicyDenial, Reason, Verdict};
 
 /// Identifies the pod in a line.
 #[derive(Debug, Clone, Serialize)]
@@ -72,7 +72,7 @@ impl DecisionLine {
             event: "decision",
             connection,
             verdict: Verdict::Deny,
-            reason: Reason::NotAllowed,
+            reason: Reason::Policy(PolicyDenial::NotAllowed),
             detail: None,
             pod: None,
             source,

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::config::{self, UnselectedPods};
-use crate::decision::{self, Reason, Verdict};
+use crate::decision::{self, Limit, PolicyDenial, Reason, Verdict};
 use crate::events::{CloseLine, DecisionLine, PodName};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -156,7 +156,7 @@ impl Proxy {
                         namespace: pod.namespace.clone(),
                         name: pod.name.clone(),
                     });
-                line.reason = Reason::ConnectionLimit;
+                line.reason = Reason::Limit(Limit::ConnectionLimit);
                 Decided {
                     verdict: Verdict::Deny,
                     reader: None,
@@ -259,7 +259,7 @@ impl Proxy {
         // Held while this connection waits for its first message.
         let peek_permit = needs_peek.then(|| self.limits.peek(src));
         let outcome = if matches!(peek_permit, Some(None)) {
-            Err(Stop::new(Reason::PeekLimit))
+            Err(Stop::new(Reason::Limit(Limit::PeekLimit)))
         } else if grants.is_empty() {
             let reason = decision::no_grant_reason(!names.is_empty());
             // Still read what the pod sends, for the log: which SNI or Host it wanted is what a
@@ -307,7 +307,7 @@ impl Proxy {
             Err(stop) => {
                 line.reason = stop.reason;
                 line.detail = stop.detail;
-                decision::verdict_for(selection, Err(stop.reason))
+                decision::denial_verdict(selection, stop.reason)
             }
         };
         Decided {
@@ -348,7 +348,7 @@ impl Proxy {
             }
             Ok(Sniffed::Http2Preface) => {
                 line.protocol = Some("http2");
-                Err(Stop::new(Reason::ProtocolMismatch))
+                Err(Stop::new(Reason::Policy(PolicyDenial::ProtocolMismatch)))
             }
             Ok(Sniffed::Postgres) => {
                 line.protocol = Some("postgresql");
@@ -356,12 +356,12 @@ impl Proxy {
                     postgres::negotiate(self, grants, client, reader, upstream, line).await
                 } else {
                     postgres::observe(client, reader, line).await;
-                    Err(Stop::new(Reason::ProtocolMismatch))
+                    Err(Stop::new(Reason::Policy(PolicyDenial::ProtocolMismatch)))
                 }
             }
             Ok(Sniffed::Unknown) => {
                 line.protocol = Some("unknown");
-                Err(Stop::new(Reason::ProtocolMismatch))
+                Err(Stop::new(Reason::Policy(PolicyDenial::ProtocolMismatch)))
             }
         };
         self.metrics

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::reader::{PeekReader, Stop};
 use super::{connect, describe, Outcome, Proxy};
-use crate::decision::{self, Reason};
+use crate::decision::{self, PodFault, Reason, UpstreamFault};
 use crate::events::DecisionLine;
 use crate::peek::postgres::{peek_first_message, PgMessage};
 use crate::peek::tls::peek_client_hello;
@@ -55,7 +55,7 @@ pub(super) async fn negotiate(
                 // were protected (CVE-2021-23214): refuse them.
                 if reader.buf.len() > end {
                     return Err(Stop {
-                        reason: Reason::Malformed,
+                        reason: Reason::Pod(PodFault::Malformed),
                         detail: Some("pg_bytes_before_encryption_answer"),
                     });
                 }
@@ -93,7 +93,7 @@ pub(super) async fn negotiate(
                     }
                     _ => {
                         return Err(Stop {
-                            reason: Reason::Malformed,
+                            reason: Reason::Pod(PodFault::Malformed),
                             detail: Some("pg_unexpected_server_answer"),
                         })
                     }
@@ -102,7 +102,7 @@ pub(super) async fn negotiate(
         }
     }
     Err(Stop {
-        reason: Reason::Malformed,
+        reason: Reason::Pod(PodFault::Malformed),
         detail: Some("pg_too_many_negotiations"),
     })
 }
@@ -133,7 +133,7 @@ async fn exchange(
     line: &DecisionLine,
 ) -> Result<u8, Stop> {
     let unreachable = Stop {
-        reason: Reason::UpstreamUnreachable,
+        reason: Reason::Upstream(UpstreamFault::UpstreamUnreachable),
         detail: None,
     };
     if upstream.is_none() {
@@ -153,6 +153,6 @@ async fn exchange(
             Ok(answer[0])
         }
         Ok(Err(_)) => Err(unreachable),
-        Err(_) => Err(Stop::new(Reason::PeekTimeout)),
+        Err(_) => Err(Stop::new(Reason::Pod(PodFault::PeekTimeout))),
     }
 }

@@ -3,7 +3,7 @@
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::decision::Reason;
+use crate::decision::{PodFault, PolicyDenial, Reason};
 use crate::peek::{Invalid, Peek};
 
 /// Why reading stopped without a complete message.
@@ -15,9 +15,9 @@ pub struct Stop {
 }
 
 impl Stop {
-    pub fn new(reason: Reason) -> Self {
+    pub fn new(reason: impl Into<Reason>) -> Self {
         Stop {
-            reason,
+            reason: reason.into(),
             detail: None,
         }
     }
@@ -25,8 +25,8 @@ impl Stop {
     fn invalid(invalid: &Invalid) -> Self {
         let reason = match invalid {
             // A pod speaking HTTP/2 to an HTTP/1 rule: a protocol it may not use, not garbage.
-            Invalid::Http2Preface => Reason::ProtocolMismatch,
-            _ => Reason::Malformed,
+            Invalid::Http2Preface => Reason::Policy(PolicyDenial::ProtocolMismatch),
+            _ => Reason::Pod(PodFault::Malformed),
         };
         Stop {
             reason,
@@ -79,7 +79,7 @@ impl PeekReader {
             }
             let room = self.max_bytes.saturating_sub(self.buf.len());
             if room == 0 {
-                return Err(Stop::new(Reason::PeekTooLarge));
+                return Err(Stop::new(Reason::Pod(PodFault::PeekTooLarge)));
             }
             let readable = tokio::time::timeout_at(self.deadline, client.readable()).await;
             let n = match readable {
@@ -88,7 +88,7 @@ impl PeekReader {
                     None => continue,
                 },
                 Ok(Err(_)) => 0,
-                Err(_) => return Err(Stop::new(Reason::PeekTimeout)),
+                Err(_) => return Err(Stop::new(Reason::Pod(PodFault::PeekTimeout))),
             };
             if n == 0 {
                 return Err(Stop::new(Reason::ClientClosed));
