@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
 use serde::Serialize;
 
+use crate::connection::{ClientAddr, OrigDstAddr};
 use crate::decision::{PolicyDenial, Reason, Verdict};
+use crate::protocol::Protocol;
 
 /// Identifies the pod in a line.
 #[derive(Debug, Clone, Serialize)]
@@ -36,7 +38,7 @@ pub struct DecisionLine {
     pub cnames: Vec<String>,
     /// `tls`, `http`, `http2`, `postgresql`, `tcp` or `unknown`; absent when nothing was read.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<&'static str>,
+    pub protocol: Option<Protocol>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -66,7 +68,7 @@ pub struct DecisionLine {
 }
 
 impl DecisionLine {
-    pub fn new(connection: u64, source: SocketAddr, destination: SocketAddr) -> Self {
+    pub fn new(connection: u64, source: ClientAddr, destination: OrigDstAddr) -> Self {
         DecisionLine {
             time: String::new(),
             event: "decision",
@@ -75,8 +77,8 @@ impl DecisionLine {
             reason: Reason::Policy(PolicyDenial::NotAllowed),
             detail: None,
             pod: None,
-            source,
-            destination,
+            source: source.0,
+            destination: destination.0,
             names: Vec::new(),
             cnames: Vec::new(),
             protocol: None,

@@ -11,7 +11,7 @@
 //! - [`decision`]: verdicts, reason codes and the pure authorization rules.
 //! - [`limits`]: bounds on open connections and connections waiting in peek.
 //! - [`memory_budget`]: whether the caps fit in the cgroup's memory limit.
-//! - [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
+//! - [`protocol`]: what a connection speaks. [`events`]: the JSON decision and close lines. [`metrics`]: Prometheus.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`. [`nft`]: the nftables table and routing.
 //! - [`run`]: wiring it all together for `egressgate run`.
 //! - [`yaml_file`]: typed YAML files with `file:line:column` errors.
@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod nft;
 pub mod peek;
 pub mod pipes;
+pub mod protocol;
 pub mod relay;
 pub mod run;
 pub mod store;

@@ -9,10 +9,11 @@
 //! TPROXY keeps the original destination as the accepted socket's local address. The gateway
 //! connects upstream from the node's own address; only the pod's bytes are relayed, untouched.
 
+mod addr;
 mod postgres;
 mod reader;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,15 +24,18 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::config::{self, UnselectedPods};
-use crate::decision::{self, Limit, PolicyDenial, Reason, Verdict};
+use crate::decision::{self, EncryptedPostgres, Limit, PolicyDenial, Reason, Verdict};
 use crate::events::{CloseLine, DecisionLine, PodName};
+use crate::identity::Pod;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::peek::{self, Sniffed};
 use crate::pipes::PIPES;
+use crate::protocol::Protocol;
 use crate::relay;
 use crate::store::Store;
-use reader::{PeekReader, Stop};
+pub use addr::{ClientAddr, OrigDstAddr};
+use reader::{Detail, PeekReader, Stop};
 
 /// The `namespace` metric label of connections from no known pod.
 pub const UNKNOWN_NAMESPACE: &str = "_unknown";
@@ -114,7 +118,7 @@ impl Proxy {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => match accepted {
                     Ok((client, source)) => {
-                        tokio::spawn(Arc::clone(&self).handle(client, source));
+                        tokio::spawn(Arc::clone(&self).handle(client, ClientAddr(source)));
                     }
                     Err(e) => {
                         // EMFILE and friends: free the descriptors the pipe pool keeps, and back
@@ -128,13 +132,13 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, source: SocketAddr) {
+    async fn handle(self: Arc<Self>, mut client: TcpStream, source: ClientAddr) {
         let accepted = Instant::now();
         self.metrics.connections_active.inc();
         let _active = ActiveGuard(self.metrics.connections_active.clone());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let destination = match client.local_addr() {
-            Ok(addr) => addr,
+            Ok(addr) => OrigDstAddr(addr),
             Err(e) => {
                 tracing::debug!(error = %e, "connection gone before it was examined");
                 return;
@@ -143,15 +147,17 @@ impl Proxy {
         let mut line = DecisionLine::new(id, source, destination);
         let permit = self.limits.connection();
         let decided = match permit {
-            Some(_) => self.decide(&mut client, &mut line, accepted).await,
+            Some(_) => {
+                self.decide(&mut client, source, destination, &mut line, accepted)
+                    .await
+            }
             None => {
                 // No waiting here, but name the pod if it is known.
-                let src = source.ip().to_canonical();
                 line.pod = self
                     .store
                     .current()
                     .identities
-                    .lookup(src)
+                    .lookup(source.ip())
                     .map(|pod| PodName {
                         namespace: pod.namespace.clone(),
                         name: pod.name.clone(),
@@ -180,7 +186,7 @@ impl Proxy {
             .with_label_values(&[
                 line.verdict.as_str(),
                 line.reason.as_str(),
-                line.protocol.unwrap_or("none"),
+                Protocol::label(line.protocol),
                 namespace,
             ])
             .inc();
@@ -201,15 +207,15 @@ impl Proxy {
     async fn decide(
         &self,
         client: &mut TcpStream,
+        source: ClientAddr,
+        destination: OrigDstAddr,
         line: &mut DecisionLine,
         accepted: Instant,
     ) -> Decided {
-        let src = line.source.ip().to_canonical();
         let snapshot = self
             .store
-            .pod_by_ip(src, accepted + self.unknown_source_wait)
+            .pod_by_ip(source.ip(), accepted + self.unknown_source_wait)
             .await;
-        let dst = line.destination.ip().to_canonical();
         let fallback = |setting: UnselectedPods| Decided {
             verdict: match setting {
                 UnselectedPods::Allow => Verdict::Allow,
@@ -219,7 +225,7 @@ impl Proxy {
             upstream: None,
         };
 
-        let Some(pod) = snapshot.identities.lookup(src) else {
+        let Some(pod) = snapshot.identities.lookup(source.ip()) else {
             line.reason = Reason::UnknownSource;
             return fallback(self.unknown_sources);
         };
@@ -233,31 +239,24 @@ impl Proxy {
             return fallback(self.unselected);
         }
 
-        let now = std::time::Instant::now();
-        for &ip in &pod.ips {
-            self.table.lookup_each(ip, dst, now, |name, cnames| {
-                if line.names.iter().any(|n| n == name) {
-                    return;
-                }
-                line.names.push(name.to_owned());
-                for cname in cnames {
-                    if !line.cnames.iter().any(|c| **c == **cname) {
-                        line.cnames.push(cname.to_string());
-                    }
-                }
-            });
-        }
+        resolved_names(
+            &self.table,
+            pod,
+            destination,
+            &mut line.names,
+            &mut line.cnames,
+        );
         let names: Vec<&str> = line.names.iter().map(String::as_str).collect();
         let grants = decision::effective_grants(
             &selection,
-            selection.grants(dst, line.destination.port(), &names),
+            selection.grants(destination.ip(), destination.port(), &names),
         );
 
         let mut reader = PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes);
         let mut upstream = None;
         let needs_peek = decision::tcp_grant(&grants).is_none();
         // Held while this connection waits for its first message.
-        let peek_permit = needs_peek.then(|| self.limits.peek(src));
+        let peek_permit = needs_peek.then(|| self.limits.peek(source.ip()));
         let outcome = if matches!(peek_permit, Some(None)) {
             Err(Stop::new(Reason::Limit(Limit::PeekLimit)))
         } else if grants.is_empty() {
@@ -269,20 +268,29 @@ impl Proxy {
                 .await;
             Err(Stop::new(reason))
         } else if let Some(grant) = decision::tcp_grant(&grants) {
-            line.protocol = Some("tcp");
+            line.protocol = Some(Protocol::Tcp);
             Ok(describe(grant))
         } else {
             self.peek_and_authorize(&grants, client, &mut reader, &mut upstream, line)
                 .await
         };
-        self.conclude(&selection, &pod.ips, outcome, line, reader, upstream)
+        if let Ok(granted) = &outcome {
+            // An allowed connection keeps the names it used alive for another idle grace; a
+            // denied attempt must not.
+            let now = std::time::Instant::now();
+            for &ip in &pod.ips {
+                for name in &granted.names {
+                    self.table.touch(ip, destination.ip(), name, now);
+                }
+            }
+        }
+        self.conclude(&selection, outcome, line, reader, upstream)
     }
 
     /// Applies the audit rule and records the outcome in `line`.
     fn conclude(
         &self,
         selection: &Selection<'_>,
-        pod_ips: &[IpAddr],
         outcome: Outcome,
         line: &mut DecisionLine,
         reader: PeekReader,
@@ -293,20 +301,11 @@ impl Proxy {
                 line.reason = Reason::Allowed;
                 line.policy = Some(granted.policy.clone());
                 line.rule = Some(granted.rule);
-                // An allowed connection keeps the names it used alive for another idle grace;
-                // a denied attempt must not.
-                let dst = line.destination.ip().to_canonical();
-                let now = std::time::Instant::now();
-                for ip in pod_ips {
-                    for name in &granted.names {
-                        self.table.touch(*ip, dst, name, now);
-                    }
-                }
                 Verdict::Allow
             }
             Err(stop) => {
                 line.reason = stop.reason;
-                line.detail = stop.detail;
+                line.detail = stop.detail.as_ref().map(Detail::code);
                 decision::denial_verdict(selection, stop.reason)
             }
         };
@@ -328,14 +327,11 @@ impl Proxy {
     ) -> Outcome {
         let started = Instant::now();
         let sniffed = reader.until(client, 0, peek::sniff).await;
+        line.protocol = sniffed.as_ref().ok().copied().map(Protocol::from);
         let outcome = match sniffed {
             Err(stop) => Err(stop),
-            Ok(Sniffed::TlsHandshake) => {
-                line.protocol = Some("tls");
-                self.authorize_tls(grants, client, reader, line).await
-            }
+            Ok(Sniffed::TlsHandshake) => self.authorize_tls(grants, client, reader, line).await,
             Ok(Sniffed::Http1) => {
-                line.protocol = Some("http");
                 match reader.until(client, 0, peek::http::peek_request_head).await {
                     Ok(head) => {
                         line.host = head.host.clone();
@@ -347,26 +343,22 @@ impl Proxy {
                 }
             }
             Ok(Sniffed::Http2Preface) => {
-                line.protocol = Some("http2");
                 Err(Stop::new(Reason::Policy(PolicyDenial::ProtocolMismatch)))
             }
             Ok(Sniffed::Postgres) => {
-                line.protocol = Some("postgresql");
                 if decision::has_postgres_grant(grants) {
-                    postgres::negotiate(self, grants, client, reader, upstream, line).await
+                    let require_sni = self.peek.require_sni;
+                    postgres::negotiate(require_sni, grants, client, reader, upstream, line).await
                 } else {
                     postgres::observe(client, reader, line).await;
                     Err(Stop::new(Reason::Policy(PolicyDenial::ProtocolMismatch)))
                 }
             }
-            Ok(Sniffed::Unknown) => {
-                line.protocol = Some("unknown");
-                Err(Stop::new(Reason::Policy(PolicyDenial::ProtocolMismatch)))
-            }
+            Ok(Sniffed::Unknown) => Err(Stop::new(Reason::Policy(PolicyDenial::ProtocolMismatch))),
         };
         self.metrics
             .peek_duration
-            .with_label_values(&[line.protocol.unwrap_or("none")])
+            .with_label_values(&[Protocol::label(line.protocol)])
             .observe(started.elapsed().as_secs_f64());
         outcome
     }
@@ -388,9 +380,10 @@ impl Proxy {
         let sni = hello.server_name.as_deref();
         let direct_postgres = hello.alpn.iter().any(|p| p == "postgresql");
         let authorization = if direct_postgres && decision::has_postgres_grant(grants) {
-            line.protocol = Some("postgresql");
+            line.protocol = Some(Protocol::Postgresql);
             line.postgresql_encryption = Some("tls");
-            decision::authorize_encrypted_postgres(grants, Some(sni), self.peek.require_sni)
+            let encrypted = EncryptedPostgres::Tls { sni };
+            decision::authorize_encrypted_postgres(grants, encrypted, self.peek.require_sni)
         } else {
             decision::authorize_tls(grants, sni, self.peek.require_sni)
         };
@@ -403,7 +396,7 @@ impl Proxy {
         &self,
         id: u64,
         client: TcpStream,
-        destination: SocketAddr,
+        destination: OrigDstAddr,
         decided: Decided,
         accepted: Instant,
     ) {
@@ -469,8 +462,34 @@ fn wanted_destination(line: &DecisionLine) -> String {
         .unwrap_or_else(|| line.destination.ip().to_canonical().to_string())
 }
 
+/// The live names this pod resolved to `destination`, under any of its addresses, each once;
+/// and the CNAMEs on the way, for the log.
+fn resolved_names(
+    table: &NameTable,
+    pod: &Pod,
+    destination: OrigDstAddr,
+    names: &mut Vec<String>,
+    cnames: &mut Vec<String>,
+) {
+    let now = std::time::Instant::now();
+    for &ip in &pod.ips {
+        table.lookup_each(ip, destination.ip(), now, |name, chain| {
+            if names.iter().any(|n| n == name) {
+                return;
+            }
+            names.push(name.to_owned());
+            for cname in chain {
+                if !cnames.iter().any(|c| **c == **cname) {
+                    cnames.push(cname.to_string());
+                }
+            }
+        });
+    }
+}
+
 /// Opens the upstream connection to the original destination.
-async fn connect(destination: SocketAddr) -> std::io::Result<TcpStream> {
+async fn connect(destination: OrigDstAddr) -> std::io::Result<TcpStream> {
+    let destination = destination.0;
     // The socket is made before connecting, so that running out of descriptors can free the
     // pipe pool's and try again.
     let socket = PIPES.retry_out_of_descriptors(|| match destination {

@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::reader::{PeekReader, Stop};
-use super::{connect, describe, Outcome, Proxy};
-use crate::decision::{self, PodFault, Reason, UpstreamFault};
+use super::{connect, describe, OrigDstAddr, Outcome};
+use crate::decision::{self, EncryptedPostgres, PodFault, Reason, UpstreamFault};
 use crate::events::DecisionLine;
 use crate::peek::postgres::{peek_first_message, PgMessage};
 use crate::peek::tls::peek_client_hello;
@@ -19,8 +19,29 @@ use crate::peek::tls::peek_client_hello;
 /// GSSENCRequest → `N`, SSLRequest → `N`, StartupMessage: the longest legal sequence.
 const MAX_MESSAGES: usize = 3;
 
+/// How the encryption negotiation went wrong (`malformed`, with these `detail` codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NegotiationFault {
+    /// Bytes after an encryption request, before the server's answer.
+    BytesBeforeAnswer,
+    /// The server answered something else than `S`, `N` or `G`.
+    UnexpectedServerAnswer { answer: u8 },
+    /// More than [`MAX_MESSAGES`] first messages.
+    TooManyNegotiations,
+}
+
+impl NegotiationFault {
+    pub fn code(self) -> &'static str {
+        match self {
+            NegotiationFault::BytesBeforeAnswer => "pg_bytes_before_encryption_answer",
+            NegotiationFault::UnexpectedServerAnswer { .. } => "pg_unexpected_server_answer",
+            NegotiationFault::TooManyNegotiations => "pg_too_many_negotiations",
+        }
+    }
+}
+
 pub(super) async fn negotiate(
-    proxy: &Proxy,
+    require_sni: bool,
     grants: &[Grant<'_>],
     client: &mut TcpStream,
     reader: &mut PeekReader,
@@ -54,10 +75,7 @@ pub(super) async fn negotiate(
                 // Bytes sent before the server's answer would be read by the server as if they
                 // were protected (CVE-2021-23214): refuse them.
                 if reader.buf.len() > end {
-                    return Err(Stop {
-                        reason: Reason::Pod(PodFault::Malformed),
-                        detail: Some("pg_bytes_before_encryption_answer"),
-                    });
+                    return Err(Stop::negotiation(NegotiationFault::BytesBeforeAnswer));
                 }
                 let answer = exchange(reader, upstream, from, end, line).await?;
                 client
@@ -73,10 +91,11 @@ pub(super) async fn negotiate(
                         line.sni = hello.server_name.clone();
                         line.alpn = hello.alpn.clone();
                         line.ech = Some(hello.ech_offered);
+                        let sni = hello.server_name.as_deref();
                         return decision::authorize_encrypted_postgres(
                             grants,
-                            Some(hello.server_name.as_deref()),
-                            proxy.peek.require_sni,
+                            EncryptedPostgres::Tls { sni },
+                            require_sni,
                         )
                         .map(describe)
                         .map_err(Stop::new);
@@ -85,26 +104,21 @@ pub(super) async fn negotiate(
                         line.postgresql_encryption = Some("gssapi");
                         return decision::authorize_encrypted_postgres(
                             grants,
-                            None,
-                            proxy.peek.require_sni,
+                            EncryptedPostgres::Gssapi,
+                            require_sni,
                         )
                         .map(describe)
                         .map_err(Stop::new);
                     }
-                    _ => {
-                        return Err(Stop {
-                            reason: Reason::Pod(PodFault::Malformed),
-                            detail: Some("pg_unexpected_server_answer"),
-                        })
+                    answer => {
+                        let fault = NegotiationFault::UnexpectedServerAnswer { answer };
+                        return Err(Stop::negotiation(fault));
                     }
                 }
             }
         }
     }
-    Err(Stop {
-        reason: Reason::Pod(PodFault::Malformed),
-        detail: Some("pg_too_many_negotiations"),
-    })
+    Err(Stop::negotiation(NegotiationFault::TooManyNegotiations))
 }
 
 /// Without a `postgresql` grant nothing is relayed; a plaintext startup is still read so the
@@ -132,14 +146,12 @@ async fn exchange(
     end: usize,
     line: &DecisionLine,
 ) -> Result<u8, Stop> {
-    let unreachable = Stop {
-        reason: Reason::Upstream(UpstreamFault::UpstreamUnreachable),
-        detail: None,
-    };
+    let unreachable = || Stop::new(UpstreamFault::UpstreamUnreachable);
     if upstream.is_none() {
-        *upstream = Some(connect(line.destination).await.map_err(|_| unreachable)?);
+        let destination = OrigDstAddr(line.destination);
+        *upstream = Some(connect(destination).await.map_err(|_| unreachable())?);
     }
-    let server = upstream.as_mut().ok_or(unreachable)?;
+    let server = upstream.as_mut().ok_or_else(unreachable)?;
     let request = reader.buf.get(from..end).unwrap_or_default();
     let deadline = reader.deadline();
     let mut answer = [0u8; 1];
@@ -152,7 +164,7 @@ async fn exchange(
             reader.forwarded = end;
             Ok(answer[0])
         }
-        Ok(Err(_)) => Err(unreachable),
-        Err(_) => Err(Stop::new(Reason::Pod(PodFault::PeekTimeout))),
+        Ok(Err(_)) => Err(unreachable()),
+        Err(_) => Err(Stop::new(PodFault::PeekTimeout)),
     }
 }

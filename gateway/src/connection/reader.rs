@@ -3,15 +3,35 @@
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::postgres::NegotiationFault;
 use crate::decision::{PodFault, PolicyDenial, Reason};
 use crate::peek::{Invalid, Peek};
 
 /// Why reading stopped without a complete message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stop {
     pub reason: Reason,
-    /// The peeker's code for `malformed` / `protocol_mismatch`.
-    pub detail: Option<&'static str>,
+    /// How, for `malformed` and some `protocol_mismatch`: the log's `detail`.
+    pub detail: Option<Detail>,
+}
+
+/// What exactly was wrong with the first messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detail {
+    /// A peeker refused the bytes.
+    Invalid(Invalid),
+    /// The PostgreSQL encryption negotiation went wrong.
+    Negotiation(NegotiationFault),
+}
+
+impl Detail {
+    /// The stable code of the log's `detail` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Detail::Invalid(invalid) => invalid.code(),
+            Detail::Negotiation(fault) => fault.code(),
+        }
+    }
 }
 
 impl Stop {
@@ -22,7 +42,7 @@ impl Stop {
         }
     }
 
-    fn invalid(invalid: &Invalid) -> Self {
+    fn invalid(invalid: Invalid) -> Self {
         let reason = match invalid {
             // A pod speaking HTTP/2 to an HTTP/1 rule: a protocol it may not use, not garbage.
             Invalid::Http2Preface => Reason::Policy(PolicyDenial::ProtocolMismatch),
@@ -30,7 +50,14 @@ impl Stop {
         };
         Stop {
             reason,
-            detail: Some(invalid.code()),
+            detail: Some(Detail::Invalid(invalid)),
+        }
+    }
+
+    pub fn negotiation(fault: NegotiationFault) -> Self {
+        Stop {
+            reason: Reason::Pod(PodFault::Malformed),
+            detail: Some(Detail::Negotiation(fault)),
         }
     }
 }
@@ -74,7 +101,7 @@ impl PeekReader {
         loop {
             match parse(self.buf.get(from..).unwrap_or_default()) {
                 Peek::Complete(value) => return Ok(value),
-                Peek::Invalid(invalid) => return Err(Stop::invalid(&invalid)),
+                Peek::Invalid(invalid) => return Err(Stop::invalid(invalid)),
                 Peek::Incomplete => {}
             }
             let room = self.max_bytes.saturating_sub(self.buf.len());

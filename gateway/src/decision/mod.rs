@@ -156,12 +156,21 @@ pub fn authorize_cancel<'g, 'a>(grants: &'g [Grant<'a>]) -> Authorization<'g, 'a
         .ok_or(PolicyDenial::ProtocolMismatch)
 }
 
+/// How a PostgreSQL session turned encrypted, with what the gateway could still see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptedPostgres<'a> {
+    /// TLS, after `S` or direct (ALPN `postgresql`): the ClientHello's SNI, if it has one.
+    Tls { sni: Option<&'a str> },
+    /// GSSAPI after `G`: no name to see.
+    Gssapi,
+}
+
 /// A PostgreSQL session that turned encrypted (TLS after `S`, direct TLS, or GSSAPI after `G`):
 /// SNI rules as for `tls` when there is a ClientHello, then the startup is invisible, so a rule
 /// that limits databases or users allows it only with `allowEncrypted: true`.
 pub fn authorize_encrypted_postgres<'g, 'a>(
     grants: &'g [Grant<'a>],
-    sni: Option<Option<&str>>,
+    encrypted: EncryptedPostgres<'_>,
     require_sni: bool,
 ) -> Authorization<'g, 'a> {
     let postgres: Vec<&Grant<'a>> = grants
@@ -171,16 +180,16 @@ pub fn authorize_encrypted_postgres<'g, 'a>(
     if postgres.is_empty() {
         return Err(PolicyDenial::ProtocolMismatch);
     }
-    let named: Vec<&Grant<'a>> = match sni {
-        Some(sni) => postgres
+    let named: Vec<&Grant<'a>> = match encrypted {
+        EncryptedPostgres::Tls { sni } => postgres
             .iter()
             .copied()
             .filter(|g| name_allowed(g, sni, require_sni))
             .collect(),
-        None => postgres,
+        EncryptedPostgres::Gssapi => postgres,
     };
     if named.is_empty() {
-        let missing = matches!(sni, Some(None));
+        let missing = encrypted == EncryptedPostgres::Tls { sni: None };
         return Err(if missing {
             PolicyDenial::SniMissing
         } else {
@@ -481,22 +490,22 @@ spec:
                 }
                 assert!(authorize_startup(grants, "orders", "app", Some("database")).is_ok());
                 assert!(authorize_startup(grants, "orders", "app", Some("false")).is_ok());
-                let sni = Some(Some("db.example.test"));
+                let tls = |sni| EncryptedPostgres::Tls { sni };
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, sni, true).err(),
+                    authorize_encrypted_postgres(grants, tls(Some("db.example.test")), true).err(),
                     Some(PolicyDenial::PostgresqlEncrypted)
                 );
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, Some(Some("evil.example.test")), true)
+                    authorize_encrypted_postgres(grants, tls(Some("evil.example.test")), true)
                         .err(),
                     Some(PolicyDenial::SniMismatch)
                 );
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, Some(None), true).err(),
+                    authorize_encrypted_postgres(grants, tls(None), true).err(),
                     Some(PolicyDenial::SniMissing)
                 );
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, None, true).err(),
+                    authorize_encrypted_postgres(grants, EncryptedPostgres::Gssapi, true).err(),
                     Some(PolicyDenial::PostgresqlEncrypted)
                 );
                 assert_eq!(
@@ -511,13 +520,11 @@ spec:
             5432,
             &["open-db.example.test"],
             |_, grants| {
-                assert!(authorize_encrypted_postgres(
-                    grants,
-                    Some(Some("open-db.example.test")),
-                    true
-                )
-                .is_ok());
-                assert!(authorize_encrypted_postgres(grants, None, true).is_ok());
+                let sni = Some("open-db.example.test");
+                let tls = EncryptedPostgres::Tls { sni };
+                assert!(authorize_encrypted_postgres(grants, tls, true).is_ok());
+                let gssapi = EncryptedPostgres::Gssapi;
+                assert!(authorize_encrypted_postgres(grants, gssapi, true).is_ok());
             },
         );
     }
