@@ -3,7 +3,7 @@
 
 use serde::{Serialize, Serializer};
 
-use crate::peek::Sniffed;
+use crate::peek::{Peeked, Sniffed};
 
 /// A connection's protocol. The codes are a stable interface (logs, metrics): never rename one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,5 +57,18 @@ impl From<Sniffed> for Protocol {
 impl Serialize for Protocol {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.as_str())
+    }
+}
+
+impl From<&Peeked> for Protocol {
+    fn from(peeked: &Peeked) -> Self {
+        match peeked {
+            Peeked::Tls(_) => Protocol::Tls,
+            Peeked::Http(_) => Protocol::Http,
+            // Direct TLS with ALPN `postgresql` included.
+            Peeked::Postgres(_) => Protocol::Postgresql,
+            Peeked::Http2 => Protocol::Http2,
+            Peeked::Unknown => Protocol::Unknown,
+        }
     }
 }

@@ -8,6 +8,8 @@ mod reason;
 use egressgate_policy::{Grant, GrantPeer, Mode, Protocol, Selection};
 use serde::Serialize;
 
+use crate::peek::{Peeked, PgEncryption, PgFirst};
+
 pub use reason::{Limit, PodFault, PolicyDenial, Reason, UpstreamFault};
 
 /// What happened to a connection.
@@ -74,6 +76,38 @@ pub fn has_postgres_grant(grants: &[Grant<'_>]) -> bool {
     grants
         .iter()
         .any(|g| matches!(g.protocol, Protocol::Postgresql(_)))
+}
+
+/// The rule for what the connection's first messages came to: the one match a new protocol
+/// joins.
+pub fn authorize<'g, 'a>(
+    peeked: &Peeked,
+    grants: &'g [Grant<'a>],
+    require_sni: bool,
+) -> Authorization<'g, 'a> {
+    match peeked {
+        Peeked::Tls(hello) => authorize_tls(grants, hello.server_name.as_deref(), require_sni),
+        Peeked::Http(head) => authorize_http(grants, head.host.as_deref()),
+        Peeked::Postgres(PgFirst::Startup(startup)) => authorize_startup(
+            grants,
+            &startup.database,
+            &startup.user,
+            startup.replication.as_deref(),
+        ),
+        Peeked::Postgres(PgFirst::Cancel) => authorize_cancel(grants),
+        Peeked::Postgres(PgFirst::Encrypted(encryption)) => {
+            let encrypted = match encryption {
+                PgEncryption::Tls(hello) => EncryptedPostgres::Tls {
+                    sni: hello.server_name.as_deref(),
+                },
+                PgEncryption::Gssapi => EncryptedPostgres::Gssapi,
+            };
+            authorize_encrypted_postgres(grants, encrypted, require_sni)
+        }
+        Peeked::Postgres(PgFirst::NotNegotiated) | Peeked::Http2 | Peeked::Unknown => {
+            Err(PolicyDenial::ProtocolMismatch)
+        }
+    }
 }
 
 /// TLS: a `tls` grant whose names include the SNI (a `cidr` grant needs no name).

@@ -12,15 +12,18 @@
 //! - [`sniff`] picks the protocol from the first bytes;
 //! - [`tls::peek_client_hello`]: SNI, ALPN, ECH presence (RFC 8446, RFC 6066, RFC 7301);
 //! - [`http::peek_request_head`]: request line and Host (RFC 9112, RFC 9110);
-//! - [`postgres::peek_first_message`]: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage.
+//! - [`postgres::peek_first_message`]: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage;
+//! - [`Peeked`]: what they found, as the connection path hands it to the authorization.
 
 pub mod http;
 pub mod postgres;
 pub mod tls;
 
 mod invalid;
+mod peeked;
 
 pub use invalid::Invalid;
+pub use peeked::{Peeked, PgEncryption, PgFirst};
 
 use egressgate_policy::{parse_name, NameError};
 
