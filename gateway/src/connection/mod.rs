@@ -145,8 +145,8 @@ impl Proxy {
             .await;
     }
 
-    /// Everything up to the verdict, which it returns after printing the decision line. The
-    /// snapshot and the context end here: a long relay holds neither.
+    /// Everything up to the verdict, which it returns after printing the decision line. `cx`
+    /// arrives empty and from here borrows the snapshot taken here: a long relay holds neither.
     async fn examine(
         &self,
         mut cx: Context<'_>,

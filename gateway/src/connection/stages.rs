@@ -8,8 +8,7 @@ use egressgate_policy::{Grant, PolicySet, Selection};
 use super::addr::{ClientAddr, OrigDstAddr};
 use super::context::{Context, Granted, ResolvedNames};
 use super::stop::Stop;
-use crate::decision;
-use crate::decision::Reason;
+use crate::decision::{self, Reason};
 use crate::identity::{Identities, Pod};
 use crate::peek::Peeked;
 
