@@ -15,7 +15,7 @@ use super::postgres::{self, NegotiationFault};
 use super::stop::Detail;
 use super::*;
 use crate::config::Config;
-use crate::decision::{PodFault, UpstreamFault};
+use crate::decision::{PodFault, PolicyDenial, UpstreamFault};
 use crate::identity::Identities;
 use crate::limits::Bounds;
 use crate::peek::{self, Peeked, PgEncryption, PgFirst};
@@ -222,6 +222,26 @@ async fn without_a_postgresql_grant_a_startup_is_only_read_for_the_log() {
         (startup.user.as_str(), startup.database.as_str()),
         ("app", "orders")
     );
+}
+
+#[tokio::test]
+async fn without_grants_the_peek_is_only_for_the_log_whatever_it_found() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(TLS_HELLO).await.expect("writes");
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    cx.names.names = vec!["evil.example.test".into()];
+    let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
+    let stop = stages::authorize(&mut cx, peeked, true).expect_err("no grant");
+    assert_eq!(stop, Stop::new(PolicyDenial::NotAllowed));
+    let sni = cx.peeked.as_ref().and_then(Peeked::requested_name);
+    assert_eq!(sni, Some("api.example.test"));
+
+    // A peek that failed changes nothing: no names at all is `no_dns_record`, without detail.
+    let mut cx = Context::new(2, Instant::now(), client(), destination());
+    let timed_out = Err(Stop::new(PodFault::PeekTimeout));
+    let stop = stages::authorize(&mut cx, timed_out, true).expect_err("no grant");
+    assert_eq!(stop, Stop::new(PolicyDenial::NoDnsRecord));
+    assert_eq!(cx.peeked, None);
 }
 
 // === the PostgreSQL encryption negotiation ===

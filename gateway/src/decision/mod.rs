@@ -492,6 +492,68 @@ spec:
         assert_eq!(no_grant_reason(true), PolicyDenial::NotAllowed);
     }
 
+    /// Real captures, peeked as the connection path would.
+    fn peeked_captures() -> (Peeked, Peeked, PgFirst) {
+        use crate::peek::{http, postgres, tls, Peek};
+        let Peek::Complete(hello) = tls::peek_client_hello(include_bytes!(
+            "../peek/testdata/tls/curl-7.88.1-default-sni-api.example.test-alpn-h2-http1.1.bin"
+        )) else {
+            panic!("a whole ClientHello");
+        };
+        let Peek::Complete(head) = http::peek_request_head(include_bytes!(
+            "../peek/testdata/http/wget-1.21.3-origin-form.bin"
+        )) else {
+            panic!("a whole request head");
+        };
+        let Peek::Complete(first) = postgres::peek_first_message(include_bytes!(
+            "../peek/testdata/postgres/psql-15-sslmode-disable-startup-v3.0.bin"
+        )) else {
+            panic!("a whole startup");
+        };
+        let postgres::PgMessage::Startup(startup) = first.message else {
+            panic!("a startup");
+        };
+        (
+            Peeked::Tls(hello),
+            Peeked::Http(head),
+            PgFirst::Startup(startup),
+        )
+    }
+
+    #[test]
+    fn authorize_follows_what_was_peeked() {
+        let (tls, http, startup) = peeked_captures();
+        let rule = |auth: Authorization<'_, '_>| auth.map(|g| g.rule);
+        let names = ["api.example.test"];
+        with_grants("app", "198.19.0.10", 443, &names, |_, grants| {
+            assert_eq!(rule(authorize(&tls, grants, true)), Ok(0));
+            for other in [&http, &Peeked::Http2, &Peeked::Unknown] {
+                assert_eq!(
+                    rule(authorize(other, grants, true)),
+                    Err(PolicyDenial::ProtocolMismatch)
+                );
+            }
+        });
+        with_grants("app", "198.19.0.10", 80, &names, |_, grants| {
+            assert_eq!(rule(authorize(&http, grants, true)), Ok(0));
+        });
+        let names = ["db.example.test"];
+        with_grants("app", "198.19.0.20", 5432, &names, |_, grants| {
+            let postgres =
+                |first| authorize(&Peeked::Postgres(first), grants, true).map(|g| g.rule);
+            assert_eq!(postgres(startup), Ok(2));
+            assert_eq!(postgres(PgFirst::Cancel), Ok(2));
+            assert_eq!(
+                postgres(PgFirst::Encrypted(PgEncryption::Gssapi)),
+                Err(PolicyDenial::PostgresqlEncrypted)
+            );
+            assert_eq!(
+                postgres(PgFirst::NotNegotiated),
+                Err(PolicyDenial::ProtocolMismatch)
+            );
+        });
+    }
+
     #[test]
     fn postgres_startup_and_encryption_rules() {
         with_grants(
