@@ -24,7 +24,7 @@ pub struct Context<'s> {
     pub pod: Option<&'s Pod>,
     /// The policies that select the pod.
     pub selection: Option<Selection<'s>>,
-    pub names: ResolvedNames,
+    pub resolved: ResolvedNames,
     /// The grants that count for this destination and port.
     pub grants: Vec<Grant<'s>>,
     /// Set as soon as the first bytes tell (even if the message then turns out invalid).
@@ -69,7 +69,7 @@ impl<'s> Context<'s> {
             destination,
             pod: None,
             selection: None,
-            names: ResolvedNames::default(),
+            resolved: ResolvedNames::default(),
             grants: Vec::new(),
             protocol: None,
             peeked: None,

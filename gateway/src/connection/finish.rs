@@ -86,8 +86,8 @@ fn decision_line<'a>(
         }),
         source: cx.client.0,
         destination: cx.destination.0,
-        names: &cx.names.names,
-        cnames: &cx.names.cnames,
+        names: &cx.resolved.names,
+        cnames: &cx.resolved.cnames,
         protocol: cx.protocol,
         sni: hello.and_then(|hello| hello.server_name.as_deref()),
         alpn: hello.map_or(&[], |hello| &hello.alpn),
@@ -109,7 +109,7 @@ fn wanted_destination(cx: &Context<'_>) -> String {
     cx.peeked
         .as_ref()
         .and_then(Peeked::requested_name)
-        .or_else(|| cx.names.names.first().map(String::as_str))
+        .or_else(|| cx.resolved.names.first().map(String::as_str))
         .map_or_else(|| cx.destination.ip().to_string(), str::to_owned)
 }
 
@@ -145,7 +145,7 @@ mod tests {
             OrigDstAddr(([192, 0, 2, 10], port).into()),
         );
         cx.pod = Some(pod);
-        cx.names = ResolvedNames {
+        cx.resolved = ResolvedNames {
             names: vec!["api.example.test".into()],
             cnames: vec!["lb.cdn.example.test".into()],
         };

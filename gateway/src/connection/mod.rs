@@ -193,8 +193,8 @@ impl Proxy {
         let pod = stages::identify(&snapshot.identities, cx.client)?;
         cx.pod = Some(pod);
         let selection = stages::select(pod, &snapshot.policies)?;
-        cx.names = stages::names(&self.table, pod, cx.destination);
-        cx.grants = stages::grants(&selection, cx.destination, &cx.names);
+        cx.resolved = stages::names(&self.table, pod, cx.destination);
+        cx.grants = stages::grants(&selection, cx.destination, &cx.resolved);
         cx.selection = Some(selection);
 
         if let Some(grant) = decision::tcp_grant(&cx.grants) {

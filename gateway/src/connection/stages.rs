@@ -55,9 +55,9 @@ pub fn names(table: &NameTable, pod: &Pod, destination: OrigDstAddr) -> Resolved
 pub fn grants<'s>(
     selection: &Selection<'s>,
     destination: OrigDstAddr,
-    names: &ResolvedNames,
+    resolved: &ResolvedNames,
 ) -> Vec<Grant<'s>> {
-    let names: Vec<&str> = names.names.iter().map(String::as_str).collect();
+    let names: Vec<&str> = resolved.names.iter().map(String::as_str).collect();
     let grants = selection.grants(destination.ip(), destination.port(), &names);
     decision::effective_grants(selection, grants)
 }
@@ -72,7 +72,7 @@ pub fn authorize(
 ) -> Result<Granted, Stop> {
     if cx.grants.is_empty() {
         cx.peeked = peeked.ok();
-        let resolved_any_name = !cx.names.names.is_empty();
+        let resolved_any_name = !cx.resolved.names.is_empty();
         return Err(Stop::new(decision::no_grant_reason(resolved_any_name)));
     }
     let peeked = cx.peeked.insert(peeked?);

@@ -229,7 +229,7 @@ async fn without_grants_the_peek_is_only_for_the_log_whatever_it_found() {
     let (mut streams, mut pod) = accepted(MAX_BYTES);
     pod.write_all(TLS_HELLO).await.expect("writes");
     let mut cx = Context::new(1, Instant::now(), client(), destination());
-    cx.names.names = vec!["evil.example.test".into()];
+    cx.resolved.names = vec!["evil.example.test".into()];
     let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
     let stop = stages::authorize(&mut cx, peeked, true).expect_err("no grant");
     assert_eq!(stop, Stop::new(PolicyDenial::NotAllowed));
