@@ -1,5 +1,6 @@
 //! The JSON lines the gateway prints on stdout: one `decision` per connection, one `close` per
-//! connection that was relayed. Field names are a stable interface (README, "Logs").
+//! connection that was relayed. Field names and their order are a stable interface (README,
+//! "Logs").
 
 use std::net::SocketAddr;
 
@@ -7,18 +8,19 @@ use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
 use serde::Serialize;
 
 use crate::decision::{Reason, Verdict};
+use crate::protocol::Protocol;
 
 /// Identifies the pod in a line.
 #[derive(Debug, Clone, Serialize)]
-pub struct PodName {
-    pub namespace: String,
-    pub name: String,
+pub struct PodName<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
 }
 
-/// One decision. Built up while the connection is examined, printed once.
+/// One decision, printed once, borrowing what the connection learned.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct DecisionLine {
+pub struct DecisionLine<'a> {
     pub time: String,
     pub event: &'static str,
     pub connection: u64,
@@ -27,37 +29,37 @@ pub struct DecisionLine {
     /// The peeker's precise code for `malformed` (e.g. `tls_sni_ip_literal`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'static str>,
-    pub pod: Option<PodName>,
+    pub pod: Option<PodName<'a>>,
     pub source: SocketAddr,
     pub destination: SocketAddr,
     /// Live names this pod resolved to the destination.
-    pub names: Vec<String>,
+    pub names: &'a [String],
     /// CNAME targets on the way to the destination (recorded, never granting).
-    pub cnames: Vec<String>,
+    pub cnames: &'a [String],
     /// `tls`, `http`, `http2`, `postgresql`, `tcp` or `unknown`; absent when nothing was read.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<&'static str>,
+    pub protocol: Option<Protocol>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sni: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub alpn: Vec<String>,
+    pub sni: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub alpn: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ech: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
+    pub host: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub database: Option<String>,
+    pub database: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
+    pub user: Option<&'a str>,
     /// The startup's `replication` parameter, when present.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub replication: Option<String>,
+    pub replication: Option<&'a str>,
     /// `tls` or `gssapi` when a PostgreSQL session turned encrypted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgresql_encryption: Option<&'static str>,
     /// The policy (`namespace/name`, or `name` for a cluster policy) whose rule allowed it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
+    pub policy: Option<&'a str>,
     /// Index of that rule in the policy's `spec.egress`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<usize>,
@@ -65,35 +67,7 @@ pub struct DecisionLine {
     pub decision_us: u64,
 }
 
-impl DecisionLine {
-    pub fn new(connection: u64, source: SocketAddr, destination: SocketAddr) -> Self {
-        DecisionLine {
-            time: String::new(),
-            event: "decision",
-            connection,
-            verdict: Verdict::Deny,
-            reason: Reason::NotAllowed,
-            detail: None,
-            pod: None,
-            source,
-            destination,
-            names: Vec::new(),
-            cnames: Vec::new(),
-            protocol: None,
-            sni: None,
-            alpn: Vec::new(),
-            ech: None,
-            host: None,
-            database: None,
-            user: None,
-            replication: None,
-            postgresql_encryption: None,
-            policy: None,
-            rule: None,
-            decision_us: 0,
-        }
-    }
-
+impl DecisionLine<'_> {
     pub fn print(&mut self) {
         self.time = rfc3339_now();
         write_json_line(self);

@@ -25,7 +25,7 @@ pub use model::{
     Cidr, EgressRule, Mode, ModelError, ObjectName, Origin, Peer, Policy, PolicyKind, PolicyRef,
     PortRange, PortRule, PostgresRule, Protocol,
 };
-pub use name::{normalize_name, DnsNamePattern, NameError};
+pub use name::{normalize_name, parse_name, DnsNamePattern, NameError};
 pub use parse::{parse_policies, LoadError, API_VERSION};
 pub use selector::{LabelSelector, Operator, Requirement, SelectorError};
 pub use set::{Grant, GrantPeer, KeptSelection, PodIdentity, PolicySet, Selection};

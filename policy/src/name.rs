@@ -161,6 +161,16 @@ pub fn normalize_name(name: &str) -> Option<String> {
     match_form(name).map(Cow::into_owned)
 }
 
+/// Checks `name` by the one rule every DNS name in egressgate follows (see [`normalize_name`])
+/// and returns it lowercased without its trailing dot; the error says which part broke the rule.
+/// The gateway's peekers check SNI and Host values with it, so what a peeker accepts is exactly
+/// what a pattern can match.
+pub fn parse_name(name: &str) -> Result<String, NameError> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    check_name(name)?;
+    Ok(name.to_ascii_lowercase())
+}
+
 /// [`normalize_name`] without the copy when `name` is already lowercase without a trailing dot,
 /// as names from the gateway's name table are: checked once per lookup, not once per pattern.
 pub(crate) fn match_form(name: &str) -> Option<Cow<'_, str>> {
@@ -349,6 +359,15 @@ mod tests {
     #[test]
     fn underscore_labels_are_allowed() {
         assert!(pat("_sip._tcp.example").matches("_SIP._tcp.example"));
+    }
+
+    #[test]
+    fn parse_name_says_which_part_broke_the_rule() {
+        assert_eq!(parse_name("Api.Example.COM."), Ok("api.example.com".into()));
+        assert_eq!(parse_name("x.example.."), Err(NameError::EmptyLabel));
+        assert_eq!(parse_name("127.1"), Err(NameError::NumericTopLabel));
+        assert_eq!(parse_name("10.0.0.1."), Err(NameError::IpLiteral));
+        assert_eq!(parse_name("a*.example"), Err(NameError::MisplacedWildcard));
     }
 
     #[test]

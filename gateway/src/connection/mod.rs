@@ -1,43 +1,52 @@
-//! One intercepted TCP connection, stage by stage:
+//! One intercepted TCP connection, stage by stage (docs/ARCHITECTURE.md draws it):
 //!
 //! ```text
-//! accept ─ identify pod ─ select policies ─ names this pod resolved to the destination
-//!        ─ grants (port, peer) ─ [tcp grant: no peek] ─ peek first message ─ authorize
-//!        ─ log decision ─ deny: reset │ allow/audit: connect, replay peeked bytes, splice ─ close
+//! accept ─ identify ─ select ─ names ─ grants ─ [tcp grant: no peek] ─ peek ─ authorize
+//!        ─ finish (decision line, metrics) ─ deny: reset │ allow/audit: connect ─ relay ─ close
 //! ```
+//!
+//! Each stage is a plain function that returns the next stage's input or a [`Stop`] (the typed
+//! denial); what they learn goes into one [`Context`], which `finish` reads for the decision line
+//! and the metrics. The stages up to the verdict take any `AsyncRead + AsyncWrite` client and
+//! any [`Dial`], so unit tests run them on in-memory streams.
 //!
 //! TPROXY keeps the original destination as the accepted socket's local address. The gateway
 //! connects upstream from the node's own address; only the pod's bytes are relayed, untouched.
 
+mod addr;
+mod context;
+mod finish;
+mod peeking;
 mod postgres;
 mod reader;
+mod stages;
+mod stop;
+mod upstream;
 
-use std::net::{IpAddr, SocketAddr};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use egressgate_dns_shim::NameTable;
-use egressgate_policy::{Grant, GrantPeer, Selection};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use crate::config::{self, UnselectedPods};
-use crate::decision::{self, Reason, Verdict};
-use crate::events::{CloseLine, DecisionLine, PodName};
+use crate::decision::{self, Limit, Reason, Verdict};
+use crate::events::CloseLine;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::peek::{self, Sniffed};
 use crate::pipes::PIPES;
+use crate::protocol::Protocol;
 use crate::relay;
-use crate::store::Store;
-use reader::{PeekReader, Stop};
-
-/// The `namespace` metric label of connections from no known pod.
-pub const UNKNOWN_NAMESPACE: &str = "_unknown";
-
-/// How long an allowed connection may take to reach its destination.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::store::{Snapshot, Store};
+pub use addr::{ClientAddr, OrigDstAddr};
+use context::{Context, Granted, Streams};
+use reader::PeekReader;
+use stop::Stop;
+use upstream::{Dial, TcpDial};
 
 /// Shared by every connection.
 #[derive(Debug)]
@@ -53,27 +62,6 @@ pub struct Proxy {
     limits: Arc<Limits>,
     next_id: AtomicU64,
 }
-
-/// What [`Proxy::decide`] concluded, and what it already holds for the relay.
-#[derive(Debug)]
-struct Decided {
-    verdict: Verdict,
-    /// Client bytes read while deciding; replayed upstream from `forwarded`.
-    reader: Option<PeekReader>,
-    /// Opened while deciding (PostgreSQL encryption negotiation).
-    upstream: Option<TcpStream>,
-}
-
-/// The winning grant: what the log names, and the names it used.
-#[derive(Debug)]
-struct Granted {
-    policy: String,
-    rule: usize,
-    names: Vec<String>,
-}
-
-/// A decision before the audit rule: the grant, or why none.
-type Outcome = Result<Granted, Stop>;
 
 /// Decrements the active gauge however the connection ends.
 struct ActiveGuard(prometheus::IntGauge);
@@ -107,14 +95,14 @@ impl Proxy {
     }
 
     /// Accepts until `shutdown`; each connection runs in its own task.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future) {
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 accepted = listener.accept() => match accepted {
                     Ok((client, source)) => {
-                        tokio::spawn(Arc::clone(&self).handle(client, source));
+                        tokio::spawn(Arc::clone(&self).handle(client, ClientAddr(source)));
                     }
                     Err(e) => {
                         // EMFILE and friends: free the descriptors the pipe pool keeps, and back
@@ -128,292 +116,134 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, source: SocketAddr) {
+    async fn handle(self: Arc<Self>, client: TcpStream, source: ClientAddr) {
         let accepted = Instant::now();
         self.metrics.connections_active.inc();
         let _active = ActiveGuard(self.metrics.connections_active.clone());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let destination = match client.local_addr() {
-            Ok(addr) => addr,
+            Ok(addr) => OrigDstAddr(addr),
             Err(e) => {
                 tracing::debug!(error = %e, "connection gone before it was examined");
                 return;
             }
         };
-        let mut line = DecisionLine::new(id, source, destination);
-        let permit = self.limits.connection();
-        let decided = match permit {
-            Some(_) => self.decide(&mut client, &mut line, accepted).await,
-            None => {
-                // No waiting here, but name the pod if it is known.
-                let src = source.ip().to_canonical();
-                line.pod = self
-                    .store
-                    .current()
-                    .identities
-                    .lookup(src)
-                    .map(|pod| PodName {
-                        namespace: pod.namespace.clone(),
-                        name: pod.name.clone(),
-                    });
-                line.reason = Reason::ConnectionLimit;
-                Decided {
-                    verdict: Verdict::Deny,
-                    reader: None,
-                    upstream: None,
-                }
-            }
+        let mut streams = Streams {
+            client,
+            upstream: None,
+            reader: PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes),
         };
-        line.verdict = decided.verdict;
-        line.decision_us = u64::try_from(accepted.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.metrics
-            .decision_duration
-            .observe(accepted.elapsed().as_secs_f64());
-        // Sources that are no known pod get a value no namespace can have (RFC 1123 labels have
-        // no `_`): an empty label would take the scrape target's `namespace` instead.
-        let namespace = line
-            .pod
-            .as_ref()
-            .map_or(UNKNOWN_NAMESPACE, |pod| pod.namespace.as_str());
-        self.metrics
-            .connections
-            .with_label_values(&[
-                line.verdict.as_str(),
-                line.reason.as_str(),
-                line.protocol.unwrap_or("none"),
-                namespace,
-            ])
-            .inc();
-        if line.verdict != Verdict::Allow {
-            self.metrics
-                .count_denied(namespace, &wanted_destination(&line));
-        }
-        line.print();
-
-        if decided.verdict == Verdict::Deny {
-            reset(client);
+        // Held until the connection closes: `connections.max` counts open connections.
+        let permit = self.limits.connection();
+        let cx = Context::new(id, accepted, source, destination);
+        let verdict = self.examine(cx, permit.is_some(), &mut streams).await;
+        if verdict == Verdict::Deny {
+            reset(streams.client);
             return;
         }
-        self.relay(id, client, destination, decided, accepted).await;
-    }
-
-    /// Runs every stage up to the verdict, filling `line` as facts are learned.
-    async fn decide(
-        &self,
-        client: &mut TcpStream,
-        line: &mut DecisionLine,
-        accepted: Instant,
-    ) -> Decided {
-        let src = line.source.ip().to_canonical();
-        let snapshot = self
-            .store
-            .pod_by_ip(src, accepted + self.unknown_source_wait)
+        self.connect_and_relay(id, destination, streams, accepted)
             .await;
-        let dst = line.destination.ip().to_canonical();
-        let fallback = |setting: UnselectedPods| Decided {
-            verdict: match setting {
-                UnselectedPods::Allow => Verdict::Allow,
-                UnselectedPods::Deny => Verdict::Deny,
-            },
-            reader: None,
-            upstream: None,
+    }
+
+    /// Everything up to the verdict, which it returns after printing the decision line. `cx`
+    /// arrives empty and from here borrows the snapshot taken here: a long relay holds neither.
+    async fn examine(
+        &self,
+        mut cx: Context<'_>,
+        admitted: bool,
+        streams: &mut Streams<TcpStream, TcpStream>,
+    ) -> Verdict {
+        // No waiting over the limit, but the log names the pod if it is known.
+        let snapshot = if admitted {
+            self.wait_for_pod(cx.client, cx.accepted).await
+        } else {
+            self.store.current()
         };
-
-        let Some(pod) = snapshot.identities.lookup(src) else {
-            line.reason = Reason::UnknownSource;
-            return fallback(self.unknown_sources);
+        let outcome = if admitted {
+            self.decide(&mut cx, &snapshot, streams, &TcpDial).await
+        } else {
+            cx.pod = stages::identify(&snapshot.identities, cx.client).ok();
+            Err(Stop::new(Limit::ConnectionLimit))
         };
-        line.reason = Reason::Unselected;
-        line.pod = Some(PodName {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-        });
-        let selection = pod.select(&snapshot.policies);
-        if selection.is_empty() {
-            return fallback(self.unselected);
-        }
+        let verdict = self.verdict(&cx, &outcome);
+        finish::finish(&cx, &outcome, verdict, &self.metrics);
+        verdict
+    }
 
-        let now = std::time::Instant::now();
-        for &ip in &pod.ips {
-            self.table.lookup_each(ip, dst, now, |name, cnames| {
-                if line.names.iter().any(|n| n == name) {
-                    return;
-                }
-                line.names.push(name.to_owned());
-                for cname in cnames {
-                    if !line.cnames.iter().any(|c| **c == **cname) {
-                        line.cnames.push(cname.to_string());
-                    }
-                }
-            });
-        }
-        let names: Vec<&str> = line.names.iter().map(String::as_str).collect();
-        let grants = decision::effective_grants(
-            &selection,
-            selection.grants(dst, line.destination.port(), &names),
-        );
+    /// The policies and identities to decide with, once they know the client's address or
+    /// `identity.unknownSourceWaitMs` after accept: a pod's first connection can race the watch
+    /// event that announces its address.
+    async fn wait_for_pod(&self, client: ClientAddr, accepted: Instant) -> Snapshot {
+        let deadline = accepted + self.unknown_source_wait;
+        self.store.pod_by_ip(client.ip(), deadline).await
+    }
 
-        let mut reader = PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes);
-        let mut upstream = None;
-        let needs_peek = decision::tcp_grant(&grants).is_none();
+    /// The stages up to the verdict, in order; what they learn goes into `cx`.
+    async fn decide<'s, C, D>(
+        &self,
+        cx: &mut Context<'s>,
+        snapshot: &'s Snapshot,
+        streams: &mut Streams<C, D::Stream>,
+        dial: &D,
+    ) -> Result<Granted, Stop>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        D: Dial,
+    {
+        let pod = stages::identify(&snapshot.identities, cx.client)?;
+        cx.pod = Some(pod);
+        let selection = stages::select(pod, &snapshot.policies)?;
+        cx.resolved = stages::names(&self.table, pod, cx.destination);
+        cx.grants = stages::grants(&selection, cx.destination, &cx.resolved);
+        cx.selection = Some(selection);
+
+        if let Some(grant) = decision::tcp_grant(&cx.grants) {
+            cx.protocol = Some(Protocol::Tcp);
+            return Ok(Granted::from(grant));
+        }
         // Held while this connection waits for its first message.
-        let peek_permit = needs_peek.then(|| self.limits.peek(src));
-        let outcome = if matches!(peek_permit, Some(None)) {
-            Err(Stop::new(Reason::PeekLimit))
-        } else if grants.is_empty() {
-            let reason = decision::no_grant_reason(!names.is_empty());
-            // Still read what the pod sends, for the log: which SNI or Host it wanted is what a
-            // policy author needs. Whatever the peek finds, no rule allows the connection.
-            let _ = self
-                .peek_and_authorize(&[], client, &mut reader, &mut upstream, line)
-                .await;
-            Err(Stop::new(reason))
-        } else if let Some(grant) = decision::tcp_grant(&grants) {
-            line.protocol = Some("tcp");
-            Ok(describe(grant))
-        } else {
-            self.peek_and_authorize(&grants, client, &mut reader, &mut upstream, line)
-                .await
-        };
-        self.conclude(&selection, &pod.ips, outcome, line, reader, upstream)
+        let _peeking = self
+            .limits
+            .peek(cx.client.ip())
+            .ok_or(Stop::new(Limit::PeekLimit))?;
+        let peeked = peeking::peek(cx, streams, dial).await;
+        let granted = stages::authorize(cx, peeked, self.peek.require_sni)?;
+        stages::keep_names_alive(&self.table, pod, cx.destination, &granted);
+        Ok(granted)
     }
 
-    /// Applies the audit rule and records the outcome in `line`.
-    fn conclude(
-        &self,
-        selection: &Selection<'_>,
-        pod_ips: &[IpAddr],
-        outcome: Outcome,
-        line: &mut DecisionLine,
-        reader: PeekReader,
-        upstream: Option<TcpStream>,
-    ) -> Decided {
-        let verdict = match &outcome {
-            Ok(granted) => {
-                line.reason = Reason::Allowed;
-                line.policy = Some(granted.policy.clone());
-                line.rule = Some(granted.rule);
-                // An allowed connection keeps the names it used alive for another idle grace;
-                // a denied attempt must not.
-                let dst = line.destination.ip().to_canonical();
-                let now = std::time::Instant::now();
-                for ip in pod_ips {
-                    for name in &granted.names {
-                        self.table.touch(*ip, dst, name, now);
-                    }
-                }
-                Verdict::Allow
-            }
-            Err(stop) => {
-                line.reason = stop.reason;
-                line.detail = stop.detail;
-                decision::verdict_for(selection, Err(stop.reason))
-            }
+    /// Allowed by a rule; else the settings for unknown and unselected pods; else deny, or
+    /// audit when only audit-mode policies select the pod and the reason is one audit watches.
+    fn verdict(&self, cx: &Context<'_>, outcome: &Result<Granted, Stop>) -> Verdict {
+        let Err(stop) = outcome else {
+            return Verdict::Allow;
         };
-        Decided {
-            verdict,
-            reader: Some(reader),
-            upstream,
+        match (stop.reason, &cx.selection) {
+            (Reason::UnknownSource, _) => fallback(self.unknown_sources),
+            (Reason::Unselected, _) => fallback(self.unselected),
+            (reason, Some(selection)) => decision::denial_verdict(selection, reason),
+            (_, None) => Verdict::Deny,
         }
     }
 
-    /// Reads the first message and checks it against the grants.
-    async fn peek_and_authorize(
-        &self,
-        grants: &[Grant<'_>],
-        client: &mut TcpStream,
-        reader: &mut PeekReader,
-        upstream: &mut Option<TcpStream>,
-        line: &mut DecisionLine,
-    ) -> Outcome {
-        let started = Instant::now();
-        let sniffed = reader.until(client, 0, peek::sniff).await;
-        let outcome = match sniffed {
-            Err(stop) => Err(stop),
-            Ok(Sniffed::TlsHandshake) => {
-                line.protocol = Some("tls");
-                self.authorize_tls(grants, client, reader, line).await
-            }
-            Ok(Sniffed::Http1) => {
-                line.protocol = Some("http");
-                match reader.until(client, 0, peek::http::peek_request_head).await {
-                    Ok(head) => {
-                        line.host = head.host.clone();
-                        decision::authorize_http(grants, head.host.as_deref())
-                            .map_err(Stop::new)
-                            .map(describe)
-                    }
-                    Err(stop) => Err(stop),
-                }
-            }
-            Ok(Sniffed::Http2Preface) => {
-                line.protocol = Some("http2");
-                Err(Stop::new(Reason::ProtocolMismatch))
-            }
-            Ok(Sniffed::Postgres) => {
-                line.protocol = Some("postgresql");
-                if decision::has_postgres_grant(grants) {
-                    postgres::negotiate(self, grants, client, reader, upstream, line).await
-                } else {
-                    postgres::observe(client, reader, line).await;
-                    Err(Stop::new(Reason::ProtocolMismatch))
-                }
-            }
-            Ok(Sniffed::Unknown) => {
-                line.protocol = Some("unknown");
-                Err(Stop::new(Reason::ProtocolMismatch))
-            }
-        };
-        self.metrics
-            .peek_duration
-            .with_label_values(&[line.protocol.unwrap_or("none")])
-            .observe(started.elapsed().as_secs_f64());
-        outcome
-    }
-
-    /// A TLS ClientHello: `tls` rules, or PostgreSQL direct TLS (ALPN `postgresql`).
-    async fn authorize_tls(
-        &self,
-        grants: &[Grant<'_>],
-        client: &mut TcpStream,
-        reader: &mut PeekReader,
-        line: &mut DecisionLine,
-    ) -> Outcome {
-        let hello = reader
-            .until(client, 0, peek::tls::peek_client_hello)
-            .await?;
-        line.sni = hello.server_name.clone();
-        line.alpn = hello.alpn.clone();
-        line.ech = Some(hello.ech_offered);
-        let sni = hello.server_name.as_deref();
-        let direct_postgres = hello.alpn.iter().any(|p| p == "postgresql");
-        let authorization = if direct_postgres && decision::has_postgres_grant(grants) {
-            line.protocol = Some("postgresql");
-            line.postgresql_encryption = Some("tls");
-            decision::authorize_encrypted_postgres(grants, Some(sni), self.peek.require_sni)
-        } else {
-            decision::authorize_tls(grants, sni, self.peek.require_sni)
-        };
-        authorization.map(describe).map_err(Stop::new)
-    }
-
-    /// Connects to `destination` (unless negotiation already did), replays the peeked bytes,
-    /// and splices.
-    async fn relay(
+    /// Connect: the upstream (unless the PostgreSQL negotiation opened it); relay: the peeked
+    /// bytes not yet forwarded, then splice both ways until both sides are done.
+    async fn connect_and_relay(
         &self,
         id: u64,
-        client: TcpStream,
-        destination: SocketAddr,
-        decided: Decided,
+        destination: OrigDstAddr,
+        streams: Streams<TcpStream, TcpStream>,
         accepted: Instant,
     ) {
-        let replay = decided
-            .reader
-            .map(PeekReader::into_unforwarded)
-            .unwrap_or_default();
-        let upstream = match decided.upstream {
+        let Streams {
+            client,
+            upstream,
+            reader,
+        } = streams;
+        let replay = reader.into_unforwarded();
+        let upstream = match upstream {
             Some(upstream) => Ok(upstream),
-            None => connect(destination).await,
+            None => TcpDial.dial(destination).await,
         };
         let upstream = match upstream {
             Ok(upstream) => upstream,
@@ -448,40 +278,12 @@ impl Proxy {
     }
 }
 
-fn describe(grant: &Grant<'_>) -> Granted {
-    Granted {
-        policy: grant.policy.to_string(),
-        rule: grant.rule,
-        names: match &grant.peer {
-            GrantPeer::Names(names) => names.clone(),
-            GrantPeer::Cidr(_) => Vec::new(),
-        },
+/// The verdict `unselectedPods` or `unknownSources` gives.
+fn fallback(setting: UnselectedPods) -> Verdict {
+    match setting {
+        UnselectedPods::Allow => Verdict::Allow,
+        UnselectedPods::Deny => Verdict::Deny,
     }
-}
-
-/// What the pod tried to reach, for the denied-destinations metric: the name it sent, else the
-/// name it resolved, else the address.
-fn wanted_destination(line: &DecisionLine) -> String {
-    line.sni
-        .clone()
-        .or_else(|| line.host.clone())
-        .or_else(|| line.names.first().cloned())
-        .unwrap_or_else(|| line.destination.ip().to_canonical().to_string())
-}
-
-/// Opens the upstream connection to the original destination.
-async fn connect(destination: SocketAddr) -> std::io::Result<TcpStream> {
-    // The socket is made before connecting, so that running out of descriptors can free the
-    // pipe pool's and try again.
-    let socket = PIPES.retry_out_of_descriptors(|| match destination {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    })?;
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(destination))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }
 
 /// Denied connections are reset, so the client fails at once instead of waiting for data.
@@ -495,3 +297,6 @@ fn reset(client: TcpStream) {
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests;

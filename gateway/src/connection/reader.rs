@@ -1,39 +1,15 @@
 //! Reading a client's first bytes until a pure peeker decides, within a deadline and a cap.
 
-use tokio::net::TcpStream;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::Instant;
 
-use crate::decision::Reason;
-use crate::peek::{Invalid, Peek};
-
-/// Why reading stopped without a complete message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stop {
-    pub reason: Reason,
-    /// The peeker's code for `malformed` / `protocol_mismatch`.
-    pub detail: Option<&'static str>,
-}
-
-impl Stop {
-    pub fn new(reason: Reason) -> Self {
-        Stop {
-            reason,
-            detail: None,
-        }
-    }
-
-    fn invalid(invalid: &Invalid) -> Self {
-        let reason = match invalid {
-            // A pod speaking HTTP/2 to an HTTP/1 rule: a protocol it may not use, not garbage.
-            Invalid::Http2Preface => Reason::ProtocolMismatch,
-            _ => Reason::Malformed,
-        };
-        Stop {
-            reason,
-            detail: Some(invalid.code()),
-        }
-    }
-}
+use super::stop::Stop;
+use crate::decision::{PodFault, Reason};
+use crate::peek::Peek;
 
 /// The bytes read from the client so far. They are all replayed upstream (from `forwarded`)
 /// once the connection is allowed, so nothing the peekers saw is lost.
@@ -67,51 +43,50 @@ impl PeekReader {
     /// prefix-monotonic (every peeker is), so re-running it over the grown buffer is exact.
     pub async fn until<T>(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut (impl AsyncRead + Unpin),
         from: usize,
         parse: impl Fn(&[u8]) -> Peek<T>,
     ) -> Result<T, Stop> {
         loop {
             match parse(self.buf.get(from..).unwrap_or_default()) {
                 Peek::Complete(value) => return Ok(value),
-                Peek::Invalid(invalid) => return Err(Stop::invalid(&invalid)),
+                Peek::Invalid(invalid) => return Err(Stop::invalid(invalid)),
                 Peek::Incomplete => {}
             }
             let room = self.max_bytes.saturating_sub(self.buf.len());
             if room == 0 {
-                return Err(Stop::new(Reason::PeekTooLarge));
+                return Err(Stop::new(PodFault::PeekTooLarge));
             }
-            let readable = tokio::time::timeout_at(self.deadline, client.readable()).await;
-            let n = match readable {
-                Ok(Ok(())) => match self.read_ready(client, room.min(READ_CHUNK)) {
-                    Some(n) => n,
-                    None => continue,
-                },
-                Ok(Err(_)) => 0,
-                Err(_) => return Err(Stop::new(Reason::PeekTimeout)),
-            };
-            if n == 0 {
-                return Err(Stop::new(Reason::ClientClosed));
+            let read = tokio::time::timeout_at(self.deadline, self.read(client, room)).await;
+            match read {
+                Ok(0) => return Err(Stop::new(Reason::ClientClosed)),
+                Ok(_) => {}
+                Err(_) => return Err(Stop::new(PodFault::PeekTimeout)),
             }
         }
     }
 
-    /// Appends what the socket holds, up to `limit` bytes; `None` if it held nothing after all.
-    /// The bytes land on the stack first and the buffer grows by what arrived: a connection
-    /// waiting for its upstream holds the 500-byte ClientHello it got, not a zeroed 4 KiB read
-    /// buffer, and the allocator keeps fewer holes after a burst (RSS per idle connection
-    /// 5.1 → 4.4 KiB in the `memory` benchmark).
-    fn read_ready(&mut self, client: &TcpStream, limit: usize) -> Option<usize> {
-        let mut chunk = [0u8; READ_CHUNK];
-        match client.try_read(&mut chunk[..limit]) {
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Some(n)
+    /// Appends what the client sends next, up to `limit` bytes; 0 when it closed or reset.
+    /// The bytes land on the stack first, only inside a poll, and the buffer grows by what
+    /// arrived: a connection waiting for its upstream holds the 500-byte ClientHello it got,
+    /// not a zeroed 4 KiB read buffer (nor one in its task's future), and the allocator keeps
+    /// fewer holes after a burst (RSS per idle connection 5.1 → 4.4 KiB in the `memory`
+    /// benchmark).
+    async fn read(&mut self, client: &mut (impl AsyncRead + Unpin), limit: usize) -> usize {
+        poll_fn(|cx| {
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut read = ReadBuf::new(&mut chunk[..limit.min(READ_CHUNK)]);
+            match Pin::new(&mut *client).poll_read(cx, &mut read) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    self.buf.extend_from_slice(read.filled());
+                    Poll::Ready(read.filled().len())
+                }
+                // A reset reads as the client going away.
+                Poll::Ready(Err(_)) => Poll::Ready(0),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-            // A reset reads as the client going away, as a failed read did before.
-            Err(_) => Some(0),
-        }
+        })
+        .await
     }
 
     /// The bytes read but not yet sent upstream, owned: the relay frees them once written.

@@ -44,6 +44,14 @@ struct Authority {
     port: Option<u16>,
 }
 
+/// The Host field of a request (RFC 9112 §3.2): an empty value is not the same as none at all.
+#[derive(Debug)]
+enum HostField {
+    Missing,
+    Empty,
+    Authority(Authority),
+}
+
 /// Reads an HTTP/1 request head from the start of `buf`. `Incomplete` until the blank line; the
 /// caller caps the bytes it is willing to buffer. Each line is checked as soon as it is whole.
 pub fn peek_request_head(buf: &[u8]) -> Peek<RequestHead> {
@@ -62,8 +70,7 @@ fn request_head(buf: &[u8]) -> Result<Option<RequestHead>, Invalid> {
     let (method, target, version_minor) = request_line(line)?;
     let target_authority = absolute_form_authority(target)?;
 
-    // `Some(None)`: a Host header with an empty value.
-    let mut host_header: Option<Option<Authority>> = None;
+    let mut host_field = HostField::Missing;
     let mut number = 1; // line number, 1-based; the request line is line 1
     loop {
         number += 1;
@@ -78,27 +85,29 @@ fn request_head(buf: &[u8]) -> Result<Option<RequestHead>, Invalid> {
         }
         let (name, value) = header(line, number)?;
         if name.eq_ignore_ascii_case(b"host") {
-            if host_header.is_some() {
+            if !matches!(host_field, HostField::Missing) {
                 return Err(Invalid::HttpDuplicateHost);
             }
-            host_header = Some(authority(value)?);
+            host_field = match authority(value)? {
+                Some(authority) => HostField::Authority(authority),
+                None => HostField::Empty,
+            };
         }
     }
 
     // RFC 9112 §3.2.2: with absolute-form the target's authority wins; RFC 9112 §3.2 has the
     // client send a Host "identical to that authority component". We refuse any difference (port
     // included), since the upstream might believe either one.
-    let host = match (target_authority, host_header) {
-        (Some(target), Some(header)) => {
-            if header.as_ref() != Some(&target) {
-                return Err(Invalid::HttpHostConflict);
-            }
-            Some(target)
+    let host = match (target_authority, host_field) {
+        (Some(target), HostField::Authority(header)) if header == target => Some(target),
+        (Some(_), HostField::Authority(_) | HostField::Empty) => {
+            return Err(Invalid::HttpHostConflict)
         }
-        (Some(target), None) => Some(target),
-        (None, Some(header)) => header,
-        (None, None) if version_minor == 1 => return Err(Invalid::HttpMissingHost),
-        (None, None) => None,
+        (Some(target), HostField::Missing) => Some(target),
+        (None, HostField::Authority(header)) => Some(header),
+        (None, HostField::Empty) => None,
+        (None, HostField::Missing) if version_minor == 1 => return Err(Invalid::HttpMissingHost),
+        (None, HostField::Missing) => None,
     };
     Ok(Some(RequestHead {
         method: String::from_utf8_lossy(method).into_owned(),

@@ -12,15 +12,20 @@
 //! - [`sniff`] picks the protocol from the first bytes;
 //! - [`tls::peek_client_hello`]: SNI, ALPN, ECH presence (RFC 8446, RFC 6066, RFC 7301);
 //! - [`http::peek_request_head`]: request line and Host (RFC 9112, RFC 9110);
-//! - [`postgres::peek_first_message`]: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage.
+//! - [`postgres::peek_first_message`]: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage;
+//! - [`Peeked`]: what they found, as the connection path hands it to the authorization.
 
 pub mod http;
 pub mod postgres;
 pub mod tls;
 
 mod invalid;
+mod peeked;
 
 pub use invalid::Invalid;
+pub use peeked::{Peeked, PgEncryption, PgFirst};
+
+use egressgate_policy::{parse_name, NameError};
 
 /// The answer of a peeker for the bytes received so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,50 +113,26 @@ pub(crate) fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Longest DNS name in presentation form without the trailing dot (RFC 1035 §2.3.4).
-const MAX_DNS_NAME_LEN: usize = 253;
-/// Longest DNS label (RFC 1035 §2.3.4).
-const MAX_DNS_LABEL_LEN: usize = 63;
-
-/// Checks that `raw` is a DNS host name a policy can match, and returns it lowercased without its
-/// trailing dot. Labels are 1..=63 bytes of `[A-Za-z0-9_-]` (underscore is allowed because real
-/// service names use it), not starting or ending with `-`, and the last label is not all digits
-/// (that would be an IP literal, or an `inet_aton` shorthand like `127.1`). The error is a short
-/// static reason.
+/// Checks that `raw` is a DNS host name a policy can match, by the policy crate's one rule
+/// ([`parse_name`]: what a peeker accepts is exactly what a pattern can match), and returns it
+/// lowercased without its trailing dot. The error is a short static reason: peer bytes never
+/// reach an [`Invalid`].
 pub(crate) fn dns_name(raw: &[u8]) -> Result<String, &'static str> {
-    let name = raw.strip_suffix(b".").unwrap_or(raw);
-    if name.is_empty() {
-        return Err("empty name");
-    }
-    if name.len() > MAX_DNS_NAME_LEN {
-        return Err("name longer than 253 bytes");
-    }
-    let mut last_numeric = false;
-    for label in name.split(|&b| b == b'.') {
-        if label.is_empty() {
-            return Err("empty label");
+    // A byte that is not UTF-8 is outside every label's alphabet; the lossy text fails on it.
+    parse_name(&String::from_utf8_lossy(raw)).map_err(|error| match error {
+        NameError::Empty => "empty name",
+        NameError::TooLong { .. } => "name longer than 253 bytes",
+        NameError::EmptyLabel => "empty label",
+        NameError::LabelTooLong { .. } => "label longer than 63 bytes",
+        NameError::HyphenAtEdge { .. } => "label starts or ends with '-'",
+        // Only an IPv4 address with a trailing dot gets here: the TLS peeker refuses IP
+        // literals first, and an HTTP host ends at its first ':'.
+        NameError::NumericTopLabel | NameError::IpLiteral => "all-numeric last label",
+        NameError::InvalidChar { .. } | NameError::MisplacedWildcard => {
+            "byte outside [A-Za-z0-9_-] in a label"
         }
-        if label.len() > MAX_DNS_LABEL_LEN {
-            return Err("label longer than 63 bytes");
-        }
-        if !label
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err("byte outside [A-Za-z0-9_-] in a label");
-        }
-        if label.starts_with(b"-") || label.ends_with(b"-") {
-            return Err("label starts or ends with '-'");
-        }
-        last_numeric = label.iter().all(u8::is_ascii_digit);
-    }
-    if last_numeric {
-        return Err("all-numeric last label");
-    }
-    Ok(name
-        .iter()
-        .map(|&b| char::from(b.to_ascii_lowercase()))
-        .collect())
+        _ => "not a DNS name",
+    })
 }
 
 /// A cursor over untrusted bytes that checks every length before slicing (rustls `Reader`).

@@ -3,8 +3,14 @@
 //! No I/O here: `connection` reads the sockets and calls these functions, so every rule of the
 //! README's "Semantics" section is unit-tested without a network.
 
+mod reason;
+
 use egressgate_policy::{Grant, GrantPeer, Mode, Protocol, Selection};
 use serde::Serialize;
+
+use crate::peek::{Peeked, PgEncryption, PgFirst};
+
+pub use reason::{Limit, PodFault, PolicyDenial, Reason, UpstreamFault};
 
 /// What happened to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,104 +32,8 @@ impl Verdict {
     }
 }
 
-/// Why. The codes are a stable interface (logs, metrics, alerts): never rename one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// A rule allows it.
-    Allowed,
-    /// No policy selects the pod; `unselectedPods` decides.
-    Unselected,
-    /// The source address is no known pod's; `unknownSources` decides (deny by default).
-    UnknownSource,
-    /// The pod resolved no (live) name to this address, and no `cidr` rule covers it.
-    NoDnsRecord,
-    /// Names were resolved, but no rule allows them (or the port) for this pod.
-    NotAllowed,
-    /// TLS without SNI to a name-based rule while `peek.requireSni` is on.
-    SniMissing,
-    /// The SNI is not one of the allowed names this pod resolved to this address.
-    SniMismatch,
-    /// An HTTP request without a host (HTTP/1.0 without Host).
-    HostMissing,
-    /// The HTTP host is not one of the allowed names this pod resolved to this address.
-    HostMismatch,
-    /// The first bytes are not the protocol the rule allows (HTTP/2 preface included).
-    ProtocolMismatch,
-    /// A PostgreSQL startup for a database or user the rule does not list.
-    PostgresqlDenied,
-    /// A PostgreSQL session that turned encrypted, to a rule that limits databases or users
-    /// without `allowEncrypted: true`.
-    PostgresqlEncrypted,
-    /// The client did not send its first message within `peek.timeoutMs`.
-    PeekTimeout,
-    /// The first message grew past `peek.maxBytes`.
-    PeekTooLarge,
-    /// The first message is not valid for its protocol (the `detail` field says how).
-    Malformed,
-    /// The client closed (or reset) before a decision could be made.
-    ClientClosed,
-    /// The destination did not answer a PostgreSQL encryption request, which the gateway must
-    /// relay before it can see the rest of the startup.
-    UpstreamUnreachable,
-    /// `connections.max` connections were already open.
-    ConnectionLimit,
-    /// `peek.maxPending` connections (or `peek.maxPendingPerPod` from this pod) were already
-    /// waiting for their first message.
-    PeekLimit,
-}
-
-impl Reason {
-    /// Every code, in the order the README lists them.
-    pub const ALL: [Reason; 19] = [
-        Reason::Allowed,
-        Reason::Unselected,
-        Reason::UnknownSource,
-        Reason::NoDnsRecord,
-        Reason::NotAllowed,
-        Reason::SniMissing,
-        Reason::SniMismatch,
-        Reason::HostMissing,
-        Reason::HostMismatch,
-        Reason::ProtocolMismatch,
-        Reason::PostgresqlDenied,
-        Reason::PostgresqlEncrypted,
-        Reason::PeekTimeout,
-        Reason::PeekTooLarge,
-        Reason::Malformed,
-        Reason::ClientClosed,
-        Reason::UpstreamUnreachable,
-        Reason::ConnectionLimit,
-        Reason::PeekLimit,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Allowed => "allowed",
-            Reason::Unselected => "unselected",
-            Reason::UnknownSource => "unknown_source",
-            Reason::NoDnsRecord => "no_dns_record",
-            Reason::NotAllowed => "not_allowed",
-            Reason::SniMissing => "sni_missing",
-            Reason::SniMismatch => "sni_mismatch",
-            Reason::HostMissing => "host_missing",
-            Reason::HostMismatch => "host_mismatch",
-            Reason::ProtocolMismatch => "protocol_mismatch",
-            Reason::PostgresqlDenied => "postgresql_denied",
-            Reason::PostgresqlEncrypted => "postgresql_encrypted",
-            Reason::PeekTimeout => "peek_timeout",
-            Reason::PeekTooLarge => "peek_too_large",
-            Reason::Malformed => "malformed",
-            Reason::ClientClosed => "client_closed",
-            Reason::UpstreamUnreachable => "upstream_unreachable",
-            Reason::ConnectionLimit => "connection_limit",
-            Reason::PeekLimit => "peek_limit",
-        }
-    }
-}
-
 /// A rule's answer for one connection: the grant that allows it, or why none does.
-pub type Authorization<'g, 'a> = Result<&'g Grant<'a>, Reason>;
+pub type Authorization<'g, 'a> = Result<&'g Grant<'a>, PolicyDenial>;
 
 /// The grants that count: those of enforce-mode policies when any selects the pod (audit-mode
 /// policies are then ignored for it), else those of the audit-mode policies.
@@ -138,24 +48,22 @@ pub fn effective_grants<'a>(selection: &Selection<'a>, grants: Vec<Grant<'a>>) -
     }
 }
 
-/// A denial turns into `audit` when no enforce-mode policy selects the pod, except for the
-/// reasons that are not about policy: a closed client has nothing left to relay, and the limits
-/// protect the gateway itself.
-pub fn verdict_for(selection: &Selection<'_>, authorization: Result<(), Reason>) -> Verdict {
-    match authorization {
-        Ok(()) => Verdict::Allow,
-        Err(Reason::ClientClosed | Reason::ConnectionLimit | Reason::PeekLimit) => Verdict::Deny,
-        Err(_) if !selection.has_enforce() => Verdict::Audit,
-        Err(_) => Verdict::Deny,
+/// A denial turns into `audit` when no enforce-mode policy selects the pod and audit mode
+/// watches that kind of reason ([`Reason::auditable`]).
+pub fn denial_verdict(selection: &Selection<'_>, reason: Reason) -> Verdict {
+    if reason.auditable() && !selection.has_enforce() {
+        Verdict::Audit
+    } else {
+        Verdict::Deny
     }
 }
 
 /// Why no grant matched before any byte was read: no names at all, or names no rule allows.
-pub fn no_grant_reason(resolved_any_name: bool) -> Reason {
+pub fn no_grant_reason(resolved_any_name: bool) -> PolicyDenial {
     if resolved_any_name {
-        Reason::NotAllowed
+        PolicyDenial::NotAllowed
     } else {
-        Reason::NoDnsRecord
+        PolicyDenial::NoDnsRecord
     }
 }
 
@@ -168,6 +76,38 @@ pub fn has_postgres_grant(grants: &[Grant<'_>]) -> bool {
     grants
         .iter()
         .any(|g| matches!(g.protocol, Protocol::Postgresql(_)))
+}
+
+/// The rule for what the connection's first messages came to: the one match a new protocol
+/// joins.
+pub fn authorize<'g, 'a>(
+    peeked: &Peeked,
+    grants: &'g [Grant<'a>],
+    require_sni: bool,
+) -> Authorization<'g, 'a> {
+    match peeked {
+        Peeked::Tls(hello) => authorize_tls(grants, hello.server_name.as_deref(), require_sni),
+        Peeked::Http(head) => authorize_http(grants, head.host.as_deref()),
+        Peeked::Postgres(PgFirst::Startup(startup)) => authorize_startup(
+            grants,
+            &startup.database,
+            &startup.user,
+            startup.replication.as_deref(),
+        ),
+        Peeked::Postgres(PgFirst::Cancel) => authorize_cancel(grants),
+        Peeked::Postgres(PgFirst::Encrypted(encryption)) => {
+            let encrypted = match encryption {
+                PgEncryption::Tls(hello) => EncryptedPostgres::Tls {
+                    sni: hello.server_name.as_deref(),
+                },
+                PgEncryption::Gssapi => EncryptedPostgres::Gssapi,
+            };
+            authorize_encrypted_postgres(grants, encrypted, require_sni)
+        }
+        Peeked::Postgres(PgFirst::NotNegotiated) | Peeked::Http2 | Peeked::Unknown => {
+            Err(PolicyDenial::ProtocolMismatch)
+        }
+    }
 }
 
 /// TLS: a `tls` grant whose names include the SNI (a `cidr` grant needs no name).
@@ -183,8 +123,8 @@ pub fn authorize_tls<'g, 'a>(
         tls,
         sni,
         require_sni,
-        Reason::SniMissing,
-        Reason::SniMismatch,
+        PolicyDenial::SniMissing,
+        PolicyDenial::SniMismatch,
     )
 }
 
@@ -197,7 +137,13 @@ pub fn authorize_http<'g, 'a>(
     let http = grants
         .iter()
         .filter(|g| matches!(g.protocol, Protocol::Http));
-    authorize_name(http, host, true, Reason::HostMissing, Reason::HostMismatch)
+    authorize_name(
+        http,
+        host,
+        true,
+        PolicyDenial::HostMissing,
+        PolicyDenial::HostMismatch,
+    )
 }
 
 /// A plaintext PostgreSQL StartupMessage: a `postgresql` grant listing the database and user.
@@ -216,7 +162,7 @@ pub fn authorize_startup<'g, 'a>(
         .filter(|g| postgres_rule(g).is_some())
         .peekable();
     if postgres.peek().is_none() {
-        return Err(Reason::ProtocolMismatch);
+        return Err(PolicyDenial::ProtocolMismatch);
     }
     let physical = replication.is_some_and(is_physical_replication);
     postgres
@@ -225,7 +171,7 @@ pub fn authorize_startup<'g, 'a>(
                 rule.allows(database, user) && (!physical || rule.databases.is_empty())
             })
         })
-        .ok_or(Reason::PostgresqlDenied)
+        .ok_or(PolicyDenial::PostgresqlDenied)
 }
 
 /// PostgreSQL reads `replication` as a boolean (physical) or the word `database` (logical).
@@ -241,7 +187,16 @@ pub fn authorize_cancel<'g, 'a>(grants: &'g [Grant<'a>]) -> Authorization<'g, 'a
     grants
         .iter()
         .find(|g| postgres_rule(g).is_some())
-        .ok_or(Reason::ProtocolMismatch)
+        .ok_or(PolicyDenial::ProtocolMismatch)
+}
+
+/// How a PostgreSQL session turned encrypted, with what the gateway could still see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncryptedPostgres<'a> {
+    /// TLS, after `S` or direct (ALPN `postgresql`): the ClientHello's SNI, if it has one.
+    Tls { sni: Option<&'a str> },
+    /// GSSAPI after `G`: no name to see.
+    Gssapi,
 }
 
 /// A PostgreSQL session that turned encrypted (TLS after `S`, direct TLS, or GSSAPI after `G`):
@@ -249,7 +204,7 @@ pub fn authorize_cancel<'g, 'a>(grants: &'g [Grant<'a>]) -> Authorization<'g, 'a
 /// that limits databases or users allows it only with `allowEncrypted: true`.
 pub fn authorize_encrypted_postgres<'g, 'a>(
     grants: &'g [Grant<'a>],
-    sni: Option<Option<&str>>,
+    encrypted: EncryptedPostgres<'_>,
     require_sni: bool,
 ) -> Authorization<'g, 'a> {
     let postgres: Vec<&Grant<'a>> = grants
@@ -257,22 +212,22 @@ pub fn authorize_encrypted_postgres<'g, 'a>(
         .filter(|g| postgres_rule(g).is_some())
         .collect();
     if postgres.is_empty() {
-        return Err(Reason::ProtocolMismatch);
+        return Err(PolicyDenial::ProtocolMismatch);
     }
-    let named: Vec<&Grant<'a>> = match sni {
-        Some(sni) => postgres
+    let named: Vec<&Grant<'a>> = match encrypted {
+        EncryptedPostgres::Tls { sni } => postgres
             .iter()
             .copied()
             .filter(|g| name_allowed(g, sni, require_sni))
             .collect(),
-        None => postgres,
+        EncryptedPostgres::Gssapi => postgres,
     };
     if named.is_empty() {
-        let missing = matches!(sni, Some(None));
+        let missing = encrypted == EncryptedPostgres::Tls { sni: None };
         return Err(if missing {
-            Reason::SniMissing
+            PolicyDenial::SniMissing
         } else {
-            Reason::SniMismatch
+            PolicyDenial::SniMismatch
         });
     }
     named
@@ -280,7 +235,7 @@ pub fn authorize_encrypted_postgres<'g, 'a>(
         .find(|g| {
             postgres_rule(g).is_some_and(|rule| rule.allow_encrypted || !rule.restricts_startup())
         })
-        .ok_or(Reason::PostgresqlEncrypted)
+        .ok_or(PolicyDenial::PostgresqlEncrypted)
 }
 
 fn postgres_rule<'a>(grant: &Grant<'a>) -> Option<&'a egressgate_policy::PostgresRule> {
@@ -295,12 +250,12 @@ fn authorize_name<'g, 'a>(
     candidates: impl Iterator<Item = &'g Grant<'a>>,
     name: Option<&str>,
     require_name: bool,
-    missing: Reason,
-    mismatch: Reason,
+    missing: PolicyDenial,
+    mismatch: PolicyDenial,
 ) -> Authorization<'g, 'a> {
     let mut candidates = candidates.peekable();
     if candidates.peek().is_none() {
-        return Err(Reason::ProtocolMismatch);
+        return Err(PolicyDenial::ProtocolMismatch);
     }
     candidates
         .find(|g| name_allowed(g, name, require_name))
@@ -401,7 +356,7 @@ spec:
         f(&selection, &grants)
     }
 
-    fn policy_of(auth: Authorization<'_, '_>) -> Result<String, Reason> {
+    fn policy_of(auth: Authorization<'_, '_>) -> Result<String, PolicyDenial> {
         auth.map(|g| format!("{}#{}", g.policy, g.rule))
     }
 
@@ -424,20 +379,20 @@ spec:
                 // Same shared IP, another name: the pod never resolved it here.
                 assert_eq!(
                     authorize_tls(grants, Some("evil.example.test"), true).err(),
-                    Some(Reason::SniMismatch)
+                    Some(PolicyDenial::SniMismatch)
                 );
                 assert_eq!(
                     authorize_tls(grants, None, true).err(),
-                    Some(Reason::SniMissing)
+                    Some(PolicyDenial::SniMissing)
                 );
                 assert!(authorize_tls(grants, None, false).is_ok());
                 assert_eq!(
                     authorize_http(grants, Some("api.example.test")).err(),
-                    Some(Reason::ProtocolMismatch)
+                    Some(PolicyDenial::ProtocolMismatch)
                 );
                 assert_eq!(
                     authorize_startup(grants, "orders", "app", None).err(),
-                    Some(Reason::ProtocolMismatch)
+                    Some(PolicyDenial::ProtocolMismatch)
                 );
             },
         );
@@ -453,15 +408,15 @@ spec:
                 );
                 assert_eq!(
                     authorize_http(grants, Some("evil.example.test")).err(),
-                    Some(Reason::HostMismatch)
+                    Some(PolicyDenial::HostMismatch)
                 );
                 assert_eq!(
                     authorize_http(grants, None).err(),
-                    Some(Reason::HostMissing)
+                    Some(PolicyDenial::HostMissing)
                 );
                 assert_eq!(
                     authorize_tls(grants, Some("api.example.test"), true).err(),
-                    Some(Reason::ProtocolMismatch)
+                    Some(PolicyDenial::ProtocolMismatch)
                 );
             },
         );
@@ -478,7 +433,7 @@ spec:
             |selection, grants| {
                 assert!(grants.is_empty(), "{grants:?}");
                 assert_eq!(
-                    verdict_for(selection, Err(Reason::NotAllowed)),
+                    denial_verdict(selection, PolicyDenial::NotAllowed.into()),
                     Verdict::Deny
                 );
             },
@@ -495,9 +450,13 @@ spec:
             |selection, grants| {
                 assert!(grants.is_empty());
                 assert_eq!(
-                    verdict_for(selection, Err(Reason::NotAllowed)),
+                    denial_verdict(selection, PolicyDenial::NotAllowed.into()),
                     Verdict::Audit
                 );
+                // The limits protect the gateway, and a closed client has nothing to relay.
+                for reason in [Limit::PeekLimit.into(), Reason::ClientClosed] {
+                    assert_eq!(denial_verdict(selection, reason), Verdict::Deny);
+                }
             },
         );
         with_grants(
@@ -505,10 +464,9 @@ spec:
             "198.19.0.10",
             443,
             &["api.example.test"],
-            |selection, grants| {
+            |_, grants| {
                 let auth = authorize_tls(grants, Some("api.example.test"), true);
                 assert_eq!(policy_of(auth), Ok("shop/watch#0".into()));
-                assert_eq!(verdict_for(selection, Ok(())), Verdict::Allow);
             },
         );
     }
@@ -521,7 +479,7 @@ spec:
             assert!(tcp_grant(grants).is_none());
             assert_eq!(
                 authorize_http(grants, Some("x.example")).err(),
-                Some(Reason::ProtocolMismatch)
+                Some(PolicyDenial::ProtocolMismatch)
             );
         });
         with_grants("app", "192.0.2.7", 22, &[], |_, grants| {
@@ -530,8 +488,70 @@ spec:
         with_grants("app", "198.19.0.99", 22, &[], |_, grants| {
             assert!(grants.is_empty())
         });
-        assert_eq!(no_grant_reason(false), Reason::NoDnsRecord);
-        assert_eq!(no_grant_reason(true), Reason::NotAllowed);
+        assert_eq!(no_grant_reason(false), PolicyDenial::NoDnsRecord);
+        assert_eq!(no_grant_reason(true), PolicyDenial::NotAllowed);
+    }
+
+    /// Real captures, peeked as the connection path would.
+    fn peeked_captures() -> (Peeked, Peeked, PgFirst) {
+        use crate::peek::{http, postgres, tls, Peek};
+        let Peek::Complete(hello) = tls::peek_client_hello(include_bytes!(
+            "../peek/testdata/tls/curl-7.88.1-default-sni-api.example.test-alpn-h2-http1.1.bin"
+        )) else {
+            panic!("a whole ClientHello");
+        };
+        let Peek::Complete(head) = http::peek_request_head(include_bytes!(
+            "../peek/testdata/http/wget-1.21.3-origin-form.bin"
+        )) else {
+            panic!("a whole request head");
+        };
+        let Peek::Complete(first) = postgres::peek_first_message(include_bytes!(
+            "../peek/testdata/postgres/psql-15-sslmode-disable-startup-v3.0.bin"
+        )) else {
+            panic!("a whole startup");
+        };
+        let postgres::PgMessage::Startup(startup) = first.message else {
+            panic!("a startup");
+        };
+        (
+            Peeked::Tls(hello),
+            Peeked::Http(head),
+            PgFirst::Startup(startup),
+        )
+    }
+
+    #[test]
+    fn authorize_follows_what_was_peeked() {
+        let (tls, http, startup) = peeked_captures();
+        let rule = |auth: Authorization<'_, '_>| auth.map(|g| g.rule);
+        let names = ["api.example.test"];
+        with_grants("app", "198.19.0.10", 443, &names, |_, grants| {
+            assert_eq!(rule(authorize(&tls, grants, true)), Ok(0));
+            for other in [&http, &Peeked::Http2, &Peeked::Unknown] {
+                assert_eq!(
+                    rule(authorize(other, grants, true)),
+                    Err(PolicyDenial::ProtocolMismatch)
+                );
+            }
+        });
+        with_grants("app", "198.19.0.10", 80, &names, |_, grants| {
+            assert_eq!(rule(authorize(&http, grants, true)), Ok(0));
+        });
+        let names = ["db.example.test"];
+        with_grants("app", "198.19.0.20", 5432, &names, |_, grants| {
+            let postgres =
+                |first| authorize(&Peeked::Postgres(first), grants, true).map(|g| g.rule);
+            assert_eq!(postgres(startup), Ok(2));
+            assert_eq!(postgres(PgFirst::Cancel), Ok(2));
+            assert_eq!(
+                postgres(PgFirst::Encrypted(PgEncryption::Gssapi)),
+                Err(PolicyDenial::PostgresqlEncrypted)
+            );
+            assert_eq!(
+                postgres(PgFirst::NotNegotiated),
+                Err(PolicyDenial::ProtocolMismatch)
+            );
+        });
     }
 
     #[test]
@@ -549,44 +569,44 @@ spec:
                 );
                 assert_eq!(
                     authorize_startup(grants, "other", "app", None).err(),
-                    Some(Reason::PostgresqlDenied)
+                    Some(PolicyDenial::PostgresqlDenied)
                 );
                 assert_eq!(
                     authorize_startup(grants, "orders", "intruder", None).err(),
-                    Some(Reason::PostgresqlDenied)
+                    Some(PolicyDenial::PostgresqlDenied)
                 );
                 assert!(authorize_cancel(grants).is_ok());
                 // Physical replication streams every database: not under `databases: [orders]`.
                 for value in ["true", "ON", "yes", "1"] {
                     assert_eq!(
                         authorize_startup(grants, "orders", "app", Some(value)).err(),
-                        Some(Reason::PostgresqlDenied),
+                        Some(PolicyDenial::PostgresqlDenied),
                         "{value}"
                     );
                 }
                 assert!(authorize_startup(grants, "orders", "app", Some("database")).is_ok());
                 assert!(authorize_startup(grants, "orders", "app", Some("false")).is_ok());
-                let sni = Some(Some("db.example.test"));
+                let tls = |sni| EncryptedPostgres::Tls { sni };
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, sni, true).err(),
-                    Some(Reason::PostgresqlEncrypted)
+                    authorize_encrypted_postgres(grants, tls(Some("db.example.test")), true).err(),
+                    Some(PolicyDenial::PostgresqlEncrypted)
                 );
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, Some(Some("evil.example.test")), true)
+                    authorize_encrypted_postgres(grants, tls(Some("evil.example.test")), true)
                         .err(),
-                    Some(Reason::SniMismatch)
+                    Some(PolicyDenial::SniMismatch)
                 );
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, Some(None), true).err(),
-                    Some(Reason::SniMissing)
+                    authorize_encrypted_postgres(grants, tls(None), true).err(),
+                    Some(PolicyDenial::SniMissing)
                 );
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, None, true).err(),
-                    Some(Reason::PostgresqlEncrypted)
+                    authorize_encrypted_postgres(grants, EncryptedPostgres::Gssapi, true).err(),
+                    Some(PolicyDenial::PostgresqlEncrypted)
                 );
                 assert_eq!(
                     authorize_tls(grants, Some("db.example.test"), true).err(),
-                    Some(Reason::ProtocolMismatch)
+                    Some(PolicyDenial::ProtocolMismatch)
                 );
             },
         );
@@ -596,27 +616,12 @@ spec:
             5432,
             &["open-db.example.test"],
             |_, grants| {
-                assert!(authorize_encrypted_postgres(
-                    grants,
-                    Some(Some("open-db.example.test")),
-                    true
-                )
-                .is_ok());
-                assert!(authorize_encrypted_postgres(grants, None, true).is_ok());
+                let sni = Some("open-db.example.test");
+                let tls = EncryptedPostgres::Tls { sni };
+                assert!(authorize_encrypted_postgres(grants, tls, true).is_ok());
+                let gssapi = EncryptedPostgres::Gssapi;
+                assert!(authorize_encrypted_postgres(grants, gssapi, true).is_ok());
             },
         );
-    }
-
-    #[test]
-    fn reason_codes_are_unique_and_snake_case() {
-        let codes: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
-        let mut sorted = codes.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), codes.len());
-        for reason in Reason::ALL {
-            let json = serde_json::to_string(&reason).expect("serialises");
-            assert_eq!(json, format!("\"{}\"", reason.as_str()));
-        }
     }
 }

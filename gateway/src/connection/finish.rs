@@ -1,0 +1,237 @@
+//! The end of every decision, whatever the stages concluded: the decision line and the decision
+//! metrics, both read from the context. A new log field is added here, never in a stage.
+
+use super::context::{Context, Granted};
+use super::stop::Stop;
+use crate::decision::{Reason, Verdict};
+use crate::events::{DecisionLine, PodName};
+use crate::metrics::Metrics;
+use crate::peek::{Peeked, PgEncryption, PgFirst};
+use crate::protocol::Protocol;
+
+/// The `namespace` metric label of connections from no known pod. RFC 1123 labels have no `_`,
+/// so no namespace has it; an empty label would take the scrape target's `namespace` instead.
+pub const UNKNOWN_NAMESPACE: &str = "_unknown";
+
+/// Prints the decision line and counts the decision.
+pub fn finish(
+    cx: &Context<'_>,
+    outcome: &Result<Granted, Stop>,
+    verdict: Verdict,
+    metrics: &Metrics,
+) {
+    let elapsed = cx.accepted.elapsed();
+    let mut line = decision_line(cx, outcome, verdict);
+    line.decision_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+
+    metrics.decision_duration.observe(elapsed.as_secs_f64());
+    let protocol = Protocol::label(cx.protocol);
+    if let Some(peek_duration) = cx.peek_duration {
+        metrics
+            .peek_duration
+            .with_label_values(&[protocol])
+            .observe(peek_duration.as_secs_f64());
+    }
+    let namespace = cx
+        .pod
+        .map_or(UNKNOWN_NAMESPACE, |pod| pod.namespace.as_str());
+    metrics
+        .connections
+        .with_label_values(&[verdict.as_str(), line.reason.as_str(), protocol, namespace])
+        .inc();
+    if verdict != Verdict::Allow {
+        metrics.count_denied(namespace, &wanted_destination(cx));
+    }
+    line.print();
+}
+
+fn decision_line<'a>(
+    cx: &'a Context<'_>,
+    outcome: &'a Result<Granted, Stop>,
+    verdict: Verdict,
+) -> DecisionLine<'a> {
+    let peeked = cx.peeked.as_ref();
+    let hello = peeked.and_then(Peeked::client_hello);
+    let head = match peeked {
+        Some(Peeked::Http(head)) => Some(head),
+        _ => None,
+    };
+    let startup = match peeked {
+        Some(Peeked::Postgres(PgFirst::Startup(startup))) => Some(startup),
+        _ => None,
+    };
+    let postgresql_encryption = match peeked {
+        Some(Peeked::Postgres(PgFirst::Encrypted(PgEncryption::Tls(_)))) => Some("tls"),
+        Some(Peeked::Postgres(PgFirst::Encrypted(PgEncryption::Gssapi))) => Some("gssapi"),
+        _ => None,
+    };
+    let granted = outcome.as_ref().ok();
+    DecisionLine {
+        time: String::new(),
+        event: "decision",
+        connection: cx.id,
+        verdict,
+        reason: match outcome {
+            Ok(_) => Reason::Allowed,
+            Err(stop) => stop.reason,
+        },
+        detail: outcome
+            .as_ref()
+            .err()
+            .and_then(|stop| stop.detail.as_ref())
+            .map(|detail| detail.code()),
+        pod: cx.pod.map(|pod| PodName {
+            namespace: &pod.namespace,
+            name: &pod.name,
+        }),
+        source: cx.client.0,
+        destination: cx.destination.0,
+        names: &cx.resolved.names,
+        cnames: &cx.resolved.cnames,
+        protocol: cx.protocol,
+        sni: hello.and_then(|hello| hello.server_name.as_deref()),
+        alpn: hello.map_or(&[], |hello| &hello.alpn),
+        ech: hello.map(|hello| hello.ech_offered),
+        host: head.and_then(|head| head.host.as_deref()),
+        database: startup.map(|startup| startup.database.as_str()),
+        user: startup.map(|startup| startup.user.as_str()),
+        replication: startup.and_then(|startup| startup.replication.as_deref()),
+        postgresql_encryption,
+        policy: granted.map(|granted| granted.policy.as_str()),
+        rule: granted.map(|granted| granted.rule),
+        decision_us: 0,
+    }
+}
+
+/// What the pod tried to reach, for the denied-destinations metric: the name it sent, else the
+/// name it resolved, else the address.
+fn wanted_destination(cx: &Context<'_>) -> String {
+    cx.peeked
+        .as_ref()
+        .and_then(Peeked::requested_name)
+        .or_else(|| cx.resolved.names.first().map(String::as_str))
+        .map_or_else(|| cx.destination.ip().to_string(), str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::connection::addr::{ClientAddr, OrigDstAddr};
+    use crate::connection::context::ResolvedNames;
+    use crate::decision::PolicyDenial;
+    use crate::identity::Pod;
+    use crate::peek::postgres::{peek_first_message, PgMessage};
+    use crate::peek::tls::peek_client_hello;
+    use crate::peek::{Invalid, Peek};
+
+    fn pod() -> Pod {
+        Pod {
+            namespace: "shop".into(),
+            name: "app-1".into(),
+            labels: Default::default(),
+            namespace_labels: Default::default(),
+            ips: vec![[192, 0, 2, 2].into()],
+            selection: Default::default(),
+        }
+    }
+
+    fn context(pod: &Pod, port: u16) -> Context<'_> {
+        let mut cx = Context::new(
+            7,
+            Instant::now(),
+            ClientAddr(([192, 0, 2, 2], 40000).into()),
+            OrigDstAddr(([192, 0, 2, 10], port).into()),
+        );
+        cx.pod = Some(pod);
+        cx.resolved = ResolvedNames {
+            names: vec!["api.example.test".into()],
+            cnames: vec!["lb.cdn.example.test".into()],
+        };
+        cx
+    }
+
+    fn json(cx: &Context<'_>, outcome: &Result<Granted, Stop>, verdict: Verdict) -> String {
+        serde_json::to_string(&decision_line(cx, outcome, verdict)).expect("serialises")
+    }
+
+    /// The fields, their order and their values are what logs, dashboards and alerts read.
+    #[test]
+    fn an_allowed_tls_decision_line_keeps_its_shape() {
+        let capture = include_bytes!(
+            "../peek/testdata/tls/curl-7.88.1-default-sni-api.example.test-alpn-h2-http1.1.bin"
+        );
+        let Peek::Complete(hello) = peek_client_hello(capture) else {
+            panic!("capture is a whole ClientHello");
+        };
+        let pod = pod();
+        let mut cx = context(&pod, 443);
+        cx.protocol = Some(Protocol::Tls);
+        cx.peeked = Some(Peeked::Tls(hello));
+        let granted = Granted {
+            policy: "shop/web".into(),
+            rule: 0,
+            names: vec!["api.example.test".into()],
+        };
+        assert_eq!(
+            json(&cx, &Ok(granted), Verdict::Allow),
+            r#"{"time":"","event":"decision","connection":7,"verdict":"allow","reason":"allowed","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","sni":"api.example.test","alpn":["h2","http/1.1"],"ech":false,"policy":"shop/web","rule":0,"decisionUs":0}"#
+        );
+    }
+
+    #[test]
+    fn denied_postgresql_lines_keep_their_shape() {
+        let capture = include_bytes!(
+            "../peek/testdata/postgres/psql-15-replication-database-startup-v3.0.bin"
+        );
+        let Peek::Complete(first) = peek_first_message(capture) else {
+            panic!("capture is a whole startup");
+        };
+        let PgMessage::Startup(startup) = first.message else {
+            panic!("capture is a startup");
+        };
+        let pod = pod();
+        let mut cx = context(&pod, 5432);
+        cx.protocol = Some(Protocol::Postgresql);
+        cx.peeked = Some(Peeked::Postgres(PgFirst::Startup(startup)));
+        let denied = Err(Stop::new(PolicyDenial::PostgresqlDenied));
+        assert_eq!(
+            json(&cx, &denied, Verdict::Audit),
+            r#"{"time":"","event":"decision","connection":7,"verdict":"audit","reason":"postgresql_denied","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:5432","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"postgresql","database":"orders","user":"app","replication":"database","decisionUs":0}"#
+        );
+
+        let mut cx = context(&pod, 5432);
+        cx.protocol = Some(Protocol::Postgresql);
+        cx.peeked = Some(Peeked::Postgres(PgFirst::Encrypted(PgEncryption::Gssapi)));
+        let encrypted = Err(Stop::new(PolicyDenial::PostgresqlEncrypted));
+        assert_eq!(
+            json(&cx, &encrypted, Verdict::Deny),
+            r#"{"time":"","event":"decision","connection":7,"verdict":"deny","reason":"postgresql_encrypted","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:5432","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"postgresql","postgresqlEncryption":"gssapi","decisionUs":0}"#
+        );
+    }
+
+    #[test]
+    fn malformed_and_unknown_source_lines_keep_their_shape() {
+        let pod = pod();
+        let mut cx = context(&pod, 443);
+        cx.protocol = Some(Protocol::Tls);
+        let malformed = Err(Stop::invalid(Invalid::TlsSniIpLiteral));
+        assert_eq!(
+            json(&cx, &malformed, Verdict::Deny),
+            r#"{"time":"","event":"decision","connection":7,"verdict":"deny","reason":"malformed","detail":"tls_sni_ip_literal","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","decisionUs":0}"#
+        );
+
+        let cx = Context::new(
+            8,
+            Instant::now(),
+            ClientAddr(([192, 0, 2, 3], 40001).into()),
+            OrigDstAddr(([192, 0, 2, 10], 443).into()),
+        );
+        let unknown = Err(Stop::new(Reason::UnknownSource));
+        assert_eq!(
+            json(&cx, &unknown, Verdict::Deny),
+            r#"{"time":"","event":"decision","connection":8,"verdict":"deny","reason":"unknown_source","pod":null,"source":"192.0.2.3:40001","destination":"192.0.2.10:443","names":[],"cnames":[],"decisionUs":0}"#
+        );
+    }
+}

@@ -1,0 +1,499 @@
+//! The stages on in-memory streams (`tokio::io::duplex`) and tokio's paused clock: the peek
+//! deadline and byte cap, a client that leaves, the PostgreSQL negotiation against a scripted
+//! server, the peek limit and the unknown-source wait on a real `Proxy`. Client bytes are the
+//! real captures of `peek/testdata/`.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use egressgate_dns_shim::TableLimits;
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::postgres::{self, NegotiationFault};
+use super::stop::Detail;
+use super::*;
+use crate::config::Config;
+use crate::decision::{PodFault, PolicyDenial, UpstreamFault};
+use crate::identity::Identities;
+use crate::limits::Bounds;
+use crate::peek::{self, Peeked, PgEncryption, PgFirst};
+
+macro_rules! capture {
+    ($path:literal) => {
+        include_bytes!(concat!("../peek/testdata/", $path)).as_slice()
+    };
+}
+
+const TLS_HELLO: &[u8] =
+    capture!("tls/curl-7.88.1-default-sni-api.example.test-alpn-h2-http1.1.bin");
+/// 1,924 bytes: over a small `peek.maxBytes`.
+const TLS_LARGE_HELLO: &[u8] =
+    capture!("tls/chromium-156-pq-x25519mlkem768-ech-grease-sni-api.example.test-1924B.bin");
+const HTTP_HEAD: &[u8] = capture!("http/wget-1.21.3-origin-form.bin");
+const HTTP2_PREFACE: &[u8] =
+    capture!("http/curl-7.88.1-http2-prior-knowledge-preface-not-http1.bin");
+const PG_STARTUP: &[u8] = capture!("postgres/psql-15-sslmode-disable-startup-v3.0.bin");
+/// An 8-byte SSLRequest, then (after the server's `N`) the StartupMessage.
+const PG_SSL_THEN_STARTUP: &[u8] =
+    capture!("postgres/psql-15-default-sslmode-prefer-sslrequest-then-startup.bin");
+/// An 8-byte GSSENCRequest, then (after `N`) the StartupMessage.
+const PG_GSSENC_THEN_STARTUP: &[u8] = capture!(
+    "postgres/psql-15-gssencmode-prefer-sslmode-disable-with-krb5-ticket-gssencrequest-startup.bin"
+);
+const PG_SSL_REQUEST: &[u8] = capture!("postgres/psql-15-sslmode-require-1-sslrequest.bin");
+const PG_HELLO_AFTER_S: &[u8] =
+    capture!("postgres/psql-15-sslmode-require-2-clienthello-after-S-sni-db.example.test.bin");
+
+const PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_BYTES: usize = 16 * 1024;
+
+fn client() -> ClientAddr {
+    ClientAddr(([192, 0, 2, 2], 40000).into())
+}
+
+fn destination() -> OrigDstAddr {
+    OrigDstAddr(([192, 0, 2, 10], 443).into())
+}
+
+/// A connection accepted now, with the pod's end of it.
+fn accepted(max_bytes: usize) -> (Streams<DuplexStream, DuplexStream>, DuplexStream) {
+    let (gateway, pod) = duplex(64 * 1024);
+    let streams = Streams {
+        client: gateway,
+        upstream: None,
+        reader: PeekReader::new(Instant::now() + PEEK_TIMEOUT, max_bytes),
+    };
+    (streams, pod)
+}
+
+/// Dials the one in-memory server the test plays; refuses when it has none (left).
+#[derive(Debug)]
+struct Scripted(Mutex<Option<DuplexStream>>);
+
+impl Scripted {
+    /// The dialer and the server's end.
+    fn server() -> (Self, DuplexStream) {
+        let (gateway, server) = duplex(64 * 1024);
+        (Scripted(Mutex::new(Some(gateway))), server)
+    }
+
+    fn refusing() -> Self {
+        Scripted(Mutex::new(None))
+    }
+
+    fn dialled(&self) -> bool {
+        self.0.lock().map_or(true, |left| left.is_none())
+    }
+}
+
+impl Dial for Scripted {
+    type Stream = DuplexStream;
+
+    async fn dial(&self, _: OrigDstAddr) -> io::Result<DuplexStream> {
+        let left = self.0.lock().ok().and_then(|mut left| left.take());
+        left.ok_or_else(|| io::Error::from(io::ErrorKind::ConnectionRefused))
+    }
+}
+
+async fn sniff_then_message(
+    streams: &mut Streams<DuplexStream, DuplexStream>,
+) -> Result<Peeked, Stop> {
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let peeked = peeking::peek(&mut cx, streams, &Scripted::refusing()).await;
+    assert!(cx.peek_duration.is_some());
+    peeked
+}
+
+// === the reader: deadline, cap, early close ===
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_is_denied_at_the_peek_deadline() {
+    let (mut streams, _pod) = accepted(MAX_BYTES);
+    let started = Instant::now();
+    let Streams { client, reader, .. } = &mut streams;
+    let stop = reader
+        .until(client, 0, peek::sniff)
+        .await
+        .expect_err("times out");
+    assert_eq!(stop.reason, Reason::Pod(PodFault::PeekTimeout));
+    assert_eq!(started.elapsed(), PEEK_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_counts_from_accept_not_from_the_last_byte() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    let started = Instant::now();
+    let trickle = tokio::spawn(async move {
+        // A byte every 300 ms: 16 by 4.8 s, the 17th after the deadline.
+        for byte in TLS_HELLO.iter().take(20) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            pod.write_all(&[*byte]).await.expect("writes");
+        }
+        pod
+    });
+    let stop = sniff_then_message(&mut streams)
+        .await
+        .expect_err("times out");
+    assert_eq!(stop.reason, Reason::Pod(PodFault::PeekTimeout));
+    assert_eq!(started.elapsed(), PEEK_TIMEOUT);
+    assert_eq!(streams.reader.buf, TLS_HELLO[..16]);
+    drop(trickle.await);
+}
+
+#[tokio::test]
+async fn a_first_message_over_the_byte_cap_is_too_large() {
+    let (mut streams, mut pod) = accepted(64);
+    pod.write_all(TLS_LARGE_HELLO).await.expect("writes");
+    let stop = sniff_then_message(&mut streams)
+        .await
+        .expect_err("too large");
+    assert_eq!(stop.reason, Reason::Pod(PodFault::PeekTooLarge));
+    assert_eq!(streams.reader.buf, TLS_LARGE_HELLO[..64]);
+}
+
+#[tokio::test]
+async fn a_client_that_closes_before_its_first_message_is_whole_is_client_closed() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(&TLS_HELLO[..100]).await.expect("writes");
+    drop(pod);
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let stop = peeking::peek(&mut cx, &mut streams, &Scripted::refusing())
+        .await
+        .expect_err("closed");
+    assert_eq!(stop.reason, Reason::ClientClosed);
+    // The first bytes told the protocol; the log keeps it.
+    assert_eq!(cx.protocol, Some(Protocol::Tls));
+}
+
+// === the peek stage on real captures ===
+
+#[tokio::test]
+async fn a_client_hello_in_small_pieces_is_peeked_whole() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    let writer = tokio::spawn(async move {
+        for piece in TLS_HELLO.chunks(7) {
+            pod.write_all(piece).await.expect("writes");
+            tokio::task::yield_now().await;
+        }
+        pod
+    });
+    let peeked = sniff_then_message(&mut streams).await.expect("peeks");
+    let Peeked::Tls(hello) = peeked else {
+        panic!("not TLS: {peeked:?}");
+    };
+    assert_eq!(hello.server_name.as_deref(), Some("api.example.test"));
+    assert_eq!(hello.alpn, ["h2", "http/1.1"]);
+    // Everything read is replayed upstream.
+    assert_eq!(streams.reader.into_unforwarded(), TLS_HELLO);
+    drop(writer.await);
+}
+
+#[tokio::test]
+async fn http_heads_and_the_http2_preface_are_told_apart() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(HTTP_HEAD).await.expect("writes");
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
+    let Ok(Peeked::Http(head)) = peeked else {
+        panic!("not HTTP/1: {peeked:?}");
+    };
+    assert_eq!(head.host.as_deref(), Some("api.example.test"));
+    assert_eq!(cx.protocol, Some(Protocol::Http));
+
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(HTTP2_PREFACE).await.expect("writes");
+    let mut cx = Context::new(2, Instant::now(), client(), destination());
+    let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
+    assert_eq!(peeked, Ok(Peeked::Http2));
+    assert_eq!(cx.protocol, Some(Protocol::Http2));
+}
+
+#[tokio::test]
+async fn without_a_postgresql_grant_a_startup_is_only_read_for_the_log() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(PG_STARTUP).await.expect("writes");
+    let peeked = sniff_then_message(&mut streams).await;
+    let Ok(Peeked::Postgres(PgFirst::Startup(startup))) = peeked else {
+        panic!("no startup: {peeked:?}");
+    };
+    assert_eq!(
+        (startup.user.as_str(), startup.database.as_str()),
+        ("app", "orders")
+    );
+}
+
+#[tokio::test]
+async fn without_grants_the_peek_is_only_for_the_log_whatever_it_found() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(TLS_HELLO).await.expect("writes");
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    cx.resolved.names = vec!["evil.example.test".into()];
+    let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
+    let stop = stages::authorize(&mut cx, peeked, true).expect_err("no grant");
+    assert_eq!(stop, Stop::new(PolicyDenial::NotAllowed));
+    let sni = cx.peeked.as_ref().and_then(Peeked::requested_name);
+    assert_eq!(sni, Some("api.example.test"));
+
+    // A peek that failed changes nothing: no names at all is `no_dns_record`, without detail.
+    let mut cx = Context::new(2, Instant::now(), client(), destination());
+    let timed_out = Err(Stop::new(PodFault::PeekTimeout));
+    let stop = stages::authorize(&mut cx, timed_out, true).expect_err("no grant");
+    assert_eq!(stop, Stop::new(PolicyDenial::NoDnsRecord));
+    assert_eq!(cx.peeked, None);
+}
+
+// === the PostgreSQL encryption negotiation ===
+
+/// The client sends `request`, expects `answer`, then sends `then`; the server expects
+/// `request` and answers `answer`. Returns what the negotiation came to.
+async fn negotiate(
+    request: &'static [u8],
+    answer: u8,
+    then: &'static [u8],
+) -> (Result<PgFirst, Stop>, Streams<DuplexStream, DuplexStream>) {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    let (dial, mut server) = Scripted::server();
+    let pod_side = tokio::spawn(async move {
+        pod.write_all(request).await.expect("writes");
+        let mut answered = [0u8; 1];
+        pod.read_exact(&mut answered).await.expect("answer");
+        assert_eq!(answered[0], answer);
+        pod.write_all(then).await.expect("writes");
+        pod
+    });
+    let server_side = tokio::spawn(async move {
+        let mut received = vec![0u8; request.len()];
+        server.read_exact(&mut received).await.expect("request");
+        assert_eq!(received, request);
+        server.write_all(&[answer]).await.expect("answers");
+        server
+    });
+    let negotiated = postgres::negotiate(&mut streams, destination(), &dial).await;
+    drop(pod_side.await.expect("pod side"));
+    drop(server_side.await.expect("server side"));
+    (negotiated, streams)
+}
+
+#[tokio::test]
+async fn an_ssl_request_the_server_refuses_goes_on_to_the_startup() {
+    let (request, startup) = PG_SSL_THEN_STARTUP.split_at(8);
+    let (negotiated, streams) = negotiate(request, b'N', startup).await;
+    let Ok(PgFirst::Startup(startup_message)) = negotiated else {
+        panic!("no startup: {negotiated:?}");
+    };
+    assert_eq!(startup_message.user, "app");
+    // The request went upstream already: only the startup is left to replay.
+    assert!(streams.upstream.is_some());
+    assert_eq!(streams.reader.into_unforwarded(), startup);
+}
+
+#[tokio::test]
+async fn a_gssenc_request_the_server_accepts_is_encrypted_gssapi() {
+    let (request, _) = PG_GSSENC_THEN_STARTUP.split_at(8);
+    let (negotiated, streams) = negotiate(request, b'G', b"").await;
+    assert_eq!(negotiated, Ok(PgFirst::Encrypted(PgEncryption::Gssapi)));
+    assert_eq!(streams.reader.forwarded, 8);
+}
+
+#[tokio::test]
+async fn after_s_the_client_hello_is_peeked_for_its_sni() {
+    let (negotiated, streams) = negotiate(PG_SSL_REQUEST, b'S', PG_HELLO_AFTER_S).await;
+    let Ok(PgFirst::Encrypted(PgEncryption::Tls(hello))) = negotiated else {
+        panic!("no ClientHello: {negotiated:?}");
+    };
+    assert_eq!(hello.server_name.as_deref(), Some("db.example.test"));
+    assert_eq!(streams.reader.into_unforwarded(), PG_HELLO_AFTER_S);
+}
+
+#[tokio::test]
+async fn an_unexpected_server_answer_is_malformed() {
+    let (negotiated, _) = negotiate(PG_SSL_REQUEST, b'E', b"").await;
+    let stop = negotiated.expect_err("refused");
+    assert_eq!(stop.reason, Reason::Pod(PodFault::Malformed));
+    let fault = NegotiationFault::UnexpectedServerAnswer { answer: b'E' };
+    assert_eq!(stop.detail, Some(Detail::Negotiation(fault)));
+    assert_eq!(fault.code(), "pg_unexpected_server_answer");
+}
+
+#[tokio::test]
+async fn bytes_sent_before_the_encryption_answer_are_refused_without_dialling() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(PG_SSL_THEN_STARTUP).await.expect("writes");
+    let (dial, _server) = Scripted::server();
+    let stop = postgres::negotiate(&mut streams, destination(), &dial)
+        .await
+        .expect_err("refused");
+    let fault = NegotiationFault::BytesBeforeAnswer;
+    assert_eq!(stop.detail, Some(Detail::Negotiation(fault)));
+    assert_eq!(
+        stop.detail.map(|d| d.code()),
+        Some("pg_bytes_before_encryption_answer")
+    );
+    assert!(!dial.dialled());
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_the_upstreams_fault() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(PG_SSL_REQUEST).await.expect("writes");
+    let stop = postgres::negotiate(&mut streams, destination(), &Scripted::refusing())
+        .await
+        .expect_err("unreachable");
+    assert_eq!(stop, Stop::new(UpstreamFault::UpstreamUnreachable));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_never_answers_runs_into_the_peek_deadline() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(PG_SSL_REQUEST).await.expect("writes");
+    let (dial, mut server) = Scripted::server();
+    let started = Instant::now();
+    let stop = postgres::negotiate(&mut streams, destination(), &dial)
+        .await
+        .expect_err("times out");
+    assert_eq!(stop.reason, Reason::Pod(PodFault::PeekTimeout));
+    assert_eq!(started.elapsed(), PEEK_TIMEOUT);
+    let mut received = [0u8; 8];
+    server.read_exact(&mut received).await.expect("request");
+    assert_eq!(received, PG_SSL_REQUEST);
+}
+
+// === a real Proxy: the peek limit, the unknown-source wait ===
+
+const POLICY: &str = "apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{cidr: 192.0.2.0/28}]
+      ports: [{port: 443, protocol: tls}]
+";
+
+const POD: &str = "namespaces: [{name: shop}]
+pods: [{name: app-1, namespace: shop, ips: [192.0.2.2], labels: {role: app}}]
+";
+
+const NO_POD: &str = "pods: []\n";
+
+/// A `Proxy` over the policy above, with `pods` as the identity file.
+struct Gateway {
+    proxy: Proxy,
+    store: Arc<Store>,
+    limits: Arc<Limits>,
+    _dir: tempfile::TempDir,
+}
+
+fn gateway(pods: &str) -> Gateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |path: &Path, text: &str| std::fs::write(path, text).expect("writes");
+    std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
+    write(&dir.path().join("policies/web.yaml"), POLICY);
+    write(&dir.path().join("pods.yaml"), pods);
+    let text = format!(
+        "policyDir: {}\nidentity: {{staticFile: {}, unknownSourceWaitMs: 1000}}\n\
+         nftables: {{manage: false}}\n",
+        dir.path().join("policies").display(),
+        dir.path().join("pods.yaml").display()
+    );
+    let config = Config::parse("c.yaml", &text).expect("config");
+    let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+    let store = Arc::new(Store::load(&config, metrics.clone()).expect("store"));
+    let table = Arc::new(NameTable::new(TableLimits {
+        min_ttl: Duration::ZERO,
+        idle_grace: Duration::from_secs(60),
+        max_names_per_pod: 16,
+        max_names: 16,
+    }));
+    let limits = Limits::new(Bounds {
+        max_connections: 16,
+        max_peeking: 16,
+        max_peeking_per_pod: 1,
+    });
+    let proxy = Proxy::new(
+        Arc::clone(&store),
+        table,
+        metrics,
+        Arc::clone(&limits),
+        &config,
+    );
+    Gateway {
+        proxy,
+        store,
+        limits,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn over_the_peek_limit_nothing_is_read_and_the_connection_is_denied() {
+    let gateway = gateway(POD);
+    let snapshot = gateway.store.current();
+    let waiting = gateway.limits.peek(client().ip()).expect("first peek slot");
+
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(TLS_HELLO).await.expect("writes");
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let outcome = gateway
+        .proxy
+        .decide(&mut cx, &snapshot, &mut streams, &Scripted::refusing())
+        .await;
+    assert_eq!(outcome, Err(Stop::new(Limit::PeekLimit)));
+    assert_eq!(gateway.proxy.verdict(&cx, &outcome), Verdict::Deny);
+    assert_eq!(cx.protocol, None);
+    assert!(streams.reader.buf.is_empty());
+
+    // The slot is back once the other connection is done with it.
+    drop(waiting);
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(TLS_HELLO).await.expect("writes");
+    let mut cx = Context::new(2, Instant::now(), client(), destination());
+    let outcome = gateway
+        .proxy
+        .decide(&mut cx, &snapshot, &mut streams, &Scripted::refusing())
+        .await;
+    let granted = outcome.expect("allowed by the cidr rule");
+    assert_eq!((granted.policy.as_str(), granted.rule), ("shop/web", 0));
+    assert_eq!(cx.protocol, Some(Protocol::Tls));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_waits_for_its_pod_to_be_announced() {
+    let gateway = gateway(NO_POD);
+    let announced = Duration::from_millis(300);
+    let store = Arc::clone(&gateway.store);
+    let announce = tokio::spawn(async move {
+        tokio::time::sleep(announced).await;
+        store.set_identities(Identities::parse("pods.yaml", POD).expect("identities"));
+    });
+    let accepted_at = Instant::now();
+    let snapshot = gateway.proxy.wait_for_pod(client(), accepted_at).await;
+    assert_eq!(accepted_at.elapsed(), announced);
+    let pod = snapshot
+        .identities
+        .lookup(client().ip())
+        .expect("announced");
+    assert_eq!(pod.name, "app-1");
+    announce.await.expect("announced");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_address_no_pod_announces_is_an_unknown_source_after_the_wait() {
+    let gateway = gateway(NO_POD);
+    let accepted_at = Instant::now();
+    let snapshot = gateway.proxy.wait_for_pod(client(), accepted_at).await;
+    assert_eq!(accepted_at.elapsed(), Duration::from_millis(1000));
+
+    let (mut streams, _pod) = accepted(MAX_BYTES);
+    let mut cx = Context::new(1, accepted_at, client(), destination());
+    let outcome = gateway
+        .proxy
+        .decide(&mut cx, &snapshot, &mut streams, &Scripted::refusing())
+        .await;
+    assert_eq!(outcome, Err(Stop::new(Reason::UnknownSource)));
+    // `unknownSources` defaults to deny.
+    assert_eq!(gateway.proxy.verdict(&cx, &outcome), Verdict::Deny);
+    assert!(cx.pod.is_none());
+}

@@ -1,0 +1,61 @@
+//! What the peekers found in a connection's first messages, once the connection path has run
+//! them: the one value the authorization and the decision line read.
+
+use super::http::RequestHead;
+use super::postgres::Startup;
+use super::tls::ClientHello;
+
+/// A connection's first message, as far as a protocol was recognised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peeked {
+    Tls(ClientHello),
+    Http(RequestHead),
+    Postgres(PgFirst),
+    /// The HTTP/2 prior-knowledge preface: no rule speaks it.
+    Http2,
+    /// Bytes of no protocol the gateway knows.
+    Unknown,
+}
+
+/// What a PostgreSQL client's first messages came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgFirst {
+    /// A plaintext StartupMessage, after any encryption request the server refused.
+    Startup(Startup),
+    /// A CancelRequest (names no database or user).
+    Cancel,
+    /// The session turned encrypted; the startup is out of sight.
+    Encrypted(PgEncryption),
+    /// Without a `postgresql` grant nothing is negotiated, and the first message was no whole
+    /// startup.
+    NotNegotiated,
+}
+
+/// How a PostgreSQL session turned encrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgEncryption {
+    /// TLS after `S`, or direct TLS with ALPN `postgresql`.
+    Tls(ClientHello),
+    /// GSSAPI after `G`.
+    Gssapi,
+}
+
+impl Peeked {
+    /// The ClientHello, if the connection started TLS (directly or after an SSLRequest).
+    pub fn client_hello(&self) -> Option<&ClientHello> {
+        match self {
+            Peeked::Tls(hello) | Peeked::Postgres(PgFirst::Encrypted(PgEncryption::Tls(hello))) => {
+                Some(hello)
+            }
+            _ => None,
+        }
+    }
+
+    /// The name the client asked for in its first message: the SNI or the HTTP host.
+    pub fn requested_name(&self) -> Option<&str> {
+        match self {
+            Peeked::Http(head) => head.host.as_deref(),
+            _ => self.client_hello()?.server_name.as_deref(),
+        }
+    }
+}
