@@ -133,9 +133,7 @@ impl IdentityWatch {
                     break;
                 }
             }
-            if let Some((pods, addresses)) = index.publish(&store) {
-                metrics.published(pods, addresses);
-            }
+            index.publish(&store);
         }
     }
 }
@@ -294,14 +292,15 @@ impl Index {
     }
 
     /// Swaps in a new index if something changed and both first lists are complete; marks the
-    /// store ready on the first publication. Returns (pods, addresses) when it published.
-    fn publish(&mut self, store: &Store) -> Option<(usize, usize)> {
+    /// store ready on the first publication.
+    fn publish(&mut self, store: &Store) {
         if !(self.changed && self.pods_listed && self.namespaces_listed) {
-            return None;
+            return;
         }
         self.changed = false;
         let identities = self.identities();
-        let addresses = identities.len();
+        // `len` counts pods; every address of every pod is an entry of the index.
+        let addresses = identities.iter().count();
         store.set_identities(identities);
         if !self.published {
             self.published = true;
@@ -315,7 +314,6 @@ impl Index {
         } else {
             tracing::debug!(pods = self.pods.len(), addresses, "pod identities updated");
         }
-        Some((self.pods.len(), addresses))
     }
 
     /// The IP → pod index; see the module docs for who owns a reused address.

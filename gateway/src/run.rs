@@ -103,11 +103,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
     let store = Arc::new(Store::load(&config, metrics.clone()).map_err(RunError::Rules)?);
+    // Registered for either identity source: the pod and address gauges follow the store.
+    let watch_metrics = WatchMetrics::register(&registry)?;
     let identity_watch = match &config.identity.kubernetes {
         Some(kubernetes) => {
             let node = kubernetes.node_name().ok_or(RunError::NoNodeName)?;
-            let metrics = WatchMetrics::register(&registry)?;
-            Some(IdentityWatch::connect(node, metrics).await?)
+            Some(IdentityWatch::connect(node, watch_metrics.clone()).await?)
         }
         None => None,
     };
@@ -334,6 +335,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if let Some(identity_watch) = identity_watch {
         tasks.spawn(identity_watch.run(Arc::clone(&store), shutdown()));
     }
+    tasks.spawn(watch_metrics.follow(Arc::clone(&store), shutdown()));
     let offer = match handover::Offer::bind(&config.state.dir) {
         Ok(offer) => Some(offer),
         Err(e) => {

@@ -6,12 +6,15 @@
 //! wrong. The age of the last event is therefore only a problem together with errors (see the
 //! `EgressgateIdentityWatchFailing` alert).
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
 use kube::runtime::watcher::{self, Event};
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Serialize;
+
+use crate::store::Store;
 
 /// The watches, by their `resource` label.
 pub(crate) const RESOURCES: [&str; 2] = ["pods", "namespaces"];
@@ -54,11 +57,11 @@ impl WatchMetrics {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let pods = IntGauge::new(
             "egressgate_identity_pods",
-            "Pods of this node with addresses, in the published identity index",
+            "Pods with addresses in the identities in force (static file or Kubernetes watch)",
         )?;
         let addresses = IntGauge::new(
             "egressgate_identity_addresses",
-            "Pod addresses in the published identity index",
+            "Pod addresses in the identities in force",
         )?;
         let relists = IntCounterVec::new(
             Opts::new(
@@ -136,11 +139,22 @@ impl WatchMetrics {
         }
     }
 
-    /// The index just published.
-    pub(crate) fn published(&self, pods: usize, addresses: usize) {
-        self.pods.set(i64::try_from(pods).unwrap_or(i64::MAX));
-        self.addresses
-            .set(i64::try_from(addresses).unwrap_or(i64::MAX));
+    /// Keeps the pod and address gauges equal to the identities in force (from either
+    /// source) until `shutdown`.
+    pub async fn follow(self, store: Arc<Store>, shutdown: impl std::future::Future) {
+        let mut updates = store.identity_updates();
+        tokio::pin!(shutdown);
+        loop {
+            let identities = store.current().identities;
+            self.pods
+                .set(i64::try_from(identities.len()).unwrap_or(i64::MAX));
+            self.addresses
+                .set(i64::try_from(identities.iter().count()).unwrap_or(i64::MAX));
+            tokio::select! {
+                _ = &mut shutdown => return,
+                changed = updates.changed() => if changed.is_err() { return },
+            }
+        }
     }
 }
 

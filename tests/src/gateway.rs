@@ -49,6 +49,9 @@ pub struct GatewayOptions {
     pub intercept_extra: String,
     /// Extra lines inside `nftables:` (indented by two spaces).
     pub nftables_extra: String,
+    /// `identity.kubernetes.nodeName` instead of the static identity file (with a lab built
+    /// `kube_api()`, whose API server the gateway then watches).
+    pub kubernetes_node: Option<String>,
     /// Extra lines inside `state:` (indented by two spaces).
     pub state_extra: String,
     /// Extra top-level YAML appended to the generated file.
@@ -86,6 +89,7 @@ impl Default for GatewayOptions {
             shutdown_grace_seconds: None,
             intercept_extra: String::new(),
             nftables_extra: String::new(),
+            kubernetes_node: None,
             state_extra: String::new(),
             extra_yaml: String::new(),
             env: Vec::new(),
@@ -127,7 +131,7 @@ impl GatewayOptions {
             "# written by egressgate-lab\n\
              listen:\n  tproxy: {tproxy}\n  dns: {dns}\n  admin: {admin}\n\
              policyDir: {policy_dir}\n\
-             identity:\n  staticFile: {identity_file}\n\
+             identity:\n  {identity}\n\
              intercept:\n  podCidrs: {pod_cidrs}\n  interfaces: {interfaces}\n  bypassCidrs: {bypass}\n{intercept_extra}\
              nftables:\n  manage: {manage}\n{nftables_extra}\
              dns:\n  upstreams: {upstreams}\n  foreignServers: {foreign}\n  \
@@ -158,6 +162,10 @@ impl GatewayOptions {
                 "  idleTimeoutSeconds: 600\n".to_owned(),
             ]
             .concat(),
+            identity = match &self.kubernetes_node {
+                Some(node) => format!("kubernetes: {{nodeName: {node}}}"),
+                None => format!("staticFile: {identity_file}"),
+            },
             unselected = self.unselected,
             state_extra = self.state_extra,
             extra = self.extra_yaml,

@@ -376,3 +376,112 @@ fn generate_certs(dir: &Path) -> Result<()> {
     openssl(&["rsa", "-in", &p("sa.key"), "-pubout", "-out", &p("sa.pub")])?;
     Ok(())
 }
+
+/// The gateway's ServiceAccount and what it may read, as the chart's `rbac.yaml` grants it
+/// (the chart itself is installed by the Helm tests).
+pub const GATEWAY_RBAC: &str = r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {name: egressgate, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: egressgate}
+rules:
+  - apiGroups: [""]
+    resources: [pods, namespaces]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: egressgate}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: egressgate}
+subjects: [{kind: ServiceAccount, name: egressgate, namespace: kube-system}]
+"#;
+
+impl KubeApi {
+    /// A namespace with `labels` (`key=value`), and its `default` ServiceAccount (no
+    /// controller-manager creates it here).
+    pub fn create_namespace(&self, name: &str, labels: &[&str]) -> Result<()> {
+        let labels: Vec<String> = labels
+            .iter()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| format!("{k}: \"{v}\""))
+            .collect();
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{{}}}\n---\n\
+             apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: default, namespace: {name}}}\n",
+            labels.join(", ")
+        ))
+    }
+
+    /// A running pod bound to [`NODE_NAME`] with `labels` (`key=value`) and addresses `ips`,
+    /// set through the status subresource as a kubelet would.
+    pub fn create_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[&str],
+        ips: &[&str],
+    ) -> Result<()> {
+        let labels: Vec<String> = labels
+            .iter()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| format!("{k}: \"{v}\""))
+            .collect();
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+             labels: {{{}}}\nspec:\n  nodeName: {NODE_NAME}\n  \
+             containers: [{{name: app, image: registry.invalid/app}}]\n",
+            labels.join(", ")
+        ))?;
+        let pod_ips: Vec<String> = ips.iter().map(|ip| format!(r#"{{"ip":"{ip}"}}"#)).collect();
+        let status = format!(
+            r#"{{"status":{{"phase":"Running","podIP":"{}","podIPs":[{}],"startTime":"{}"}}}}"#,
+            ips.first().copied().unwrap_or_default(),
+            pod_ips.join(","),
+            rfc3339_utc_now()
+        );
+        self.kubectl_ok(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status,
+        ])?;
+        Ok(())
+    }
+
+    /// Deletes a pod at once (no kubelet would ever confirm a graceful deletion here).
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Result<()> {
+        self.kubectl_ok(&[
+            "delete",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--grace-period=0",
+            "--force",
+        ])?;
+        Ok(())
+    }
+
+    /// A kubeconfig for the gateway: the `egressgate` ServiceAccount of [`GATEWAY_RBAC`].
+    pub fn gateway_kubeconfig(&self) -> Result<PathBuf> {
+        self.apply(GATEWAY_RBAC)?;
+        let token = self.token("kube-system", "egressgate")?;
+        self.kubeconfig_with_token("egressgate", &token)
+    }
+}
+
+/// Now, as Kubernetes writes times.
+fn rfc3339_utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}

@@ -22,6 +22,7 @@ use crate::addr;
 use crate::daemon::Daemon;
 use crate::error::{LabError, Result};
 use crate::gateway::{egressgate_bin, Gateway, GatewayOptions};
+use crate::kube::KubeApi;
 use crate::netns::{host, pids_in, tail, Netns};
 use crate::services::{self, Certs, Postgres};
 
@@ -40,6 +41,7 @@ pub struct LabBuilder {
     web: bool,
     postgres: bool,
     k8s_search: bool,
+    kube_api: bool,
     gateway: Option<GatewayOptions>,
 }
 
@@ -81,6 +83,15 @@ impl LabBuilder {
         self
     }
 
+    /// A real Kubernetes API server (etcd + kube-apiserver, [`KubeApi`]) on the node
+    /// namespace's loopback, started before the gateway, with the lab's namespace `shop`
+    /// (`team=shop`) and its pods as Pod objects bound to [`crate::kube::NODE_NAME`]. A gateway
+    /// whose options name `kubernetes_node` gets `KUBECONFIG` for the `egressgate` account.
+    pub fn kube_api(mut self) -> Self {
+        self.kube_api = true;
+        self
+    }
+
     /// Runs the gateway with these options in the node namespace.
     pub fn gateway(mut self, options: GatewayOptions) -> Self {
         self.gateway = Some(options);
@@ -112,6 +123,8 @@ impl LabBuilder {
         let mut lab = Lab {
             prefix,
             gateway: None,
+            gateway_env: Vec::new(),
+            kube: None,
             postgres: None,
             daemons: Vec::new(),
             pods: Vec::new(),
@@ -131,6 +144,9 @@ impl LabBuilder {
 pub struct Lab {
     prefix: String,
     gateway: Option<Gateway>,
+    /// Environment the lab's gateway processes get (`KUBECONFIG` with `kube_api()`).
+    gateway_env: Vec<(String, String)>,
+    kube: Option<KubeApi>,
     postgres: Option<Postgres>,
     daemons: Vec<Daemon>,
     pods: Vec<Pod>,
@@ -172,6 +188,7 @@ impl Lab {
             web: false,
             postgres: false,
             k8s_search: false,
+            kube_api: false,
             gateway: None,
         }
     }
@@ -275,6 +292,18 @@ impl Lab {
                 .ok_or_else(|| LabError::new("no certs"))?;
             self.postgres = Some(Postgres::start(self.up(), &dir, &certs)?);
         }
+        let mut gateway_env = Vec::new();
+        if spec.kube_api {
+            let kube = KubeApi::start(self.node(), &dir)?;
+            kube.create_namespace("shop", &["team=shop"])?;
+            for pod in &self.pods {
+                let role = format!("role={}", pod.role);
+                kube.create_pod(&pod.namespace, &pod.name, &[&role], &[&pod.ipv4, &pod.ipv6])?;
+            }
+            let kubeconfig = kube.gateway_kubeconfig()?;
+            gateway_env.push(("KUBECONFIG".to_owned(), kubeconfig.display().to_string()));
+            self.kube = Some(kube);
+        }
         if let Some(options) = &spec.gateway {
             let bin = egressgate_bin()?;
             let policy_dir = dir.join("policies");
@@ -298,11 +327,15 @@ impl Lab {
                 &config,
                 options.config_yaml(&policy_dir, &identity, &self.state_dir())?,
             )?;
+            self.gateway_env = gateway_env
+                .into_iter()
+                .chain(options.env.iter().cloned())
+                .collect();
             self.gateway = Some(Gateway::start(
                 self.node(),
                 bin,
                 config,
-                &options.env,
+                &self.gateway_env,
                 &dir,
             )?);
         }
@@ -474,11 +507,20 @@ impl Lab {
     /// Starts another `egressgate run` with the lab's config, logging as `name`: with the
     /// first one still running it takes over; after it stopped, it restarts from the state.
     pub fn start_gateway_process(&self, name: &str) -> Result<Gateway> {
+        self.start_gateway_process_with(name, &self.gateway_env)
+    }
+
+    /// [`Lab::start_gateway_process`] with `env` instead of the lab's gateway environment.
+    pub fn start_gateway_process_with(
+        &self,
+        name: &str,
+        env: &[(String, String)],
+    ) -> Result<Gateway> {
         Gateway::start_named(
             self.node(),
             egressgate_bin()?,
             self.gateway_config_path(),
-            &[],
+            env,
             self.dir(),
             name,
         )
@@ -487,6 +529,19 @@ impl Lab {
     /// Makes `gateway` the lab's gateway; returns the one it replaces.
     pub fn replace_gateway(&mut self, gateway: Gateway) -> Option<Gateway> {
         self.gateway.replace(gateway)
+    }
+
+    /// The lab's Kubernetes API server. Panics for a lab built without `kube_api()`.
+    pub fn kube(&self) -> &KubeApi {
+        self.kube
+            .as_ref()
+            .expect("lab was built without kube_api()")
+    }
+
+    pub fn kube_mut(&mut self) -> &mut KubeApi {
+        self.kube
+            .as_mut()
+            .expect("lab was built without kube_api()")
     }
 
     /// Takes the lab's gateway out (to stop or kill it).
@@ -511,6 +566,7 @@ impl Drop for Lab {
         }
         // Processes first (the gateway dumps its output if panicking), then namespaces.
         self.gateway.take();
+        self.kube.take();
         self.postgres.take();
         self.daemons.clear();
         self.pods.clear();

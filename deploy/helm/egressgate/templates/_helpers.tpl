@@ -219,6 +219,27 @@ Prometheus template syntax through Helm.
           errors, mismatched answers); pods see SERVFAIL when every upstream fails.
   {{- end }}
   {{- end }}
+  {{- with $a.identityWatchFailing }}
+  {{- if .enabled }}
+    # A watch that fails and has delivered nothing for 10 minutes: the gateway decides with
+    # an index that no longer follows the cluster (new pods are unknown sources).
+    - alert: EgressgateIdentityWatchFailing
+      expr: |-
+        sum by (job, instance, node, resource) (increase(egressgate_identity_watch_errors_total{ {{- $job -}} }[10m])) > 0
+        and on (job, instance, node, resource)
+        (time() - max by (job, instance, node, resource) (egressgate_identity_watch_last_event_timestamp_seconds{ {{- $job -}} }) > 600)
+      for: {{ .for }}
+      labels:
+        {{- toYaml (merge (dict "severity" .severity) $extra) | nindent 8 }}
+      annotations:
+        summary: egressgate on {{ "{{ $labels.node }}" }} cannot watch {{ "{{ $labels.resource }}" }}
+        description: >-
+          The gateway on {{ "{{ $labels.node }}" }} ({{ "{{ $labels.instance }}" }}) has failed to list or watch
+          {{ "{{ $labels.resource }}" }} for 10 minutes without an event. It keeps deciding with its last index:
+          new pods are unknown sources and label changes are not seen. Its identity_watch log lines and
+          egressgate_identity_watch_errors_total (by kind) say why.
+  {{- end }}
+  {{- end }}
   {{- with $a.stateNotSaved }}
   {{- if .enabled }}
     # Writes of the name journal or snapshot fail, or no snapshot was written for 10 minutes
