@@ -408,6 +408,48 @@ fn pod_entry(pod: &PodObject, previous: Option<&PodEntry>, clock: u64) -> Option
     })
 }
 
+/// Watches the DaemonSet that runs this gateway until `shutdown`; `deleted` turns true once it
+/// is deleted or being deleted. An established watch keeps its events after the account's RBAC
+/// is removed, which `helm uninstall` does right after deleting the DaemonSet.
+pub async fn watch_owner(
+    owner: DaemonSetRef,
+    deleted: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future,
+) {
+    let client = match Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the owner DaemonSet; its removal is checked at exit");
+            return;
+        }
+    };
+    let api: Api<DaemonSet> = Api::namespaced(client, &owner.namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", owner.name));
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    tokio::pin!(shutdown);
+    loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => return,
+            event = events.next() => event,
+        };
+        let gone = match event {
+            Some(Ok(Event::Delete(_))) => true,
+            Some(Ok(Event::Apply(ds) | Event::InitApply(ds))) => {
+                ds.metadata.deletion_timestamp.is_some()
+            }
+            Some(Ok(_)) => false,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "owner DaemonSet watch failed; retrying");
+                false
+            }
+            None => return,
+        };
+        if gone && !deleted.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::info!(daemon_set = %owner.name, "owner DaemonSet deleted: the rules go at exit");
+        }
+    }
+}
+
 /// Whether `owner` is gone or being deleted: the gateway was uninstalled rather than restarted
 /// or rolled (a rollout keeps the DaemonSet; `helm uninstall` deletes it before its pods).
 pub async fn daemon_set_removed(owner: &DaemonSetRef) -> Result<bool, kube::Error> {

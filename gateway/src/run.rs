@@ -336,6 +336,14 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         tasks.spawn(identity_watch.run(Arc::clone(&store), shutdown()));
     }
     tasks.spawn(watch_metrics.follow(Arc::clone(&store), shutdown()));
+    let owner_deleted = Arc::new(AtomicBool::new(false));
+    if let Some(owner) = config.nftables.owner_daemon_set.clone() {
+        tasks.spawn(kubernetes::watch_owner(
+            owner,
+            Arc::clone(&owner_deleted),
+            shutdown(),
+        ));
+    }
     let offer = match handover::Offer::bind(&config.state.dir) {
         Ok(offer) => Some(offer),
         Err(e) => {
@@ -464,15 +472,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
     if let Some(owner) = config.nftables.owner_daemon_set.as_ref() {
-        remove_rules_if_uninstalled(&config, owner).await;
+        let seen_deleted = owner_deleted.load(Ordering::Acquire);
+        remove_rules_if_uninstalled(&config, owner, seen_deleted).await;
     }
     Ok(())
 }
 
-/// At exit: removes the rules only when the owning DaemonSet is gone. Any doubt (API down,
-/// no permission) keeps them: egress then fails closed until `egressgate cleanup`.
-async fn remove_rules_if_uninstalled(config: &Config, owner: &DaemonSetRef) {
-    let removed = tokio::time::timeout(OWNER_CHECK_TIMEOUT, kubernetes::daemon_set_removed(owner));
+/// At exit: removes the rules only when the owning DaemonSet is gone: seen deleted by the
+/// running watch (`seen_deleted`; `helm uninstall` deletes the account's RBAC right after the
+/// DaemonSet, so asking only now could be refused), or found gone now. Any doubt (API down, no
+/// permission) keeps them: egress then fails closed until `egressgate cleanup`.
+async fn remove_rules_if_uninstalled(config: &Config, owner: &DaemonSetRef, seen_deleted: bool) {
+    let removed = async {
+        if seen_deleted {
+            return Ok(Ok(true));
+        }
+        tokio::time::timeout(OWNER_CHECK_TIMEOUT, kubernetes::daemon_set_removed(owner)).await
+    };
     match removed.await {
         Ok(Ok(true)) => {
             let config = config.clone();

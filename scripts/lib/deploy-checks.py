@@ -158,10 +158,12 @@ def cmd_assert(value_set, rendered):
            "binding subject is the ServiceAccount")
 
     ds = one(docs, "DaemonSet")
-    # At exit the gateway reads its own DaemonSet (gone: uninstalled, remove the rules).
+    # The gateway watches its own DaemonSet and reads it at exit (gone: uninstalled, remove the
+    # rules): that one object only.
     own_role = one(docs, "Role")
     expect(own_role["rules"] == [{"apiGroups": ["apps"], "resources": ["daemonsets"],
-                                  "resourceNames": [ds["metadata"]["name"]], "verbs": ["get"]}],
+                                  "resourceNames": [ds["metadata"]["name"]],
+                                  "verbs": ["get", "list", "watch"]}],
            f"Role rules: {own_role['rules']}")
     own_binding = one(docs, "RoleBinding")
     expect(own_binding["roleRef"]["name"] == own_role["metadata"]["name"]

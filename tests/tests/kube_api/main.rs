@@ -7,5 +7,6 @@
 //! (`gateway/tests/fake_apiserver`) stays only for what a real server cannot be made to do.
 
 mod failures;
+mod helm;
 mod identity;
 mod support;

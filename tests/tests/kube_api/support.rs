@@ -29,6 +29,11 @@ spec:
 /// Two pods (a = shop/app-1 role=app, b = shop/batch-1 role=batch) as Pod objects in a real
 /// API server; the gateway watches it.
 pub fn kube_lab() -> Lab {
+    kube_lab_with(GatewayOptions::default())
+}
+
+/// [`kube_lab`] with other gateway options (the identity source and policies are set here).
+pub fn kube_lab_with(options: GatewayOptions) -> Lab {
     Lab::builder()
         .pods(2)
         .dns()
@@ -36,9 +41,7 @@ pub fn kube_lab() -> Lab {
         .kube_api()
         .gateway(GatewayOptions {
             kubernetes_node: Some(kube::NODE_NAME.to_owned()),
-            ..GatewayOptions::default()
-                .policy("policies.yaml", POLICIES)
-                .unselected("deny")
+            ..options.policy("policies.yaml", POLICIES).unselected("deny")
         })
         .start()
         .expect("lab with a real API server starts")
