@@ -13,12 +13,13 @@
 //! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts.
 //! - `shim`: [`DnsShim`], its config and the one pipeline every query takes.
 //! - `udp` / `tcp`: transparent serving (original destination in, reply as that server).
-//! - `log`: the JSON line per answered query. `metrics`: the Prometheus metrics.
+//! - `log`: the `dns` line per answered query (written by `egressgate_log`). `metrics`: the
+//!   Prometheus metrics.
 #![forbid(unsafe_code)]
 
 mod answer;
 mod forward;
-pub mod log;
+mod log;
 mod metrics;
 pub mod persist;
 mod query;

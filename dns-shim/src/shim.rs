@@ -8,11 +8,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use egressgate_log::{rfc3339_now, write_json_line};
 use prometheus::Registry;
 
 use crate::answer::{read_answer, Answer, Reading};
 use crate::forward::{Forwarder, UpstreamTransport};
-use crate::log::{rfc3339_now, write_json_line, DnsLine};
+use crate::log::DnsLine;
 use crate::metrics::{Metrics, QueryResult};
 use crate::persist::Journal;
 use crate::query::{self, error_reply, read_head, truncated_reply, MessageHead, Rcode};

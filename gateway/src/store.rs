@@ -184,8 +184,8 @@ impl Store {
             .with_label_values(&[label])
             .inc();
         let current = self.current();
-        egressgate_dns_shim::log::write_json_line(&ReloadLine {
-            time: egressgate_dns_shim::log::rfc3339_now(),
+        egressgate_log::write_json_line(&ReloadLine {
+            time: egressgate_log::rfc3339_now(),
             event: "policy_reload",
             result: label,
             policies: current.policies.len(),
