@@ -13,6 +13,7 @@
 //! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts.
 //! - `shim`: [`DnsShim`], its config and the one pipeline every query takes.
 //! - `udp` / `tcp`: transparent serving (original destination in, reply as that server).
+//! - [`transparent`]: the transparent-socket setup, shared with the gateway's TPROXY listeners.
 //! - `log`: the `dns` line per answered query (written by `egressgate_log`). `metrics`: the
 //!   Prometheus metrics.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ mod query;
 mod shim;
 mod table;
 mod tcp;
+pub mod transparent;
 mod udp;
 
 pub use answer::{check_response, read_answer, read_exchange, Answer, Mismatch, Reading};
