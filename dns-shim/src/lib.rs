@@ -12,13 +12,15 @@
 //! - `persist`: the table on disk (journal, snapshot, restore), so restarts forget nothing.
 //! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts.
 //! - `shim`: [`DnsShim`], its config and the one pipeline every query takes.
-//! - `udp` / `tcp`: transparent serving (original destination in, reply as that server).
+//! - `udp` / `tcp`: transparent serving (original destination in, reply as that server); they
+//!   reach the pipeline only through `client::Handler`.
 //! - [`transparent`]: the transparent-socket setup, shared with the gateway's TPROXY listeners.
 //! - `log`: the `dns` line per answered query (written by `egressgate_log`). `metrics`: the
 //!   Prometheus metrics.
 #![forbid(unsafe_code)]
 
 mod answer;
+mod client;
 mod forward;
 mod log;
 mod metrics;

@@ -14,7 +14,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use crate::shim::{Client, DnsShim, Transport};
+use crate::client::{Client, Handler, Transport};
 use crate::transparent;
 
 /// Open pod connections. Each costs a socket and a task while idle; beyond this new ones are
@@ -38,10 +38,11 @@ pub(crate) fn adopt(fd: OwnedFd) -> io::Result<TcpListener> {
 }
 
 /// Serves connections until `stopped` turns true; then each open one answers the query it is
-/// reading, if any, and closes.
-pub(crate) async fn serve(
-    shim: Arc<DnsShim>,
+/// reading, if any, and closes. A connection is closed after `idle` without a complete query.
+pub(crate) async fn serve<H: Handler>(
+    shim: Arc<H>,
     listener: TcpListener,
+    idle: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -82,6 +83,7 @@ pub(crate) async fn serve(
             shim.clone(),
             stream,
             client,
+            idle,
             permit,
             stopped.clone(),
         ));
@@ -89,14 +91,14 @@ pub(crate) async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
-async fn connection(
-    shim: Arc<DnsShim>,
+async fn connection<H: Handler>(
+    shim: Arc<H>,
     mut stream: TcpStream,
     client: Client,
+    idle: Duration,
     _permit: OwnedSemaphorePermit,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let idle = shim.tcp_idle_timeout();
     let _ = stream.set_nodelay(true);
     loop {
         // Between queries, stopping closes the connection: the stub's next query opens a new

@@ -28,7 +28,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::shim::{Client, DnsShim, Transport};
+use crate::client::{Client, Handler, Transport};
 use crate::transparent::{self, Kind, Sharing};
 
 /// Queries being forwarded at once. Each holds an upstream socket (one fd) for up to the
@@ -93,8 +93,8 @@ impl AsFd for UdpListener {
 }
 
 /// Answers queries until `stopped` turns true, then those already read.
-pub(crate) async fn serve(
-    shim: Arc<DnsShim>,
+pub(crate) async fn serve<H: Handler>(
+    shim: Arc<H>,
     listener: UdpListener,
     mut stopped: watch::Receiver<bool>,
 ) {
