@@ -12,19 +12,24 @@
 //! - `persist`: the table on disk (journal, snapshot, restore), so restarts forget nothing.
 //! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts.
 //! - `shim`: [`DnsShim`], its config and the one pipeline every query takes.
-//! - `udp` / `tcp`: transparent serving (original destination in, reply as that server).
-//! - `log`: the JSON line per answered query. `metrics`: the Prometheus metrics.
+//! - `udp` / `tcp`: transparent serving (original destination in, reply as that server); they
+//!   reach the pipeline only through `client::Handler`.
+//! - [`transparent`]: the transparent-socket setup, shared with the gateway's TPROXY listeners.
+//! - `log`: the `dns` line per answered query (written by `egressgate_log`). `metrics`: the
+//!   Prometheus metrics.
 #![forbid(unsafe_code)]
 
 mod answer;
+mod client;
 mod forward;
-pub mod log;
+mod log;
 mod metrics;
 pub mod persist;
 mod query;
 mod shim;
 mod table;
 mod tcp;
+pub mod transparent;
 mod udp;
 
 pub use answer::{check_response, read_answer, read_exchange, Answer, Mismatch, Reading};

@@ -1,16 +1,9 @@
-//! The one JSON line per answered query, on stdout. Diagnostics go through `tracing` instead.
-//!
-//! [`write_json_line`], [`flush`] and [`rfc3339_now`] are public so that the gateway's decision
-//! lines share one format and one stdout discipline with the DNS lines.
-
-mod output;
+//! The `dns` line: one JSON line per answered (or refused / failed) query, written through
+//! `egressgate_log` like the gateway's lines.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-
-pub use output::flush;
 
 /// One answered (or refused / failed) query.
 #[derive(Debug, Serialize)]
@@ -32,77 +25,9 @@ pub(crate) struct DnsLine<'a> {
     pub upstream_ms: Option<f64>,
 }
 
-/// Queues `line` for stdout (see [`output`]): one whole line, never interleaved with another.
-pub fn write_json_line(line: &impl Serialize) {
-    output::push(line);
-}
-
-/// RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T10:00:00.123Z`.
-pub fn rfc3339_now() -> String {
-    rfc3339(SystemTime::now())
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days);
-    // Written digit by digit: two of these per connection and one per DNS answer, where
-    // `format!` with its padding machinery cost most of a microsecond each.
-    let mut text = String::with_capacity(24);
-    for (value, width, separator) in [
-        (y, 4, '-'),
-        (m, 2, '-'),
-        (d, 2, 'T'),
-        (rem / 3600, 2, ':'),
-        (rem % 3600 / 60, 2, ':'),
-        (rem % 60, 2, '.'),
-        (u64::from(since.subsec_millis()), 3, 'Z'),
-    ] {
-        push_digits(&mut text, value, width);
-        text.push(separator);
-    }
-    text
-}
-
-/// The last `width` decimal digits of `value`, zero-padded (years past 9999 need not apply).
-fn push_digits(text: &mut String, value: u64, width: u32) {
-    for place in (0..width).rev() {
-        let digit = value / 10u64.pow(place) % 10;
-        text.push(char::from(b'0' + digit as u8));
-    }
-}
-
-/// Howard Hinnant's `civil_from_days` for days since 1970-01-01 (non-negative here).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-
-    #[test]
-    fn rfc3339_formats_utc_with_millis() {
-        let t = UNIX_EPOCH + Duration::from_millis(1_795_694_400_123);
-        assert_eq!(rfc3339(t), "2026-11-26T12:00:00.123Z");
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
-        let last = UNIX_EPOCH + Duration::from_millis(4_102_444_799_999);
-        assert_eq!(rfc3339(last), "2099-12-31T23:59:59.999Z");
-    }
 
     #[test]
     fn line_has_the_documented_fields() {

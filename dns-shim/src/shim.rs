@@ -8,11 +8,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use egressgate_log::{rfc3339_now, write_json_line};
 use prometheus::Registry;
 
 use crate::answer::{read_answer, Answer, Reading};
+use crate::client::{Client, Handler, Transport};
 use crate::forward::{Forwarder, UpstreamTransport};
-use crate::log::{rfc3339_now, write_json_line, DnsLine};
+use crate::log::DnsLine;
 use crate::metrics::{Metrics, QueryResult};
 use crate::persist::Journal;
 use crate::query::{self, error_reply, read_head, truncated_reply, MessageHead, Rcode};
@@ -41,22 +43,6 @@ pub struct ShimConfig {
     pub upstream_timeout: Duration,
     /// A pod's TCP connection is closed after this long without a complete query.
     pub tcp_idle_timeout: Duration,
-}
-
-/// The client side of an intercepted query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transport {
-    Udp,
-    Tcp,
-}
-
-impl Transport {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-        }
-    }
 }
 
 /// Bound transparent sockets, ready for [`DnsShim::serve`].
@@ -90,15 +76,6 @@ pub struct DnsShim {
     metrics: Metrics,
     /// Saves each record before its reply leaves, when the table is persisted.
     journal: Option<Arc<Journal>>,
-}
-
-/// Where a query came from and where it was going.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Client {
-    pub(crate) pod: SocketAddr,
-    /// The original destination: the server the pod addressed, which the reply comes from.
-    pub(crate) server: SocketAddr,
-    pub(crate) transport: Transport,
 }
 
 /// How one query ended, for [`DnsShim::finish`].
@@ -189,14 +166,77 @@ impl DnsShim {
         };
         tokio::join!(
             udp::serve(self.clone(), udp, stopped.clone()),
-            tcp::serve(self.clone(), tcp, stopped),
+            tcp::serve(self.clone(), tcp, self.config.tcp_idle_timeout, stopped),
             stopper,
         );
         tracing::info!("dns shim stopped");
     }
 
+    /// A reply the shim builds itself; dropped when the question is unreadable.
+    fn error_outcome<'a>(&self, query: &[u8], head: &'a MessageHead, rcode: Rcode) -> Outcome<'a> {
+        let Some(reply) = error_reply(query, head, rcode) else {
+            return Outcome::dropped();
+        };
+        let result = if rcode == Rcode::REFUSED {
+            QueryResult::Refused
+        } else {
+            QueryResult::Servfail
+        };
+        Outcome {
+            result,
+            reply: Some(reply),
+            head: Some(head),
+            rcode: Some(rcode),
+            answer: None,
+            upstream: None,
+        }
+    }
+
+    /// Every query ends here: one metric, one log line if the pod gets an answer.
+    fn finish(&self, client: Client, outcome: Outcome<'_>) -> Option<Vec<u8>> {
+        self.metrics
+            .query(client.transport.as_str(), outcome.result);
+        if outcome.reply.is_none() {
+            tracing::debug!(pod = %client.pod, server = %client.server, "query dropped");
+            return None;
+        }
+        let question = outcome.head.and_then(|h| h.question.as_ref());
+        let name = question.map(|q| q.normalized_name());
+        let (addresses, cnames, ttl) = match &outcome.answer {
+            Some(a) => (&a.addresses[..], &a.cnames[..], Some(a.ttl)),
+            None => (&[][..], &[][..], None),
+        };
+        write_json_line(&DnsLine {
+            time: rfc3339_now(),
+            event: "dns",
+            pod: client.pod.ip(),
+            server: client.server,
+            transport: client.transport.as_str(),
+            name: name.as_deref(),
+            qtype: question.map(|q| q.qtype.to_string()),
+            rcode: outcome.rcode.map_or_else(String::new, |r| r.to_string()),
+            addresses,
+            cnames,
+            ttl,
+            upstream: outcome.upstream.map(|(addr, _)| addr),
+            upstream_ms: outcome
+                .upstream
+                .map(|(_, elapsed)| (elapsed.as_secs_f64() * 1e4).round() / 10.0),
+        });
+        outcome.reply
+    }
+
+    /// The pod addressed a trusted upstream (by address; the port is whatever TPROXY matched).
+    fn is_trusted(&self, server: SocketAddr) -> bool {
+        self.config.upstreams.iter().any(|u| u.ip() == server.ip())
+    }
+}
+
+// === impl Handler for DnsShim ===
+
+impl Handler for DnsShim {
     /// The pipeline: returns the reply to send to the pod, if any.
-    pub(crate) async fn handle(&self, query: &[u8], client: Client) -> Option<Vec<u8>> {
+    async fn handle(&self, query: &[u8], client: Client) -> Option<Vec<u8>> {
         let Some(head) = read_head(query) else {
             return self.finish(client, Outcome::dropped());
         };
@@ -260,72 +300,8 @@ impl DnsShim {
         self.finish(client, outcome)
     }
 
-    /// A reply the shim builds itself; dropped when the question is unreadable.
-    fn error_outcome<'a>(&self, query: &[u8], head: &'a MessageHead, rcode: Rcode) -> Outcome<'a> {
-        let Some(reply) = error_reply(query, head, rcode) else {
-            return Outcome::dropped();
-        };
-        let result = if rcode == Rcode::REFUSED {
-            QueryResult::Refused
-        } else {
-            QueryResult::Servfail
-        };
-        Outcome {
-            result,
-            reply: Some(reply),
-            head: Some(head),
-            rcode: Some(rcode),
-            answer: None,
-            upstream: None,
-        }
-    }
-
-    /// Every query ends here: one metric, one log line if the pod gets an answer.
-    fn finish(&self, client: Client, outcome: Outcome<'_>) -> Option<Vec<u8>> {
-        self.metrics
-            .query(client.transport.as_str(), outcome.result);
-        if outcome.reply.is_none() {
-            tracing::debug!(pod = %client.pod, server = %client.server, "query dropped");
-            return None;
-        }
-        let question = outcome.head.and_then(|h| h.question.as_ref());
-        let name = question.map(|q| q.normalized_name());
-        let (addresses, cnames, ttl) = match &outcome.answer {
-            Some(a) => (&a.addresses[..], &a.cnames[..], Some(a.ttl)),
-            None => (&[][..], &[][..], None),
-        };
-        write_json_line(&DnsLine {
-            time: rfc3339_now(),
-            event: "dns",
-            pod: client.pod.ip(),
-            server: client.server,
-            transport: client.transport.as_str(),
-            name: name.as_deref(),
-            qtype: question.map(|q| q.qtype.to_string()),
-            rcode: outcome.rcode.map_or_else(String::new, |r| r.to_string()),
-            addresses,
-            cnames,
-            ttl,
-            upstream: outcome.upstream.map(|(addr, _)| addr),
-            upstream_ms: outcome
-                .upstream
-                .map(|(_, elapsed)| (elapsed.as_secs_f64() * 1e4).round() / 10.0),
-        });
-        outcome.reply
-    }
-
-    /// The pod addressed a trusted upstream (by address; the port is whatever TPROXY matched).
-    fn is_trusted(&self, server: SocketAddr) -> bool {
-        self.config.upstreams.iter().any(|u| u.ip() == server.ip())
-    }
-
-    /// A query turned away before the pipeline (over capacity).
-    pub(crate) fn note_dropped(&self, transport: Transport) {
+    fn note_dropped(&self, transport: Transport) {
         self.metrics.query(transport.as_str(), QueryResult::Dropped);
-    }
-
-    pub(crate) fn tcp_idle_timeout(&self) -> Duration {
-        self.config.tcp_idle_timeout
     }
 }
 

@@ -8,14 +8,14 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use crate::shim::{Client, DnsShim, Transport};
+use crate::client::{Client, Handler, Transport};
+use crate::transparent;
 
 /// Open pod connections. Each costs a socket and a task while idle; beyond this new ones are
 /// closed at once (the stub retries or falls back to UDP).
@@ -27,36 +27,22 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Kernel accept queue length.
 const BACKLOG: i32 = 1024;
 
-/// A transparent listener on `addr` (IPV6_V6ONLY for v6).
+/// A transparent listener on `addr` (see [`transparent`]).
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-        socket.set_ip_transparent_v6(true)?;
-    } else {
-        socket.set_ip_transparent_v4(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    // A new gateway starts beside the old one during a rolling update.
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    transparent::tcp_listener(addr, BACKLOG)
 }
 
 /// A listener [`bind`] made, handed over by a predecessor.
 pub(crate) fn adopt(fd: OwnedFd) -> io::Result<TcpListener> {
-    let listener = std::net::TcpListener::from(fd);
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+    transparent::adopt_tcp_listener(fd)
 }
 
 /// Serves connections until `stopped` turns true; then each open one answers the query it is
-/// reading, if any, and closes.
-pub(crate) async fn serve(
-    shim: Arc<DnsShim>,
+/// reading, if any, and closes. A connection is closed after `idle` without a complete query.
+pub(crate) async fn serve<H: Handler>(
+    shim: Arc<H>,
     listener: TcpListener,
+    idle: Duration,
     mut stopped: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -97,6 +83,7 @@ pub(crate) async fn serve(
             shim.clone(),
             stream,
             client,
+            idle,
             permit,
             stopped.clone(),
         ));
@@ -104,14 +91,14 @@ pub(crate) async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
-async fn connection(
-    shim: Arc<DnsShim>,
+async fn connection<H: Handler>(
+    shim: Arc<H>,
     mut stream: TcpStream,
     client: Client,
+    idle: Duration,
     _permit: OwnedSemaphorePermit,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let idle = shim.tcp_idle_timeout();
     let _ = stream.set_nodelay(true);
     loop {
         // Between queries, stopping closes the connection: the stub's next query opens a new

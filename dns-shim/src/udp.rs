@@ -22,13 +22,14 @@ use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
     SockaddrIn, SockaddrIn6, SockaddrStorage,
 };
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::shim::{Client, DnsShim, Transport};
+use crate::client::{Client, Handler, Transport};
+use crate::transparent::{self, Kind, Sharing};
 
 /// Queries being forwarded at once. Each holds an upstream socket (one fd) for up to the
 /// upstream timeout; beyond this a flood is dropped instead of exhausting descriptors.
@@ -64,9 +65,7 @@ struct Datagram {
 
 /// A transparent UDP socket on `addr` that reports original destinations.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpListener> {
-    let socket = transparent_socket(addr)?;
-    // A new gateway starts beside the old one during a rolling update.
-    socket.set_reuse_port(true)?;
+    let socket = transparent::socket(addr, Kind::Udp, Sharing::Port)?;
     if addr.is_ipv6() {
         setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;
     } else {
@@ -76,21 +75,6 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpListener> {
     let socket = UdpSocket::from_std(socket.into())?;
     let local = socket.local_addr()?;
     Ok(UdpListener { socket, local })
-}
-
-/// Nonblocking, transparent, SO_REUSEADDR (replies bind the original destination's address and
-/// port, which the listener may share), and IPV6_V6ONLY for v6.
-fn transparent_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-        socket.set_ip_transparent_v6(true)?;
-    } else {
-        socket.set_ip_transparent_v4(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
 }
 
 /// A socket [`bind`] made, handed over by a predecessor.
@@ -109,8 +93,8 @@ impl AsFd for UdpListener {
 }
 
 /// Answers queries until `stopped` turns true, then those already read.
-pub(crate) async fn serve(
-    shim: Arc<DnsShim>,
+pub(crate) async fn serve<H: Handler>(
+    shim: Arc<H>,
     listener: UdpListener,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -305,7 +289,8 @@ fn send_from(fd: RawFd, reply: &[u8], pod: SocketAddr, source: IpAddr) -> io::Re
 
 /// A transparent socket bound to `server` (a non-local address is fine), to reply from.
 fn bound_to(server: SocketAddr) -> io::Result<Socket> {
-    let socket = transparent_socket(server)?;
+    // Not SO_REUSEPORT: the listener alone receives queries.
+    let socket = transparent::socket(server, Kind::Udp, Sharing::Address)?;
     socket.bind(&server.into())?;
     Ok(socket)
 }

@@ -120,7 +120,7 @@ impl Identity {
         2000
     }
 
-    pub fn unknown_source_wait(&self) -> Duration {
+    pub(crate) fn unknown_source_wait(&self) -> Duration {
         Duration::from_millis(self.unknown_source_wait_ms)
     }
 }
@@ -136,7 +136,7 @@ pub struct KubernetesIdentity {
 
 impl KubernetesIdentity {
     /// The configured node name, else `$NODE_NAME`.
-    pub fn node_name(&self) -> Option<String> {
+    pub(crate) fn node_name(&self) -> Option<String> {
         self.node_name
             .clone()
             .or_else(|| std::env::var("NODE_NAME").ok())
@@ -178,7 +178,7 @@ pub struct ExcludedPods {
 }
 
 impl ExcludedPods {
-    pub fn matches(&self, pod: &crate::identity::Pod) -> bool {
+    pub(crate) fn matches(&self, pod: &crate::identity::Pod) -> bool {
         pod.namespace == self.namespace
             && self
                 .match_labels
@@ -451,7 +451,7 @@ impl Connections {
         30
     }
 
-    pub fn shutdown_grace(&self) -> Duration {
+    pub(crate) fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)
     }
 
@@ -503,11 +503,11 @@ impl State {
         60
     }
 
-    pub fn snapshot_interval(&self) -> Duration {
+    pub(crate) fn snapshot_interval(&self) -> Duration {
         Duration::from_secs(self.snapshot_interval_seconds)
     }
 
-    pub fn successor_wait(&self) -> Duration {
+    pub(crate) fn successor_wait(&self) -> Duration {
         Duration::from_secs(self.successor_wait_seconds)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
+use egressgate_log::{rfc3339_now, write_json_line};
 use serde::Serialize;
 
 use crate::decision::{Reason, Verdict};

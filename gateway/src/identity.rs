@@ -52,7 +52,7 @@ impl Pod {
         selection
     }
 
-    pub fn identity(&self) -> PodIdentity<'_> {
+    fn identity(&self) -> PodIdentity<'_> {
         PodIdentity {
             namespace: &self.namespace,
             name: &self.name,
@@ -156,7 +156,7 @@ impl Identities {
     }
 
     /// An index built elsewhere (the Kubernetes watch), keyed by canonical addresses.
-    pub fn from_index(by_ip: HashMap<IpAddr, Arc<Pod>>) -> Self {
+    pub(crate) fn from_index(by_ip: HashMap<IpAddr, Arc<Pod>>) -> Self {
         let by_ip = by_ip
             .into_iter()
             .map(|(ip, pod)| (ip.to_canonical(), pod))

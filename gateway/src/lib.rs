@@ -2,7 +2,9 @@
 //! the admin endpoint and nftables management. `main.rs` is the `egressgate` command line.
 //!
 //! Layout (docs/ARCHITECTURE.md has the picture). Public are the modules the binary,
-//! `gateway/tests/`, `loadtest/` and `fuzz/` use; the rest is the crate's own.
+//! `gateway/tests/`, `loadtest/` and `fuzz/` use; the rest is the crate's own. Inside a public
+//! module, what only the crate calls (`run`'s wiring: `nft::install`, `Store::watch`, ...) is
+//! `pub(crate)`.
 //! - [`config`]: the YAML configuration file. `yaml_file`: typed YAML files with
 //!   `file:line:column` errors.
 //! - [`identity`]: pod IP → namespace, name, labels; [`kubernetes`]: the same from the API;

@@ -104,7 +104,7 @@ fn run(path: PathBuf) -> ExitCode {
     };
     let result = runtime.block_on(egressgate::run::run(config));
     // The shutdown line and the last decisions are queued, not yet written.
-    egressgate_dns_shim::log::flush();
+    egressgate_log::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -43,7 +43,7 @@ impl Budget {
         }
     }
 
-    pub fn total(&self) -> u64 {
+    fn total(&self) -> u64 {
         BASE_BYTES
             .saturating_add(self.names)
             .saturating_add(self.connections)

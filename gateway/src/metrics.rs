@@ -122,7 +122,7 @@ impl Metrics {
     }
 
     /// Counts a denied (or audited) connection under what the pod tried to reach.
-    pub fn count_denied(&self, namespace: &str, destination: &str) {
+    pub(crate) fn count_denied(&self, namespace: &str, destination: &str) {
         let key = (namespace.to_owned(), destination.to_owned());
         let destination = match self.denied_series.lock() {
             Ok(mut seen) if seen.contains(&key) || seen.len() < MAX_DENIED_SERIES => {

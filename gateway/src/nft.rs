@@ -177,7 +177,7 @@ pub fn render(config: &Config) -> String {
 /// Applies [`render`]'s script and the policy routing for marked packets; safe to repeat.
 ///
 /// Whether to call it at all is the caller's choice (`nftables.manage`).
-pub fn install(config: &Config) -> Result<(), NftError> {
+pub(crate) fn install(config: &Config) -> Result<(), NftError> {
     install_in(config, None)
 }
 
@@ -201,7 +201,7 @@ fn install_in(config: &Config, netns: Option<&str>) -> Result<(), NftError> {
 }
 
 /// Replaces the addresses of `intercept.excludePods` in the running table, in one transaction.
-pub fn set_excluded(config: &Config, addrs: &[std::net::IpAddr]) -> Result<(), NftError> {
+pub(crate) fn set_excluded(config: &Config, addrs: &[std::net::IpAddr]) -> Result<(), NftError> {
     set_excluded_in(config, addrs, None)
 }
 

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
 use egressgate_dns_shim::persist::PersistMetrics;
 use egressgate_dns_shim::{DnsShim, ForeignServerPolicy, NameTable, ShimConfig, TableLimits};
+use egressgate_log::{rfc3339_now, write_json_line};
 use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::watch;

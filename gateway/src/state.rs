@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
 use egressgate_dns_shim::persist::{self, Applied, Journal, PersistMetrics, Scope};
 use egressgate_dns_shim::NameTable;
+use egressgate_log::{rfc3339_now, write_json_line};
 use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::watch;

@@ -117,21 +117,21 @@ impl Store {
     }
 
     /// Publishes a whole new identity index (the Kubernetes watch).
-    pub fn set_identities(&self, identities: Identities) {
+    pub(crate) fn set_identities(&self, identities: Identities) {
         self.identities.store(Arc::new(identities));
         self.identities_published
             .send_modify(|generation| *generation += 1);
     }
 
     /// Changes whenever a new identity index is published.
-    pub fn identity_updates(&self) -> watch::Receiver<u64> {
+    pub(crate) fn identity_updates(&self) -> watch::Receiver<u64> {
         self.identities_published.subscribe()
     }
 
     /// The pod using `ip`, waiting until `deadline` for an index that knows it: a pod's first
     /// connection can race the watch event that announces its address, and must not be judged
     /// as an unknown source because of that.
-    pub async fn pod_by_ip(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Snapshot {
+    pub(crate) async fn pod_by_ip(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Snapshot {
         let mut published = self.identities_published.subscribe();
         loop {
             let snapshot = self.current();
@@ -146,7 +146,7 @@ impl Store {
     }
 
     /// Identities are complete: the gateway may report ready.
-    pub fn mark_identities_ready(&self) {
+    pub(crate) fn mark_identities_ready(&self) {
         self.identities_ready.send_replace(true);
     }
 
@@ -158,7 +158,7 @@ impl Store {
     }
 
     /// Re-reads everything; swaps only on full success. Logs and counts the outcome.
-    pub fn reload(&self) -> Result<(), Vec<String>> {
+    fn reload(&self) -> Result<(), Vec<String>> {
         let fingerprint = fingerprint(&self.policy_dir, self.identity_file.as_deref());
         let result = load_files(&self.policy_dir, self.identity_file.as_deref());
         if let Ok(mut seen) = self.fingerprint.lock() {
@@ -184,8 +184,8 @@ impl Store {
             .with_label_values(&[label])
             .inc();
         let current = self.current();
-        egressgate_dns_shim::log::write_json_line(&ReloadLine {
-            time: egressgate_dns_shim::log::rfc3339_now(),
+        egressgate_log::write_json_line(&ReloadLine {
+            time: egressgate_log::rfc3339_now(),
             event: "policy_reload",
             result: label,
             policies: current.policies.len(),
@@ -209,7 +209,7 @@ impl Store {
     }
 
     /// Reloads when a file changed since the last read.
-    pub fn reload_if_changed(&self) {
+    fn reload_if_changed(&self) {
         let now = fingerprint(&self.policy_dir, self.identity_file.as_deref());
         let changed = self.fingerprint.lock().map_or(true, |seen| *seen != now);
         if changed {
@@ -219,7 +219,7 @@ impl Store {
     }
 
     /// Reloads on inotify events, SIGHUP and every `poll`, until `shutdown`.
-    pub async fn watch(self: Arc<Self>, poll: Duration, shutdown: impl std::future::Future) {
+    pub(crate) async fn watch(self: Arc<Self>, poll: Duration, shutdown: impl std::future::Future) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hangup = signal(SignalKind::hangup())
             .map_err(|e| tracing::warn!(error = %e, "no SIGHUP handler"))

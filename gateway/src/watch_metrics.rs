@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use egressgate_dns_shim::log::{rfc3339_now, write_json_line};
+use egressgate_log::{rfc3339_now, write_json_line};
 use kube::runtime::watcher::{self, Event};
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 use serde::Serialize;

@@ -231,7 +231,7 @@ fn short(v: f64) -> String {
 
 /// Runs one scenario and returns its result.
 pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
-    let started = egressgate_dns_shim::log::rfc3339_now();
+    let started = egressgate_log::rfc3339_now();
     let clock = Instant::now();
     let s = run.settings;
     let env = || {
