@@ -429,6 +429,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     ready.store(false, Ordering::Release);
     tracing::info!(handed_over, "stopping");
+    // A gateway started from now on restores from the files (the journal holds every record)
+    // instead of waiting on a hand-over this one no longer offers.
+    if let Some(offer) = offer {
+        offer.remove();
+    }
     let _ = stop_serving.send(true);
     while serving.join_next().await.is_some() {}
     drop(inventory);
@@ -438,9 +443,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             let (journal, table) = (Arc::clone(journal), Arc::clone(&table));
             let _ = tokio::task::spawn_blocking(move || journal.compact(&table)).await;
         }
-    }
-    if let Some(offer) = offer {
-        offer.remove();
     }
     // Listeners are closed; open connections get the grace period to finish.
     let grace = config.connections.shutdown_grace();

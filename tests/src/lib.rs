@@ -23,6 +23,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod error;
 pub mod gateway;
+pub mod image;
 pub mod kube;
 pub mod lab;
 pub mod netns;

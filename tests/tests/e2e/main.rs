@@ -19,6 +19,7 @@ mod dashboards;
 mod dns;
 mod expiry;
 mod faults;
+mod image;
 mod lifecycle;
 mod nftables;
 mod operations;

@@ -98,7 +98,7 @@ fn the_chart_installs_upgrades_and_grants_its_account_only_what_it_needs() {
             "configmap",
             "-n",
             "kube-system",
-            FULLNAME,
+            &format!("{FULLNAME}-config"),
             "-o",
             "jsonpath={.data.config\\.yaml}",
         ])
