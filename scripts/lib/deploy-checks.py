@@ -99,8 +99,9 @@ def check_daemonset(ds, admin_port, defaults):
            f"container args: {c['args']}")
     sc = c["securityContext"]
     expect(sc["capabilities"]["drop"] == ["ALL"], "capabilities: drop ALL")
-    expect(sorted(sc["capabilities"]["add"]) == ["NET_ADMIN", "NET_RAW"],
-           f"capabilities: add exactly NET_ADMIN, NET_RAW, got {sc['capabilities']['add']}")
+    expect(sorted(sc["capabilities"]["add"]) == ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"],
+           "capabilities: add exactly NET_ADMIN, NET_RAW, NET_BIND_SERVICE, got "
+           f"{sc['capabilities']['add']}")
     expect(sc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem must be true")
     expect(sc.get("privileged") is False, "privileged must be false")
     expect(sc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation must be false")

@@ -1,8 +1,8 @@
 //! The container image, run as the chart runs it, without a container runtime: the image's
 //! root filesystem (`scripts/build-image`) mounted read-only in a mount namespace of its own,
 //! the lab's directory mounted at the same path (config, policies, identities, state: the
-//! chart's volumes), a tmpfs on /tmp, and root holding only NET_ADMIN and NET_RAW with no new
-//! privileges (`securityContext` of the DaemonSet).
+//! chart's volumes), a tmpfs on /tmp, and root holding only NET_ADMIN, NET_RAW and
+//! NET_BIND_SERVICE with no new privileges (`securityContext` of the DaemonSet).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,7 @@ pub fn runner(lab_dir: &Path, rootfs: &Path) -> Result<PathBuf> {
 # egressgate from the image's root filesystem, as the chart runs it (see tests/src/image.rs).
 exec unshare --mount --propagation private /bin/sh -c '
   set -e
-  root=$0; lab=$1; shift 2
+  root=$0; lab=$1; shift
   mount --bind "$root" "$root"
   mount -t proc proc "$root/proc"
   mount --rbind /sys "$root/sys"
@@ -48,7 +48,7 @@ exec unshare --mount --propagation private /bin/sh -c '
   mount --bind "$lab" "$root$lab"
   mount -o remount,bind,ro "$root"
   exec chroot "$root" /usr/bin/setpriv --no-new-privs --inh-caps=-all \
-    --bounding-set=-all,+net_admin,+net_raw /usr/local/bin/egressgate "$@"
+    --bounding-set=-all,+net_admin,+net_raw,+net_bind_service /usr/local/bin/egressgate "$@"
 ' '{rootfs}' '{lab}' "$@"
 "#,
         rootfs = rootfs.display(),

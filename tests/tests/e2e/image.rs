@@ -7,7 +7,7 @@ use egressgate_lab::{addr, image, Gateway, GatewayOptions, Lab};
 use crate::support::{assert_allowed, assert_denied, curl, run_and_decide, SHOP_POLICY};
 
 #[test]
-fn the_image_runs_the_gateway_read_only_with_only_net_admin_and_net_raw() {
+fn the_image_runs_the_gateway_read_only_with_the_charts_capabilities_only() {
     let dir = image::image_dir().expect("image");
     let rootfs = dir.join("rootfs");
 
@@ -62,7 +62,8 @@ fn the_image_runs_the_gateway_read_only_with_only_net_admin_and_net_raw() {
     let pid = gateway_pid(&gateway);
     lab.replace_gateway(gateway);
 
-    // Root with NET_ADMIN (bit 12) and NET_RAW (bit 13) only, on a read-only root filesystem.
+    // Root with NET_BIND_SERVICE (bit 10), NET_ADMIN (12) and NET_RAW (13) only, on a
+    // read-only root filesystem.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let cap = |key: &str| {
         status
@@ -71,8 +72,8 @@ fn the_image_runs_the_gateway_read_only_with_only_net_admin_and_net_raw() {
             .map(|v| v.trim().to_owned())
             .unwrap_or_default()
     };
-    assert_eq!(cap("CapEff:"), "0000000000003000", "{status}");
-    assert_eq!(cap("CapBnd:"), "0000000000003000", "{status}");
+    assert_eq!(cap("CapEff:"), "0000000000003400", "{status}");
+    assert_eq!(cap("CapBnd:"), "0000000000003400", "{status}");
     assert_eq!(cap("NoNewPrivs:"), "1", "{status}");
     let write = std::fs::write(format!("/proc/{pid}/root/usr/local/bin/planted"), b"x");
     assert_eq!(
@@ -85,7 +86,7 @@ fn the_image_runs_the_gateway_read_only_with_only_net_admin_and_net_raw() {
     let (out, d) = run_and_decide(&lab, "a", 443, &curl(&ca, &["https://api.example.test/"]));
     assert_allowed(&out, &d, "hello from api.example.test");
     let (out, d) = run_and_decide(&lab, "a", 443, &curl(&ca, &["https://evil.example.test/"]));
-    assert_denied(&out, &d, &["not_allowed"]);
+    assert_denied(&out, &d, &["sni_mismatch", "not_allowed"]);
     assert_eq!(d.sni(), Some(addr::EVIL), "{d}");
 }
 
