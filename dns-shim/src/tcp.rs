@@ -111,10 +111,13 @@ async fn connection<H: Handler>(
             return; // idle, closed or broken
         };
         let mut query = vec![0u8; usize::from(len)];
-        if !matches!(
-            timeout(idle, stream.read_exact(&mut query)).await,
-            Ok(Ok(_))
-        ) {
+        // A query not fully sent when stopping is abandoned: a client that sends half a query
+        // must not hold up a hand-over or an exit for the idle timeout.
+        let read = tokio::select! {
+            read = timeout(idle, stream.read_exact(&mut query)) => read,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        if !matches!(read, Ok(Ok(_))) {
             return;
         }
         let Some(reply) = shim.handle(&query, client).await else {
@@ -128,8 +131,23 @@ async fn connection<H: Handler>(
         let mut framed = Vec::with_capacity(reply.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&reply);
-        if !matches!(timeout(idle, stream.write_all(&framed)).await, Ok(Ok(()))) {
+        // The answer to a query already read is sent, but once stopping a client that does not
+        // read it gets a short grace only.
+        let written = tokio::select! {
+            written = timeout(idle, stream.write_all(&framed)) => written,
+            () = stop_grace(&mut stopped) => return,
+        };
+        if !matches!(written, Ok(Ok(()))) {
             return;
         }
     }
+}
+
+/// How long a reply may still take to write once the shim stops.
+const STOP_WRITE_GRACE: Duration = Duration::from_secs(1);
+
+/// Completes [`STOP_WRITE_GRACE`] after the stop signal.
+async fn stop_grace(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+    tokio::time::sleep(STOP_WRITE_GRACE).await;
 }

@@ -319,3 +319,65 @@ async fn dead_upstream_gives_servfail_and_garbage_gives_nothing() {
         1
     );
 }
+
+/// Stopping (a hand-over, an exit) must not wait on a client that sent half a query: its
+/// connection is closed at once, while a query already read is still answered.
+#[tokio::test]
+async fn stopping_does_not_wait_for_half_sent_tcp_queries() {
+    let upstream = fake_upstream().await;
+    let listeners = DnsShim::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listeners.udp_local_addr();
+    let table = Arc::new(NameTable::new(TableLimits {
+        min_ttl: Duration::from_secs(5),
+        idle_grace: Duration::from_secs(30),
+        max_names_per_pod: 100,
+        max_names: 1000,
+    }));
+    let config = ShimConfig {
+        upstreams: vec![upstream],
+        foreign_servers: ForeignServerPolicy::Forward,
+        upstream_timeout: Duration::from_secs(2),
+        // Far longer than the test may take: only stopping can end the slow connection.
+        tcp_idle_timeout: Duration::from_secs(60),
+    };
+    let shim = Arc::new(DnsShim::new(config, table, &Registry::new()).expect("metrics"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(shim.serve(listeners, async {
+        let _ = stopped.await;
+    }));
+
+    // A well-behaved client: one full query, answered.
+    let mut good = TcpStream::connect(addr).await.expect("connect");
+    let len = u16::try_from(DIG_A.len()).expect("small");
+    good.write_all(&len.to_be_bytes()).await.expect("write");
+    good.write_all(DIG_A).await.expect("write");
+    let reply_len = good.read_u16().await.expect("reply length");
+    let mut reply = vec![0u8; usize::from(reply_len)];
+    good.read_exact(&mut reply).await.expect("reply");
+    assert_eq!(id_of(&reply), id_of(DIG_A));
+    // A slow one: the length of a query and half of it, then nothing.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(&len.to_be_bytes()).await.expect("write");
+    slow.write_all(&DIG_A[..DIG_A.len() / 2])
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let started = Instant::now();
+    drop(stop);
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("serve returns without waiting for the slow client")
+        .expect("serve task");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), slow.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the slow client's connection is closed: {closed:?}"
+    );
+}
