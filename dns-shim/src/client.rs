@@ -1,6 +1,7 @@
 //! What the transports (`udp`, `tcp`) and the pipeline (`shim`) share: who sent a query, over
 //! what, and [`Handler`], all a transport needs of the pipeline. The transports know nothing
-//! else of the shim, so the pipeline can own them without an import loop.
+//! else of the shim, so the pipeline can own them without an import loop. Also how a stopping
+//! transport drains what it already took.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,4 +38,26 @@ pub(crate) trait Handler: Send + Sync + 'static {
 
     /// A query turned away before the pipeline (over capacity).
     fn note_dropped(&self, transport: Transport);
+}
+
+/// How long a stopping shim waits for the queries it already read. Past this (a query stuck on
+/// a slow or dead upstream) they are dropped unanswered, and the stub asks again, of the
+/// successor: waiting longer would hold up the hand-over, during which nothing is served.
+pub(crate) const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Waits for `tasks` (queries or connections already taken) up to [`DRAIN_LIMIT`], then aborts
+/// the rest.
+pub(crate) async fn drain(tasks: &mut tokio::task::JoinSet<()>) {
+    let finished = tokio::time::timeout(DRAIN_LIMIT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::info!(
+            left = tasks.len(),
+            "queries still waiting on an upstream dropped at stop"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
 }

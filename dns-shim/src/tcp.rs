@@ -88,7 +88,7 @@ pub(crate) async fn serve<H: Handler>(
             stopped.clone(),
         ));
     }
-    while connections.join_next().await.is_some() {}
+    crate::client::drain(&mut connections).await;
 }
 
 async fn connection<H: Handler>(

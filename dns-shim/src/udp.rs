@@ -146,7 +146,7 @@ pub(crate) async fn serve<H: Handler>(
             }
         });
     }
-    while tasks.join_next().await.is_some() {}
+    crate::client::drain(&mut tasks).await;
 }
 
 /// `recvmsg` with the original destination control message. `Ok(None)`: a datagram not worth

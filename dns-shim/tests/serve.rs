@@ -381,3 +381,51 @@ async fn stopping_does_not_wait_for_half_sent_tcp_queries() {
         "the slow client's connection is closed: {closed:?}"
     );
 }
+
+/// A query stuck on an upstream that never answers does not hold up a stop past the drain limit
+/// (a hand-over serves nothing meanwhile); it goes unanswered and the stub asks again.
+#[tokio::test]
+async fn stopping_waits_at_most_a_second_for_queries_stuck_upstream() {
+    let silent = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("silent upstream");
+    let listeners = DnsShim::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listeners.udp_local_addr();
+    let table = Arc::new(NameTable::new(TableLimits {
+        min_ttl: Duration::from_secs(5),
+        idle_grace: Duration::from_secs(30),
+        max_names_per_pod: 100,
+        max_names: 1000,
+    }));
+    let config = ShimConfig {
+        upstreams: vec![silent.local_addr().expect("addr")],
+        foreign_servers: ForeignServerPolicy::Forward,
+        upstream_timeout: Duration::from_secs(30),
+        tcp_idle_timeout: Duration::from_secs(10),
+    };
+    let shim = Arc::new(DnsShim::new(config, table, &Registry::new()).expect("metrics"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(shim.serve(listeners, async {
+        let _ = stopped.await;
+    }));
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    client.send_to(DIG_A, addr).await.expect("send");
+    let mut buf = [0u8; 512];
+    // The query reached the upstream: it is in flight.
+    tokio::time::timeout(Duration::from_secs(5), silent.recv_from(&mut buf))
+        .await
+        .expect("forwarded")
+        .expect("recv");
+
+    let started = Instant::now();
+    drop(stop);
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("serve returns")
+        .expect("serve task");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "stopped after {took:?}"
+    );
+}
