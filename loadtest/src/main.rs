@@ -12,15 +12,18 @@
 //! - [`server`] / [`client`]: the upstream server and the load generator, run as
 //!   `loadtest __serve` / `loadtest __client` inside the lab's namespaces;
 //! - [`scenarios`]: what is measured and how rounds interleave; [`decision`]: the in-process
-//!   decision and reload benchmark;
+//!   decision and reload benchmark; [`restart`]: upgrades, SIGTERM and kill -9 under load, in
+//!   a lab of its own; [`journal_cost`]: DNS through the shim with and without the name journal;
 //! - [`results`], [`report`], [`machine`]: the JSON files, the Markdown report, the machine.
 
 mod client;
 mod decision;
 mod dns;
 mod env;
+mod journal_cost;
 mod machine;
 mod report;
+mod restart;
 mod results;
 mod scenarios;
 mod server;
@@ -97,7 +100,8 @@ pub fn progress(line: &str) {
 #[command(
     name = "loadtest",
     about = "egressgate benchmark harness: direct vs egressgate vs HAProxy vs nginx",
-    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns memory reload soak decision.\n\
+    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns memory reload soak restart \
+                  dns_journal decision.\n\
                   `all` runs them all; `smoke` runs all of them tiny (for CI); `report` only rewrites \
                   docs/benchmarks.md from loadtest/results/*.json. Needs root (namespaces, nftables)."
 )]
@@ -255,13 +259,15 @@ fn harness(cli: Cli) -> Result<(), Error> {
     install_signal_handlers();
     prepare_process(&settings)?;
     let machine = machine::Machine::describe();
-    let env = if names.iter().any(|n| scenarios::needs_lab(n)) {
+    if names.iter().any(|n| scenarios::needs_root(n)) {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(Error::msg(
                 "the lab needs root (network namespaces, nftables); run as root",
             ));
         }
         ensure_gateway_binary()?;
+    }
+    let env = if names.iter().any(|n| scenarios::needs_lab(n)) {
         let peers = Peers::find(!cli.no_install);
         Some(Env::start(&wanted, peers)?)
     } else {
