@@ -4,8 +4,9 @@
 //! journal, warns, and keeps the table in memory only (`gateway/src/state.rs`, `journal`). So
 //! the A/B runs the same binary with two configs, restarted between samples, in interleaved
 //! rounds: `direct` (pod a asks the responder itself), `journal` and `in-memory` (pod b through
-//! the shim). The gateway is pinned as in the `dns` scenario; its state directory is emptied
-//! before each `journal` sample.
+//! the shim), and with `--base-bin` `before-journal`: a build from before the journal (its config
+//! has no `state`). The gateway is pinned as in the `dns` scenario; its state directory is
+//! emptied before each `journal` sample.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,7 +23,18 @@ use crate::{progress, Error};
 const NO_JOURNAL_WARNING: &str = "cannot keep the name table on disk";
 
 /// The paths of the A/B, in round order.
-pub const PATHS: [&str; 3] = ["direct", "journal", "in-memory"];
+pub fn paths(s: &Settings) -> Vec<String> {
+    let mut paths: Vec<String> = ["direct", "journal", "in-memory"]
+        .map(str::to_owned)
+        .to_vec();
+    if s.base_bin.is_some() {
+        paths.push(BASE.to_owned());
+    }
+    paths
+}
+
+/// The path of `--base-bin`.
+const BASE: &str = "before-journal";
 
 /// Field order is drop order: the gateway and the server before the lab.
 struct JournalLab {
@@ -37,11 +49,12 @@ struct JournalLab {
     started: usize,
     /// In-memory gateways that did not print the warning (they may have journaled after all).
     unexpected: Vec<String>,
+    base_bin: Option<PathBuf>,
     _awake: CpuAwake,
 }
 
 impl JournalLab {
-    fn start() -> Result<JournalLab, Error> {
+    fn start(base_bin: Option<PathBuf>) -> Result<JournalLab, Error> {
         let placement = Placement::detect();
         let awake = CpuAwake::hold();
         let exe = std::env::current_exe()?;
@@ -81,6 +94,7 @@ impl JournalLab {
             not_a_dir,
             started: 0,
             unexpected: Vec::new(),
+            base_bin,
             _awake: awake,
         })
     }
@@ -97,15 +111,22 @@ impl JournalLab {
             self.not_a_dir.clone()
         };
         let config = self.lab.dir().join(format!("gateway-{variant}.yaml"));
-        std::fs::write(
-            &config,
+        let mut text =
             self.options
-                .config_yaml(&self.lab.policy_dir(), &self.lab.identity_file(), &state)?,
-        )?;
+                .config_yaml(&self.lab.policy_dir(), &self.lab.identity_file(), &state)?;
+        let bin = match (&self.base_bin, variant) {
+            (Some(base), BASE) => {
+                // Its config knows no `state` (and rejects unknown keys).
+                text = text.replace(&format!("state:\n  dir: {}\n", state.display()), "");
+                base.clone()
+            }
+            _ => egressgate_lab::gateway::egressgate_bin()?,
+        };
+        std::fs::write(&config, text)?;
         self.started += 1;
         let gateway = Gateway::start_named(
             self.lab.node(),
-            egressgate_lab::gateway::egressgate_bin()?,
+            bin,
             config,
             &self.options.env,
             self.lab.dir(),
@@ -113,7 +134,7 @@ impl JournalLab {
         )?;
         let pid = gateway.daemon().pid();
         env::pin(pid, self.placement.proxy_cpu)?;
-        if variant != "journal" {
+        if variant == "in-memory" {
             // The warning is logged at start; give stderr a moment.
             std::thread::sleep(Duration::from_millis(200));
             if !gateway.daemon().stderr_text().contains(NO_JOURNAL_WARNING) {
@@ -152,8 +173,8 @@ fn dns_args(s: &Settings, concurrency: usize) -> Vec<String> {
 
 /// Runs the A/B into `samples`.
 pub fn run(s: &Settings, samples: &mut Samples) -> Result<(), Error> {
-    let mut jl = JournalLab::start()?;
-    let paths: Vec<String> = PATHS.iter().map(|p| (*p).to_owned()).collect();
+    let mut jl = JournalLab::start(s.base_bin.clone())?;
+    let paths = paths(s);
     let result = interleave("dns_journal", s.rounds, &paths, samples, |path, _| {
         let (pod, pid) = match path {
             "direct" => ("a", None),
@@ -206,6 +227,12 @@ pub fn run(s: &Settings, samples: &mut Samples) -> Result<(), Error> {
          sample; the in-memory variant's `state.dir` is a regular file, so its gateway warned \
          and kept no journal."
     ));
+    if let Some(base) = &jl.base_bin {
+        samples.notes.push(format!(
+            "{BASE}: {} (a build from before the name journal), same config less `state`.",
+            base.display()
+        ));
+    }
     if result.is_err() {
         progress(&format!("upstream server: {}", jl.server.output_tail(10)));
     }

@@ -127,6 +127,10 @@ struct Cli {
     /// Length of the soak run's churn in seconds (default 300; smoke 2).
     #[arg(long)]
     soak_seconds: Option<f64>,
+    /// `dns_journal` also measures this egressgate binary, one from before the name journal
+    /// (configured without `state`), as the path `before-journal`.
+    #[arg(long)]
+    base_bin: Option<PathBuf>,
     /// Concurrent clients of conn_rate (default 32).
     #[arg(long)]
     conn_concurrency: Option<usize>,
@@ -241,6 +245,7 @@ fn harness(cli: Cli) -> Result<(), Error> {
     if let Some(r) = cli.memory_rounds {
         settings.memory_rounds = r.max(1);
     }
+    settings.base_bin = cli.base_bin.clone();
     if let Some(seconds) = cli.soak_seconds {
         settings.soak.seconds = seconds.max(1.0);
     }

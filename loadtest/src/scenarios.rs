@@ -63,6 +63,8 @@ pub struct Settings {
     pub decision: decision::Size,
     pub soak: SoakSize,
     pub restart: RestartSize,
+    /// An egressgate binary from before the name journal, for `dns_journal`.
+    pub base_bin: Option<std::path::PathBuf>,
     pub smoke: bool,
 }
 
@@ -80,6 +82,7 @@ impl Settings {
             decision: decision::Size::full(),
             soak: SoakSize::full(),
             restart: RestartSize::full(),
+            base_bin: None,
             smoke: false,
         }
     }
@@ -97,6 +100,7 @@ impl Settings {
             decision: decision::Size::smoke(),
             soak: SoakSize::smoke(),
             restart: RestartSize::smoke(),
+            base_bin: None,
             smoke: true,
         }
     }
@@ -654,7 +658,9 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                      interleaved rounds: `journal` (a writable state directory, emptied before \
                      each sample) against `in-memory` (`state.dir` is a regular file: the gateway \
                      warns and keeps no journal), both pinned as in the `dns` scenario and \
-                     restarted for every sample; `direct` is pod a asking the responder itself. \
+                     restarted for every sample; `direct` is pod a asking the responder itself; \
+                     `before-journal`, when measured, is a build from before the journal with \
+                     the same config less `state`. \
                      UDP A queries for {} names: latency with 1 outstanding, then {} outstanding \
                      for the rate and the gateway's CPU time per answer.",
                     s.rounds, s.dns_names, s.dns_concurrency
@@ -678,10 +684,7 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                         Better::Lower,
                     ),
                 ],
-                journal_cost::PATHS
-                    .iter()
-                    .map(|p| (*p).to_owned())
-                    .collect(),
+                journal_cost::paths(s),
             )
         }
         "decision" => {

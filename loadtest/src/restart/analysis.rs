@@ -347,6 +347,10 @@ impl<'a> Run<'a> {
                 "predecessor_open",
                 GatewayLog::number(handover, "predecessorOpenConnections"),
             );
+            put(
+                "predecessor_handover_ms",
+                GatewayLog::number(old.and_then(|l| l.handed_over.as_ref()), "durationMs"),
+            );
             let shutdown = old.and_then(|l| l.shutdown.as_ref());
             put(
                 "predecessor_cut",

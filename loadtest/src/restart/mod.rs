@@ -629,6 +629,18 @@ fn describe(
         value("kill -9 restart", "streams_broken_stopped").unwrap_or(0.0)
     ));
     notes.push(
+        "Reading the gaps: the harness polls for the listening line every 50 ms, so its times \
+         are up to 50 ms late. The SIGTERM gap includes the old process's drain: it stops \
+         listening at once and waits for its open connections (here streams of at most one \
+         life; in general up to connections.shutdownGraceSeconds, 30 s by default) before it \
+         exits and the new one can start. A DNS query in flight when a process stops is lost and \
+         its client waits for its timeout (1 s here, 5 s for glibc's resolver): that is most of \
+         the DNS gap after kill -9. While nothing listens the node rejects DNS with ICMP port \
+         unreachable, which the kernel rate-limits per pod (net.ipv4.icmp_ratelimit), so most \
+         queries then time out instead of failing fast."
+            .to_owned(),
+    );
+    notes.push(
         "Both binaries are the same build: the copy stands for another version, so the \
          hand-over is exercised between two executables, not between two versions of the code."
             .to_owned(),
