@@ -127,6 +127,12 @@ struct Cli {
     /// Length of the soak run's churn in seconds (default 300; smoke 2).
     #[arg(long)]
     soak_seconds: Option<f64>,
+    /// Rolling upgrades in a row in the restart scenario (default 3).
+    #[arg(long)]
+    restart_upgrades: Option<usize>,
+    /// Seconds of load after each event of the restart scenario (default 8; smoke 2).
+    #[arg(long)]
+    restart_settle: Option<f64>,
     /// `dns_journal` also measures this egressgate binary, one from before the name journal
     /// (configured without `state`), as the path `before-journal`.
     #[arg(long)]
@@ -246,6 +252,12 @@ fn harness(cli: Cli) -> Result<(), Error> {
         settings.memory_rounds = r.max(1);
     }
     settings.base_bin = cli.base_bin.clone();
+    if let Some(n) = cli.restart_upgrades {
+        settings.restart.upgrades = n;
+    }
+    if let Some(seconds) = cli.restart_settle {
+        settings.restart.settle = seconds.max(1.0);
+    }
     if let Some(seconds) = cli.soak_seconds {
         settings.soak.seconds = seconds.max(1.0);
     }
