@@ -133,6 +133,10 @@ struct Cli {
     /// Seconds of load after each event of the restart scenario (default 8; smoke 2).
     #[arg(long)]
     restart_settle: Option<f64>,
+    /// In the restart scenario, pod a also holds a half-sent DNS-over-TCP query open at all
+    /// times (a slow or hostile client).
+    #[arg(long)]
+    restart_slow_tcp_dns: bool,
     /// `dns_journal` also measures this egressgate binary, one from before the name journal
     /// (configured without `state`), as the path `before-journal`.
     #[arg(long)]
@@ -252,6 +256,7 @@ fn harness(cli: Cli) -> Result<(), Error> {
         settings.memory_rounds = r.max(1);
     }
     settings.base_bin = cli.base_bin.clone();
+    settings.restart.slow_tcp_dns = cli.restart_slow_tcp_dns;
     if let Some(n) = cli.restart_upgrades {
         settings.restart.upgrades = n;
     }

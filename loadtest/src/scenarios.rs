@@ -620,8 +620,9 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                      for the whole run 2 workers making new TLS connections (each after its own \
                      DNS lookup of api.example.test through the shim), 1 worker connecting to \
                      {cached} names the pod resolved once at start and never again (a pod that \
-                     caches DNS answers), 1 worker of DNS queries, and 2 streams, each a TLS \
-                     connection sending a numbered 256-byte block every 100 ms and checking its \
+                     caches DNS answers), 1 worker of DNS queries over UDP and 1 over a kept \
+                     TCP connection (a connection the gateway closed is retried once on a new \
+                     one, as stubs do), and 2 streams (staggered), each a TLS connection sending a numbered 256-byte block every 100 ms and checking its \
                      echo, living {life} s before the next opens; every worker pauses {pace} ms \
                      after each operation. After {base} s: {n} rolling upgrades in a row (a \
                      second `egressgate run` with the same config and state directory takes \

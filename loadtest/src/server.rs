@@ -7,7 +7,7 @@
 //!   a connection that starts with [`ECHO`] gets every later byte back (the restart scenario's
 //!   long-lived streams);
 //! - [`HOLD_PORTS`]: accepts, reads and discards, never answers (idle connections);
-//! - UDP port 53 on the DNS address: [`crate::dns::respond`].
+//! - UDP and TCP port 53 on the DNS address: [`crate::dns::respond`].
 //!
 //! Everything the harness measures passes through here, so it stays minimal: no logging, no
 //! allocation per request, a current-thread runtime.
@@ -85,6 +85,14 @@ pub fn main(args: ServeArgs) -> Result<(), Error> {
                             let _ = serve_stream(stream).await;
                         }
                     });
+                }
+            }
+        });
+        let dns_tcp = listen(SocketAddr::from((args.dns, 53)))?;
+        tasks.spawn(async move {
+            loop {
+                if let Ok((stream, _)) = dns_tcp.accept().await {
+                    tokio::spawn(dns_tcp_stream(stream, web));
                 }
             }
         });
@@ -190,6 +198,31 @@ async fn hold_stream(mut stream: tokio::net::TcpStream) {
     while let Ok(n) = stream.read(&mut buf).await {
         if n == 0 {
             break;
+        }
+    }
+}
+
+/// DNS over TCP: length-prefixed queries, answered in order, until the client closes.
+async fn dns_tcp_stream(mut stream: tokio::net::TcpStream, web: Ipv4Addr) {
+    let mut out = Vec::with_capacity(512);
+    loop {
+        let Ok(len) = stream.read_u16().await else {
+            return;
+        };
+        let mut query = vec![0u8; usize::from(len)];
+        if stream.read_exact(&mut query).await.is_err() {
+            return;
+        }
+        if !dns::respond(&query, web, DNS_TTL, &mut out) {
+            return;
+        }
+        let Ok(len) = u16::try_from(out.len()) else {
+            return;
+        };
+        let mut framed = len.to_be_bytes().to_vec();
+        framed.extend_from_slice(&out);
+        if stream.write_all(&framed).await.is_err() {
+            return;
         }
     }
 }

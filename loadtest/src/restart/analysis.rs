@@ -235,7 +235,7 @@ impl<'a> Run<'a> {
                 .filter(|f| f.at_ms >= from && f.at_ms < to)
             {
                 match (f.op, f.kind.as_str()) {
-                    (Op::Dns, _) => bump("dns_failed"),
+                    (Op::Dns | Op::DnsTcp, _) => bump("dns_failed"),
                     (Op::Stream, _) => {
                         bump("streams_broken");
                         let source = format!("{}:{}", load.ip, f.port.unwrap_or(0));

@@ -8,10 +8,16 @@
 //!   answer, TLS handshake, one request and its response, close;
 //! - `cached`: the `--cached-names`, resolved once at start, as a pod that caches DNS answers
 //!   does: a new TLS connection to the cached address per operation, never resolving again;
-//! - `dns`: one query per operation, for `q<i>.<zone>`;
+//! - `dns`: one query per operation, for `n<i>.<zone>`;
+//! - `dns-tcp`: the same over one kept TCP connection, as a stub that reuses it does: when the
+//!   server has closed it (a gateway stops by closing idle ones), the query is sent again once
+//!   on a new connection, and only a failure of that counts;
 //! - `stream`: a TLS connection (after its own lookup) that sends a numbered block every
 //!   `--stream-interval-ms` and checks that the upstream echoes each one back unchanged, for
-//!   `--stream-life` seconds; then it closes cleanly and the next one opens.
+//!   `--stream-life` seconds; then it closes cleanly and the next one opens;
+//! - with `--slow-tcp-dns`, one more connection to the DNS server that sends the length of a
+//!   query and nothing more, held until the server closes it, then again: a slow or hostile
+//!   client, to show what it does to a hand-over.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -67,6 +73,11 @@ pub struct LoadArgs {
     pub cached_workers: usize,
     #[arg(long, default_value_t = 1)]
     pub dns_workers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub dns_tcp_workers: usize,
+    /// Keep a half-sent DNS-over-TCP query open at all times.
+    #[arg(long)]
+    pub slow_tcp_dns: bool,
     #[arg(long, default_value_t = 2)]
     pub streams: usize,
     /// Seconds each stream lives before it closes and the next opens.
@@ -97,6 +108,8 @@ pub struct LoadArgs {
 pub enum Op {
     /// A DNS query (the `dns` worker's, or the lookup before a new connection).
     Dns,
+    /// A DNS query over TCP (the `dns-tcp` worker's).
+    DnsTcp,
     Fresh,
     Cached,
     /// Opening a stream's connection.
@@ -376,6 +389,12 @@ async fn run(args: LoadArgs, stop: Arc<AtomicBool>) -> Result<LoadReport, Error>
     for worker in 0..ctx.args.dns_workers {
         workers.spawn(dns_worker(Arc::clone(&ctx), worker));
     }
+    for worker in 0..ctx.args.dns_tcp_workers {
+        workers.spawn(dns_tcp_worker(Arc::clone(&ctx), worker));
+    }
+    if ctx.args.slow_tcp_dns {
+        workers.spawn(slow_tcp_dns(Arc::clone(&ctx)));
+    }
     for stream in 0..ctx.args.streams {
         workers.spawn(stream_worker(Arc::clone(&ctx), stream));
     }
@@ -423,6 +442,106 @@ async fn dns_worker(ctx: Arc<Ctx>, worker: usize) {
         let i = (worker * 7919 + ops as usize) % names;
         ops += 1;
         let _ = ctx.lookup(&dns::bench_name(i, &ctx.args.dns_zone)).await;
+        ctx.pace().await;
+    }
+}
+
+/// One query over `stream`: the answer's address, and the stream to reuse.
+async fn tcp_exchange(
+    mut stream: TcpStream,
+    name: &str,
+    id: u16,
+) -> Result<(TcpStream, Ipv4Addr), Fail> {
+    let query = dns::query(id, name);
+    let len = u16::try_from(query.len()).map_err(|_| Fail::new("other", "query too long"))?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    let answer = tokio::time::timeout(DNS_TIMEOUT, async {
+        stream.write_all(&framed).await?;
+        let len = stream.read_u16().await?;
+        let mut answer = vec![0u8; usize::from(len)];
+        stream.read_exact(&mut answer).await?;
+        Ok::<_, Fail>(answer)
+    })
+    .await
+    .map_err(|_| Fail::new("timeout", format!("no answer within {DNS_TIMEOUT:?}")))??;
+    match dns::answer_v4(&answer, id) {
+        Some(Ok(ip)) => Ok((stream, ip)),
+        Some(Err(rcode)) => Err(Fail::new(
+            &format!("rcode{rcode}"),
+            format!("{name}: RCODE {rcode} or no address"),
+        )),
+        None => Err(Fail::new("other", "not the answer to the query")),
+    }
+}
+
+async fn dns_tcp_worker(ctx: Arc<Ctx>, worker: usize) {
+    let names = ctx.args.dns_names.max(1);
+    let mut kept: Option<TcpStream> = None;
+    let mut ops = 0u64;
+    while ctx.running() && ops < ctx.args.max_ops {
+        let name = dns::bench_name(
+            (worker * 104_729 + ops as usize + 1) % names,
+            &ctx.args.dns_zone,
+        );
+        ops += 1;
+        let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut outcome = Err(Fail::new("other", "not sent"));
+        for _ in 0..2 {
+            let reused = kept.is_some();
+            let stream = match kept.take() {
+                Some(stream) => Ok(stream),
+                None => tokio::time::timeout(DNS_TIMEOUT, TcpStream::connect(ctx.args.dns))
+                    .await
+                    .map_err(Fail::from)
+                    .and_then(|connected| connected.map_err(Fail::from)),
+            };
+            outcome = match stream {
+                Ok(stream) => tcp_exchange(stream, &name, id).await,
+                Err(fail) => Err(fail),
+            };
+            // A kept connection the server closed meanwhile: a stub sends the query again on a
+            // new one.
+            let stale = matches!(&outcome, Err(f) if f.kind == "eof" || f.kind == "reset");
+            if !(reused && stale) {
+                break;
+            }
+        }
+        match outcome {
+            Ok((stream, _)) => {
+                kept = Some(stream);
+                let at = now_ms();
+                let mut report = ctx.report();
+                report.dns_ok += 1;
+                report.dns_ok_ms.push(at);
+            }
+            Err(fail) => ctx.fail(Op::DnsTcp, fail, None),
+        }
+        ctx.pace().await;
+    }
+}
+
+/// See the module docs: a half-sent query held open, again and again.
+async fn slow_tcp_dns(ctx: Arc<Ctx>) {
+    let mut ops = 0u64;
+    while ctx.running() && ops < ctx.args.max_ops {
+        ops += 1;
+        if let Ok(Ok(mut stream)) =
+            tokio::time::timeout(OP_TIMEOUT, TcpStream::connect(ctx.args.dns)).await
+        {
+            // The length of a 32-byte query; the query never follows.
+            if stream.write_all(&[0x00, 0x20]).await.is_ok() {
+                let mut byte = [0u8; 1];
+                while ctx.running() {
+                    match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut byte))
+                        .await
+                    {
+                        Err(_) => continue,
+                        Ok(_) => break, // closed by the server (or an error)
+                    }
+                }
+            }
+        }
         ctx.pace().await;
     }
 }

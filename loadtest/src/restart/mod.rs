@@ -45,6 +45,9 @@ pub struct RestartSize {
     pub upgrades: usize,
     /// Pause after each operation of a load worker.
     pub pace_ms: u64,
+    /// Pod a also holds a half-sent DNS-over-TCP query open at all times (a slow or hostile
+    /// client; off by default).
+    pub slow_tcp_dns: bool,
 }
 
 impl RestartSize {
@@ -55,6 +58,7 @@ impl RestartSize {
             stream_life: 6.0,
             upgrades: 3,
             pace_ms: 20,
+            slow_tcp_dns: false,
         }
     }
 
@@ -65,6 +69,7 @@ impl RestartSize {
             stream_life: 1.0,
             upgrades: 3,
             pace_ms: 20,
+            slow_tcp_dns: false,
         }
     }
 
@@ -277,6 +282,9 @@ fn load_args(rl: &RestartLab, letter: &str, size: &RestartSize) -> Vec<String> {
         "--stream-slots".to_owned(),
         (PODS.len() * STREAMS_PER_POD).to_string(),
     ]);
+    if size.slow_tcp_dns && letter == PODS[0] {
+        args.push("--slow-tcp-dns".to_owned());
+    }
     // Each pod's DNS worker asks for its own names, so the table holds distinct records.
     args.extend(["--dns-zone".to_owned(), format!("{letter}.bench.test")]);
     args
@@ -392,6 +400,14 @@ pub fn run(size: &RestartSize) -> Result<Outcome, Error> {
         outcome.values.push((
             event.name.clone(),
             analysed.phase(event.from_ms, to, Some(event)),
+        ));
+    }
+    if size.slow_tcp_dns {
+        notes.push(format!(
+            "With --restart-slow-tcp-dns: pod {} also held a half-sent DNS-over-TCP query open at \
+             all times (the length of a query, never the query), reopened whenever the gateway \
+             closed it.",
+            PODS[0]
         ));
     }
     outcome.notes = notes;
