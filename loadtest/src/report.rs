@@ -612,6 +612,10 @@ pub fn write(
             let _ = write!(md, "| {} ({}) |", metric.label, metric.unit);
             for p in &paths {
                 match metric.path(p) {
+                    // One sample (one round): no range to show.
+                    Some(s) if s.samples.len() == 1 => {
+                        let _ = write!(md, " {} |", fmt_value(s.median));
+                    }
                     Some(s) => {
                         let _ = write!(
                             md,
