@@ -26,7 +26,10 @@ fn esc(s: &str) -> String {
 
 pub fn fmt_value(v: f64) -> String {
     let a = v.abs();
-    if a >= 100_000.0 {
+    if a < 100_000.0 && v.fract() == 0.0 {
+        // Counts: no decimals.
+        format!("{v:.0}")
+    } else if a >= 100_000.0 {
         format!("{:.0}k", v / 1000.0)
     } else if a >= 100.0 {
         format!("{v:.0}")
