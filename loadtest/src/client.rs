@@ -30,6 +30,9 @@ pub enum ClientMode {
     Hold(HoldArgs),
     /// Closed-loop UDP DNS queries with `concurrency` outstanding.
     Dns(DnsArgs),
+    /// The restart scenario's load: new connections, DNS queries and echo streams, each
+    /// success and failure timed, until stdin closes.
+    RestartLoad(crate::restart::load::LoadArgs),
 }
 
 #[derive(Debug, Args)]
@@ -194,6 +197,7 @@ pub fn main(mode: ClientMode) -> Result<(), Error> {
         ClientMode::Rr(args) => serde_json::to_string(&runtime.block_on(rr(args))?)?,
         ClientMode::Hold(args) => serde_json::to_string(&runtime.block_on(hold(args))?)?,
         ClientMode::Dns(args) => serde_json::to_string(&dns_load(args)?)?,
+        ClientMode::RestartLoad(args) => serde_json::to_string(&crate::restart::load::main(args)?)?,
     };
     println!("{json}");
     Ok(())

@@ -26,6 +26,27 @@ pub fn id(message: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes([*message.first()?, *message.get(1)?]))
 }
 
+/// What a response to query `id` says: `None` if `message` is not that response, else the A
+/// address, or the RCODE when it has none (0 for an answer without an address).
+pub fn answer_v4(message: &[u8], id: u16) -> Option<Result<Ipv4Addr, u8>> {
+    if message.len() < 12 || self::id(message)? != id || message[2] & 0x80 == 0 {
+        return None;
+    }
+    let rcode = message[3] & 0x0f;
+    let answers = u16::from_be_bytes([message[6], message[7]]);
+    let n = message.len();
+    // The responder's one A record comes last: ..., RDLENGTH 4, the address.
+    if rcode != 0 || answers == 0 || n < 12 + 16 || message[n - 6..n - 4] != [0, 4] {
+        return Some(Err(rcode));
+    }
+    Some(Ok(Ipv4Addr::new(
+        message[n - 4],
+        message[n - 3],
+        message[n - 2],
+        message[n - 1],
+    )))
+}
+
 /// The question of `message`: (lowercase name without trailing dot, qtype, end offset).
 fn question(message: &[u8]) -> Option<(String, u16, usize)> {
     let mut pos = 12;
@@ -125,6 +146,18 @@ mod tests {
         let other = address_for("n1.bench.test", web);
         assert_eq!(other.octets()[..2], [198, 19]);
         assert!(other.octets()[2] >= 128);
+    }
+
+    #[test]
+    fn reads_the_address_of_the_matching_response_only() {
+        let web = Ipv4Addr::new(198, 19, 0, 10);
+        let mut out = Vec::new();
+        assert!(respond(&query(7, "c1.example.test"), web, 60, &mut out));
+        assert_eq!(answer_v4(&out, 7), Some(Ok(web)));
+        assert_eq!(answer_v4(&out, 8), None);
+        assert_eq!(answer_v4(&query(7, "c1.example.test"), 7), None);
+        out[3] |= 2; // SERVFAIL
+        assert_eq!(answer_v4(&out, 7), Some(Err(2)));
     }
 
     #[test]

@@ -233,12 +233,12 @@ pub struct Env {
 /// vCPU otherwise halts, and waking it costs a hypervisor exit (~70 µs here) at every hand-off
 /// between the load CPU and the proxy CPU: that would swamp every proxy's latency.
 #[derive(Debug)]
-struct CpuAwake {
+pub(crate) struct CpuAwake {
     held: Result<std::fs::File, String>,
 }
 
 impl CpuAwake {
-    fn hold() -> CpuAwake {
+    pub(crate) fn hold() -> CpuAwake {
         let held = std::fs::OpenOptions::new()
             .write(true)
             .open("/dev/cpu_dma_latency")
@@ -255,7 +255,7 @@ impl CpuAwake {
         CpuAwake { held }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.held {
             Ok(_) => "CPU idle: /dev/cpu_dma_latency held at 0 for the whole run, so an idle CPU \
                       polls instead of sleeping (in this VM a halted vCPU takes ~70 µs to wake, \
@@ -276,7 +276,7 @@ pub struct Certs {
 }
 
 impl Certs {
-    fn generate(dir: &Path) -> Result<Certs, Error> {
+    pub(crate) fn generate(dir: &Path) -> Result<Certs, Error> {
         std::fs::create_dir_all(dir)?;
         let p = |name: &str| dir.join(name).display().to_string();
         let ec = [
@@ -331,7 +331,7 @@ impl Certs {
             &ext,
             format!(
                 "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n\
-                 subjectAltName=DNS:{},DNS:bulk.example.test,IP:{}\n",
+                 subjectAltName=DNS:{},DNS:bulk.example.test,DNS:*.example.test,IP:{}\n",
                 addr::API,
                 addr::WEB
             ),
@@ -521,21 +521,13 @@ impl Env {
         args: &[String],
         limit: Duration,
     ) -> Result<T, Error> {
-        let cpu = self.placement.load_cpu.to_string();
-        let exe = self.exe.display().to_string();
-        let mut argv: Vec<&str> = vec!["taskset", "-c", &cpu, &exe, "__client"];
-        argv.extend(args.iter().map(String::as_str));
-        let out = self.pod(path).run_with(&argv, None, limit)?;
-        if !out.success() {
-            return Err(Error::msg(format!("client failed:\n{out}")));
-        }
-        let line = out
-            .stdout
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .ok_or_else(|| Error::msg(format!("client printed no result:\n{out}")))?;
-        Ok(serde_json::from_str(line)?)
+        run_client(
+            self.pod(path),
+            &self.exe,
+            Some(self.placement.load_cpu),
+            args,
+            limit,
+        )
     }
 
     /// Runs a program (dnsperf) in `path`'s pod, pinned to the load CPU.
@@ -558,32 +550,13 @@ impl Env {
         args: &[String],
         limit: Duration,
     ) -> Result<Streaming, Error> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", self.pod(path).name(), "timeout", "-k", "2"])
-            .arg(limit.as_secs().max(1).to_string())
-            .args(["taskset", "-c", &self.placement.load_cpu.to_string()])
-            .arg(&self.exe)
-            .arg("__client")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| Error::msg("no stdout"))?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        Ok(Streaming {
-            child,
-            stdin,
-            lines,
-        })
+        spawn_in(
+            self.pod(path),
+            &self.exe,
+            Some(self.placement.load_cpu),
+            args,
+            limit,
+        )
     }
 
     /// Checks one request over a new TLS connection on `path`.
@@ -750,7 +723,7 @@ impl Env {
 
 /// Sysctls of a lab namespace for load: more ephemeral ports, TIME_WAIT reuse for outgoing
 /// connections (tens of thousands of short connections per run), deeper accept queues.
-fn tune(ns: &Netns) -> Result<(), Error> {
+pub(crate) fn tune(ns: &Netns) -> Result<(), Error> {
     ns.exec_ok(&[
         "sysctl",
         "-qw",
@@ -783,7 +756,12 @@ pub fn nofile_limit() -> u64 {
         .map_or(1024, |(soft, _)| soft)
 }
 
-fn start_server(lab: &Lab, exe: &Path, certs: &Certs, cpu: usize) -> Result<Daemon, Error> {
+pub(crate) fn start_server(
+    lab: &Lab,
+    exe: &Path,
+    certs: &Certs,
+    cpu: usize,
+) -> Result<Daemon, Error> {
     let dir = lab.dir().to_path_buf();
     let (cert, key) = (certs.cert.clone(), certs.key.clone());
     let cpu = cpu.to_string();
@@ -827,6 +805,77 @@ fn start_server(lab: &Lab, exe: &Path, certs: &Certs, cpu: usize) -> Result<Daem
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs `loadtest __client ARGS` in `ns` (pinned to `cpu` if given), bounded by `limit`; returns
+/// its JSON line.
+pub fn run_client<T: serde::de::DeserializeOwned>(
+    ns: &Netns,
+    exe: &Path,
+    cpu: Option<usize>,
+    args: &[String],
+    limit: Duration,
+) -> Result<T, Error> {
+    let cpu = cpu.map(|cpu| cpu.to_string());
+    let exe = exe.display().to_string();
+    let mut argv: Vec<&str> = match &cpu {
+        Some(cpu) => vec!["taskset", "-c", cpu],
+        None => Vec::new(),
+    };
+    argv.extend([exe.as_str(), "__client"]);
+    argv.extend(args.iter().map(String::as_str));
+    let out = ns.run_with(&argv, None, limit)?;
+    if !out.success() {
+        return Err(Error::msg(format!("client failed:\n{out}")));
+    }
+    let line = out
+        .stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| Error::msg(format!("client printed no result:\n{out}")))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// Starts `loadtest __client ARGS` in `ns` (pinned to `cpu` if given) with piped stdin/stdout,
+/// killed by `timeout` after `limit`.
+pub fn spawn_in(
+    ns: &Netns,
+    exe: &Path,
+    cpu: Option<usize>,
+    args: &[String],
+    limit: Duration,
+) -> Result<Streaming, Error> {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", ns.name(), "timeout", "-k", "2"])
+        .arg(limit.as_secs().max(1).to_string());
+    if let Some(cpu) = cpu {
+        command.args(["taskset", "-c", &cpu.to_string()]);
+    }
+    let mut child = command
+        .arg(exe)
+        .arg("__client")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| Error::msg("no stdout"))?;
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stdin = child.stdin.take();
+    Ok(Streaming {
+        child,
+        stdin,
+        lines,
+    })
 }
 
 fn wait_listening(ns: &Netns, needle: &str, pid: u32) -> Result<(), Error> {

@@ -12,15 +12,18 @@
 //! - [`server`] / [`client`]: the upstream server and the load generator, run as
 //!   `loadtest __serve` / `loadtest __client` inside the lab's namespaces;
 //! - [`scenarios`]: what is measured and how rounds interleave; [`decision`]: the in-process
-//!   decision and reload benchmark;
+//!   decision and reload benchmark; [`restart`]: upgrades, SIGTERM and kill -9 under load, in
+//!   a lab of its own; [`journal_cost`]: DNS through the shim with and without the name journal;
 //! - [`results`], [`report`], [`machine`]: the JSON files, the Markdown report, the machine.
 
 mod client;
 mod decision;
 mod dns;
 mod env;
+mod journal_cost;
 mod machine;
 mod report;
+mod restart;
 mod results;
 mod scenarios;
 mod server;
@@ -97,7 +100,8 @@ pub fn progress(line: &str) {
 #[command(
     name = "loadtest",
     about = "egressgate benchmark harness: direct vs egressgate vs HAProxy vs nginx",
-    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns memory reload soak decision.\n\
+    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns memory reload soak restart \
+                  dns_journal decision.\n\
                   `all` runs them all; `smoke` runs all of them tiny (for CI); `report` only rewrites \
                   docs/benchmarks.md from loadtest/results/*.json. Needs root (namespaces, nftables)."
 )]
@@ -123,6 +127,20 @@ struct Cli {
     /// Length of the soak run's churn in seconds (default 300; smoke 2).
     #[arg(long)]
     soak_seconds: Option<f64>,
+    /// Rolling upgrades in a row in the restart scenario (default 3).
+    #[arg(long)]
+    restart_upgrades: Option<usize>,
+    /// Seconds of load after each event of the restart scenario (default 8; smoke 2).
+    #[arg(long)]
+    restart_settle: Option<f64>,
+    /// In the restart scenario, pod a also holds a half-sent DNS-over-TCP query open at all
+    /// times (a slow or hostile client).
+    #[arg(long)]
+    restart_slow_tcp_dns: bool,
+    /// `dns_journal` also measures this egressgate binary, one from before the name journal
+    /// (configured without `state`), as the path `before-journal`.
+    #[arg(long)]
+    base_bin: Option<PathBuf>,
     /// Concurrent clients of conn_rate (default 32).
     #[arg(long)]
     conn_concurrency: Option<usize>,
@@ -237,6 +255,14 @@ fn harness(cli: Cli) -> Result<(), Error> {
     if let Some(r) = cli.memory_rounds {
         settings.memory_rounds = r.max(1);
     }
+    settings.base_bin = cli.base_bin.clone();
+    settings.restart.slow_tcp_dns = cli.restart_slow_tcp_dns;
+    if let Some(n) = cli.restart_upgrades {
+        settings.restart.upgrades = n;
+    }
+    if let Some(seconds) = cli.restart_settle {
+        settings.restart.settle = seconds.max(1.0);
+    }
     if let Some(seconds) = cli.soak_seconds {
         settings.soak.seconds = seconds.max(1.0);
     }
@@ -255,13 +281,15 @@ fn harness(cli: Cli) -> Result<(), Error> {
     install_signal_handlers();
     prepare_process(&settings)?;
     let machine = machine::Machine::describe();
-    let env = if names.iter().any(|n| scenarios::needs_lab(n)) {
+    if names.iter().any(|n| scenarios::needs_root(n)) {
         if !nix::unistd::Uid::effective().is_root() {
             return Err(Error::msg(
                 "the lab needs root (network namespaces, nftables); run as root",
             ));
         }
         ensure_gateway_binary()?;
+    }
+    let env = if names.iter().any(|n| scenarios::needs_lab(n)) {
         let peers = Peers::find(!cli.no_install);
         Some(Env::start(&wanted, peers)?)
     } else {

@@ -26,7 +26,10 @@ fn esc(s: &str) -> String {
 
 pub fn fmt_value(v: f64) -> String {
     let a = v.abs();
-    if a >= 100_000.0 {
+    if a < 100_000.0 && v.fract() == 0.0 {
+        // Counts: no decimals.
+        format!("{v:.0}")
+    } else if a >= 100_000.0 {
         format!("{:.0}k", v / 1000.0)
     } else if a >= 100.0 {
         format!("{v:.0}")
@@ -315,7 +318,107 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
             _ => None,
         },
     });
+    restart_targets(results, &mut out);
     out
+}
+
+/// Issue 13: restarts and upgrades that lose nothing, and what the journal costs a DNS answer.
+fn restart_targets(results: &[ScenarioResult], out: &mut Vec<Target>) {
+    let restart = results.iter().find(|r| r.scenario == "restart");
+    let value = |phase: &str, key: &str| -> Option<f64> {
+        restart?.metric(key)?.path(phase).map(|p| p.median)
+    };
+    let upgrades: Vec<String> = restart
+        .map(|r| {
+            r.paths
+                .iter()
+                .filter(|p| p.name.starts_with("upgrade"))
+                .map(|p| p.name.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut count = |what: String, phases: &[String], keys: &[&str]| {
+        let measured: Option<f64> = if phases.is_empty() {
+            None
+        } else {
+            phases
+                .iter()
+                .flat_map(|p| keys.iter().map(move |k| value(p, k)))
+                .sum()
+        };
+        out.push(Target {
+            what,
+            measured: measured.map_or_else(|| "not measured".to_owned(), |n| format!("{n:.0}")),
+            target: "0".to_owned(),
+            met: measured.map(|n| n == 0.0),
+        });
+    };
+    let keys = [
+        "dns_failed",
+        "conn_refused",
+        "conn_reset",
+        "conn_failed_other",
+        "ndr_cached",
+        "ndr_fresh",
+        "streams_broken",
+    ];
+    count(
+        format!(
+            "{} rolling upgrades under load: failed DNS queries, refused/reset/failed new \
+             connections, no_dns_record denials, broken streams",
+            upgrades.len()
+        ),
+        &upgrades,
+        &keys,
+    );
+    for phase in ["SIGTERM restart", "kill -9 restart"] {
+        count(
+            format!("{phase}: no_dns_record denials for names resolved before it"),
+            &[phase.to_owned()],
+            &["ndr_cached", "ndr_fresh"],
+        );
+    }
+    let back =
+        value("kill -9 restart", "conn_back_ms").zip(value("kill -9 restart", "dns_back_ms"));
+    out.push(Target {
+        what: "kill -9: new connections and DNS work again after the new process starts".to_owned(),
+        measured: back.map_or_else(
+            || "not measured".to_owned(),
+            |(conn, dns)| format!("{conn:.0} ms (connections), {dns:.0} ms (DNS)"),
+        ),
+        target: "≤ 1 s".to_owned(),
+        met: back.map(|(conn, dns)| conn.max(dns) <= 1000.0),
+    });
+    // "Today's" is the build from before the journal when it was measured, else the same build
+    // without a usable state directory.
+    let m = |key: &str, path: &str| median(results, "dns_journal", key, path);
+    let without = ["before-journal", "in-memory"]
+        .into_iter()
+        .find(|path| m("p50", path).is_some())
+        .unwrap_or("in-memory");
+    let added = m("p50", "journal")
+        .zip(m("p50", without))
+        .zip(m("p50", "direct"))
+        .map(|((j, w), d)| (j - d, w - d));
+    out.push(Target {
+        what: format!("DNS added p50 with the name journal vs `{without}` (`dns_journal`)"),
+        measured: added.map_or_else(
+            || "not measured".to_owned(),
+            |(j, w)| format!("+{j:.1} µs vs +{w:.1} µs"),
+        ),
+        target: "within 10 %".to_owned(),
+        met: added.map(|(j, w)| j <= w * 1.10),
+    });
+    let cpu = m("cpu_per_query", "journal").zip(m("cpu_per_query", without));
+    out.push(Target {
+        what: format!("gateway CPU per DNS answer with the name journal vs `{without}`"),
+        measured: cpu.map_or_else(
+            || "not measured".to_owned(),
+            |(j, w)| format!("{j:.1} µs vs {w:.1} µs ({:+.0} %)", (j / w - 1.0) * 100.0),
+        ),
+        target: "(the cost per answer)".to_owned(),
+        met: None,
+    });
 }
 
 /// Criterion's estimates under `target/criterion`: (benchmark id, median ns).
@@ -460,7 +563,7 @@ pub fn write(
         );
     }
 
-    md.push_str("\n## Targets of issue 4\n\n| target | measured (egressgate) | goal | |\n|---|---|---|---|\n");
+    md.push_str("\n## Targets (issues 4 and 13)\n\n| target | measured (egressgate) | goal | |\n|---|---|---|---|\n");
     for t in targets(results) {
         let mark = match t.met {
             Some(true) => "met",
@@ -512,6 +615,10 @@ pub fn write(
             let _ = write!(md, "| {} ({}) |", metric.label, metric.unit);
             for p in &paths {
                 match metric.path(p) {
+                    // One sample (one round): no range to show.
+                    Some(s) if s.samples.len() == 1 => {
+                        let _ = write!(md, " {} |", fmt_value(s.median));
+                    }
                     Some(s) => {
                         let _ = write!(
                             md,
@@ -539,7 +646,12 @@ pub fn write(
             md.push('\n');
         }
         md.push('\n');
-        for metric in r.metrics.iter().filter(|m| charted(m)) {
+        // The restart scenario's phases are events, not paths: only its gaps make a chart.
+        for metric in r
+            .metrics
+            .iter()
+            .filter(|m| charted(m) && (r.scenario != "restart" || m.key.starts_with("gap_")))
+        {
             let file = format!("{}-{}.svg", r.scenario, metric.key);
             std::fs::write(svg_dir.join(&file), svg(r, metric))?;
             let _ = writeln!(

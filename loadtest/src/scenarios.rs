@@ -14,13 +14,15 @@ use serde_json::json;
 use crate::client::{BulkResult, DnsResult, HoldResult, RrResult};
 use crate::env::{Env, PathKind};
 use crate::machine::Machine;
+use crate::restart::RestartSize;
 use crate::results::{Better, MetricResult, PathInfo, PathStats, ScenarioResult};
 use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT};
 use crate::soak::{self, SoakSize};
-use crate::{decision, progress, stopped, Error};
+use crate::{decision, journal_cost, progress, restart, stopped, Error};
 
-/// Every scenario, in run (and report) order. `decision` needs no lab.
-pub const ALL: [&str; 10] = [
+/// Every scenario, in run (and report) order. `decision` needs no lab; `restart` and
+/// `dns_journal` build labs of their own.
+pub const ALL: [&str; 12] = [
     "tcp_bulk",
     "tls_bulk",
     "tls_connect",
@@ -30,10 +32,18 @@ pub const ALL: [&str; 10] = [
     "memory",
     "reload",
     "soak",
+    "restart",
+    "dns_journal",
     "decision",
 ];
 
+/// The scenario runs in the shared bench environment ([`Env`]).
 pub fn needs_lab(scenario: &str) -> bool {
+    !matches!(scenario, "decision" | "restart" | "dns_journal")
+}
+
+/// The scenario runs network namespaces (and the gateway binary).
+pub fn needs_root(scenario: &str) -> bool {
     scenario != "decision"
 }
 
@@ -52,6 +62,9 @@ pub struct Settings {
     pub dns_concurrency: usize,
     pub decision: decision::Size,
     pub soak: SoakSize,
+    pub restart: RestartSize,
+    /// An egressgate binary from before the name journal, for `dns_journal`.
+    pub base_bin: Option<std::path::PathBuf>,
     pub smoke: bool,
 }
 
@@ -68,6 +81,8 @@ impl Settings {
             dns_concurrency: 64,
             decision: decision::Size::full(),
             soak: SoakSize::full(),
+            restart: RestartSize::full(),
+            base_bin: None,
             smoke: false,
         }
     }
@@ -84,6 +99,8 @@ impl Settings {
             dns_concurrency: 8,
             decision: decision::Size::smoke(),
             soak: SoakSize::smoke(),
+            restart: RestartSize::smoke(),
+            base_bin: None,
             smoke: true,
         }
     }
@@ -99,6 +116,13 @@ impl Settings {
             ("dns_names", json!(self.dns_names)),
             ("dns_concurrency", json!(self.dns_concurrency)),
             ("soak_seconds", json!(self.soak.seconds)),
+            ("restart_baseline_seconds", json!(self.restart.baseline)),
+            ("restart_settle_seconds", json!(self.restart.settle)),
+            (
+                "restart_stream_life_seconds",
+                json!(self.restart.stream_life),
+            ),
+            ("restart_upgrades", json!(self.restart.upgrades)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -126,13 +150,13 @@ fn spec(key: &str, label: &str, unit: &'static str, better: Better) -> Spec {
 
 /// Samples as they come: (metric, path) → one value per round.
 #[derive(Debug, Default)]
-struct Samples {
+pub(crate) struct Samples {
     values: BTreeMap<(String, String), Vec<f64>>,
-    notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 impl Samples {
-    fn add(&mut self, path: &str, values: Vec<(String, f64)>) {
+    pub(crate) fn add(&mut self, path: &str, values: Vec<(String, f64)>) {
         for (key, value) in values {
             self.values
                 .entry((key, path.to_owned()))
@@ -180,7 +204,7 @@ impl Meter {
 }
 
 /// Runs `sample` for each round and path, interleaved; failed samples become notes.
-fn interleave(
+pub(crate) fn interleave(
     label: &str,
     rounds: usize,
     paths: &[String],
@@ -582,6 +606,88 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                 paths,
             )
         }
+        "restart" => {
+            let outcome = restart::run(&s.restart)?;
+            for (phase, values) in outcome.values {
+                samples.add(&phase, values);
+            }
+            samples.notes.extend(outcome.notes);
+            let r = &s.restart;
+            (
+                "Restarts and upgrades under load",
+                format!(
+                    "egressgate only, in a lab of its own: 4 pods, all intercepted, each running \
+                     for the whole run 2 workers making new TLS connections (each after its own \
+                     DNS lookup of api.example.test through the shim), 1 worker connecting to \
+                     {cached} names the pod resolved once at start and never again (a pod that \
+                     caches DNS answers), 1 worker of DNS queries over UDP and 1 over a kept \
+                     TCP connection (a connection the gateway closed is retried once on a new \
+                     one, as stubs do), and 2 streams (staggered), each a TLS connection sending a numbered 256-byte block every 100 ms and checking its \
+                     echo, living {life} s before the next opens; every worker pauses {pace} ms \
+                     after each operation. After {base} s: {n} rolling upgrades in a row (a \
+                     second `egressgate run` with the same config and state directory takes \
+                     over; the binary alternates between the build and a copy of it), then a \
+                     SIGTERM restart (signal, wait for the exit, start), then kill -9 and start; \
+                     {settle} s of load after each. Each phase runs from its event to the next \
+                     one. Failures are timed by the clients; no_dns_record denials are read from \
+                     the decision lines of every gateway process (cached: names resolved once \
+                     at the start, before every event; fresh: resolved just before the \
+                     connection). Gaps: the longest interval without a success from the event's \
+                     start until a second after the new process listened.",
+                    cached = restart::CACHED_PER_POD,
+                    life = r.stream_life,
+                    pace = r.pace_ms,
+                    base = r.baseline,
+                    n = r.upgrades,
+                    settle = r.settle,
+                ),
+                None,
+                restart::specs()
+                    .into_iter()
+                    .map(|(k, l, u, b)| spec(k, l, u, b))
+                    .collect(),
+                outcome.phases,
+            )
+        }
+        "dns_journal" => {
+            journal_cost::run(s, &mut samples)?;
+            (
+                "DNS: the cost of the name journal",
+                format!(
+                    "Since issue 13 the shim appends every record to the journal in `state.dir` \
+                     before the reply leaves. A/B of the same binary in a lab of its own, {} \
+                     interleaved rounds: `journal` (a writable state directory, emptied before \
+                     each sample) against `in-memory` (`state.dir` is a regular file: the gateway \
+                     warns and keeps no journal), both pinned as in the `dns` scenario and \
+                     restarted for every sample; `direct` is pod a asking the responder itself; \
+                     `before-journal`, when measured, is a build from before the journal with \
+                     the same config less `state`. \
+                     UDP A queries for {} names: latency with 1 outstanding, then {} outstanding \
+                     for the rate and the gateway's CPU time per answer.",
+                    s.rounds, s.dns_names, s.dns_concurrency
+                ),
+                Some("direct"),
+                vec![
+                    spec("p50", "latency p50 (1 outstanding)", "µs", Better::Lower),
+                    spec("p99", "latency p99 (1 outstanding)", "µs", Better::Lower),
+                    spec("p999", "latency p99.9 (1 outstanding)", "µs", Better::Lower),
+                    spec(
+                        "qps",
+                        &format!("queries/s, {} outstanding", s.dns_concurrency),
+                        "queries/s",
+                        Better::Higher,
+                    ),
+                    spec("lost", "lost queries", "queries", Better::Lower),
+                    spec(
+                        "cpu_per_query",
+                        "gateway CPU time per answered query",
+                        "µs",
+                        Better::Lower,
+                    ),
+                ],
+                journal_cost::paths(s),
+            )
+        }
         "decision" => {
             let paths = vec!["in-process".to_owned()];
             let size = &s.decision;
@@ -661,10 +767,10 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
         baseline: baseline.map(str::to_owned),
         started,
         seconds: clock.elapsed().as_secs_f64(),
-        rounds: if name == "memory" {
-            s.memory_rounds
-        } else {
-            s.rounds
+        rounds: match name {
+            "memory" => s.memory_rounds,
+            "restart" => 1,
+            _ => s.rounds,
         },
         smoke: s.smoke,
         machine: run.machine.clone(),
@@ -886,7 +992,7 @@ fn proxy_cpu_during<T>(
 }
 
 /// User + system CPU time of process `pid` (all its threads) so far, from /proc/PID/stat.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may contain spaces: state is the first, utime the
     // 12th and stime the 13th (proc(5) fields 14 and 15).

@@ -4,8 +4,10 @@
 //! - plain TCP on [`BULK_PORT`] and TLS on [`TLS_PORT`]: a request `DOWN <n>\n` is answered with
 //!   `n` bytes then a close (bulk); anything else is read as HTTP/1.1 requests (up to the blank
 //!   line), each answered with [`RESPONSE`], on the same connection until the client closes;
+//!   a connection that starts with [`ECHO`] gets every later byte back (the restart scenario's
+//!   long-lived streams);
 //! - [`HOLD_PORTS`]: accepts, reads and discards, never answers (idle connections);
-//! - UDP port 53 on the DNS address: [`crate::dns::respond`].
+//! - UDP and TCP port 53 on the DNS address: [`crate::dns::respond`].
 //!
 //! Everything the harness measures passes through here, so it stays minimal: no logging, no
 //! allocation per request, a current-thread runtime.
@@ -27,6 +29,8 @@ pub const HOLD_PORTS: [u16; 4] = [5101, 5102, 5103, 5104];
 /// The fixed small response to every HTTP request.
 pub const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nhello\n";
+/// First bytes of an echo stream.
+pub const ECHO: &[u8] = b"ECHO\n";
 /// TTL of every DNS answer: nothing expires during a run.
 const DNS_TTL: u32 = 3600;
 const LISTEN_BACKLOG: i32 = 8192;
@@ -81,6 +85,14 @@ pub fn main(args: ServeArgs) -> Result<(), Error> {
                             let _ = serve_stream(stream).await;
                         }
                     });
+                }
+            }
+        });
+        let dns_tcp = listen(SocketAddr::from((args.dns, 53)))?;
+        tasks.spawn(async move {
+            loop {
+                if let Ok((stream, _)) = dns_tcp.accept().await {
+                    tokio::spawn(dns_tcp_stream(stream, web));
                 }
             }
         });
@@ -139,6 +151,9 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> std::
                     .unwrap_or(0);
                 return send_bulk(stream, bytes).await;
             }
+            if data.starts_with(ECHO) {
+                return echo(stream, &buf[ECHO.len()..have]).await;
+            }
             let Some(end) = find(data, b"\r\n\r\n") else {
                 break;
             };
@@ -162,11 +177,52 @@ async fn send_bulk<S: AsyncWrite + Unpin>(mut stream: S, bytes: u64) -> std::io:
     stream.shutdown().await
 }
 
+/// Sends back `first`, then every byte read, until the client closes.
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    first: &[u8],
+) -> std::io::Result<()> {
+    stream.write_all(first).await?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return stream.shutdown().await;
+        }
+        stream.write_all(&buf[..n]).await?;
+    }
+}
+
 async fn hold_stream(mut stream: tokio::net::TcpStream) {
     let mut buf = [0u8; 512];
     while let Ok(n) = stream.read(&mut buf).await {
         if n == 0 {
             break;
+        }
+    }
+}
+
+/// DNS over TCP: length-prefixed queries, answered in order, until the client closes.
+async fn dns_tcp_stream(mut stream: tokio::net::TcpStream, web: Ipv4Addr) {
+    let mut out = Vec::with_capacity(512);
+    loop {
+        let Ok(len) = stream.read_u16().await else {
+            return;
+        };
+        let mut query = vec![0u8; usize::from(len)];
+        if stream.read_exact(&mut query).await.is_err() {
+            return;
+        }
+        if !dns::respond(&query, web, DNS_TTL, &mut out) {
+            return;
+        }
+        let Ok(len) = u16::try_from(out.len()) else {
+            return;
+        };
+        let mut framed = len.to_be_bytes().to_vec();
+        framed.extend_from_slice(&out);
+        if stream.write_all(&framed).await.is_err() {
+            return;
         }
     }
 }
