@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use egressgate::peek::http::{peek_request_head, RequestHead};
 use egressgate::peek::postgres::{peek_first_message, FirstMessage, PgMessage};
 use egressgate::peek::tls::{peek_client_hello, ClientHello, MAX_RECORD_LEN};
+use egressgate::peek::tls_retry::{peek_second_client_hello, peek_server_first};
 use egressgate::peek::{sniff, Peek, Sniffed};
 
 /// Inputs up to this long are fed at every prefix; longer ones at sampled cuts.
@@ -35,9 +36,12 @@ const PG_MAX_MESSAGES: usize = 3;
 
 /// A TLS byte stream: records carrying a ClientHello (or anything else). An input starting with
 /// `0x01` is also taken as a bare handshake message and framed into records of several sizes.
+/// The same bytes are read as a server's first answer (a HelloRetryRequest?) too, and what
+/// follows a ClientHello as the way to a second one.
 pub fn tls(data: &[u8]) {
     let mut rng = Rng::new(data);
     check_sniff(data);
+    check_prefixes("peek_server_first", data, peek_server_first, &mut rng);
     tls_stream(data, &mut rng);
     if data.first() == Some(&HANDSHAKE_CLIENT_HELLO) {
         handshake_message(data, &mut rng);
@@ -122,6 +126,21 @@ fn tls_stream(data: &[u8], rng: &mut Rng) {
         Peek::Complete(Sniffed::TlsHandshake),
         "sniff misroutes"
     );
+    // After a HelloRetryRequest: ChangeCipherSpec, early data, then the second ClientHello.
+    let rest = &data[hello.consumed..];
+    let (second, decided_at) = check_prefixes(
+        "peek_second_client_hello",
+        rest,
+        peek_second_client_hello,
+        rng,
+    );
+    if let Peek::Complete(second) = &second {
+        assert_eq!(
+            decided_at,
+            Some(second.consumed),
+            "second ClientHello decided before its last record ended"
+        );
+    }
     let message = deframe(&data[..hello.consumed]);
     let size = record_size(rng, message.len());
     let version = record_version(rng);

@@ -1,4 +1,5 @@
-//! The JSON lines the gateway prints on stdout: one `decision` per connection, one `close` per
+//! The JSON lines the gateway prints on stdout: one `decision` per connection (two when an
+//! allowed ClientHello's second one, after a HelloRetryRequest, is refused), one `close` per
 //! connection that was relayed. Field names and their order are a stable interface (README,
 //! "Logs").
 

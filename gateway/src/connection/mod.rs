@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! accept ─ identify ─ select ─ names ─ grants ─ [tcp grant: no peek] ─ peek ─ authorize
-//!        ─ finish (decision line, metrics) ─ deny: reset │ allow/audit: connect ─ relay ─ close
+//!        ─ finish (decision line, metrics) ─ deny: reset │ allow/audit: connect
+//!        ─ [allowed ClientHello: retry: HelloRetryRequest? second ClientHello, same name,
+//!           or a second decision line and reset] ─ relay ─ close
 //! ```
 //!
 //! Each stage is a plain function that returns the next stage's input or a [`Stop`] (the typed
@@ -19,6 +21,7 @@ mod finish;
 mod peeking;
 mod postgres;
 mod reader;
+mod retry;
 mod stages;
 mod stop;
 mod upstream;
@@ -135,38 +138,70 @@ impl Proxy {
         };
         // Held until the connection closes: `connections.max` counts open connections.
         let permit = self.limits.connection();
-        let cx = Context::new(id, accepted, source, destination);
-        let verdict = self.examine(cx, permit.is_some(), &mut streams).await;
+        let admitted = permit.is_some();
+        // No waiting over the limit, but the log names the pod if it is known.
+        let snapshot = if admitted {
+            self.wait_for_pod(source, accepted).await
+        } else {
+            self.store.current()
+        };
+        let mut cx = Context::new(id, accepted, source, destination);
+        let verdict = self
+            .examine(&mut cx, &snapshot, admitted, &mut streams)
+            .await;
         if verdict == Verdict::Deny {
             reset(streams.client);
             return;
         }
-        self.connect_and_relay(id, destination, streams, accepted)
-            .await;
+        let dialled = match streams.upstream.take() {
+            Some(upstream) => Ok(upstream),
+            None => TcpDial.dial(destination).await,
+        };
+        let mut upstream = match dialled {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                self.metrics.upstream_connect_errors.inc();
+                reset(streams.client);
+                let error = Some(format!("connect: {e}"));
+                CloseLine::print(id, (0, 0), elapsed_ms(accepted), error);
+                return;
+            }
+        };
+        // Only a ClientHello a rule allowed is held to its second one; audit lets anything on.
+        let moved = if verdict == Verdict::Allow {
+            match self.retry(&mut cx, &mut streams, &mut upstream).await {
+                Some(moved) => moved,
+                None => {
+                    reset(streams.client);
+                    return;
+                }
+            }
+        } else {
+            retry::Moved::default()
+        };
+        // A long relay holds neither the context nor the snapshot it borrows.
+        drop(cx);
+        drop(snapshot);
+        self.relay(id, streams, upstream, accepted, moved).await;
     }
 
     /// Everything up to the verdict, which it returns after printing the decision line. `cx`
-    /// arrives empty and from here borrows the snapshot taken here: a long relay holds neither.
-    async fn examine(
+    /// arrives empty and from here borrows `snapshot`.
+    async fn examine<'s>(
         &self,
-        mut cx: Context<'_>,
+        cx: &mut Context<'s>,
+        snapshot: &'s Snapshot,
         admitted: bool,
         streams: &mut Streams<TcpStream, TcpStream>,
     ) -> Verdict {
-        // No waiting over the limit, but the log names the pod if it is known.
-        let snapshot = if admitted {
-            self.wait_for_pod(cx.client, cx.accepted).await
-        } else {
-            self.store.current()
-        };
         let outcome = if admitted {
-            self.decide(&mut cx, &snapshot, streams, &TcpDial).await
+            self.decide(cx, snapshot, streams, &TcpDial).await
         } else {
             cx.pod = stages::identify(&snapshot.identities, cx.client).ok();
             Err(Stop::new(Limit::ConnectionLimit))
         };
-        let verdict = self.verdict(&cx, &outcome);
-        finish::finish(&cx, &outcome, verdict, &self.metrics);
+        let verdict = self.verdict(cx, &outcome);
+        finish::finish(cx, &outcome, verdict, &self.metrics);
         verdict
     }
 
@@ -226,52 +261,51 @@ impl Proxy {
         }
     }
 
-    /// Connect: the upstream (unless the PostgreSQL negotiation opened it); relay: the peeked
-    /// bytes not yet forwarded, then splice both ways until both sides are done.
-    async fn connect_and_relay(
+    /// The retry stage ([`retry::check`]) of an allowed connection. A refused second
+    /// ClientHello gets a decision line of its own; `None` when its verdict is deny.
+    async fn retry<C, U>(
+        &self,
+        cx: &mut Context<'_>,
+        streams: &mut Streams<C, U>,
+        upstream: &mut U,
+    ) -> Option<retry::Moved>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Streams { client, reader, .. } = streams;
+        let outcome = retry::check(cx, client, upstream, reader, self.peek.timeout()).await;
+        match outcome {
+            Ok((_, moved)) => Some(moved),
+            Err(stop) => {
+                let outcome = Err(stop);
+                let verdict = self.verdict(cx, &outcome);
+                finish::finish(cx, &outcome, verdict, &self.metrics);
+                (verdict != Verdict::Deny).then(retry::Moved::default)
+            }
+        }
+    }
+
+    /// Relay: the peeked bytes not yet forwarded, then splice both ways until both sides are
+    /// done; `moved` is what the retry stage already carried.
+    async fn relay(
         &self,
         id: u64,
-        destination: OrigDstAddr,
         streams: Streams<TcpStream, TcpStream>,
+        upstream: TcpStream,
         accepted: Instant,
+        moved: retry::Moved,
     ) {
-        let Streams {
-            client,
-            upstream,
-            reader,
-        } = streams;
+        let Streams { client, reader, .. } = streams;
         let replay = reader.into_unforwarded();
-        let upstream = match upstream {
-            Some(upstream) => Ok(upstream),
-            None => TcpDial.dial(destination).await,
-        };
-        let upstream = match upstream {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                self.metrics.upstream_connect_errors.inc();
-                reset(client);
-                CloseLine::print(
-                    id,
-                    (0, 0),
-                    elapsed_ms(accepted),
-                    Some(format!("connect: {e}")),
-                );
-                return;
-            }
-        };
         let _ = client.set_nodelay(true);
         let relayed = relay::relay(client, upstream, replay, self.idle_timeout).await;
-        self.metrics
-            .bytes
-            .with_label_values(&["up"])
-            .inc_by(relayed.bytes_up);
-        self.metrics
-            .bytes
-            .with_label_values(&["down"])
-            .inc_by(relayed.bytes_down);
+        let (up, down) = (relayed.bytes_up + moved.up, relayed.bytes_down + moved.down);
+        self.metrics.bytes.with_label_values(&["up"]).inc_by(up);
+        self.metrics.bytes.with_label_values(&["down"]).inc_by(down);
         CloseLine::print(
             id,
-            (relayed.bytes_up, relayed.bytes_down),
+            (up, down),
             elapsed_ms(accepted),
             relayed.error.map(|e| e.to_string()),
         );

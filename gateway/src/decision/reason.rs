@@ -147,8 +147,9 @@ wire_codes! {
 wire_codes! {
     /// The destination failed before the gateway could decide.
     pub enum UpstreamFault {
-        /// The destination did not answer a PostgreSQL encryption request, which the gateway
-        /// must relay before it can see the rest of the startup.
+        /// The destination did not answer a message whose answer the gateway must see before
+        /// it can go on: a PostgreSQL encryption request (the rest of the startup depends on
+        /// it), or an allowed ClientHello (is it a HelloRetryRequest?).
         UpstreamUnreachable = "upstream_unreachable",
     }
 }

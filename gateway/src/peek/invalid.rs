@@ -46,6 +46,16 @@ pub enum Invalid {
     TlsSniNotDnsName { reason: &'static str },
     #[error("malformed ALPN extension (RFC 7301 §3.1): {reason}")]
     TlsAlpnMalformed { reason: &'static str },
+    /// RFC 8446 §5: a change_cipher_spec record is the single byte 0x01, or the handshake aborts.
+    #[error("ChangeCipherSpec record other than the single byte 0x01 (RFC 8446 §5)")]
+    TlsBadChangeCipherSpec,
+    /// RFC 8446 §4.1.2: the ClientHello after a HelloRetryRequest keeps the first one's
+    /// server_name.
+    #[error("the ClientHello after a HelloRetryRequest names another server (RFC 8446 §4.1.2)")]
+    TlsRetrySniChanged,
+    /// RFC 8446 §4.1.2: ... and its ALPN list.
+    #[error("the ClientHello after a HelloRetryRequest changes the ALPN list (RFC 8446 §4.1.2)")]
+    TlsRetryAlpnChanged,
 
     // === HTTP/1 (RFC 9112, RFC 9110) ===
     /// RFC 9112 §2.2: a bare CR is invalid; this peeker also refuses a bare LF (see `http`).
@@ -130,6 +140,9 @@ impl Invalid {
             Self::TlsSniIpLiteral => "tls_sni_ip_literal",
             Self::TlsSniNotDnsName { .. } => "tls_sni_not_dns_name",
             Self::TlsAlpnMalformed { .. } => "tls_alpn_malformed",
+            Self::TlsBadChangeCipherSpec => "tls_bad_change_cipher_spec",
+            Self::TlsRetrySniChanged => "tls_retry_sni_changed",
+            Self::TlsRetryAlpnChanged => "tls_retry_alpn_changed",
             Self::HttpLineEnding { .. } => "http_bad_line_ending",
             Self::HttpBadMethod => "http_bad_method",
             Self::HttpBadRequestLine { .. } => "http_bad_request_line",
@@ -188,6 +201,9 @@ mod tests {
             Invalid::TlsAlpnMalformed {
                 reason: "empty protocol name",
             },
+            Invalid::TlsBadChangeCipherSpec,
+            Invalid::TlsRetrySniChanged,
+            Invalid::TlsRetryAlpnChanged,
             Invalid::HttpLineEnding { line: 1 },
             Invalid::HttpBadMethod,
             Invalid::HttpBadRequestLine { reason: "x" },
