@@ -211,6 +211,39 @@ async fn http_heads_and_the_http2_preface_are_told_apart() {
 }
 
 #[tokio::test]
+async fn a_first_request_framed_ambiguously_is_smuggling_and_h2c_a_protocol_mismatch() {
+    let cases: [(&[u8], Reason, &str); 4] = [
+        (
+            b"POST / HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Reason::Pod(PodFault::HttpSmuggling),
+            "http_content_length_and_transfer_encoding",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: api.example.test\r\n x\r\n\r\n",
+            Reason::Pod(PodFault::HttpSmuggling),
+            "http_obs_fold",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: h2c\r\n\r\n",
+            Reason::Policy(PolicyDenial::ProtocolMismatch),
+            "http_upgrade_h2c",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: api.example.test\r\nX: \x00\r\n\r\n",
+            Reason::Pod(PodFault::Malformed),
+            "http_bad_header_value",
+        ),
+    ];
+    for (request, reason, detail) in cases {
+        let (mut streams, mut pod) = accepted(MAX_BYTES);
+        pod.write_all(request).await.expect("writes");
+        let stop = sniff_then_message(&mut streams).await.expect_err("refused");
+        assert_eq!(stop.reason, reason, "{detail}");
+        assert_eq!(stop.detail.map(|d| d.code()), Some(detail));
+    }
+}
+
+#[tokio::test]
 async fn without_a_postgresql_grant_a_startup_is_only_read_for_the_log() {
     let (mut streams, mut pod) = accepted(MAX_BYTES);
     pod.write_all(PG_STARTUP).await.expect("writes");

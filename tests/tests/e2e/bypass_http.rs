@@ -198,14 +198,14 @@ fn folding_line_endings_and_odd_bytes_are_refused() {
         &lab,
         "/fold-1",
         "GET /fold-1 HTTP/1.1\r\nHost: api.example.test\r\n evil.example.test\r\n\r\n",
-        "malformed",
+        "http_smuggling",
         Some("http_obs_fold"),
     );
     blocked(
         &lab,
         "/fold-2",
         "GET /fold-2 HTTP/1.1\r\nX-Pad: a\r\n\tHost: evil.example.test\r\nHost: api.example.test\r\n\r\n",
-        "malformed",
+        "http_smuggling",
         Some("http_obs_fold"),
     );
     // Bare LF, where some parsers see one header line and others two.
@@ -213,21 +213,21 @@ fn folding_line_endings_and_odd_bytes_are_refused() {
         &lab,
         "/lf-1",
         "GET /lf-1 HTTP/1.1\nHost: evil.example.test\n\n",
-        "malformed",
+        "http_smuggling",
         Some("http_bad_line_ending"),
     );
     blocked(
         &lab,
         "/lf-2",
         "GET /lf-2 HTTP/1.1\r\nHost: api.example.test\r\nX-Pad: a\nHost: evil.example.test\r\n\r\n",
-        "malformed",
+        "http_smuggling",
         Some("http_bad_line_ending"),
     );
     blocked(
         &lab,
         "/cr-1",
         "GET /cr-1 HTTP/1.1\r\nHost: api.example.test\rHost: evil.example.test\r\n\r\n",
-        "malformed",
+        "http_smuggling",
         Some("http_bad_line_ending"),
     );
     blocked(
@@ -320,6 +320,116 @@ fn folding_line_endings_and_odd_bytes_are_refused() {
         "connect evil.example.test:443 HTTP/1.1\r\nHost: evil.example.test\r\nX-Path: /connect-1\r\n\r\n",
         "malformed",
         Some("http_bad_request_line"),
+    );
+}
+
+#[test]
+fn ambiguous_framing_of_the_first_request_is_refused_as_smuggling() {
+    let lab = shop_lab_resolved();
+    // Each would frame its body one way for the gateway and maybe another for the server: the
+    // "body" here is a request for evil that a server reading the other framing would serve.
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: evil.example.test\r\n\r\n";
+    let cases = [
+        (
+            "/cl-te",
+            "Content-Length: 4\r\nTransfer-Encoding: chunked",
+            "http_content_length_and_transfer_encoding",
+        ),
+        (
+            "/te-cl",
+            "Transfer-Encoding: chunked\r\nContent-Length: 4",
+            "http_content_length_and_transfer_encoding",
+        ),
+        (
+            "/cl-cl",
+            "Content-Length: 0\r\nContent-Length: 48",
+            "http_duplicate_content_length",
+        ),
+        (
+            "/cl-list",
+            "Content-Length: 0, 48",
+            "http_bad_content_length",
+        ),
+        (
+            "/te-case",
+            "Transfer-Encoding: Chunked",
+            "http_bad_transfer_encoding",
+        ),
+        (
+            "/te-x",
+            "Transfer-Encoding: xchunked",
+            "http_bad_transfer_encoding",
+        ),
+        (
+            "/te-twice",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity",
+            "http_bad_transfer_encoding",
+        ),
+    ];
+    for (path, fields, detail) in cases {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: api.example.test\r\n{fields}\r\n\r\n0\r\n\r\n{smuggled}"
+        );
+        blocked(&lab, path, &request, "http_smuggling", Some(detail));
+    }
+    blocked(
+        &lab,
+        "/te-10",
+        &format!("POST /te-10 HTTP/1.0\r\nHost: api.example.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        "http_smuggling",
+        Some("http_transfer_encoding_in_http10"),
+    );
+    assert_nginx_never_saw(&lab, "/smuggled");
+
+    // Unambiguous framing passes: curl's chunked upload and a Content-Length body.
+    let ca = lab.ca();
+    for args in [
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "hello",
+            "http://api.example.test/chunked-ok",
+        ][..],
+        &[
+            "--data-binary",
+            "hello",
+            "http://api.example.test/length-ok",
+        ],
+    ] {
+        let (out, d) = run_and_decide(&lab, "a", 80, &curl(&ca, args));
+        assert_allowed_as(&out, &d, addr::API);
+        assert!(out.stdout.contains("hello from api.example.test"), "{out}");
+    }
+    wait_nginx_saw(&lab, "/chunked-ok");
+    wait_nginx_saw(&lab, "/length-ok");
+}
+
+#[test]
+fn an_upgrade_to_h2c_is_refused() {
+    let lab = shop_lab_resolved();
+    // curl --http2 on http:// asks to upgrade the connection: Upgrade: h2c, HTTP2-Settings.
+    let ca = lab.ca();
+    let (out, d) = run_and_decide(
+        &lab,
+        "a",
+        80,
+        &curl(&ca, &["--http2", "http://api.example.test/h2c-up"]),
+    );
+    assert_blocked(
+        &lab,
+        &out,
+        &d,
+        "protocol_mismatch",
+        Some("http_upgrade_h2c"),
+    );
+    assert_nginx_never_saw(&lab, "/h2c-up");
+    blocked(
+        &lab,
+        "/h2c-2",
+        "GET /h2c-2 HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: websocket, H2C\r\n\r\n",
+        "protocol_mismatch",
+        Some("http_upgrade_h2c"),
     );
 }
 
