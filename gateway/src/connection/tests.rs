@@ -577,6 +577,56 @@ async fn other_connections_are_not_held() {
     assert_eq!(streams.reader.into_unforwarded(), HTTP_HEAD);
 }
 
+// === a first request that asks to upgrade ===
+
+#[tokio::test]
+async fn an_upgrade_is_opaque_only_once_the_server_switches() {
+    let request = b"GET /ws HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: websocket\r\n\r\n";
+    for (answer, switched) in [
+        (
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"[..],
+            true,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+    ] {
+        let (mut streams, mut pod) = accepted(MAX_BYTES);
+        // Bytes behind the request wait: after a 101 they are the new protocol's.
+        pod.write_all(&[&request[..], b"\x81\x05hello"].concat())
+            .await
+            .expect("writes");
+        let peeked = sniff_then_message(&mut streams).await.expect("a request");
+        assert!(matches!(peeked, Peeked::Http(_)));
+        let (mut upstream, mut server) = duplex(64 * 1024);
+        server.write_all(answer).await.expect("answers");
+        let Streams { client, reader, .. } = &mut streams;
+        let told =
+            upgrade::first_upgrade(client, &mut upstream, reader, request.len(), PEEK_TIMEOUT)
+                .await
+                .expect("answered");
+        assert_eq!(told, switched);
+        assert_eq!(read_n(&mut server, request.len()).await, request);
+        // The client got the server's first read (up to its status line at least).
+        let mut got = vec![0u8; 12];
+        pod.read_exact(&mut got).await.expect("status");
+        assert_eq!(&got, &answer[..12]);
+        assert_eq!(streams.reader.into_unforwarded(), b"\x81\x05hello");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_does_not_answer_an_upgrade_fails_at_the_deadline() {
+    let request = b"GET /ws HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: websocket\r\n\r\n";
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(request).await.expect("writes");
+    sniff_then_message(&mut streams).await.expect("a request");
+    let (mut upstream, _server) = duplex(1024);
+    let Streams { client, reader, .. } = &mut streams;
+    let error = upgrade::first_upgrade(client, &mut upstream, reader, request.len(), PEEK_TIMEOUT)
+        .await
+        .expect_err("no answer");
+    assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+}
+
 // === a real Proxy: the peek limit, the unknown-source wait ===
 
 const POLICY: &str = "apiVersion: egressgate.dev/v1alpha1

@@ -6,10 +6,10 @@
 use egressgate_lab::{addr, Decision, Lab, Output};
 
 use crate::bypass_support::{
-    assert_allowed_as, assert_blocked, assert_nginx_never_saw, send_once, send_raw,
+    assert_allowed_as, assert_blocked, assert_nginx_never_saw, connection_id, send_once, send_raw,
     shop_lab_resolved, wait_nginx_saw,
 };
-use crate::support::{curl, run_and_decide};
+use crate::support::{curl, run_and_decide, WAIT};
 
 fn http(lab: &Lab, request: &str) -> (Output, Decision) {
     send_once(lab, "a", addr::WEB, 80, request.as_bytes())
@@ -476,19 +476,169 @@ fn a_request_head_in_one_byte_segments_is_still_checked() {
     assert_nginx_never_saw(&lab, "/slow-evil-2");
 }
 
-/// Documented limit (docs/security.md): only the first request head on a connection is read.
-/// Later requests on the same keep-alive connection (or pipelined behind the first) reach the
-/// server unchecked, and nginx routes each by its own Host.
+/// The decisions for connection `id` so far.
+fn decisions_of(lab: &Lab, id: u64) -> Vec<Decision> {
+    lab.gateway()
+        .decisions()
+        .into_iter()
+        .filter(|d| d.0["connection"].as_u64() == Some(id))
+        .collect()
+}
+
+/// The second decision line of the connection `first` was decided on.
+fn later_decision(lab: &Lab, first: &Decision, out: &Output) -> Decision {
+    let id = connection_id(first);
+    let cursor = 0;
+    lab.gateway()
+        .wait_for_decision_since(
+            cursor,
+            |d| d.0["connection"].as_u64() == Some(id) && d.verdict() == Some("deny"),
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("no decision for the later request:\n{out}\n{e}"))
+}
+
 #[test]
-fn limit_http_requests_after_the_first_on_a_connection_are_not_inspected() {
+fn every_request_on_a_connection_is_checked_not_only_the_first() {
     let lab = shop_lab_resolved();
     let first = b"GET /ka-1 HTTP/1.1\r\nHost: api.example.test\r\n\r\n".to_vec();
-    let second =
+    let evil =
         b"GET /ka-2 HTTP/1.1\r\nHost: evil.example.test\r\nConnection: close\r\n\r\n".to_vec();
-    let (out, d) = send_raw(&lab, "a", addr::WEB, 80, &[first, second], 300);
+    // Kept alive (after the first answer), or pipelined in the same write.
+    for chunks in [
+        vec![first.clone(), evil.clone()],
+        vec![[first.clone(), evil.clone()].concat()],
+    ] {
+        let (out, d) = send_raw(&lab, "a", addr::WEB, 80, &chunks, 300);
+        assert_allowed_as(&out, &d, addr::API);
+        assert_eq!(d.host(), Some(addr::API), "{d}");
+        let denied = later_decision(&lab, &d, &out);
+        assert_eq!(denied.reason(), Some("host_mismatch"), "{denied}");
+        assert_eq!(denied.host(), Some(addr::EVIL), "{denied}");
+        // The allowed answer is not cut; the other never comes.
+        assert!(out.stdout.contains("hello from api.example.test"), "{out}");
+        assert!(
+            !out.stdout.contains("hello from evil.example.test"),
+            "{out}"
+        );
+        wait_nginx_saw(&lab, "/ka-1");
+        assert_nginx_never_saw(&lab, "/ka-2");
+    }
+
+    // curl --next reuses the connection; its second request names evil.
+    let ca = lab.ca();
+    let (out, d) = run_and_decide(
+        &lab,
+        "a",
+        80,
+        &curl(
+            &ca,
+            &[
+                "http://api.example.test/next-1",
+                "--next",
+                "-H",
+                "Host: evil.example.test",
+                "http://api.example.test/next-2",
+            ],
+        ),
+    );
     assert_allowed_as(&out, &d, addr::API);
-    assert_eq!(d.host(), Some(addr::API), "{d}");
     assert!(out.stdout.contains("hello from api.example.test"), "{out}");
-    assert!(out.stdout.contains("hello from evil.example.test"), "{out}");
-    wait_nginx_saw(&lab, "/ka-2");
+    assert!(!out.stdout.contains("hello from evil"), "{out}");
+    let denied = later_decision(&lab, &d, &out);
+    assert_eq!(denied.reason(), Some("host_mismatch"), "{denied}");
+    assert_nginx_never_saw(&lab, "/next-2");
+
+    // Several allowed requests on one connection: each served, one decision line.
+    let (out, d) = run_and_decide(
+        &lab,
+        "a",
+        80,
+        &curl(
+            &ca,
+            &[
+                "http://api.example.test/ok-1",
+                "--next",
+                "--data-binary",
+                "GET /in-body HTTP/1.1\r\nHost: evil.example.test\r\n\r\n",
+                "http://api.example.test/ok-2",
+                "--next",
+                "http://api.example.test/ok-3",
+            ],
+        ),
+    );
+    assert_allowed_as(&out, &d, addr::API);
+    assert_eq!(
+        out.stdout.matches("hello from api.example.test").count(),
+        3,
+        "{out}"
+    );
+    wait_nginx_saw(&lab, "/ok-3");
+    assert_nginx_never_saw(&lab, "/in-body");
+    let id = connection_id(&d);
+    lab.gateway()
+        .wait_for_events(
+            "close",
+            |line| line["connection"].as_u64() == Some(id),
+            1,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("not closed:\n{out}\n{e}"));
+    assert_eq!(decisions_of(&lab, id).len(), 1);
+}
+
+#[test]
+fn later_requests_are_held_to_the_framing_and_h2c_rules_of_the_first() {
+    let lab = shop_lab_resolved();
+    let first = b"GET /l-1 HTTP/1.1\r\nHost: api.example.test\r\n\r\n".to_vec();
+    let cases: [(&str, &str, &str, &str); 3] = [
+        (
+            "/l-smuggle",
+            "POST /l-smuggle HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /l-evil HTTP/1.1\r\nHost: evil.example.test\r\n\r\n",
+            "http_smuggling",
+            "http_content_length_and_transfer_encoding",
+        ),
+        (
+            "/l-h2c",
+            "GET /l-h2c HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+            "protocol_mismatch",
+            "http_upgrade_h2c",
+        ),
+        (
+            "/l-fold",
+            "GET /l-fold HTTP/1.1\r\nHost: api.example.test\r\n evil.example.test\r\n\r\n",
+            "http_smuggling",
+            "http_obs_fold",
+        ),
+    ];
+    for (path, later, reason, detail) in cases {
+        let (out, d) = send_raw(
+            &lab,
+            "a",
+            addr::WEB,
+            80,
+            &[first.clone(), later.as_bytes().to_vec()],
+            300,
+        );
+        assert_allowed_as(&out, &d, addr::API);
+        let denied = later_decision(&lab, &d, &out);
+        assert_eq!(
+            (denied.reason(), denied.0["detail"].as_str()),
+            (Some(reason), Some(detail)),
+            "{denied}"
+        );
+        assert_nginx_never_saw(&lab, path);
+    }
+    assert_nginx_never_saw(&lab, "/l-evil");
+
+    // A first request that asks to upgrade, which nginx does not do (it answers 200): the
+    // connection stays HTTP, and the next request is checked.
+    let upgrade = b"GET /u-1 HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".to_vec();
+    let evil = b"GET /u-2 HTTP/1.1\r\nHost: evil.example.test\r\n\r\n".to_vec();
+    let (out, d) = send_raw(&lab, "a", addr::WEB, 80, &[upgrade, evil], 300);
+    assert_allowed_as(&out, &d, addr::API);
+    assert!(out.stdout.contains("hello from api.example.test"), "{out}");
+    let denied = later_decision(&lab, &d, &out);
+    assert_eq!(denied.reason(), Some("host_mismatch"), "{denied}");
+    assert_nginx_never_saw(&lab, "/u-2");
 }
