@@ -3,13 +3,16 @@
 //! an absolute-form target, folding, case, line-ending and proxy tricks. Every attempt uses its
 //! own path, and nginx's access log shows whether the request reached it.
 
-use egressgate_lab::{addr, Decision, Lab, Output};
+use std::time::{Duration, Instant};
+
+use egressgate_lab::daemon::Daemon;
+use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
 
 use crate::bypass_support::{
     assert_allowed_as, assert_blocked, assert_nginx_never_saw, connection_id, send_once, send_raw,
     shop_lab_resolved, wait_nginx_saw,
 };
-use crate::support::{curl, run_and_decide, WAIT};
+use crate::support::{curl, dig, run_and_decide, SHOP_POLICY, WAIT};
 
 fn http(lab: &Lab, request: &str) -> (Output, Decision) {
     send_once(lab, "a", addr::WEB, 80, request.as_bytes())
@@ -641,4 +644,77 @@ fn later_requests_are_held_to_the_framing_and_h2c_rules_of_the_first() {
     let denied = later_decision(&lab, &d, &out);
     assert_eq!(denied.reason(), Some("host_mismatch"), "{denied}");
     assert_nginx_never_saw(&lab, "/u-2");
+}
+
+/// A WebSocket-style server on the web IP's port 8080: answers the first request head with
+/// `101 Switching Protocols`, then echoes whatever comes.
+const SWITCHING_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 8080)); s.listen(8)
+while True:
+    c, _ = s.accept()
+    data = b''
+    while b'\r\n\r\n' not in data:
+        more = c.recv(4096)
+        if not more: break
+        data += more
+    c.sendall(b'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n')
+    rest = data.split(b'\r\n\r\n', 1)[1] if b'\r\n\r\n' in data else b''
+    if rest: c.sendall(rest)
+    while True:
+        more = c.recv(4096)
+        if not more: break
+        c.sendall(more)
+    c.close()
+"#;
+
+#[test]
+fn after_the_server_switches_protocols_the_connection_is_opaque() {
+    let policy = SHOP_POLICY.replace(
+        "{port: 80, protocol: http}",
+        "{port: 80, endPort: 8080, protocol: http}",
+    );
+    let lab = Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(GatewayOptions::default().policy("shop.yaml", &policy))
+        .start()
+        .expect("lab starts");
+    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
+    let server = Daemon::spawn(
+        lab.up().name(),
+        "switching",
+        &["python3", "-c", SWITCHING_SERVER, addr::WEB],
+        lab.dir(),
+        "TERM",
+    )
+    .expect("server starts");
+    let probe = format!("exec 3<>/dev/tcp/{}/8080", addr::WEB);
+    let deadline = Instant::now() + WAIT;
+    while !lab.up().run(&["bash", "-c", &probe]).success() {
+        assert!(Instant::now() < deadline, "{}", server.output_tail(20));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let upgrade = b"GET /ws HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".to_vec();
+    // After the 101 these bytes are the new protocol's, whatever they look like.
+    let frames = b"GET /x HTTP/1.1\r\nHost: evil.example.test\r\n\r\n".to_vec();
+    let (out, d) = send_raw(&lab, "a", addr::WEB, 8080, &[upgrade, frames], 300);
+    assert_allowed_as(&out, &d, addr::API);
+    assert!(out.stdout.contains("101 Switching"), "{out}");
+    assert!(
+        out.stdout.contains("evil.example.test"),
+        "not echoed: {out}"
+    );
+    let id = connection_id(&d);
+    lab.gateway()
+        .wait_for_events(
+            "close",
+            |line| line["connection"].as_u64() == Some(id),
+            1,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("not closed:\n{out}\n{e}"));
+    assert_eq!(decisions_of(&lab, id).len(), 1, "{out}");
 }
