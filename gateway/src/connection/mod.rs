@@ -369,12 +369,18 @@ impl Proxy {
         cx.protocol = Some(Protocol::Http);
         let outcome = self.later_request(&mut cx, &snapshot, &seen);
         let refusal = !matches!(seen, Seen::Request(_));
+        let count = |verdict: Verdict| {
+            let requests = &self.metrics.http_later_requests;
+            requests.with_label_values(&[verdict.as_str()]).inc();
+        };
         let Err(stop) = outcome else {
+            count(Verdict::Allow);
             return Next::Pass;
         };
         let outcome = Err(stop);
         let verdict = self.verdict(&cx, &outcome);
         finish::finish(&cx, &outcome, verdict, &self.metrics);
+        count(verdict);
         match verdict {
             Verdict::Deny => Next::Stop,
             // Audit lets it through; bytes that frame no request can only go on unframed.

@@ -1,7 +1,8 @@
 //! Bypass suite, HTTP/1: a pod that resolved api.example.test (allowed on 80/http) tries to get
 //! nginx, which serves evil.example.test on the same IP, to serve evil instead: a second Host,
-//! an absolute-form target, folding, case, line-ending and proxy tricks. Every attempt uses its
-//! own path, and nginx's access log shows whether the request reached it.
+//! an absolute-form target, folding, case, line-ending, framing and proxy tricks, and later
+//! requests on the same connection. Every attempt uses its own path, and nginx's access log shows
+//! whether the request reached it.
 
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,8 @@ use egressgate_lab::daemon::Daemon;
 use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
 
 use crate::bypass_support::{
-    assert_allowed_as, assert_blocked, assert_nginx_never_saw, connection_id, send_once, send_raw,
-    shop_lab_resolved, wait_nginx_saw,
+    assert_allowed_as, assert_blocked, assert_nginx_never_saw, connection_id, metric, send_once,
+    send_raw, shop_lab_resolved, wait_nginx_saw,
 };
 use crate::support::{curl, dig, run_and_decide, SHOP_POLICY, WAIT};
 
@@ -588,6 +589,14 @@ fn every_request_on_a_connection_is_checked_not_only_the_first() {
         )
         .unwrap_or_else(|e| panic!("not closed:\n{out}\n{e}"));
     assert_eq!(decisions_of(&lab, id).len(), 1);
+    // Counted, though only the refused ones have lines: 3 denied, the two allowed after ok-1.
+    let count = |verdict: &str| {
+        metric(
+            &lab,
+            &format!("egressgate_http_later_requests_total{{verdict=\"{verdict}\"}}"),
+        )
+    };
+    assert_eq!((count("deny"), count("allow")), (3.0, 2.0));
 }
 
 #[test]
