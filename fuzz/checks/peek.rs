@@ -15,8 +15,10 @@ use std::fmt::Debug;
 use std::net::IpAddr;
 
 use egressgate::peek::http::{peek_request_head, RequestHead};
+use egressgate::peek::http_framing::{frame_stream, Frame, Framer, StreamEnd};
 use egressgate::peek::postgres::{peek_first_message, FirstMessage, PgMessage};
 use egressgate::peek::tls::{peek_client_hello, ClientHello, MAX_RECORD_LEN};
+use egressgate::peek::tls_retry::{peek_second_client_hello, peek_server_first};
 use egressgate::peek::{sniff, Peek, Sniffed};
 
 /// Inputs up to this long are fed at every prefix; longer ones at sampled cuts.
@@ -35,9 +37,12 @@ const PG_MAX_MESSAGES: usize = 3;
 
 /// A TLS byte stream: records carrying a ClientHello (or anything else). An input starting with
 /// `0x01` is also taken as a bare handshake message and framed into records of several sizes.
+/// The same bytes are read as a server's first answer (a HelloRetryRequest?) too, and what
+/// follows a ClientHello as the way to a second one.
 pub fn tls(data: &[u8]) {
     let mut rng = Rng::new(data);
     check_sniff(data);
+    check_prefixes("peek_server_first", data, peek_server_first, &mut rng);
     tls_stream(data, &mut rng);
     if data.first() == Some(&HANDSHAKE_CLIENT_HELLO) {
         handshake_message(data, &mut rng);
@@ -58,6 +63,109 @@ pub fn http(data: &[u8]) {
         );
         check_request_head(head, data);
     }
+}
+
+/// The client→server direction of an HTTP/1 connection, request after request: the framer
+/// (`peek::http_framing`) gives the same frames whatever the reads, each decided frame is
+/// monotonic, each head reads as the head peeker reads it, and no head it passes is ambiguous.
+pub fn http_framing(data: &[u8]) {
+    let mut rng = Rng::new(data);
+    let (frames, end) = frame_stream(data);
+    let mut framer = Framer::new();
+    let mut pos = 0;
+    for (at, frame) in &frames {
+        assert_eq!(*at, pos, "frames are not contiguous");
+        let rest = &data[pos..];
+        // Monotonic: a shorter read is undecided or decides the same.
+        let cut = rng.below(rest.len() + 1);
+        let answer = framer.clone().next(&rest[..cut]);
+        assert!(
+            answer == Peek::Incomplete || answer == Peek::Complete(frame.clone()),
+            "the first {cut} bytes frame differently: {answer:?} vs {frame:?}"
+        );
+        assert_eq!(framer.next(rest), Peek::Complete(frame.clone()));
+        let len = match frame {
+            Frame::Head(request) => {
+                check_framed_head(&request.head, rest);
+                request.head.consumed
+            }
+            Frame::Body(n) => usize::try_from(*n).unwrap_or(usize::MAX),
+            Frame::Chunk { line, data } => {
+                assert!(*line >= 3 && *data > 0, "empty chunk frame");
+                line.saturating_add(usize::try_from(*data).unwrap_or(usize::MAX))
+            }
+            Frame::LastChunk(len) => {
+                assert!(
+                    rest[..*len].ends_with(b"\r\n\r\n"),
+                    "trailer section not closed"
+                );
+                *len
+            }
+        };
+        assert!(len > 0, "an empty frame");
+        pos = pos.saturating_add(len);
+    }
+    if end == StreamEnd::Boundary {
+        assert_eq!(pos, data.len());
+        assert!(framer.at_request_boundary());
+    }
+    // Read in pseudo-random pieces, the same frames come out.
+    let mut fed = Framer::new();
+    let (mut pos, mut read, mut count) = (0usize, 0usize, 0usize);
+    loop {
+        if pos >= data.len() && fed.at_request_boundary() {
+            break;
+        }
+        let available = &data[pos.min(data.len())..read.max(pos).min(data.len())];
+        match fed.next(available) {
+            Peek::Complete(frame) => {
+                assert_eq!(
+                    frames.get(count).map(|(_, f)| f),
+                    Some(&frame),
+                    "reads change frame {count}"
+                );
+                count += 1;
+                pos = pos.saturating_add(match &frame {
+                    Frame::Head(request) => request.head.consumed,
+                    Frame::Body(n) => usize::try_from(*n).unwrap_or(usize::MAX),
+                    Frame::Chunk { line, data } => {
+                        line.saturating_add(usize::try_from(*data).unwrap_or(usize::MAX))
+                    }
+                    Frame::LastChunk(len) => *len,
+                });
+            }
+            Peek::Invalid(invalid) => {
+                assert_eq!(end, StreamEnd::Invalid(invalid), "reads change the refusal");
+                break;
+            }
+            Peek::Incomplete if read >= data.len() => break,
+            Peek::Incomplete => read = read.max(pos) + 1 + rng.below(MSS),
+        }
+    }
+    assert_eq!(count, frames.len(), "reads change the number of frames");
+}
+
+/// A head the framer passed: the head peeker reads it the same, and it is unambiguous.
+fn check_framed_head(head: &RequestHead, buf: &[u8]) {
+    check_request_head(head, buf);
+    assert_eq!(
+        peek_request_head(&buf[..head.consumed]),
+        Peek::Complete(head.clone()),
+        "the framer and the head peeker read the head differently"
+    );
+    let names: Vec<Vec<u8>> = buf[..head.consumed]
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .filter_map(|line| {
+            line.iter()
+                .position(|&b| b == b':')
+                .map(|c| line[..c].to_ascii_lowercase())
+        })
+        .collect();
+    let count = |name: &[u8]| names.iter().filter(|n| n.as_slice() == name).count();
+    let (lengths, codings) = (count(b"content-length"), count(b"transfer-encoding"));
+    assert!(lengths + codings <= 1, "ambiguous framing passed");
+    assert!(count(b"host") <= 1, "two Host fields passed");
 }
 
 /// The first bytes of a PostgreSQL connection, followed through the encryption negotiation.
@@ -122,6 +230,21 @@ fn tls_stream(data: &[u8], rng: &mut Rng) {
         Peek::Complete(Sniffed::TlsHandshake),
         "sniff misroutes"
     );
+    // After a HelloRetryRequest: ChangeCipherSpec, early data, then the second ClientHello.
+    let rest = &data[hello.consumed..];
+    let (second, decided_at) = check_prefixes(
+        "peek_second_client_hello",
+        rest,
+        peek_second_client_hello,
+        rng,
+    );
+    if let Peek::Complete(second) = &second {
+        assert_eq!(
+            decided_at,
+            Some(second.consumed),
+            "second ClientHello decided before its last record ended"
+        );
+    }
     let message = deframe(&data[..hello.consumed]);
     let size = record_size(rng, message.len());
     let version = record_version(rng);

@@ -1,5 +1,6 @@
-//! The JSON lines the gateway prints on stdout: one `decision` per connection, one `close` per
-//! connection that was relayed. Field names and their order are a stable interface (README,
+//! The JSON lines the gateway prints on stdout: one `decision` per connection, and one more for
+//! a refused later message of an allowed one (a second ClientHello after a HelloRetryRequest, a
+//! later HTTP/1 request), one `close` per connection that was relayed. Field names and their order are a stable interface (README,
 //! "Logs").
 
 use std::net::SocketAddr;

@@ -67,8 +67,12 @@ fn main() -> ExitCode {
             print!("{}", egressgate::nft::render(config));
             Ok(())
         }),
+        // Nothing to remove is a success: the rules are gone either way (a second `cleanup`, a
+        // node where `run` never installed them, a pre-delete hook after the last gateway).
         Command::Cleanup { config } => with_config(&config, |config| {
-            egressgate::nft::uninstall(config).map_err(|e| e.to_string())
+            let removed = egressgate::nft::remove(config).map_err(|e| e.to_string())?;
+            eprintln!("egressgate cleanup: {removed}");
+            Ok(())
         }),
     }
 }

@@ -33,6 +33,9 @@ pub struct Metrics {
     /// `protocol`: first byte to a complete (or refused) first message.
     pub peek_duration: HistogramVec,
     pub upstream_connect_errors: IntCounter,
+    /// `verdict`: the requests after the first on allowed HTTP/1 connections (the first is a
+    /// connection's decision); only refused ones get a decision line.
+    pub http_later_requests: IntCounterVec,
     /// `result`: `ok` or `error`.
     pub policy_reloads: IntCounterVec,
     pub policies: IntGauge,
@@ -90,6 +93,13 @@ impl Metrics {
                 "egressgate_upstream_connect_errors_total",
                 "Allowed connections whose destination could not be reached.",
             )?,
+            http_later_requests: IntCounterVec::new(
+                Opts::new(
+                    "egressgate_http_later_requests_total",
+                    "HTTP/1 requests after the first on allowed connections, by verdict.",
+                ),
+                &["verdict"],
+            )?,
             policy_reloads: IntCounterVec::new(
                 Opts::new(
                     "egressgate_policy_reloads_total",
@@ -114,6 +124,7 @@ impl Metrics {
         registry.register(Box::new(metrics.decision_duration.clone()))?;
         registry.register(Box::new(metrics.peek_duration.clone()))?;
         registry.register(Box::new(metrics.upstream_connect_errors.clone()))?;
+        registry.register(Box::new(metrics.http_later_requests.clone()))?;
         registry.register(Box::new(metrics.policy_reloads.clone()))?;
         registry.register(Box::new(metrics.policies.clone()))?;
         registry.register(Box::new(metrics.policy_stale.clone()))?;

@@ -1,8 +1,8 @@
 //! The nftables table and policy routing that send pod egress to the gateway through TPROXY.
 //!
 //! [`render`] produces one `nft -f` script for the `inet` table named in the configuration;
-//! [`install`] applies it and the routing it needs; [`uninstall`] (`egressgate cleanup`) removes
-//! both. The script:
+//! [`install`] applies it and the routing it needs; [`uninstall`] removes both ([`remove`] also
+//! says what it found: `egressgate cleanup`). The script:
 //!
 //! - `prerouting` (hook prerouting, priority mangle): packets from excluded pods are left alone;
 //!   packets from a pod CIDR or a matching interface go to `intercept`.
@@ -57,6 +57,11 @@ impl NftError {
     fn ipv6_unavailable(&self) -> bool {
         matches!(self, Self::Failed { stderr, .. }
             if stderr.contains("Address family not supported") || stderr.contains("IPv6 is disabled"))
+    }
+
+    /// `ip route show|flush table N` on a table the kernel never created: nothing there.
+    fn route_table_missing(&self) -> bool {
+        matches!(self, Self::Failed { stderr, .. } if stderr.contains("FIB table does not exist"))
     }
 }
 
@@ -230,39 +235,103 @@ fn set_excluded_in(
     Ok(())
 }
 
-/// Removes the table and the policy routing `install` added (`egressgate cleanup`); safe to
-/// repeat. Run it only when egress interception should end: while the rules stay, intercepted
-/// connections are refused when no gateway runs.
+/// What [`remove`] found and removed. All zero when there was nothing to remove, which is
+/// still a success: `cleanup` after `cleanup`, or on a node where `run` never installed anything.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Removed {
+    /// The nftables table existed and was deleted.
+    pub table: bool,
+    /// `ip rule fwmark MARK lookup TABLE` rules deleted, both families.
+    pub rules: usize,
+    /// Route tables (one per family) that held routes and were flushed.
+    pub route_tables: usize,
+}
+
+impl Removed {
+    pub fn nothing(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl std::fmt::Display for Removed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.nothing() {
+            return f.write_str("nothing to remove");
+        }
+        write!(
+            f,
+            "removed: table {}, {} ip rule(s), {} route table(s) flushed",
+            if self.table { "deleted" } else { "absent" },
+            self.rules,
+            self.route_tables
+        )
+    }
+}
+
+/// Removes the table and the policy routing `install` added; safe to repeat, and a success when
+/// there is nothing to remove. Run it only when egress interception should end: while the rules
+/// stay, intercepted connections are refused when no gateway runs.
 pub fn uninstall(config: &Config) -> Result<(), NftError> {
+    remove(config).map(drop)
+}
+
+/// [`uninstall`], saying what it found (`egressgate cleanup` prints it).
+pub fn remove(config: &Config) -> Result<Removed, NftError> {
     uninstall_in(config, None)
 }
 
-fn uninstall_in(config: &Config, netns: Option<&str>) -> Result<(), NftError> {
+fn uninstall_in(config: &Config, netns: Option<&str>) -> Result<Removed, NftError> {
     let runner = Runner { netns };
+    let mut removed = Removed::default();
     let table = &config.nftables.table;
-    // Creating it first makes the delete valid when it is already gone.
+    let listed = runner.run(&["nft", "list", "tables"], None)?;
+    removed.table = listed
+        .lines()
+        .any(|line| line.trim() == format!("table inet {table}"));
+    // Creating it first makes the delete valid when it is already gone (or went meanwhile).
     let script = format!("table inet {table} {{}}\ndelete table inet {table}\n");
     runner.run(&["nft", "-f", "-"], Some(&script))?;
     let mark = format!("{:#x}", config.nftables.mark);
     let route_table = config.nftables.route_table.to_string();
     for family in [Family::V4, Family::V6] {
-        let flag = family.ip_flag();
-        let rule = ["fwmark", mark.as_str(), "lookup", route_table.as_str()];
-        let result = runner
-            .run(&[&["ip", flag, "rule", "show"][..], &rule].concat(), None)
-            .and_then(|shown| {
-                for _ in shown.lines().filter(|line| !line.trim().is_empty()) {
-                    runner.run(&[&["ip", flag, "rule", "del"][..], &rule].concat(), None)?;
-                }
-                runner.run(&["ip", flag, "route", "flush", "table", &route_table], None)
-            });
-        match result {
-            Ok(_) => {}
+        match remove_routing(&runner, family, &mark, &route_table) {
+            Ok((rules, flushed)) => {
+                removed.rules += rules;
+                removed.route_tables += usize::from(flushed);
+            }
             Err(err) if matches!(family, Family::V6) && err.ipv6_unavailable() => {}
             Err(err) => return Err(err),
         }
     }
-    Ok(())
+    Ok(removed)
+}
+
+/// Deletes every `fwmark MARK lookup TABLE` rule of `family` and flushes TABLE if it holds
+/// routes; returns how many rules went and whether the table was flushed. A route table the
+/// kernel never created ("FIB table does not exist") has nothing to flush.
+fn remove_routing(
+    runner: &Runner<'_>,
+    family: Family,
+    mark: &str,
+    table: &str,
+) -> Result<(usize, bool), NftError> {
+    let flag = family.ip_flag();
+    let rule = ["fwmark", mark, "lookup", table];
+    let shown = runner.run(&[&["ip", flag, "rule", "show"][..], &rule].concat(), None)?;
+    let rules = shown.lines().filter(|line| !line.trim().is_empty()).count();
+    for _ in 0..rules {
+        runner.run(&[&["ip", flag, "rule", "del"][..], &rule].concat(), None)?;
+    }
+    let routes = match runner.run(&["ip", flag, "route", "show", "table", table], None) {
+        Ok(routes) => routes,
+        Err(err) if err.route_table_missing() => String::new(),
+        Err(err) => return Err(err),
+    };
+    if routes.trim().is_empty() {
+        return Ok((rules, false));
+    }
+    runner.run(&["ip", flag, "route", "flush", "table", table], None)?;
+    Ok((rules, true))
 }
 
 /// `ip rule fwmark MARK lookup TABLE` exactly once, and a `local` default route in TABLE.
@@ -740,8 +809,17 @@ mod tests {
         let netns = Netns::create();
         let config = config(FULL);
         install_in(&config, Some(&netns.0)).expect("install");
-        uninstall_in(&config, Some(&netns.0)).expect("uninstall");
-        uninstall_in(&config, Some(&netns.0)).expect("uninstall again");
+        let removed = uninstall_in(&config, Some(&netns.0)).expect("uninstall");
+        assert_eq!(
+            removed,
+            Removed {
+                table: true,
+                rules: 2,
+                route_tables: 2
+            }
+        );
+        let again = uninstall_in(&config, Some(&netns.0)).expect("uninstall again");
+        assert!(again.nothing(), "{again:?}");
         let tables = netns.run(&["nft", "list", "tables"]);
         assert_eq!(count_lines(&tables, "egressgate"), 0, "{tables}");
         for flag in ["-4", "-6"] {
@@ -750,6 +828,16 @@ mod tests {
             let routes = netns.run(&["ip", flag, "route", "show", "table", "25447"]);
             assert!(routes.trim().is_empty(), "{routes}");
         }
+    }
+
+    #[test]
+    fn uninstall_where_nothing_was_installed_succeeds_and_removes_nothing() {
+        // A fresh namespace: no table, no rule, and route table 25447 was never created (`ip
+        // route show|flush table` then fail with "FIB table does not exist").
+        let netns = Netns::create();
+        let removed = uninstall_in(&config(FULL), Some(&netns.0)).expect("nothing to remove");
+        assert!(removed.nothing(), "{removed:?}");
+        assert_eq!(removed.to_string(), "nothing to remove");
     }
 
     #[test]

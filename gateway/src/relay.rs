@@ -19,6 +19,10 @@ use tokio::time::Instant;
 
 use crate::pipes::PIPES;
 
+mod http;
+
+pub use http::{relay_http, Next, Seen};
+
 /// Most bytes one splice call moves: the default pipe capacity.
 const CHUNK: usize = 64 * 1024;
 
@@ -118,12 +122,54 @@ async fn pump(
     activity: &Activity,
     side: Side,
 ) -> Result<(), RelayError> {
+    loop {
+        if splice_some(from, to, CHUNK, total, activity, side).await? == 0 {
+            // EOF: pass the half-close on; the other direction may still be talking.
+            return shutdown_write(to).map_err(|e| side.other().error(e));
+        }
+    }
+}
+
+/// Moves exactly `len` bytes `from` → `to` through a pipe, unless `from` ends first; returns
+/// how many moved. `to` is not half-closed.
+async fn splice_exactly(
+    from: &TcpStream,
+    to: &TcpStream,
+    len: u64,
+    total: &AtomicU64,
+    activity: &Activity,
+    side: Side,
+) -> Result<u64, RelayError> {
+    let mut moved = 0;
+    while moved < len {
+        let max = usize::try_from(len - moved)
+            .unwrap_or(usize::MAX)
+            .min(CHUNK);
+        let chunk = splice_some(from, to, max, total, activity, side).await?;
+        if chunk == 0 {
+            break;
+        }
+        moved += chunk as u64;
+    }
+    Ok(moved)
+}
+
+/// Moves what `from` has (at most `max` bytes, once it has any) to `to` through a pipe; 0 when
+/// `from` ended.
+async fn splice_some(
+    from: &TcpStream,
+    to: &TcpStream,
+    max: usize,
+    total: &AtomicU64,
+    activity: &Activity,
+    side: Side,
+) -> Result<usize, RelayError> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         from.readable().await.map_err(|e| side.error(e))?;
         let pipe = PIPES.take().map_err(|e| side.error(e))?;
         let filled = from.try_io(Interest::READABLE, || {
-            splice(from.as_fd(), None, pipe.write.as_fd(), None, CHUNK, flags)
+            splice(from.as_fd(), None, pipe.write.as_fd(), None, max, flags)
                 .map_err(io::Error::from)
         });
         let filled = match filled {
@@ -136,8 +182,7 @@ async fn pump(
         };
         if filled == 0 {
             PIPES.give_back(pipe);
-            // EOF: pass the half-close on; the other direction may still be talking.
-            return shutdown_write(to).map_err(|e| side.other().error(e));
+            return Ok(0);
         }
         // On error the pipe may hold bytes: it is dropped, not given back.
         let mut left = filled;
@@ -154,6 +199,7 @@ async fn pump(
             activity.touch();
         }
         PIPES.give_back(pipe);
+        return Ok(filled);
     }
 }
 

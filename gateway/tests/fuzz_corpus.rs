@@ -22,6 +22,11 @@ fn peek_http_corpus_replays() {
 }
 
 #[test]
+fn http_framing_corpus_replays() {
+    replay::replay(MANIFEST_DIR, "http_framing", peek_checks::http_framing);
+}
+
+#[test]
 fn peek_postgres_corpus_replays() {
     replay::replay(MANIFEST_DIR, "peek_postgres", peek_checks::postgres);
 }

@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! accept ─ identify ─ select ─ names ─ grants ─ [tcp grant: no peek] ─ peek ─ authorize
-//!        ─ finish (decision line, metrics) ─ deny: reset │ allow/audit: connect ─ relay ─ close
+//!        ─ finish (decision line, metrics) ─ deny: reset │ allow/audit: connect
+//!        ─ [allowed ClientHello: retry: HelloRetryRequest? second ClientHello, same name,
+//!           or a second decision line and reset] ─ relay ─ close
+//!        (allowed HTTP/1: relay_http, every later request through `gate`, decided like the
+//!        first: a refused one gets its own decision line and ends the connection)
 //! ```
 //!
 //! Each stage is a plain function that returns the next stage's input or a [`Stop`] (the typed
@@ -19,8 +23,10 @@ mod finish;
 mod peeking;
 mod postgres;
 mod reader;
+mod retry;
 mod stages;
 mod stop;
+mod upgrade;
 mod upstream;
 
 use std::future::Future;
@@ -34,13 +40,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use crate::config::{self, UnselectedPods};
-use crate::decision::{self, Limit, Reason, Verdict};
+use crate::decision::{self, Limit, PodFault, Reason, Verdict};
 use crate::events::CloseLine;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::peek::{self, Peek, Peeked};
 use crate::pipes::PIPES;
 use crate::protocol::Protocol;
-use crate::relay;
+use crate::relay::{self, Next, Seen};
 use crate::store::{Snapshot, Store};
 pub use addr::{ClientAddr, OrigDstAddr};
 use context::{Context, Granted, Streams};
@@ -135,38 +142,77 @@ impl Proxy {
         };
         // Held until the connection closes: `connections.max` counts open connections.
         let permit = self.limits.connection();
-        let cx = Context::new(id, accepted, source, destination);
-        let verdict = self.examine(cx, permit.is_some(), &mut streams).await;
+        let admitted = permit.is_some();
+        // No waiting over the limit, but the log names the pod if it is known.
+        let snapshot = if admitted {
+            self.wait_for_pod(source, accepted).await
+        } else {
+            self.store.current()
+        };
+        let mut cx = Context::new(id, accepted, source, destination);
+        let verdict = self
+            .examine(&mut cx, &snapshot, admitted, &mut streams)
+            .await;
         if verdict == Verdict::Deny {
             reset(streams.client);
             return;
         }
-        self.connect_and_relay(id, destination, streams, accepted)
-            .await;
+        let dialled = match streams.upstream.take() {
+            Some(upstream) => Ok(upstream),
+            None => TcpDial.dial(destination).await,
+        };
+        let mut upstream = match dialled {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                self.metrics.upstream_connect_errors.inc();
+                reset(streams.client);
+                let error = Some(format!("connect: {e}"));
+                CloseLine::print(id, (0, 0), elapsed_ms(accepted), error);
+                return;
+            }
+        };
+        // Only a ClientHello a rule allowed is held to its second one; audit lets anything on.
+        let moved = if verdict == Verdict::Allow {
+            match self.retry(&mut cx, &mut streams, &mut upstream).await {
+                Some(moved) => moved,
+                None => {
+                    reset(streams.client);
+                    return;
+                }
+            }
+        } else {
+            retry::Moved::default()
+        };
+        // An allowed HTTP/1 connection goes on request by request (every Host checked).
+        let http = verdict == Verdict::Allow && matches!(cx.peeked, Some(Peeked::Http(_)));
+        // A long relay holds neither the context nor the snapshot it borrows.
+        drop(cx);
+        drop(snapshot);
+        if http {
+            self.relay_http(id, (source, destination), streams, upstream, accepted)
+                .await;
+        } else {
+            self.relay(id, streams, upstream, accepted, moved).await;
+        }
     }
 
     /// Everything up to the verdict, which it returns after printing the decision line. `cx`
-    /// arrives empty and from here borrows the snapshot taken here: a long relay holds neither.
-    async fn examine(
+    /// arrives empty and from here borrows `snapshot`.
+    async fn examine<'s>(
         &self,
-        mut cx: Context<'_>,
+        cx: &mut Context<'s>,
+        snapshot: &'s Snapshot,
         admitted: bool,
         streams: &mut Streams<TcpStream, TcpStream>,
     ) -> Verdict {
-        // No waiting over the limit, but the log names the pod if it is known.
-        let snapshot = if admitted {
-            self.wait_for_pod(cx.client, cx.accepted).await
-        } else {
-            self.store.current()
-        };
         let outcome = if admitted {
-            self.decide(&mut cx, &snapshot, streams, &TcpDial).await
+            self.decide(cx, snapshot, streams, &TcpDial).await
         } else {
             cx.pod = stages::identify(&snapshot.identities, cx.client).ok();
             Err(Stop::new(Limit::ConnectionLimit))
         };
-        let verdict = self.verdict(&cx, &outcome);
-        finish::finish(&cx, &outcome, verdict, &self.metrics);
+        let verdict = self.verdict(cx, &outcome);
+        finish::finish(cx, &outcome, verdict, &self.metrics);
         verdict
     }
 
@@ -226,52 +272,177 @@ impl Proxy {
         }
     }
 
-    /// Connect: the upstream (unless the PostgreSQL negotiation opened it); relay: the peeked
-    /// bytes not yet forwarded, then splice both ways until both sides are done.
-    async fn connect_and_relay(
+    /// The retry stage ([`retry::check`]) of an allowed connection. A refused second
+    /// ClientHello gets a decision line of its own; `None` when its verdict is deny.
+    async fn retry<C, U>(
+        &self,
+        cx: &mut Context<'_>,
+        streams: &mut Streams<C, U>,
+        upstream: &mut U,
+    ) -> Option<retry::Moved>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        U: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Streams { client, reader, .. } = streams;
+        let outcome = retry::check(cx, client, upstream, reader, self.peek.timeout()).await;
+        match outcome {
+            Ok((_, moved)) => Some(moved),
+            Err(stop) => {
+                let outcome = Err(stop);
+                let verdict = self.verdict(cx, &outcome);
+                finish::finish(cx, &outcome, verdict, &self.metrics);
+                (verdict != Verdict::Deny).then(retry::Moved::default)
+            }
+        }
+    }
+
+    /// Relay of an allowed HTTP/1 connection: the client→server direction request by request,
+    /// each later request authorized like the first ([`Proxy::gate`]); the server→client
+    /// direction spliced. A first request that asks to switch protocols waits for the server's
+    /// answer: after `101` the connection is opaque, as any other.
+    async fn relay_http(
         &self,
         id: u64,
-        destination: OrigDstAddr,
-        streams: Streams<TcpStream, TcpStream>,
+        (source, destination): (ClientAddr, OrigDstAddr),
+        mut streams: Streams<TcpStream, TcpStream>,
+        mut upstream: TcpStream,
         accepted: Instant,
     ) {
-        let Streams {
+        let reader = &mut streams.reader;
+        let first =
+            peek::http_framing::peek_request(&reader.buf[reader.forwarded.min(reader.buf.len())..]);
+        let mut first_decided = true;
+        if let Peek::Complete(first) = first {
+            if !first.upgrade.is_empty() && first.body == peek::http_framing::Body::None {
+                let head = first.head.consumed;
+                let timeout = self.peek.timeout();
+                let answer = upgrade::first_upgrade(
+                    &mut streams.client,
+                    &mut upstream,
+                    reader,
+                    head,
+                    timeout,
+                )
+                .await;
+                match answer {
+                    Ok(true) => {
+                        let moved = retry::Moved {
+                            up: head as u64,
+                            down: 0,
+                        };
+                        return self.relay(id, streams, upstream, accepted, moved).await;
+                    }
+                    Ok(false) => first_decided = false,
+                    Err(e) => {
+                        reset(streams.client);
+                        let error = Some(format!("upgrade: {e}"));
+                        CloseLine::print(id, (head as u64, 0), elapsed_ms(accepted), error);
+                        return;
+                    }
+                }
+            }
+        }
+        let Streams { client, reader, .. } = streams;
+        let _ = client.set_nodelay(true);
+        let buffered = reader.into_unforwarded();
+        let gate = |seen: Seen<'_>| self.gate(id, source, destination, seen);
+        let relayed = relay::relay_http(
             client,
             upstream,
-            reader,
-        } = streams;
+            buffered,
+            first_decided,
+            self.idle_timeout,
+            self.peek.max_bytes,
+            gate,
+        )
+        .await;
+        self.count_relayed(id, accepted, relayed, retry::Moved::default());
+    }
+
+    /// A later request on an HTTP/1 connection (or bytes that are none), decided like the first
+    /// with the policies, identities and names of now. A refused one gets its decision line;
+    /// an allowed one keeps its names alive, as the first did, and gets none.
+    fn gate(&self, id: u64, source: ClientAddr, destination: OrigDstAddr, seen: Seen<'_>) -> Next {
+        let snapshot = self.store.current();
+        let mut cx = Context::new(id, Instant::now(), source, destination);
+        cx.protocol = Some(Protocol::Http);
+        let outcome = self.later_request(&mut cx, &snapshot, &seen);
+        let refusal = !matches!(seen, Seen::Request(_));
+        let count = |verdict: Verdict| {
+            let requests = &self.metrics.http_later_requests;
+            requests.with_label_values(&[verdict.as_str()]).inc();
+        };
+        let Err(stop) = outcome else {
+            count(Verdict::Allow);
+            return Next::Pass;
+        };
+        let outcome = Err(stop);
+        let verdict = self.verdict(&cx, &outcome);
+        finish::finish(&cx, &outcome, verdict, &self.metrics);
+        count(verdict);
+        match verdict {
+            Verdict::Deny => Next::Stop,
+            // Audit lets it through; bytes that frame no request can only go on unframed.
+            _ if refusal => Next::Opaque,
+            _ => Next::Pass,
+        }
+    }
+
+    fn later_request<'s>(
+        &self,
+        cx: &mut Context<'s>,
+        snapshot: &'s Snapshot,
+        seen: &Seen<'_>,
+    ) -> Result<Granted, Stop> {
+        let pod = stages::identify(&snapshot.identities, cx.client)?;
+        cx.pod = Some(pod);
+        let selection = stages::select(pod, &snapshot.policies)?;
+        cx.resolved = stages::names(&self.table, pod, cx.destination);
+        cx.grants = stages::grants(&selection, cx.destination, &cx.resolved);
+        cx.selection = Some(selection);
+        let request = match seen {
+            Seen::Request(request) => request,
+            Seen::Invalid(invalid) => return Err(Stop::invalid(invalid.clone())),
+            Seen::TooLarge => return Err(Stop::new(PodFault::PeekTooLarge)),
+        };
+        let peeked = Ok(Peeked::Http(request.head.clone()));
+        let granted = stages::authorize(cx, peeked, self.peek.require_sni)?;
+        stages::keep_names_alive(&self.table, pod, cx.destination, &granted);
+        Ok(granted)
+    }
+
+    /// Relay: the peeked bytes not yet forwarded, then splice both ways until both sides are
+    /// done; `moved` is what the retry stage already carried.
+    async fn relay(
+        &self,
+        id: u64,
+        streams: Streams<TcpStream, TcpStream>,
+        upstream: TcpStream,
+        accepted: Instant,
+        moved: retry::Moved,
+    ) {
+        let Streams { client, reader, .. } = streams;
         let replay = reader.into_unforwarded();
-        let upstream = match upstream {
-            Some(upstream) => Ok(upstream),
-            None => TcpDial.dial(destination).await,
-        };
-        let upstream = match upstream {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                self.metrics.upstream_connect_errors.inc();
-                reset(client);
-                CloseLine::print(
-                    id,
-                    (0, 0),
-                    elapsed_ms(accepted),
-                    Some(format!("connect: {e}")),
-                );
-                return;
-            }
-        };
         let _ = client.set_nodelay(true);
         let relayed = relay::relay(client, upstream, replay, self.idle_timeout).await;
-        self.metrics
-            .bytes
-            .with_label_values(&["up"])
-            .inc_by(relayed.bytes_up);
-        self.metrics
-            .bytes
-            .with_label_values(&["down"])
-            .inc_by(relayed.bytes_down);
+        self.count_relayed(id, accepted, relayed, moved);
+    }
+
+    /// The byte counters and the `close` line of a relayed connection.
+    fn count_relayed(
+        &self,
+        id: u64,
+        accepted: Instant,
+        relayed: relay::Relayed,
+        moved: retry::Moved,
+    ) {
+        let (up, down) = (relayed.bytes_up + moved.up, relayed.bytes_down + moved.down);
+        self.metrics.bytes.with_label_values(&["up"]).inc_by(up);
+        self.metrics.bytes.with_label_values(&["down"]).inc_by(down);
         CloseLine::print(
             id,
-            (relayed.bytes_up, relayed.bytes_down),
+            (up, down),
             elapsed_ms(accepted),
             relayed.error.map(|e| e.to_string()),
         );

@@ -59,10 +59,12 @@ where
                 Peeked::Tls(hello)
             }
         }
+        // The head with how its body is framed: ambiguous framing is refused here already.
         Sniffed::Http1 => Peeked::Http(
             reader
-                .until(client, 0, peek::http::peek_request_head)
-                .await?,
+                .until(client, 0, peek::http_framing::peek_request)
+                .await?
+                .head,
         ),
         Sniffed::Http2Preface => Peeked::Http2,
         Sniffed::Postgres if postgres_grant => {

@@ -22,6 +22,15 @@ pub struct PeekReader {
     max_bytes: usize,
 }
 
+/// Why [`PeekReader::read_more`] read nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadStop {
+    /// The byte cap is reached.
+    Full,
+    /// The deadline passed.
+    Timeout,
+}
+
 /// Read size: a ClientHello usually arrives in one or two segments.
 const READ_CHUNK: usize = 4096;
 
@@ -39,6 +48,14 @@ impl PeekReader {
         self.deadline
     }
 
+    /// Starts reading a later message (the second ClientHello): the bytes already sent upstream
+    /// are dropped, and the new message gets `deadline` and the whole byte cap.
+    pub fn restart(&mut self, deadline: Instant) {
+        self.buf.drain(..self.forwarded.min(self.buf.len()));
+        self.forwarded = 0;
+        self.deadline = deadline;
+    }
+
     /// Reads until `parse(&buf[from..])` is complete or invalid. `parse` must be
     /// prefix-monotonic (every peeker is), so re-running it over the grown buffer is exact.
     pub async fn until<T>(
@@ -53,17 +70,28 @@ impl PeekReader {
                 Peek::Invalid(invalid) => return Err(Stop::invalid(invalid)),
                 Peek::Incomplete => {}
             }
-            let room = self.max_bytes.saturating_sub(self.buf.len());
-            if room == 0 {
-                return Err(Stop::new(PodFault::PeekTooLarge));
-            }
-            let read = tokio::time::timeout_at(self.deadline, self.read(client, room)).await;
-            match read {
+            match self.read_more(client).await {
                 Ok(0) => return Err(Stop::new(Reason::ClientClosed)),
                 Ok(_) => {}
-                Err(_) => return Err(Stop::new(PodFault::PeekTimeout)),
+                Err(ReadStop::Full) => return Err(Stop::new(PodFault::PeekTooLarge)),
+                Err(ReadStop::Timeout) => return Err(Stop::new(PodFault::PeekTimeout)),
             }
         }
+    }
+
+    /// Appends what `stream` sends next, within the deadline and the byte cap; `Ok(0)` when it
+    /// closed or reset.
+    pub async fn read_more(
+        &mut self,
+        stream: &mut (impl AsyncRead + Unpin),
+    ) -> Result<usize, ReadStop> {
+        let room = self.max_bytes.saturating_sub(self.buf.len());
+        if room == 0 {
+            return Err(ReadStop::Full);
+        }
+        tokio::time::timeout_at(self.deadline, self.read(stream, room))
+            .await
+            .map_err(|_| ReadStop::Timeout)
     }
 
     /// Appends what the client sends next, up to `limit` bytes; 0 when it closed or reset.

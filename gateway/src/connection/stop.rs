@@ -33,8 +33,12 @@ impl Stop {
     /// A peeker refused the bytes.
     pub fn invalid(invalid: Invalid) -> Self {
         let reason = match invalid {
-            // A pod speaking HTTP/2 to an HTTP/1 rule: a protocol it may not use, not garbage.
-            Invalid::Http2Preface => Reason::Policy(PolicyDenial::ProtocolMismatch),
+            // A pod speaking HTTP/2 to an HTTP/1 rule, or asking to switch to it (h2c): a
+            // protocol it may not use, not garbage.
+            Invalid::Http2Preface | Invalid::HttpUpgradeH2c => {
+                Reason::Policy(PolicyDenial::ProtocolMismatch)
+            }
+            _ if invalid.is_smuggling() => Reason::Pod(PodFault::HttpSmuggling),
             _ => Reason::Pod(PodFault::Malformed),
         };
         Stop {

@@ -211,6 +211,39 @@ async fn http_heads_and_the_http2_preface_are_told_apart() {
 }
 
 #[tokio::test]
+async fn a_first_request_framed_ambiguously_is_smuggling_and_h2c_a_protocol_mismatch() {
+    let cases: [(&[u8], Reason, &str); 4] = [
+        (
+            b"POST / HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Reason::Pod(PodFault::HttpSmuggling),
+            "http_content_length_and_transfer_encoding",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: api.example.test\r\n x\r\n\r\n",
+            Reason::Pod(PodFault::HttpSmuggling),
+            "http_obs_fold",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: h2c\r\n\r\n",
+            Reason::Policy(PolicyDenial::ProtocolMismatch),
+            "http_upgrade_h2c",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: api.example.test\r\nX: \x00\r\n\r\n",
+            Reason::Pod(PodFault::Malformed),
+            "http_bad_header_value",
+        ),
+    ];
+    for (request, reason, detail) in cases {
+        let (mut streams, mut pod) = accepted(MAX_BYTES);
+        pod.write_all(request).await.expect("writes");
+        let stop = sniff_then_message(&mut streams).await.expect_err("refused");
+        assert_eq!(stop.reason, reason, "{detail}");
+        assert_eq!(stop.detail.map(|d| d.code()), Some(detail));
+    }
+}
+
+#[tokio::test]
 async fn without_a_postgresql_grant_a_startup_is_only_read_for_the_log() {
     let (mut streams, mut pod) = accepted(MAX_BYTES);
     pod.write_all(PG_STARTUP).await.expect("writes");
@@ -358,6 +391,240 @@ async fn a_server_that_never_answers_runs_into_the_peek_deadline() {
     let mut received = [0u8; 8];
     server.read_exact(&mut received).await.expect("request");
     assert_eq!(received, PG_SSL_REQUEST);
+}
+
+// === the retry stage: HelloRetryRequest and the second ClientHello ===
+
+/// curl's first ClientHello (517 bytes), ChangeCipherSpec (6), second ClientHello (517).
+const RETRY_CLIENT: &[u8] =
+    capture!("tls_retry/curl-7.88.1-curves-P-256-X25519-hello-ccs-hello2-sni-api.example.test.bin");
+const RETRY_FIRST_LEN: usize = 517;
+/// The server's HelloRetryRequest and ChangeCipherSpec.
+const RETRY_HRR: &[u8] = capture!("tls_retry/openssl-3.0.19-s_server-groups-X25519-hrr-ccs.bin");
+/// A server's first read without a retry (ServerHello, ChangeCipherSpec, encrypted records).
+const RETRY_SERVER_HELLO: &[u8] =
+    capture!("tls_retry/openssl-3.0.19-s_server-server-hello-first-read-819B.bin");
+
+/// The connection after its first ClientHello was peeked (and allowed): the context, the
+/// streams, the pod's end and the server's end.
+async fn allowed_hello(
+    sent: &[u8],
+) -> (
+    Context<'static>,
+    Streams<DuplexStream, DuplexStream>,
+    DuplexStream,
+    DuplexStream,
+) {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(sent).await.expect("writes");
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
+    cx.peeked = Some(peeked.expect("a ClientHello"));
+    let (upstream, server) = duplex(64 * 1024);
+    streams.upstream = Some(upstream);
+    (cx, streams, pod, server)
+}
+
+async fn run_retry(
+    cx: &mut Context<'_>,
+    streams: &mut Streams<DuplexStream, DuplexStream>,
+) -> Result<(retry::Retry, retry::Moved), Stop> {
+    let Streams {
+        client,
+        upstream,
+        reader,
+    } = streams;
+    let upstream = upstream.as_mut().expect("dialled");
+    retry::check(cx, client, upstream, reader, PEEK_TIMEOUT).await
+}
+
+/// Reads exactly `len` bytes.
+async fn read_n(stream: &mut DuplexStream, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await.expect("reads");
+    buf
+}
+
+#[tokio::test]
+async fn without_a_retry_the_servers_first_read_reaches_the_client_and_nothing_else_is_held() {
+    let (mut cx, mut streams, mut pod, mut server) = allowed_hello(TLS_HELLO).await;
+    server.write_all(RETRY_SERVER_HELLO).await.expect("answers");
+    let (told, moved) = run_retry(&mut cx, &mut streams).await.expect("passes");
+    assert_eq!(told, retry::Retry::None);
+    assert_eq!(read_n(&mut server, TLS_HELLO.len()).await, TLS_HELLO);
+    assert_eq!(
+        read_n(&mut pod, RETRY_SERVER_HELLO.len()).await,
+        RETRY_SERVER_HELLO
+    );
+    assert_eq!(
+        moved,
+        retry::Moved {
+            up: TLS_HELLO.len() as u64,
+            down: RETRY_SERVER_HELLO.len() as u64
+        }
+    );
+    assert!(streams.reader.into_unforwarded().is_empty());
+}
+
+#[tokio::test]
+async fn after_a_retry_a_second_client_hello_with_the_same_name_goes_on() {
+    let (first, rest) = RETRY_CLIENT.split_at(RETRY_FIRST_LEN);
+    let (mut cx, mut streams, mut pod, mut server) = allowed_hello(first).await;
+    let pod_side = tokio::spawn(async move {
+        assert_eq!(read_n(&mut pod, RETRY_HRR.len()).await, RETRY_HRR);
+        pod.write_all(rest).await.expect("writes");
+        pod
+    });
+    server.write_all(RETRY_HRR).await.expect("retries");
+    let (told, moved) = run_retry(&mut cx, &mut streams).await.expect("same name");
+    assert_eq!(told, retry::Retry::SameName);
+    assert_eq!(moved.up, RETRY_FIRST_LEN as u64);
+    assert_eq!(read_n(&mut server, first.len()).await, first);
+    // The ChangeCipherSpec and the second ClientHello go up with the relay.
+    assert_eq!(streams.reader.into_unforwarded(), rest);
+    drop(pod_side.await.expect("pod side"));
+}
+
+#[tokio::test]
+async fn a_second_client_hello_naming_another_server_is_refused_before_it_reaches_it() {
+    let (first, rest) = RETRY_CLIENT.split_at(RETRY_FIRST_LEN);
+    let at = rest
+        .windows(16)
+        .position(|w| w == b"api.example.test")
+        .expect("SNI in the second ClientHello");
+    let mut evil = rest.to_vec();
+    evil[at..at + 3].copy_from_slice(b"web");
+    // Sent at once with the first: it waits in the peek buffer, unforwarded, all the same.
+    let sent = [first, &evil].concat();
+    let (mut cx, mut streams, _pod, mut server) = allowed_hello(&sent).await;
+    server.write_all(RETRY_HRR).await.expect("retries");
+    let stop = run_retry(&mut cx, &mut streams).await.expect_err("refused");
+    assert_eq!(stop, Stop::invalid(peek::Invalid::TlsRetrySniChanged));
+    assert_eq!(stop.detail.map(|d| d.code()), Some("tls_retry_sni_changed"));
+    // The log names what the second ClientHello asked for.
+    let sni = cx.peeked.as_ref().and_then(Peeked::requested_name);
+    assert_eq!(sni, Some("web.example.test"));
+    // The server got the first ClientHello and nothing more.
+    drop(streams);
+    let mut received = Vec::new();
+    server.read_to_end(&mut received).await.expect("reads");
+    assert_eq!(received, first);
+}
+
+#[tokio::test]
+async fn a_change_cipher_spec_that_is_not_one_byte_0x01_is_malformed() {
+    let (first, rest) = RETRY_CLIENT.split_at(RETRY_FIRST_LEN);
+    let mut bad = rest.to_vec();
+    bad[5] = 0x02;
+    let (mut cx, mut streams, _pod, mut server) = allowed_hello(&[first, &bad].concat()).await;
+    server.write_all(RETRY_HRR).await.expect("retries");
+    let stop = run_retry(&mut cx, &mut streams).await.expect_err("refused");
+    assert_eq!(stop, Stop::invalid(peek::Invalid::TlsBadChangeCipherSpec));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_never_answers_the_client_hello_is_unreachable_at_the_deadline() {
+    let (mut cx, mut streams, _pod, _server) = allowed_hello(TLS_HELLO).await;
+    let started = Instant::now();
+    let stop = run_retry(&mut cx, &mut streams)
+        .await
+        .expect_err("no answer");
+    assert_eq!(stop, Stop::new(UpstreamFault::UpstreamUnreachable));
+    assert_eq!(started.elapsed(), PEEK_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_sends_its_second_client_hello_times_out() {
+    let first = &RETRY_CLIENT[..RETRY_FIRST_LEN];
+    let (mut cx, mut streams, _pod, mut server) = allowed_hello(first).await;
+    server.write_all(RETRY_HRR).await.expect("retries");
+    let started = Instant::now();
+    let stop = run_retry(&mut cx, &mut streams)
+        .await
+        .expect_err("times out");
+    assert_eq!(stop, Stop::new(PodFault::PeekTimeout));
+    assert_eq!(started.elapsed(), PEEK_TIMEOUT);
+}
+
+#[tokio::test]
+async fn a_server_that_closes_without_answering_is_left_to_the_relay() {
+    let (mut cx, mut streams, _pod, mut server) = allowed_hello(TLS_HELLO).await;
+    let server_side = tokio::spawn(async move {
+        read_n(&mut server, TLS_HELLO.len()).await;
+    });
+    let (told, moved) = run_retry(&mut cx, &mut streams).await.expect("passes");
+    assert_eq!((told, moved.down), (retry::Retry::None, 0));
+    server_side.await.expect("server side");
+
+    // Gone before the ClientHello could be written: unreachable.
+    let (mut cx, mut streams, _pod, server) = allowed_hello(TLS_HELLO).await;
+    drop(server);
+    let stop = run_retry(&mut cx, &mut streams).await.expect_err("gone");
+    assert_eq!(stop, Stop::new(UpstreamFault::UpstreamUnreachable));
+}
+
+#[tokio::test]
+async fn other_connections_are_not_held() {
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(HTTP_HEAD).await.expect("writes");
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
+    cx.peeked = peeked.ok();
+    let (upstream, _server) = duplex(1024);
+    streams.upstream = Some(upstream);
+    let outcome = run_retry(&mut cx, &mut streams).await;
+    assert_eq!(outcome, Ok((retry::Retry::None, retry::Moved::default())));
+    assert_eq!(streams.reader.into_unforwarded(), HTTP_HEAD);
+}
+
+// === a first request that asks to upgrade ===
+
+#[tokio::test]
+async fn an_upgrade_is_opaque_only_once_the_server_switches() {
+    let request = b"GET /ws HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: websocket\r\n\r\n";
+    for (answer, switched) in [
+        (
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"[..],
+            true,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+    ] {
+        let (mut streams, mut pod) = accepted(MAX_BYTES);
+        // Bytes behind the request wait: after a 101 they are the new protocol's.
+        pod.write_all(&[&request[..], b"\x81\x05hello"].concat())
+            .await
+            .expect("writes");
+        let peeked = sniff_then_message(&mut streams).await.expect("a request");
+        assert!(matches!(peeked, Peeked::Http(_)));
+        let (mut upstream, mut server) = duplex(64 * 1024);
+        server.write_all(answer).await.expect("answers");
+        let Streams { client, reader, .. } = &mut streams;
+        let told =
+            upgrade::first_upgrade(client, &mut upstream, reader, request.len(), PEEK_TIMEOUT)
+                .await
+                .expect("answered");
+        assert_eq!(told, switched);
+        assert_eq!(read_n(&mut server, request.len()).await, request);
+        // The client got the server's first read (up to its status line at least).
+        let mut got = vec![0u8; 12];
+        pod.read_exact(&mut got).await.expect("status");
+        assert_eq!(&got, &answer[..12]);
+        assert_eq!(streams.reader.into_unforwarded(), b"\x81\x05hello");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_does_not_answer_an_upgrade_fails_at_the_deadline() {
+    let request = b"GET /ws HTTP/1.1\r\nHost: api.example.test\r\nUpgrade: websocket\r\n\r\n";
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(request).await.expect("writes");
+    sniff_then_message(&mut streams).await.expect("a request");
+    let (mut upstream, _server) = duplex(1024);
+    let Streams { client, reader, .. } = &mut streams;
+    let error = upgrade::first_upgrade(client, &mut upstream, reader, request.len(), PEEK_TIMEOUT)
+        .await
+        .expect_err("no answer");
+    assert_eq!(error.kind(), io::ErrorKind::TimedOut);
 }
 
 // === a real Proxy: the peek limit, the unknown-source wait ===

@@ -133,7 +133,7 @@ wire_codes! {
 }
 
 wire_codes! {
-    /// The pod's first message: too slow, too large, or not valid.
+    /// The pod's first message: too slow, too large, not valid, or framed ambiguously.
     pub enum PodFault {
         /// The client did not send its first message within `peek.timeoutMs`.
         PeekTimeout = "peek_timeout",
@@ -141,14 +141,19 @@ wire_codes! {
         PeekTooLarge = "peek_too_large",
         /// The first message is not valid for its protocol (the `detail` field says how).
         Malformed = "malformed",
+        /// An HTTP/1 request framed so that two parsers could read different requests from it
+        /// (request smuggling: Content-Length with Transfer-Encoding, obs-fold, a bare CR or
+        /// LF, …; the `detail` field says which).
+        HttpSmuggling = "http_smuggling",
     }
 }
 
 wire_codes! {
     /// The destination failed before the gateway could decide.
     pub enum UpstreamFault {
-        /// The destination did not answer a PostgreSQL encryption request, which the gateway
-        /// must relay before it can see the rest of the startup.
+        /// The destination did not answer a message whose answer the gateway must see before
+        /// it can go on: a PostgreSQL encryption request (the rest of the startup depends on
+        /// it), or an allowed ClientHello (is it a HelloRetryRequest?).
         UpstreamUnreachable = "upstream_unreachable",
     }
 }
@@ -214,9 +219,10 @@ impl Serialize for Reason {
 mod tests {
     use super::*;
 
-    /// The codes on the wire before the reasons were grouped: logs, dashboards and alerts
-    /// depend on every one of them, in this README order.
-    const WIRE_CODES: [&str; 19] = [
+    /// The codes on the wire (those from before the reasons were grouped, plus
+    /// `http_smuggling`, issue 14): logs, dashboards and alerts depend on every one of them, in
+    /// this README order.
+    const WIRE_CODES: [&str; 20] = [
         "allowed",
         "unselected",
         "unknown_source",
@@ -232,6 +238,7 @@ mod tests {
         "peek_timeout",
         "peek_too_large",
         "malformed",
+        "http_smuggling",
         "client_closed",
         "upstream_unreachable",
         "connection_limit",

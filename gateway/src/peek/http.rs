@@ -55,14 +55,20 @@ enum HostField {
 /// Reads an HTTP/1 request head from the start of `buf`. `Incomplete` until the blank line; the
 /// caller caps the bytes it is willing to buffer. Each line is checked as soon as it is whole.
 pub fn peek_request_head(buf: &[u8]) -> Peek<RequestHead> {
-    match request_head(buf) {
+    match request_head(buf, |_, _, _| Ok(())) {
         Ok(Some(head)) => Peek::Complete(head),
         Ok(None) => Peek::Incomplete,
         Err(invalid) => Peek::Invalid(invalid),
     }
 }
 
-fn request_head(buf: &[u8]) -> Result<Option<RequestHead>, Invalid> {
+/// [`peek_request_head`]'s parser, which also hands every header field (name, OWS-trimmed
+/// value, line number) to `field` as soon as its line is whole, in stream order: an error it
+/// returns is the head's (the framing parser reads Content-Length and friends this way).
+pub(crate) fn request_head(
+    buf: &[u8],
+    mut field: impl FnMut(&[u8], &[u8], usize) -> Result<(), Invalid>,
+) -> Result<Option<RequestHead>, Invalid> {
     let mut pos = 0;
     let Some(line) = next_line(buf, &mut pos, 1)? else {
         return Ok(None);
@@ -84,6 +90,7 @@ fn request_head(buf: &[u8]) -> Result<Option<RequestHead>, Invalid> {
             return Err(Invalid::HttpTooManyHeaders { max: MAX_HEADERS });
         }
         let (name, value) = header(line, number)?;
+        field(name, value, number)?;
         if name.eq_ignore_ascii_case(b"host") {
             if !matches!(host_field, HostField::Missing) {
                 return Err(Invalid::HttpDuplicateHost);
@@ -120,7 +127,7 @@ fn request_head(buf: &[u8]) -> Result<Option<RequestHead>, Invalid> {
 }
 
 /// The next CRLF-terminated line from `pos`, without its CRLF; `None` if it isn't whole yet.
-fn next_line<'a>(
+pub(crate) fn next_line<'a>(
     buf: &'a [u8],
     pos: &mut usize,
     number: usize,
@@ -207,7 +214,7 @@ fn absolute_form_authority(target: &[u8]) -> Result<Option<Authority>, Invalid> 
 }
 
 /// Splits a header line into name and OWS-trimmed value (RFC 9112 §5.1, RFC 9110 §5.5).
-fn header(line: &[u8], number: usize) -> Result<(&[u8], &[u8]), Invalid> {
+pub(crate) fn header(line: &[u8], number: usize) -> Result<(&[u8], &[u8]), Invalid> {
     if line.starts_with(b" ") || line.starts_with(b"\t") {
         return Err(Invalid::HttpObsFold { line: number });
     }
@@ -232,7 +239,7 @@ fn header(line: &[u8], number: usize) -> Result<(&[u8], &[u8]), Invalid> {
 }
 
 /// `value` without leading and trailing OWS (SP / HTAB, RFC 9110 §5.6.3).
-fn trim_ows(value: &[u8]) -> &[u8] {
+pub(crate) fn trim_ows(value: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
     let end = value

@@ -46,6 +46,16 @@ pub enum Invalid {
     TlsSniNotDnsName { reason: &'static str },
     #[error("malformed ALPN extension (RFC 7301 §3.1): {reason}")]
     TlsAlpnMalformed { reason: &'static str },
+    /// RFC 8446 §5: a change_cipher_spec record is the single byte 0x01, or the handshake aborts.
+    #[error("ChangeCipherSpec record other than the single byte 0x01 (RFC 8446 §5)")]
+    TlsBadChangeCipherSpec,
+    /// RFC 8446 §4.1.2: the ClientHello after a HelloRetryRequest keeps the first one's
+    /// server_name.
+    #[error("the ClientHello after a HelloRetryRequest names another server (RFC 8446 §4.1.2)")]
+    TlsRetrySniChanged,
+    /// RFC 8446 §4.1.2: ... and its ALPN list.
+    #[error("the ClientHello after a HelloRetryRequest changes the ALPN list (RFC 8446 §4.1.2)")]
+    TlsRetryAlpnChanged,
 
     // === HTTP/1 (RFC 9112, RFC 9110) ===
     /// RFC 9112 §2.2: a bare CR is invalid; this peeker also refuses a bare LF (see `http`).
@@ -88,6 +98,26 @@ pub enum Invalid {
     #[error("HTTP/1.1 request without Host (RFC 9112 §3.2)")]
     HttpMissingHost,
 
+    // === HTTP/1 framing (RFC 9112 §6, §7): what parsers could frame differently ===
+    /// RFC 9112 §6.1: a server MAY reject a request with both; one that doesn't picks one.
+    #[error("HTTP request with both Content-Length and Transfer-Encoding (RFC 9112 §6.1)")]
+    HttpContentLengthAndTransferEncoding,
+    #[error("HTTP request with more than one Content-Length")]
+    HttpDuplicateContentLength,
+    #[error("HTTP Content-Length is not 1 to 18 digits (RFC 9110 §8.6)")]
+    HttpBadContentLength,
+    /// RFC 9112 §6.3: unless chunked is the last coding the length cannot be determined.
+    #[error("HTTP Transfer-Encoding the gateway does not frame: {reason}")]
+    HttpBadTransferEncoding { reason: &'static str },
+    /// RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+    #[error("HTTP/1.0 request with Transfer-Encoding (RFC 9112 §6.1)")]
+    HttpTransferEncodingInHttp10,
+    #[error("bad HTTP chunk: {reason}")]
+    HttpBadChunk { reason: &'static str },
+    /// A switch to cleartext HTTP/2 (RFC 7540 §3.2), which the gateway does not read.
+    #[error("HTTP Upgrade to h2c is not allowed")]
+    HttpUpgradeH2c,
+
     // === PostgreSQL (protocol docs, "Message Formats") ===
     #[error("PostgreSQL first message length {len} outside 8..=10000")]
     PgLengthOutOfRange { len: u32 },
@@ -113,6 +143,27 @@ pub enum Invalid {
 }
 
 impl Invalid {
+    /// Framing that two HTTP/1 parsers could read differently, so that the gateway would check
+    /// other requests than the server serves: request smuggling.
+    pub fn is_smuggling(&self) -> bool {
+        matches!(
+            self,
+            Self::HttpContentLengthAndTransferEncoding
+                | Self::HttpDuplicateContentLength
+                | Self::HttpBadContentLength
+                | Self::HttpBadTransferEncoding { .. }
+                | Self::HttpTransferEncodingInHttp10
+                | Self::HttpBadChunk { .. }
+                | Self::HttpObsFold { .. }
+                | Self::HttpLineEnding { .. }
+        )
+    }
+
+    /// Valid HTTP/1 the gateway refuses: a tunnel (CONNECT) or a switch to h2c.
+    pub fn is_refused_http(&self) -> bool {
+        matches!(self, Self::HttpConnect | Self::HttpUpgradeH2c)
+    }
+
     /// A stable snake_case reason code for deny logs and metrics.
     pub fn code(&self) -> &'static str {
         match self {
@@ -130,6 +181,9 @@ impl Invalid {
             Self::TlsSniIpLiteral => "tls_sni_ip_literal",
             Self::TlsSniNotDnsName { .. } => "tls_sni_not_dns_name",
             Self::TlsAlpnMalformed { .. } => "tls_alpn_malformed",
+            Self::TlsBadChangeCipherSpec => "tls_bad_change_cipher_spec",
+            Self::TlsRetrySniChanged => "tls_retry_sni_changed",
+            Self::TlsRetryAlpnChanged => "tls_retry_alpn_changed",
             Self::HttpLineEnding { .. } => "http_bad_line_ending",
             Self::HttpBadMethod => "http_bad_method",
             Self::HttpBadRequestLine { .. } => "http_bad_request_line",
@@ -146,6 +200,15 @@ impl Invalid {
             Self::HttpBadHost { .. } => "http_bad_host",
             Self::HttpHostConflict => "http_host_conflict",
             Self::HttpMissingHost => "http_missing_host",
+            Self::HttpContentLengthAndTransferEncoding => {
+                "http_content_length_and_transfer_encoding"
+            }
+            Self::HttpDuplicateContentLength => "http_duplicate_content_length",
+            Self::HttpBadContentLength => "http_bad_content_length",
+            Self::HttpBadTransferEncoding { .. } => "http_bad_transfer_encoding",
+            Self::HttpTransferEncodingInHttp10 => "http_transfer_encoding_in_http10",
+            Self::HttpBadChunk { .. } => "http_bad_chunk",
+            Self::HttpUpgradeH2c => "http_upgrade_h2c",
             Self::PgLengthOutOfRange { .. } => "pg_length_out_of_range",
             Self::PgWrongLength { .. } => "pg_wrong_length",
             Self::PgProtocol2 { .. } => "pg_protocol_2",
@@ -188,6 +251,9 @@ mod tests {
             Invalid::TlsAlpnMalformed {
                 reason: "empty protocol name",
             },
+            Invalid::TlsBadChangeCipherSpec,
+            Invalid::TlsRetrySniChanged,
+            Invalid::TlsRetryAlpnChanged,
             Invalid::HttpLineEnding { line: 1 },
             Invalid::HttpBadMethod,
             Invalid::HttpBadRequestLine { reason: "x" },
@@ -204,6 +270,13 @@ mod tests {
             Invalid::HttpBadHost { reason: "x" },
             Invalid::HttpHostConflict,
             Invalid::HttpMissingHost,
+            Invalid::HttpContentLengthAndTransferEncoding,
+            Invalid::HttpDuplicateContentLength,
+            Invalid::HttpBadContentLength,
+            Invalid::HttpBadTransferEncoding { reason: "x" },
+            Invalid::HttpTransferEncodingInHttp10,
+            Invalid::HttpBadChunk { reason: "x" },
+            Invalid::HttpUpgradeH2c,
             Invalid::PgLengthOutOfRange { len: 4 },
             Invalid::PgWrongLength {
                 request: "SSLRequest",

@@ -11,13 +11,17 @@
 //! Layout:
 //! - [`sniff`] picks the protocol from the first bytes;
 //! - [`tls::peek_client_hello`]: SNI, ALPN, ECH presence (RFC 8446, RFC 6066, RFC 7301);
+//! - [`tls_retry`]: the server's first answer (a HelloRetryRequest?) and the second ClientHello;
 //! - [`http::peek_request_head`]: request line and Host (RFC 9112, RFC 9110);
+//! - [`http_framing::Framer`]: request boundaries on a connection (RFC 9112 §6, §7), smuggling;
 //! - [`postgres::peek_first_message`]: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage;
 //! - [`Peeked`]: what they found, as the connection path hands it to the authorization.
 
 pub mod http;
+pub mod http_framing;
 pub mod postgres;
 pub mod tls;
+pub mod tls_retry;
 
 mod invalid;
 mod peeked;

@@ -51,6 +51,16 @@ impl Peeked {
         }
     }
 
+    /// Puts `hello` where the ClientHello is (a refused second ClientHello, for the log).
+    pub fn replace_client_hello(&mut self, hello: ClientHello) {
+        match self {
+            Peeked::Tls(old) | Peeked::Postgres(PgFirst::Encrypted(PgEncryption::Tls(old))) => {
+                *old = hello
+            }
+            _ => {}
+        }
+    }
+
     /// The name the client asked for in its first message: the SNI or the HTTP host.
     pub fn requested_name(&self) -> Option<&str> {
         match self {

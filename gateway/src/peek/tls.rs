@@ -7,7 +7,7 @@
 //! then the ECH public name: the inner name is encrypted.
 //!
 //! Known limits: SSLv2-compatible hellos (first byte 0x80) are not handshake records and are
-//! refused; HelloRetryRequest's second ClientHello is past the peek and never seen.
+//! refused. The second ClientHello after a HelloRetryRequest is read by [`super::tls_retry`].
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;

@@ -3,14 +3,18 @@
 //! Real clients (openssl, curl) where they can send the trick; otherwise real captured
 //! ClientHellos, edited with every length recomputed, sent raw from the pod.
 
-use egressgate_lab::{addr, Decision, Lab, Output};
+use std::time::{Duration, Instant};
+
+use egressgate_lab::daemon::Daemon;
+use egressgate_lab::{addr, Decision, GatewayOptions, Lab, Output};
 
 use crate::bypass_support::{
-    assert_allowed_as, assert_blocked, assert_nginx_never_saw, assert_reply_starts,
-    one_byte_segments, records, send_once, send_raw, server_name_list, shop_lab_resolved,
-    wait_nginx_saw, Hello, CHROMIUM_ECH_HELLO, EXT_ECH, EXT_PADDING, EXT_SERVER_NAME,
+    assert_allowed_as, assert_blocked, assert_nginx_never_saw, assert_not_relayed,
+    assert_reply_starts, connection_id, one_byte_segments, records, send_once, send_raw,
+    server_name_list, shop_lab_resolved, wait_nginx_saw, Hello, CHROMIUM_ECH_HELLO, EXT_ECH,
+    EXT_PADDING, EXT_SERVER_NAME,
 };
-use crate::support::{curl, dig, run_and_decide, WAIT};
+use crate::support::{curl, dig, run_and_decide, SHOP_POLICY, WAIT};
 
 fn tls(lab: &Lab, bytes: &[u8]) -> (Output, Decision) {
     send_once(lab, "a", addr::WEB, 443, bytes)
@@ -329,6 +333,190 @@ fn a_second_client_hello_cannot_switch_the_name() {
     assert_allowed_as(&out, &d, addr::API);
     assert_eq!(d.sni(), Some(addr::API), "{d}");
     assert_server_hello(&out);
+}
+
+/// RFC 8446 §4.2.8: the key_share extension.
+const EXT_KEY_SHARE: u16 = 0x0033;
+/// A ChangeCipherSpec record (middlebox compatibility mode, RFC 8446 §D.4).
+const CHANGE_CIPHER_SPEC: &[u8] = &[0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+/// The first 16 bytes of a HelloRetryRequest record: record and handshake headers (a ServerHello),
+/// legacy_version, and the start of the fixed random of RFC 8446 §4.1.3.
+const HRR_START: &str = "1603030058020000540303cf21ad74e5";
+
+/// The decisions for connection `id` so far.
+fn decisions_of(lab: &Lab, id: u64) -> Vec<Decision> {
+    lab.gateway()
+        .decisions()
+        .into_iter()
+        .filter(|d| d.0["connection"].as_u64() == Some(id))
+        .collect()
+}
+
+/// The port of [`retry_lab`]'s TLS 1.3 server (the lab's nginx speaks TLS 1.2 at most).
+const RETRY_PORT: u16 = 8443;
+
+/// A lab whose pod a resolved api and may reach it over TLS on 443..=8443, with
+/// `openssl s_server -groups X25519` on the web IP's [`RETRY_PORT`]: it takes only X25519 key
+/// shares, so a ClientHello without one gets a HelloRetryRequest.
+fn retry_lab() -> (Lab, Daemon) {
+    let policy = SHOP_POLICY.replace(
+        "{port: 443, protocol: tls}",
+        "{port: 443, endPort: 8443, protocol: tls}",
+    );
+    let lab = Lab::builder()
+        .pods(1)
+        .dns()
+        .web()
+        .gateway(GatewayOptions::default().policy("shop.yaml", &policy))
+        .start()
+        .expect("lab starts");
+    assert!(dig(&lab, "a", addr::API, &[]).contains(&addr::WEB.to_owned()));
+    let cert = lab.ca();
+    let key = lab
+        .ca_cert()
+        .with_file_name("key.pem")
+        .display()
+        .to_string();
+    let accept = format!("{}:{RETRY_PORT}", addr::WEB);
+    let server = Daemon::spawn(
+        lab.up().name(),
+        "s_server",
+        &[
+            "openssl", "s_server", "-accept", &accept, "-cert", &cert, "-key", &key, "-groups",
+            "X25519", "-www",
+        ],
+        lab.dir(),
+        "TERM",
+    )
+    .expect("s_server starts");
+    let probe = format!("exec 3<>/dev/tcp/{}/{RETRY_PORT}", addr::WEB);
+    let deadline = Instant::now() + WAIT;
+    while !lab.up().run(&["bash", "-c", &probe]).success() {
+        assert!(Instant::now() < deadline, "{}", server.output_tail(20));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (lab, server)
+}
+
+#[test]
+fn after_a_hello_retry_request_the_second_client_hello_must_keep_the_name() {
+    let (lab, _server) = retry_lab();
+    // A ClientHello for api without a key share: the server answers with a HelloRetryRequest.
+    let first = Hello::python().set_ext(EXT_KEY_SHARE, vec![0, 0]).bytes();
+    let evil = [
+        CHANGE_CIPHER_SPEC,
+        &Hello::python().sni(addr::EVIL.as_bytes()).bytes(),
+    ]
+    .concat();
+
+    // The second ClientHello after the HRR, or sent at once behind the first: either way it is
+    // read before a byte of it goes up.
+    for chunks in [
+        vec![first.clone(), evil.clone()],
+        vec![[first.as_slice(), &evil].concat()],
+    ] {
+        let cursor = lab.gateway().cursor();
+        let (out, allowed) = send_raw(&lab, "a", addr::WEB, RETRY_PORT, &chunks, 500);
+        assert_allowed_as(&out, &allowed, addr::API);
+        assert_eq!(allowed.sni(), Some(addr::API), "{allowed}");
+        let id = connection_id(&allowed);
+        let denied = lab
+            .gateway()
+            .wait_for_decision_since(
+                cursor,
+                |d| d.0["connection"].as_u64() == Some(id) && d.verdict() == Some("deny"),
+                WAIT,
+            )
+            .unwrap_or_else(|e| panic!("no second decision:\n{out}\n{e}"));
+        assert_eq!(
+            (denied.reason(), denied.0["detail"].as_str()),
+            (Some("malformed"), Some("tls_retry_sni_changed")),
+            "{denied}"
+        );
+        assert_eq!(denied.sni(), Some(addr::EVIL), "{denied}");
+        // The client got the HelloRetryRequest, then a reset; nothing was relayed.
+        assert_reply_starts(&out, HRR_START);
+        assert_eq!(out.stdout.matches("reply ").count(), 1, "{out}");
+        assert!(out.stdout.contains("reset"), "{out}");
+        assert_not_relayed(&lab, &denied);
+    }
+
+    // The same name in the second ClientHello: passed on (the server answers it), one decision.
+    let api = [CHANGE_CIPHER_SPEC, &Hello::python().bytes()].concat();
+    let (out, allowed) = send_raw(&lab, "a", addr::WEB, RETRY_PORT, &[first, api], 500);
+    assert_allowed_as(&out, &allowed, addr::API);
+    assert_reply_starts(&out, HRR_START);
+    assert!(out.stdout.matches("reply ").count() >= 2, "{out}");
+    let id = connection_id(&allowed);
+    lab.gateway()
+        .wait_for_events(
+            "close",
+            |line| line["connection"].as_u64() == Some(id),
+            1,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("not relayed:\n{out}\n{e}"));
+    assert_eq!(decisions_of(&lab, id).len(), 1, "{out}");
+}
+
+#[test]
+fn real_clients_answering_a_hello_retry_request_are_allowed() {
+    let (lab, _server) = retry_lab();
+    let cert = lab.ca();
+    let connect = format!("{}:{RETRY_PORT}", addr::WEB);
+    let pod = lab.pod("a");
+    let cursor = lab.gateway().cursor();
+    let out = pod.run_stdin(
+        &[
+            "openssl",
+            "s_client",
+            "-connect",
+            &connect,
+            "-servername",
+            addr::API,
+            "-CAfile",
+            &cert,
+            "-groups",
+            "P-256:X25519",
+            "-msg",
+            "-ign_eof",
+        ],
+        "GET / HTTP/1.0\r\n\r\n",
+    );
+    let d = lab
+        .gateway()
+        .wait_for_decision_since(cursor, |d| d.is(&pod.name, RETRY_PORT), WAIT)
+        .unwrap_or_else(|e| panic!("no decision:\n{out}\n{e}"));
+    assert_allowed_as(&out, &d, addr::API);
+    assert_eq!(
+        out.stdout.matches("], ClientHello").count(),
+        2,
+        "no HelloRetryRequest:\n{out}"
+    );
+    assert!(out.stdout.contains("HTTP/1.0 200 ok"), "{out}");
+
+    let url = format!("https://{}:{RETRY_PORT}/", addr::API);
+    let (out, d) = run_and_decide(
+        &lab,
+        "a",
+        RETRY_PORT,
+        &curl(
+            &cert,
+            &["--curves", "P-256:X25519", "-o", "/dev/null", &url],
+        ),
+    );
+    assert!(out.success(), "{out}\n{d}");
+    assert_allowed_as(&out, &d, addr::API);
+    let id = connection_id(&d);
+    lab.gateway()
+        .wait_for_events(
+            "close",
+            |line| line["connection"].as_u64() == Some(id),
+            1,
+            WAIT,
+        )
+        .unwrap_or_else(|e| panic!("not relayed:\n{out}\n{e}"));
+    assert_eq!(decisions_of(&lab, id).len(), 1, "{out}");
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! The gateway's life: SIGTERM drains open connections, the rules stay after exit so egress
-//! fails closed, `egressgate cleanup` removes them; QUIC is refused so clients use TCP.
+//! fails closed, `egressgate cleanup` removes them (and succeeds when nothing is left); QUIC is
+//! refused so clients use TCP.
 
 use std::time::{Duration, Instant};
 
 use egressgate_lab::daemon::Daemon;
+use egressgate_lab::gateway::egressgate_bin;
 use egressgate_lab::{addr, GatewayOptions, Lab};
 
 use crate::support::{assert_allowed, curl, run_and_decide, SHOP_POLICY};
@@ -103,6 +105,58 @@ fn sigterm_drains_open_connections_and_the_rules_fail_closed_until_cleanup() {
     assert!(!tables.stdout.contains("egressgate"), "{tables}");
     let rules = lab.node().run(&["ip", "rule", "show"]);
     assert!(!rules.stdout.contains("0x6567"), "{rules}");
+    // Again: nothing left to remove is not an error.
+    let again = lab.node().run(&[&bin, "cleanup", "--config", &config]);
+    assert!(again.success(), "{again}");
+    assert!(again.stderr.contains("nothing to remove"), "{again}");
+}
+
+#[test]
+fn cleanup_with_nothing_to_remove_succeeds_and_says_so() {
+    let lab = Lab::builder()
+        .pods(1)
+        .without_gateway()
+        .start()
+        .expect("lab starts");
+    let bin = egressgate_bin()
+        .expect("built gateway")
+        .display()
+        .to_string();
+    let config = lab.dir().join("cleanup.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "policyDir: {dir}/policies\nidentity: {{staticFile: {dir}/pods.yaml}}\n\
+             intercept: {{interfaces: [\"egp*\"]}}\ndns: {{upstreams: [\"198.19.0.53:53\"]}}\n",
+            dir = lab.dir().display()
+        ),
+    )
+    .expect("write config");
+    let config = config.display().to_string();
+
+    // A node where `run` never installed anything: no table, no rule, no route table.
+    let cleaned = lab.node().run(&[&bin, "cleanup", "--config", &config]);
+    assert!(cleaned.success(), "{cleaned}");
+    assert!(cleaned.stderr.contains("nothing to remove"), "{cleaned}");
+    assert!(
+        cleaned.stdout.is_empty(),
+        "stdout is for JSON lines: {cleaned}"
+    );
+
+    // What an interrupted install or a partial manual removal leaves: one rule, no table.
+    let added = lab
+        .node()
+        .run(&["ip", "rule", "add", "fwmark", "0x6567", "lookup", "25447"]);
+    assert!(added.success(), "{added}");
+    let cleaned = lab.node().run(&[&bin, "cleanup", "--config", &config]);
+    assert!(cleaned.success(), "{cleaned}");
+    assert!(cleaned.stderr.contains("1 ip rule(s)"), "{cleaned}");
+    let rules = lab.node().run(&["ip", "rule", "show"]);
+    assert!(!rules.stdout.contains("0x6567"), "{rules}");
+
+    let again = lab.node().run(&[&bin, "cleanup", "--config", &config]);
+    assert!(again.success(), "{again}");
+    assert!(again.stderr.contains("nothing to remove"), "{again}");
 }
 
 /// A UDP echo server on the upstream host, ports 443 and 8443.

@@ -1,0 +1,266 @@
+//! The relay of an HTTP/1 connection: the server→client direction is spliced as any other; the
+//! client→server direction goes request by request ([`Framer`]), so that every request head is
+//! shown to the gate before a byte of it reaches the server. Heads, chunk-size lines and
+//! trailers are read into user space; bodies of a known length (Content-Length, each chunk's
+//! data) are spliced unread.
+//!
+//! When the gate stops at a request, nothing more goes up: the server's side is half-closed,
+//! the server finishes the responses to the requests it got (they reach the client), and the
+//! connection then ends (closed after the server's end, reset if the client still talks). Bytes that are no HTTP request (a refused framing, or what a client
+//! sends after the server switched protocols on a later request) are shown to the gate as such:
+//! the connection stops there, fail closed.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::{pump, shutdown_write, splice_exactly, Activity, RelayError, Relayed, Side};
+use crate::peek::http_framing::{Frame, Framer, Request};
+use crate::peek::{Invalid, Peek};
+
+/// Read size for heads and chunk lines: most heads fit one read; bodies are spliced.
+const READ_CHUNK: usize = 4096;
+
+/// What the gate is shown.
+#[derive(Debug)]
+pub enum Seen<'a> {
+    /// A later request head (not the first, which was decided already).
+    Request(&'a Request),
+    /// Bytes the framer refuses.
+    Invalid(Invalid),
+    /// A head or trailer section that grows past the byte cap.
+    TooLarge,
+}
+
+/// What the gate answers: go on framing, or stop the client→server direction here. An audited
+/// refusal goes on opaque (spliced, no longer framed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Pass,
+    Opaque,
+    Stop,
+}
+
+/// How the client→server direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upward {
+    /// The client closed (the server's side is half-closed).
+    Closed,
+    /// The gate stopped it (the server's side is half-closed; the client is reset at the end).
+    Stopped,
+}
+
+/// Relays an allowed HTTP/1 connection: `buffered` are the client bytes read and not yet sent
+/// (starting at a request head; `first_decided` when that first request was decided already),
+/// `max_head` caps a head or trailer section, `gate` sees every other request.
+pub async fn relay_http(
+    client: TcpStream,
+    upstream: TcpStream,
+    buffered: Vec<u8>,
+    first_decided: bool,
+    idle_timeout: Duration,
+    max_head: usize,
+    gate: impl FnMut(Seen<'_>) -> Next,
+) -> Relayed {
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let activity = Activity::new();
+    let result = async {
+        let upward = async {
+            let mut framed = Framed {
+                client: &client,
+                upstream: &upstream,
+                buf: buffered,
+                total: &up,
+                activity: &activity,
+            };
+            framed.run(first_decided, max_head, gate).await
+        };
+        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream);
+        tokio::select! {
+            result = async { tokio::try_join!(upward, downward) } => result.map(|(upward, ())| upward),
+            () = activity.idle(idle_timeout) => Err(RelayError::Idle(idle_timeout)),
+        }
+    }
+    .await;
+    match &result {
+        Err(error) => {
+            if !matches!(error, RelayError::Client(_)) {
+                let _ = client.set_zero_linger();
+            }
+            if !matches!(error, RelayError::Upstream(_)) {
+                let _ = upstream.set_zero_linger();
+            }
+        }
+        // The responses to what went up have reached the client: now it learns it was stopped.
+        Ok(Upward::Stopped) => {
+            let _ = client.set_zero_linger();
+        }
+        Ok(Upward::Closed) => {}
+    }
+    Relayed {
+        bytes_up: up.into_inner(),
+        bytes_down: down.into_inner(),
+        error: result.err(),
+    }
+}
+
+/// The client→server direction, framed.
+struct Framed<'a> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    /// Client bytes read, not yet sent, from the current frame on.
+    buf: Vec<u8>,
+    total: &'a AtomicU64,
+    activity: &'a Activity,
+}
+
+impl Framed<'_> {
+    async fn run(
+        &mut self,
+        first_decided: bool,
+        max_head: usize,
+        mut gate: impl FnMut(Seen<'_>) -> Next,
+    ) -> Result<Upward, RelayError> {
+        let mut framer = Framer::new();
+        loop {
+            let frame = match framer.next(&self.buf) {
+                Peek::Complete(frame) => frame,
+                Peek::Invalid(invalid) => return self.refused(gate(Seen::Invalid(invalid))).await,
+                Peek::Incomplete if self.buf.len() >= max_head => {
+                    return self.refused(gate(Seen::TooLarge)).await
+                }
+                Peek::Incomplete => {
+                    if self.read().await? == 0 {
+                        // A partial head or chunk line was never checked: it does not go up.
+                        return self.close_upstream(Upward::Closed);
+                    }
+                    continue;
+                }
+            };
+            match frame {
+                Frame::Head(request) => {
+                    if framer.requests() > 1 || !first_decided {
+                        match gate(Seen::Request(&request)) {
+                            Next::Pass => {}
+                            Next::Opaque => return self.opaque().await,
+                            Next::Stop => return self.close_upstream(Upward::Stopped),
+                        }
+                    }
+                    self.send(request.head.consumed).await?;
+                }
+                Frame::Body(len) => {
+                    if !self.body(len).await? {
+                        return self.close_upstream(Upward::Closed);
+                    }
+                }
+                Frame::Chunk { line, data } => {
+                    self.send(line).await?;
+                    if !self.body(data).await? {
+                        return self.close_upstream(Upward::Closed);
+                    }
+                }
+                Frame::LastChunk(len) => self.send(len).await?,
+            }
+        }
+    }
+
+    /// After a refusal: opaque (audit) or stopped.
+    async fn refused(&mut self, next: Next) -> Result<Upward, RelayError> {
+        match next {
+            Next::Opaque => self.opaque().await,
+            Next::Pass | Next::Stop => self.close_upstream(Upward::Stopped),
+        }
+    }
+
+    /// Everything from here on is spliced unread (audit mode let a refused request through).
+    async fn opaque(&mut self) -> Result<Upward, RelayError> {
+        let len = self.buf.len();
+        self.send(len).await?;
+        pump(
+            self.client,
+            self.upstream,
+            self.total,
+            self.activity,
+            Side::Client,
+        )
+        .await?;
+        Ok(Upward::Closed)
+    }
+
+    fn close_upstream(&self, how: Upward) -> Result<Upward, RelayError> {
+        shutdown_write(self.upstream).map_err(RelayError::Upstream)?;
+        Ok(how)
+    }
+
+    /// `len` body bytes: those already read, then the rest spliced. False if the client ended
+    /// first.
+    async fn body(&mut self, len: u64) -> Result<bool, RelayError> {
+        let buffered = usize::try_from(len)
+            .unwrap_or(usize::MAX)
+            .min(self.buf.len());
+        self.send(buffered).await?;
+        let rest = len - buffered as u64;
+        let moved = splice_exactly(
+            self.client,
+            self.upstream,
+            rest,
+            self.total,
+            self.activity,
+            Side::Client,
+        )
+        .await?;
+        Ok(moved == rest)
+    }
+
+    /// Writes the first `len` buffered bytes upstream and drops them from the buffer.
+    async fn send(&mut self, len: usize) -> Result<(), RelayError> {
+        let len = len.min(self.buf.len());
+        let mut sent = 0;
+        while sent < len {
+            self.upstream
+                .writable()
+                .await
+                .map_err(RelayError::Upstream)?;
+            match self.upstream.try_write(&self.buf[sent..len]) {
+                Ok(n) => {
+                    sent += n;
+                    self.total.fetch_add(n as u64, Ordering::Relaxed);
+                    self.activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(RelayError::Upstream(e)),
+            }
+        }
+        self.buf.drain(..len);
+        if self.buf.is_empty() {
+            // An idle kept-alive connection holds no buffer (see the memory budget).
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Reads what the client sends next into the buffer; 0 when it closed.
+    async fn read(&mut self) -> Result<usize, RelayError> {
+        loop {
+            self.client.readable().await.map_err(RelayError::Client)?;
+            self.buf.reserve(READ_CHUNK);
+            match self.client.try_read_buf(&mut self.buf) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.activity.touch();
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(RelayError::Client(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;
