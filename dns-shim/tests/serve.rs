@@ -320,11 +320,12 @@ async fn dead_upstream_gives_servfail_and_garbage_gives_nothing() {
     );
 }
 
-/// Stopping (a hand-over, an exit) must not wait on a client that sent half a query: its
-/// connection is closed at once, while a query already read is still answered.
-#[tokio::test]
-async fn stopping_does_not_wait_for_half_sent_tcp_queries() {
-    let upstream = fake_upstream().await;
+/// A shim on loopback with one upstream, its address, the sender that stops it, and its task.
+fn start_stoppable(
+    upstream: SocketAddr,
+    upstream_timeout: Duration,
+    tcp_idle_timeout: Duration,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let listeners = DnsShim::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = listeners.udp_local_addr();
     let table = Arc::new(NameTable::new(TableLimits {
@@ -336,15 +337,25 @@ async fn stopping_does_not_wait_for_half_sent_tcp_queries() {
     let config = ShimConfig {
         upstreams: vec![upstream],
         foreign_servers: ForeignServerPolicy::Forward,
-        upstream_timeout: Duration::from_secs(2),
-        // Far longer than the test may take: only stopping can end the slow connection.
-        tcp_idle_timeout: Duration::from_secs(60),
+        upstream_timeout,
+        tcp_idle_timeout,
     };
     let shim = Arc::new(DnsShim::new(config, table, &Registry::new()).expect("metrics"));
     let (stop, stopped) = oneshot::channel::<()>();
     let serving = tokio::spawn(shim.serve(listeners, async {
         let _ = stopped.await;
     }));
+    (addr, stop, serving)
+}
+
+/// Stopping (a hand-over, an exit) must not wait on a client that sent half a query: its
+/// connection is closed at once, while a query already read is still answered.
+#[tokio::test]
+async fn stopping_does_not_wait_for_half_sent_tcp_queries() {
+    let upstream = fake_upstream().await;
+    // Idle far longer than the test may take: only stopping can end the slow connection.
+    let (addr, stop, serving) =
+        start_stoppable(upstream, Duration::from_secs(2), Duration::from_secs(60));
 
     // A well-behaved client: one full query, answered.
     let mut good = TcpStream::connect(addr).await.expect("connect");
@@ -389,25 +400,11 @@ async fn stopping_waits_at_most_a_second_for_queries_stuck_upstream() {
     let silent = UdpSocket::bind("127.0.0.1:0")
         .await
         .expect("silent upstream");
-    let listeners = DnsShim::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
-    let addr = listeners.udp_local_addr();
-    let table = Arc::new(NameTable::new(TableLimits {
-        min_ttl: Duration::from_secs(5),
-        idle_grace: Duration::from_secs(30),
-        max_names_per_pod: 100,
-        max_names: 1000,
-    }));
-    let config = ShimConfig {
-        upstreams: vec![silent.local_addr().expect("addr")],
-        foreign_servers: ForeignServerPolicy::Forward,
-        upstream_timeout: Duration::from_secs(30),
-        tcp_idle_timeout: Duration::from_secs(10),
-    };
-    let shim = Arc::new(DnsShim::new(config, table, &Registry::new()).expect("metrics"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let serving = tokio::spawn(shim.serve(listeners, async {
-        let _ = stopped.await;
-    }));
+    let (addr, stop, serving) = start_stoppable(
+        silent.local_addr().expect("addr"),
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    );
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
     client.send_to(DIG_A, addr).await.expect("send");
     let mut buf = [0u8; 512];

@@ -9,20 +9,12 @@ use std::time::{Duration, Instant};
 use egressgate_lab::{addr, Gateway, GatewayOptions, Lab};
 
 use crate::bypass_support::metric;
-use crate::support::{assert_allowed, assert_denied, curl, dig, run_and_decide, SHOP_POLICY};
+use crate::support::{
+    assert_allowed, assert_denied, curl, dig, run_and_decide, shop_lab, SHOP_POLICY,
+};
 
 /// How long a gateway may take to exit after SIGTERM with no open connection.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
-
-fn shop_lab() -> Lab {
-    Lab::builder()
-        .pods(2)
-        .dns()
-        .web()
-        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
-        .start()
-        .expect("lab starts")
-}
 
 /// `curl` to api.example.test at the web server's address, without asking the DNS: only a
 /// restored record can make it allowed.
@@ -37,6 +29,20 @@ fn curl_without_dns(
     run_and_decide(lab, letter, 443, &curl(&ca, &["--resolve", &resolve, &url]))
 }
 
+/// Pod `letter` resolves api.example.test, then the gateway stops (SIGTERM) and exits.
+fn resolve_then_stop(lab: &mut Lab, letter: &str) {
+    assert_eq!(
+        dig(lab, letter, addr::API, &[]).last().map(String::as_str),
+        Some(addr::WEB)
+    );
+    let mut old = lab.take_gateway().expect("gateway");
+    old.daemon().signal("TERM").expect("signal");
+    assert!(
+        old.daemon_mut().wait_exit(EXIT_WAIT).is_some(),
+        "gateway did not exit on SIGTERM"
+    );
+}
+
 fn restored_names(gateway: &Gateway) -> u64 {
     gateway
         .events("restore")
@@ -48,18 +54,8 @@ fn restored_names(gateway: &Gateway) -> u64 {
 #[test]
 fn names_resolved_before_a_sigterm_restart_or_a_kill_9_still_grant() {
     let mut lab = shop_lab();
-    assert_eq!(
-        dig(&lab, "a", addr::API, &[]).last().map(String::as_str),
-        Some(addr::WEB)
-    );
-
     // SIGTERM, then a new process.
-    let mut old = lab.take_gateway().expect("gateway");
-    old.daemon().signal("TERM").expect("signal");
-    assert!(
-        old.daemon_mut().wait_exit(EXIT_WAIT).is_some(),
-        "gateway did not exit on SIGTERM"
-    );
+    resolve_then_stop(&mut lab, "a");
     let restarted = lab.start_gateway_process("egressgate-2").expect("restart");
     assert!(
         restored_names(&restarted) >= 1,
@@ -100,13 +96,7 @@ fn names_resolved_before_a_sigterm_restart_or_a_kill_9_still_grant() {
 #[test]
 fn a_corrupt_or_foreign_state_file_is_skipped_not_fatal() {
     let mut lab = shop_lab();
-    assert_eq!(
-        dig(&lab, "a", addr::API, &[]).last().map(String::as_str),
-        Some(addr::WEB)
-    );
-    let mut old = lab.take_gateway().expect("gateway");
-    old.daemon().signal("TERM").expect("signal");
-    assert!(old.daemon_mut().wait_exit(EXIT_WAIT).is_some());
+    resolve_then_stop(&mut lab, "a");
     // A journal of a future format, and garbage named like a journal.
     let state = lab.state_dir();
     let mut future = b"EGNAMES\n".to_vec();
@@ -312,13 +302,7 @@ fn after_sigterm_the_gateway_serves_until_its_replacement_takes_over() {
 #[test]
 fn restored_names_of_a_pod_that_is_gone_are_not_inherited_by_its_address() {
     let mut lab = shop_lab();
-    assert_eq!(
-        dig(&lab, "b", addr::API, &[]).last().map(String::as_str),
-        Some(addr::WEB)
-    );
-    let mut old = lab.take_gateway().expect("gateway");
-    old.daemon().signal("TERM").expect("signal");
-    assert!(old.daemon_mut().wait_exit(EXIT_WAIT).is_some());
+    resolve_then_stop(&mut lab, "b");
     // Pod b is gone while the gateway is down.
     let with_b = lab.identity_yaml();
     let mut in_b = false;

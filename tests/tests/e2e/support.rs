@@ -30,6 +30,17 @@ spec:
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Pods a (role=app) and b (role=batch), DNS and web, [`SHOP_POLICY`].
+pub fn shop_lab() -> Lab {
+    Lab::builder()
+        .pods(2)
+        .dns()
+        .web()
+        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
+        .start()
+        .expect("lab starts")
+}
+
 /// Runs `args` in pod `letter` and returns its output and the first decision for that pod to
 /// `port` made after the command started.
 pub fn run_and_decide(lab: &Lab, letter: &str, port: u16, args: &[&str]) -> (Output, Decision) {

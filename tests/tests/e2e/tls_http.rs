@@ -1,18 +1,8 @@
 //! TLS SNI and HTTP Host checks against the names a pod resolved.
 
-use egressgate_lab::{addr, GatewayOptions, Lab};
+use egressgate_lab::addr;
 
-use crate::support::{assert_allowed, assert_denied, curl, dig, run_and_decide, SHOP_POLICY, WAIT};
-
-fn shop_lab() -> Lab {
-    Lab::builder()
-        .pods(2)
-        .dns()
-        .web()
-        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
-        .start()
-        .expect("lab starts")
-}
+use crate::support::{assert_allowed, assert_denied, curl, dig, run_and_decide, shop_lab, WAIT};
 
 #[test]
 fn tls_and_http_to_a_resolved_allowed_name_are_allowed() {
