@@ -422,6 +422,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 .await;
                 match handed {
                     Ok(()) => break true,
+                    // Failed after this gateway stopped serving (the successor died after its
+                    // Stop): do not pretend to serve; stop as after a hand-over, unready.
+                    Err(e) if *stop_serving.borrow() => {
+                        tracing::error!(error = %e,
+                            "the successor failed after this gateway stopped serving; stopping");
+                        break true;
+                    }
                     Err(e) => tracing::warn!(error = %e, "hand-over failed; still serving"),
                 }
             }
