@@ -20,11 +20,12 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
-use smallvec::SmallVec;
 
 use crate::answer::Answer;
+use names::Names;
 use order::{NodeId, Order, Route};
 
+mod names;
 mod order;
 mod saved;
 
@@ -85,9 +86,6 @@ struct Inner {
     /// When expired entries were last swept to make room under the global limit.
     last_sweep: Option<Instant>,
 }
-
-/// The names a pod resolved to one address.
-type Names = SmallVec<[Entry; 1]>;
 
 #[derive(Debug)]
 struct Entry {
@@ -176,10 +174,7 @@ impl NameTable {
         for &dst in &answer.addresses {
             let route = Route { pod, dst };
             let entries = inner.routes.entry(route).or_default();
-            match entries
-                .iter_mut()
-                .find(|e| e.name.as_str() == name.as_str())
-            {
+            match entries.find_mut(name.as_str()) {
                 Some(entry) => {
                     // Re-resolving refreshes: new TTL from now, and the entry is the newest.
                     let last_used = entry.last_used();
@@ -227,6 +222,42 @@ impl NameTable {
         }
     }
 
+    /// Like [`lookup_each`](Self::lookup_each) for at most `max` live names, and returns how
+    /// many names this pod holds for `dst` (expired ones not yet purged included). What a
+    /// connection carries stays bounded however many names share the address.
+    pub fn lookup_some(
+        &self,
+        pod: IpAddr,
+        dst: IpAddr,
+        now: Instant,
+        max: usize,
+        mut visit: impl FnMut(&str, &[Arc<str>]),
+    ) -> usize {
+        let inner = self.read();
+        let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
+            return 0;
+        };
+        let live = entries.iter().filter(|e| e.is_live(now, &self.limits));
+        for entry in live.take(max) {
+            visit(
+                entry.name.as_str(),
+                entry.cnames.as_deref().unwrap_or_default(),
+            );
+        }
+        entries.len()
+    }
+
+    /// Whether `pod` resolved `name` (lowercase, no trailing dot) to `dst` and the record is
+    /// live: one hash probe for the route, one for the name.
+    pub fn is_resolved(&self, pod: IpAddr, dst: IpAddr, name: &str, now: Instant) -> bool {
+        let inner = self.read();
+        inner
+            .routes
+            .get(&Route { pod, dst })
+            .and_then(|entries| entries.find(name))
+            .is_some_and(|entry| entry.is_live(now, &self.limits))
+    }
+
     /// [`lookup_each`](Self::lookup_each), collected.
     pub fn lookup(&self, pod: IpAddr, dst: IpAddr, now: Instant) -> Vec<ResolvedName> {
         let mut found = Vec::new();
@@ -245,7 +276,7 @@ impl NameTable {
         let entry = inner
             .routes
             .get(&Route { pod, dst })
-            .and_then(|entries| entries.iter().find(|e| e.name.as_str() == name));
+            .and_then(|entries| entries.find(name));
         if let Some(entry) = entry {
             let after = nanos(now.saturating_duration_since(entry.resolved_at));
             entry.used_after_ns.fetch_max(after, Ordering::Relaxed);

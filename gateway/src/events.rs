@@ -33,8 +33,12 @@ pub struct DecisionLine<'a> {
     pub pod: Option<PodName<'a>>,
     pub source: SocketAddr,
     pub destination: SocketAddr,
-    /// Live names this pod resolved to the destination.
+    /// Live names this pod resolved to the destination: the one the first message asked for
+    /// first, at most 8.
     pub names: &'a [String],
+    /// How many names the pod holds for the destination, when `names` lists only some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub names_total: Option<usize>,
     /// CNAME targets on the way to the destination (recorded, never granting).
     pub cnames: &'a [String],
     /// `tls`, `http`, `http2`, `postgresql`, `tcp` or `unknown`; absent when nothing was read.

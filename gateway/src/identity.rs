@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::yaml_file::{self, YamlFileError};
 
 /// One pod, as the policies see it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,

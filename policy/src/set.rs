@@ -99,6 +99,8 @@ struct CompiledRule {
     cidrs: Vec<IpNet>,
     /// Most rules have one entry: kept inline, it costs no extra cache miss.
     ports: SmallVec<[(PortRange, Protocol); 1]>,
+    /// It has `dnsName` peers (in the set's [`NameIndex`]).
+    has_names: bool,
 }
 
 // === impl PolicySet ===
@@ -199,6 +201,27 @@ fn selects(p: &Policy, pod: &PodIdentity<'_>) -> bool {
     in_scope && p.pod_selector().matches(pod.labels)
 }
 
+/// Each name once, in order: a scan while there are few, a hash set past that, so that an
+/// address thousands of names share costs linear time, not quadratic.
+fn distinct<'n>(names: impl Iterator<Item = &'n str>) -> Vec<String> {
+    const SCAN_UP_TO: usize = 16;
+    let mut kept: Vec<&str> = Vec::new();
+    let mut seen: Option<foldhash::HashSet<&str>> = None;
+    for name in names {
+        let new = match &mut seen {
+            Some(seen) => seen.insert(name),
+            None => !kept.contains(&name),
+        };
+        if new {
+            kept.push(name);
+            if seen.is_none() && kept.len() > SCAN_UP_TO {
+                seen = Some(kept.iter().copied().collect());
+            }
+        }
+    }
+    kept.into_iter().map(str::to_owned).collect()
+}
+
 // === impl CompiledRule ===
 
 impl CompiledRule {
@@ -215,11 +238,16 @@ impl CompiledRule {
             .iter()
             .map(|p| (p.range(), p.protocol().clone()))
             .collect();
+        let has_names = rule
+            .to()
+            .iter()
+            .any(|peer| matches!(peer, Peer::DnsName(_)));
         CompiledRule {
             policy,
             index,
             cidrs,
             ports,
+            has_names,
         }
     }
 
@@ -252,6 +280,22 @@ impl<'a> Selection<'a> {
             set_id: self.set.id,
             selected: self.selected.clone(),
         }
+    }
+
+    /// Whether a `dnsName` rule of the selecting policies covers `port` with a protocol that
+    /// `wanted` accepts. A caller holding only some of the names a pod resolved to an address
+    /// asks this before it concludes that none of the others would grant.
+    pub fn names_may_grant(&self, port: u16, wanted: impl Fn(&Protocol) -> bool) -> bool {
+        let rules = &self.set.rules;
+        self.selected.policies.iter().any(|&policy| {
+            let start = rules.partition_point(|rule| rule.policy < policy);
+            rules[start..]
+                .iter()
+                .take_while(|rule| rule.policy == policy)
+                .filter(|rule| rule.has_names)
+                .flat_map(|rule| &rule.ports)
+                .any(|(range, protocol)| range.contains(port) && wanted(protocol))
+        })
     }
 
     /// The selecting policies, sorted by reference.
@@ -302,14 +346,8 @@ impl<'a> Selection<'a> {
             let peer = match rule.cidr(dst) {
                 Some(net) => GrantPeer::Cidr(net),
                 None => {
-                    let mut names: Vec<String> = Vec::new();
-                    for name in rule_hits.iter().filter_map(|&(_, n)| n) {
-                        let name = resolved_names[name];
-                        if !names.iter().any(|n| n == name) {
-                            names.push(name.to_owned());
-                        }
-                    }
-                    GrantPeer::Names(names)
+                    let names = rule_hits.iter().filter_map(|&(_, n)| n);
+                    GrantPeer::Names(distinct(names.map(|n| resolved_names[n])))
                 }
             };
             let protocols: SmallVec<[&Protocol; 2]> = rule
@@ -505,6 +543,27 @@ spec:
         assert!(PolicySet::empty()
             .select(&pod("x", &none, &none))
             .is_empty());
+    }
+
+    #[test]
+    fn names_may_grant_looks_at_the_dns_name_rules_of_the_selecting_policies_only() {
+        let set = set();
+        let (app, none) = (labels(&[("role", "app")]), labels(&[]));
+        let pod = PodIdentity {
+            namespace: "shop",
+            name: "p",
+            labels: &app,
+            namespace_labels: &none,
+        };
+        let selection = set.select(&pod);
+        let tcp = |p: &Protocol| matches!(p, Protocol::Tcp);
+        let postgres = |p: &Protocol| matches!(p, Protocol::Postgresql(_));
+        assert!(selection.names_may_grant(443, tcp));
+        assert!(selection.names_may_grant(5432, postgres));
+        assert!(!selection.names_may_grant(5432, tcp));
+        assert!(!selection.names_may_grant(8443, tcp), "tcp is on 443 only");
+        // `everyone` allows tcp/22, but by cidr: no name can grant it.
+        assert!(!selection.names_may_grant(22, tcp));
     }
 
     #[test]

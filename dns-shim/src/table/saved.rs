@@ -90,10 +90,7 @@ impl NameTable {
         let mut guard = self.write();
         let inner = &mut *guard;
         let entries = inner.routes.entry(route).or_default();
-        match entries
-            .iter_mut()
-            .find(|e| e.name.as_str() == name.as_str())
-        {
+        match entries.find_mut(name.as_str()) {
             Some(entry) => {
                 if fresh_until > entry.fresh_until() {
                     entry.resolved_at = resolved_at;
@@ -129,7 +126,7 @@ impl NameTable {
                 pod: touch.pod,
                 dst: touch.dst,
             })
-            .and_then(|entries| entries.iter().find(|e| e.name.as_str() == touch.name));
+            .and_then(|entries| entries.find(&touch.name));
         if let Some(entry) = entry {
             if let Some(after) = at.checked_duration_since(entry.resolved_at) {
                 entry

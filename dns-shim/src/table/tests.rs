@@ -455,3 +455,58 @@ fn export_and_restore_keep_what_stays_fresh_longest() {
     assert!(target.lookup(POD_A, DST, now + secs(91)).is_empty());
     assert_eq!(target.len(), 1, "merged, not duplicated");
 }
+
+#[test]
+fn many_names_on_one_address_are_each_found_by_name_as_they_come_and_go() {
+    let table = NameTable::new(TableLimits {
+        max_names_per_pod: 300,
+        ..limits()
+    });
+    let t0 = Instant::now();
+    let name = |i: usize| format!("site-{i}.cdn.example.test");
+    for i in 0..200 {
+        // Short-lived odd names, so a purge leaves holes all over the route.
+        let ttl = if i % 2 == 0 { 600 } else { 5 };
+        table.record(POD_A, &answer(&name(i), &[DST], ttl), t0);
+    }
+    for i in 0..200 {
+        assert!(table.is_resolved(POD_A, DST, &name(i), t0), "{i}");
+    }
+    assert!(!table.is_resolved(POD_A, DST, "site-200.cdn.example.test", t0));
+    assert!(!table.is_resolved(POD_B, DST, &name(0), t0));
+    // Re-recording finds the existing entry: still one per name.
+    table.record(POD_A, &answer(&name(7), &[DST], 600), t0);
+    assert_eq!(table.len(), 200);
+
+    let later = t0 + secs(60);
+    assert_eq!(table.purge_expired(later), 99);
+    for i in 0..200 {
+        let live = i % 2 == 0 || i == 7;
+        assert_eq!(table.is_resolved(POD_A, DST, &name(i), later), live, "{i}");
+    }
+    // Past the per-pod limit the oldest go, and the index follows.
+    for i in 200..400 {
+        table.record(POD_A, &answer(&name(i), &[DST], 600), later);
+    }
+    assert_eq!(table.len(), 300);
+    assert!(!table.is_resolved(POD_A, DST, &name(0), later));
+    assert!(table.is_resolved(POD_A, DST, &name(7), later));
+    assert!(table.is_resolved(POD_A, DST, &name(399), later));
+}
+
+#[test]
+fn lookup_some_lends_a_bounded_sample_and_counts_the_rest() {
+    let table = NameTable::new(limits());
+    let t0 = Instant::now();
+    for i in 0..50 {
+        let name = format!("site-{i}.cdn.example.test");
+        table.record(POD_A, &answer(&name, &[DST], 60), t0);
+    }
+    let mut seen = Vec::new();
+    let total = table.lookup_some(POD_A, DST, t0, 8, |name, _| seen.push(name.to_owned()));
+    assert_eq!((seen.len(), total), (8, 50));
+    assert_eq!(
+        table.lookup_some(POD_B, DST, t0, 8, |_, _| panic!("none")),
+        0
+    );
+}

@@ -34,13 +34,58 @@ pub struct Context<'s> {
     pub peek_duration: Option<Duration>,
 }
 
-/// The live names the pod resolved to the destination, under any of its addresses.
-#[derive(Debug, Default)]
+/// The live names the pod resolved to the destination, under any of its addresses: all of
+/// them, or, when more share the address than a connection carries ([`ResolvedNames::CARRIED`]),
+/// the first of them and the name the first message asked for.
+#[derive(Debug)]
 pub struct ResolvedNames {
-    /// Each once, in the name table's order.
+    /// Each once; the name the first message asked for first once it is known to be resolved.
     pub names: Vec<String>,
     /// The CNAME targets on the way (recorded for the log, never granting).
     pub cnames: Vec<String>,
+    /// The names the pod holds for the destination (expired ones not yet purged included).
+    pub total: usize,
+    /// `names` holds every name the pod resolved to the destination.
+    pub complete: bool,
+}
+
+impl Default for ResolvedNames {
+    /// None resolved: nothing left out.
+    fn default() -> Self {
+        ResolvedNames {
+            names: Vec::new(),
+            cnames: Vec::new(),
+            total: 0,
+            complete: true,
+        }
+    }
+}
+
+impl ResolvedNames {
+    /// Names a connection copies out of the table. Past it the grants come from these and from
+    /// one hash probe for the name the first message asks for (see `stages::complete_names`).
+    pub const CARRIED: usize = 64;
+
+    /// Names a decision line lists; `namesTotal` says how many there were.
+    pub const LOGGED: usize = 8;
+
+    /// The names a decision line lists.
+    pub fn logged(&self) -> &[String] {
+        &self.names[..self.names.len().min(Self::LOGGED)]
+    }
+
+    /// The CNAMEs a decision line lists.
+    pub fn logged_cnames(&self) -> &[String] {
+        &self.cnames[..self.cnames.len().min(Self::LOGGED)]
+    }
+
+    /// Puts `name` first (adding it if it is not carried).
+    pub fn put_first(&mut self, name: &str) {
+        match self.names.iter().position(|n| n == name) {
+            Some(at) => self.names[..=at].rotate_right(1),
+            None => self.names.insert(0, name.to_owned()),
+        }
+    }
 }
 
 /// The grant that allowed a connection: what the log names, and the names it used.
@@ -78,15 +123,28 @@ impl<'s> Context<'s> {
     }
 }
 
-impl From<&Grant<'_>> for Granted {
-    fn from(grant: &Grant<'_>) -> Self {
+impl Granted {
+    /// The grant that allowed a first message asking for `requested`: of a `dnsName` grant,
+    /// that name is the one used (lowercase, no trailing dot, as the name table keeps it); a
+    /// message naming nothing used all the grant's names.
+    pub fn used(grant: &Grant<'_>, requested: Option<&str>) -> Self {
+        let names = match (&grant.peer, requested) {
+            (GrantPeer::Names(_), Some(name)) => {
+                vec![name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()]
+            }
+            (GrantPeer::Names(names), None) => names.clone(),
+            (GrantPeer::Cidr(_), _) => Vec::new(),
+        };
         Granted {
             policy: grant.policy.to_string(),
             rule: grant.rule,
-            names: match &grant.peer {
-                GrantPeer::Names(names) => names.clone(),
-                GrantPeer::Cidr(_) => Vec::new(),
-            },
+            names,
         }
+    }
+}
+
+impl From<&Grant<'_>> for Granted {
+    fn from(grant: &Grant<'_>) -> Self {
+        Granted::used(grant, None)
     }
 }

@@ -86,8 +86,9 @@ fn decision_line<'a>(
         }),
         source: cx.client.0,
         destination: cx.destination.0,
-        names: &cx.resolved.names,
-        cnames: &cx.resolved.cnames,
+        names: cx.resolved.logged(),
+        names_total: (cx.resolved.total > cx.resolved.logged().len()).then_some(cx.resolved.total),
+        cnames: cx.resolved.logged_cnames(),
         protocol: cx.protocol,
         sni: hello.and_then(|hello| hello.server_name.as_deref()),
         alpn: hello.map_or(&[], |hello| &hello.alpn),
@@ -148,6 +149,7 @@ mod tests {
         cx.resolved = ResolvedNames {
             names: vec!["api.example.test".into()],
             cnames: vec!["lb.cdn.example.test".into()],
+            ..ResolvedNames::default()
         };
         cx
     }

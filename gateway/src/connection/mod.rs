@@ -242,6 +242,9 @@ impl Proxy {
         cx.resolved = stages::names(&self.table, pod, cx.destination);
         cx.grants = stages::grants(&selection, cx.destination, &cx.resolved);
         cx.selection = Some(selection);
+        if stages::needs_all_names_before_peek(cx) {
+            stages::complete_names(cx, &self.table, pod, None, stages::Completion::All);
+        }
 
         if let Some(grant) = decision::tcp_grant(&cx.grants) {
             cx.protocol = Some(Protocol::Tcp);
@@ -253,7 +256,7 @@ impl Proxy {
             .peek(cx.client.ip())
             .ok_or(Stop::new(Limit::PeekLimit))?;
         let peeked = peeking::peek(cx, streams, dial).await;
-        let granted = stages::authorize(cx, peeked, self.peek.require_sni)?;
+        let granted = stages::authorize(cx, &self.table, pod, peeked, self.peek.require_sni)?;
         stages::keep_names_alive(&self.table, pod, cx.destination, &granted);
         Ok(granted)
     }
@@ -407,7 +410,7 @@ impl Proxy {
             Seen::TooLarge => return Err(Stop::new(PodFault::PeekTooLarge)),
         };
         let peeked = Ok(Peeked::Http(request.head.clone()));
-        let granted = stages::authorize(cx, peeked, self.peek.require_sni)?;
+        let granted = stages::authorize(cx, &self.table, pod, peeked, self.peek.require_sni)?;
         stages::keep_names_alive(&self.table, pod, cx.destination, &granted);
         Ok(granted)
     }

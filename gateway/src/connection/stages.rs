@@ -3,7 +3,7 @@
 //! Each returns the next stage's input or a [`Stop`].
 
 use egressgate_dns_shim::NameTable;
-use egressgate_policy::{Grant, PolicySet, Selection};
+use egressgate_policy::{Grant, PolicySet, Protocol, Selection};
 
 use super::addr::{ClientAddr, OrigDstAddr};
 use super::context::{Context, Granted, ResolvedNames};
@@ -30,13 +30,25 @@ pub fn select<'s>(pod: &Pod, policies: &'s PolicySet) -> Result<Selection<'s>, S
 }
 
 /// Names: the live names this pod resolved to `destination` under any of its addresses, each
-/// once, and the CNAMEs on the way.
+/// once, and the CNAMEs on the way; at most [`ResolvedNames::CARRIED`] of them, so that an
+/// address shared by thousands of names costs a connection no more than one with a few.
 pub fn names(table: &NameTable, pod: &Pod, destination: OrigDstAddr) -> ResolvedNames {
+    collect_names(table, pod, destination, ResolvedNames::CARRIED)
+}
+
+fn collect_names(
+    table: &NameTable,
+    pod: &Pod,
+    destination: OrigDstAddr,
+    max: usize,
+) -> ResolvedNames {
     let mut resolved = ResolvedNames::default();
     let now = std::time::Instant::now();
     for &ip in &pod.ips {
-        table.lookup_each(ip, destination.ip(), now, |name, chain| {
-            if resolved.names.iter().any(|n| n == name) {
+        let room = max.saturating_sub(resolved.names.len());
+        resolved.total += table.lookup_some(ip, destination.ip(), now, room, |name, chain| {
+            // Several pod addresses: the same name may come under each.
+            if pod.ips.len() > 1 && resolved.names.iter().any(|n| n == name) {
                 return;
             }
             resolved.names.push(name.to_owned());
@@ -47,7 +59,65 @@ pub fn names(table: &NameTable, pod: &Pod, destination: OrigDstAddr) -> Resolved
             }
         });
     }
+    resolved.complete = resolved.total <= max;
     resolved
+}
+
+/// When the pod holds more names for the destination than the connection carried, the grants
+/// so far came from some of them. The first message's name settles it with one hash probe: if
+/// the pod resolved it, that name is the one that counts for an allow. A message without a
+/// name, a name the pod did not resolve, or a denial for the probed name falls back to every
+/// name, so that the verdict and reason are exactly those of a full look (a cost a pod can
+/// only cause itself, bounded by `dns.maxNamesPerPod`).
+pub fn complete_names(
+    cx: &mut Context<'_>,
+    table: &NameTable,
+    pod: &Pod,
+    requested: Option<&str>,
+    scope: Completion,
+) {
+    if cx.resolved.complete {
+        return;
+    }
+    let Some(selection) = &cx.selection else {
+        return;
+    };
+    if let (Some(name), Completion::ProbeFirst) = (requested.map(lookup_form), scope) {
+        let now = std::time::Instant::now();
+        let dst = cx.destination.ip();
+        if pod
+            .ips
+            .iter()
+            .any(|&ip| table.is_resolved(ip, dst, &name, now))
+        {
+            cx.resolved.put_first(&name);
+            cx.grants = grants_for(selection, cx.destination, &[name.as_str()]);
+            return;
+        }
+    }
+    let mut all = collect_names(table, pod, cx.destination, usize::MAX);
+    if let Some(name) = requested.map(lookup_form) {
+        if all.names.contains(&name) {
+            all.put_first(&name);
+        }
+    }
+    let names: Vec<&str> = all.names.iter().map(String::as_str).collect();
+    cx.grants = grants_for(selection, cx.destination, &names);
+    cx.resolved = all;
+}
+
+/// How far [`complete_names`] may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Try the requested name alone first.
+    ProbeFirst,
+    /// Every name (the probed one was denied: the reason must be a full look's).
+    All,
+}
+
+/// The table's form of a name from a first message: lowercase, no trailing dot.
+fn lookup_form(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 /// Grants: the rules that allow this destination and port for these names, enforce-mode ones
@@ -58,8 +128,28 @@ pub fn grants<'s>(
     resolved: &ResolvedNames,
 ) -> Vec<Grant<'s>> {
     let names: Vec<&str> = resolved.names.iter().map(String::as_str).collect();
-    let grants = selection.grants(destination.ip(), destination.port(), &names);
+    grants_for(selection, destination, &names)
+}
+
+fn grants_for<'s>(
+    selection: &Selection<'s>,
+    destination: OrigDstAddr,
+    names: &[&str],
+) -> Vec<Grant<'s>> {
+    let grants = selection.grants(destination.ip(), destination.port(), names);
     decision::effective_grants(selection, grants)
+}
+
+/// Whether the grants need every name before the peek: when a name the connection did not
+/// carry may grant a rule that acts before any name is seen, `tcp` (allows without a peek) or
+/// `postgresql` (its grant decides how the gateway answers an SSLRequest).
+pub fn needs_all_names_before_peek(cx: &Context<'_>) -> bool {
+    !cx.resolved.complete
+        && cx.selection.as_ref().is_some_and(|selection| {
+            selection.names_may_grant(cx.destination.port(), |protocol| {
+                matches!(protocol, Protocol::Tcp | Protocol::Postgresql(_))
+            })
+        })
 }
 
 /// Authorize: the peeked first message against the grants. Without any grant the peek was only
@@ -67,18 +157,37 @@ pub fn grants<'s>(
 /// found, no rule allows the connection.
 pub fn authorize(
     cx: &mut Context<'_>,
+    table: &NameTable,
+    pod: &Pod,
     peeked: Result<Peeked, Stop>,
     require_sni: bool,
 ) -> Result<Granted, Stop> {
+    let requested = peeked.as_ref().ok().and_then(Peeked::requested_name);
+    complete_names(cx, table, pod, requested, Completion::ProbeFirst);
+    let first = authorize_with(cx, &peeked, require_sni);
+    let outcome = match first {
+        Err(_) if !cx.resolved.complete => {
+            complete_names(cx, table, pod, requested, Completion::All);
+            authorize_with(cx, &peeked, require_sni)
+        }
+        first => first,
+    };
+    cx.peeked = peeked.ok();
+    outcome
+}
+
+fn authorize_with(
+    cx: &Context<'_>,
+    peeked: &Result<Peeked, Stop>,
+    require_sni: bool,
+) -> Result<Granted, Stop> {
     if cx.grants.is_empty() {
-        cx.peeked = peeked.ok();
         let resolved_any_name = !cx.resolved.names.is_empty();
         return Err(Stop::new(decision::no_grant_reason(resolved_any_name)));
     }
-    let peeked = cx.peeked.insert(peeked?);
-    decision::authorize(peeked, &cx.grants, require_sni)
-        .map(Granted::from)
-        .map_err(Stop::new)
+    let peeked = peeked.as_ref().map_err(Clone::clone)?;
+    let grant = decision::authorize(peeked, &cx.grants, require_sni).map_err(Stop::new)?;
+    Ok(Granted::used(grant, peeked.requested_name()))
 }
 
 /// An allowed connection keeps the names it used alive for another idle grace; a denied

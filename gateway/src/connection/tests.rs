@@ -11,12 +11,13 @@ use std::time::Duration;
 use egressgate_dns_shim::TableLimits;
 use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
 
+use super::context::ResolvedNames;
 use super::postgres::{self, NegotiationFault};
 use super::stop::Detail;
 use super::*;
 use crate::config::Config;
 use crate::decision::{PodFault, PolicyDenial, UpstreamFault};
-use crate::identity::Identities;
+use crate::identity::{Identities, Pod};
 use crate::limits::Bounds;
 use crate::peek::{self, Peeked, PgEncryption, PgFirst};
 
@@ -264,7 +265,14 @@ async fn without_grants_the_peek_is_only_for_the_log_whatever_it_found() {
     let mut cx = Context::new(1, Instant::now(), client(), destination());
     cx.resolved.names = vec!["evil.example.test".into()];
     let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
-    let stop = stages::authorize(&mut cx, peeked, true).expect_err("no grant");
+    let table = NameTable::new(TableLimits {
+        min_ttl: Duration::ZERO,
+        idle_grace: Duration::ZERO,
+        max_names_per_pod: 1,
+        max_names: 1,
+    });
+    let pod = Pod::default();
+    let stop = stages::authorize(&mut cx, &table, &pod, peeked, true).expect_err("no grant");
     assert_eq!(stop, Stop::new(PolicyDenial::NotAllowed));
     let sni = cx.peeked.as_ref().and_then(Peeked::requested_name);
     assert_eq!(sni, Some("api.example.test"));
@@ -272,7 +280,7 @@ async fn without_grants_the_peek_is_only_for_the_log_whatever_it_found() {
     // A peek that failed changes nothing: no names at all is `no_dns_record`, without detail.
     let mut cx = Context::new(2, Instant::now(), client(), destination());
     let timed_out = Err(Stop::new(PodFault::PeekTimeout));
-    let stop = stages::authorize(&mut cx, timed_out, true).expect_err("no grant");
+    let stop = stages::authorize(&mut cx, &table, &pod, timed_out, true).expect_err("no grant");
     assert_eq!(stop, Stop::new(PolicyDenial::NoDnsRecord));
     assert_eq!(cx.peeked, None);
 }
@@ -650,14 +658,19 @@ struct Gateway {
     proxy: Proxy,
     store: Arc<Store>,
     limits: Arc<Limits>,
+    table: Arc<NameTable>,
     _dir: tempfile::TempDir,
 }
 
 fn gateway(pods: &str) -> Gateway {
+    gateway_with(POLICY, pods, 16)
+}
+
+fn gateway_with(policy: &str, pods: &str, max_names: usize) -> Gateway {
     let dir = tempfile::tempdir().expect("tempdir");
     let write = |path: &Path, text: &str| std::fs::write(path, text).expect("writes");
     std::fs::create_dir(dir.path().join("policies")).expect("mkdir");
-    write(&dir.path().join("policies/web.yaml"), POLICY);
+    write(&dir.path().join("policies/web.yaml"), policy);
     write(&dir.path().join("pods.yaml"), pods);
     let text = format!(
         "policyDir: {}\nidentity: {{staticFile: {}, unknownSourceWaitMs: 1000}}\n\
@@ -671,8 +684,8 @@ fn gateway(pods: &str) -> Gateway {
     let table = Arc::new(NameTable::new(TableLimits {
         min_ttl: Duration::ZERO,
         idle_grace: Duration::from_secs(60),
-        max_names_per_pod: 16,
-        max_names: 16,
+        max_names_per_pod: max_names,
+        max_names,
     }));
     let limits = Limits::new(Bounds {
         max_connections: 16,
@@ -681,7 +694,7 @@ fn gateway(pods: &str) -> Gateway {
     });
     let proxy = Proxy::new(
         Arc::clone(&store),
-        table,
+        Arc::clone(&table),
         metrics,
         Arc::clone(&limits),
         &config,
@@ -690,6 +703,7 @@ fn gateway(pods: &str) -> Gateway {
         proxy,
         store,
         limits,
+        table,
         _dir: dir,
     }
 }
@@ -763,4 +777,103 @@ async fn an_address_no_pod_announces_is_an_unknown_source_after_the_wait() {
     // `unknownSources` defaults to deny.
     assert_eq!(gateway.proxy.verdict(&cx, &outcome), Verdict::Deny);
     assert!(cx.pod.is_none());
+}
+
+// === names sharing one address ===
+
+/// `names` for the pod's address and the test destination, as one DNS answer each.
+fn resolve(table: &NameTable, names: impl IntoIterator<Item = String>) {
+    let now = std::time::Instant::now();
+    for name in names {
+        let answer = egressgate_dns_shim::Answer {
+            name,
+            addresses: vec![destination().ip()],
+            cnames: Vec::new(),
+            ttl: 300,
+        };
+        table.record(client().ip(), &answer, now);
+    }
+}
+
+/// 5,000 names on one address, as a CDN or shared ingress has (or a pod that inflates them);
+/// `api.example.test` resolved last, so it is none of the names a connection carries.
+fn crowded(policy: &str) -> Gateway {
+    let gateway = gateway_with(policy, POD, 10_000);
+    let others = (0..5_000).map(|i| format!("site-{i}.cdn.example.test"));
+    resolve(
+        &gateway.table,
+        others.chain(["api.example.test".to_owned()]),
+    );
+    gateway
+}
+
+const TLS_BY_NAME: &str = "apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{dnsName: api.example.test}]
+      ports: [{port: 443, protocol: tls}]
+";
+
+async fn decide_hello(gateway: &Gateway, hello: &[u8]) -> (Result<Granted, Stop>, ResolvedNames) {
+    let snapshot = gateway.store.current();
+    let (mut streams, mut pod) = accepted(MAX_BYTES);
+    pod.write_all(hello).await.expect("writes");
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let outcome = gateway
+        .proxy
+        .decide(&mut cx, &snapshot, &mut streams, &Scripted::refusing())
+        .await;
+    (outcome, std::mem::take(&mut cx.resolved))
+}
+
+#[tokio::test]
+async fn an_sni_among_thousands_of_names_on_its_address_is_found_by_one_probe() {
+    let gateway = crowded(TLS_BY_NAME);
+    let (outcome, resolved) = decide_hello(&gateway, TLS_HELLO).await;
+    let granted = outcome.expect("api.example.test was resolved to the address");
+    assert_eq!(granted.names, ["api.example.test"]);
+    // The connection carried a bounded sample, the requested name first, and the count.
+    assert!(!resolved.complete);
+    assert_eq!(resolved.total, 5_001);
+    assert!(resolved.names.len() <= ResolvedNames::CARRIED + 1);
+    assert_eq!(resolved.logged().len(), ResolvedNames::LOGGED);
+    assert_eq!(resolved.logged()[0], "api.example.test");
+}
+
+#[tokio::test]
+async fn with_thousands_of_names_a_denial_has_the_reason_a_full_look_gives() {
+    // The SNI (api.example.test) is not among the names; another resolved name is allowed: the
+    // reason is `sni_mismatch`, as with few names, not `not_allowed`.
+    let policy = TLS_BY_NAME.replace("api.example.test", "site-4999.cdn.example.test");
+    let gateway = gateway_with(&policy, POD, 10_000);
+    let others = (0..5_000).map(|i| format!("site-{i}.cdn.example.test"));
+    resolve(&gateway.table, others);
+    let (outcome, resolved) = decide_hello(&gateway, TLS_HELLO).await;
+    assert_eq!(outcome, Err(Stop::new(PolicyDenial::SniMismatch)));
+    assert!(resolved.complete, "fell back to every name");
+
+    // No rule for any of them: `not_allowed`.
+    let gateway = crowded(&TLS_BY_NAME.replace("api.example.test", "other.example.test"));
+    let (outcome, _) = decide_hello(&gateway, TLS_HELLO).await;
+    assert_eq!(outcome, Err(Stop::new(PolicyDenial::NotAllowed)));
+}
+
+#[tokio::test]
+async fn a_tcp_rule_for_a_name_past_the_carried_ones_allows_without_a_peek() {
+    let policy = TLS_BY_NAME.replace("protocol: tls", "protocol: tcp");
+    let gateway = crowded(&policy);
+    let snapshot = gateway.store.current();
+    // The client says nothing: a server-speaks-first protocol.
+    let (mut streams, _pod) = accepted(MAX_BYTES);
+    let mut cx = Context::new(1, Instant::now(), client(), destination());
+    let outcome = gateway
+        .proxy
+        .decide(&mut cx, &snapshot, &mut streams, &Scripted::refusing())
+        .await;
+    let granted = outcome.expect("granted by api.example.test");
+    assert_eq!(granted.names, ["api.example.test"]);
+    assert_eq!(cx.protocol, Some(Protocol::Tcp));
 }
