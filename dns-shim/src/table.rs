@@ -75,6 +75,12 @@ pub struct Touched {
 /// flush), later ones are not saved: a lost use only shortens an entry's life after a crash.
 const MAX_UNSAVED_TOUCHES: usize = 65_536;
 
+/// A use is saved only when it moves the entry's last use into a later step of this length (the
+/// first use always): a busy name's connections then cost the hot path one lock and allocation
+/// per second rather than one each, and a restart restores the last use at most this much early
+/// (a slightly shorter idle grace).
+const TOUCH_SAVE_STEP_NS: u64 = 1_000_000_000;
+
 #[derive(Debug, Default)]
 struct Inner {
     /// foldhash rather than SipHash (with the policy name index, a fifth off the decision
@@ -279,9 +285,11 @@ impl NameTable {
             .and_then(|entries| entries.find(name));
         if let Some(entry) = entry {
             let after = nanos(now.saturating_duration_since(entry.resolved_at));
-            entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
+            let before = entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
             drop(inner);
-            self.log_touch(pod, dst, name, now);
+            if before == 0 || after / TOUCH_SAVE_STEP_NS > before / TOUCH_SAVE_STEP_NS {
+                self.log_touch(pod, dst, name, now);
+            }
         }
     }
 

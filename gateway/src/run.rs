@@ -417,7 +417,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                     &limits,
                     &stop_serving,
                     &mut serving,
-                    &handover_metrics,
                 )
                 .await;
                 match handed {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::handover::{HandedSocket, HandoverError, HandoverMetrics, Role, Successor};
+use crate::handover::{HandedSocket, HandoverError, Role, Successor};
 use crate::limits::Limits;
 use crate::store::Store;
 
@@ -260,7 +260,6 @@ pub async fn hand_over(
     limits: &Limits,
     stop_serving: &watch::Sender<bool>,
     serving: &mut JoinSet<()>,
-    _metrics: &HandoverMetrics,
 ) -> Result<(), HandoverError> {
     let started = Instant::now();
     tracing::info!("a new gateway is taking over");

@@ -71,6 +71,21 @@ fn touch_renews_the_idle_grace() {
 }
 
 #[test]
+fn touches_within_a_second_of_the_last_saved_one_are_not_saved_again() {
+    let table = NameTable::new(limits()).log_touches();
+    let t0 = Instant::now();
+    table.record(POD_A, &answer("api.example.test", &[DST], 10), t0);
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    for ms in [5_000, 5_001, 5_500, 5_999, 6_000, 6_400, 9_000] {
+        table.touch(POD_A, DST, "api.example.test", at(ms));
+    }
+    let saved: Vec<Instant> = table.take_touches().iter().map(|t| t.at).collect();
+    assert_eq!(saved, [at(5_000), at(6_000), at(9_000)]);
+    // What was not saved still renews the entry in memory.
+    assert_eq!(table.lookup(POD_A, DST, at(9_000) + secs(29)).len(), 1);
+}
+
+#[test]
 fn touch_of_another_pod_or_name_changes_nothing() {
     let table = NameTable::new(limits());
     let t0 = Instant::now();
