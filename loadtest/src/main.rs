@@ -27,6 +27,7 @@ mod restart;
 mod results;
 mod scenarios;
 mod server;
+mod shared_ip;
 mod soak;
 mod tls;
 mod world;

@@ -18,17 +18,19 @@ use crate::restart::RestartSize;
 use crate::results::{Better, MetricResult, PathInfo, PathStats, ScenarioResult};
 use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT};
 use crate::soak::{self, SoakSize};
-use crate::{decision, journal_cost, progress, restart, stopped, Error};
+use crate::{decision, journal_cost, progress, restart, shared_ip, stopped, Error};
 
 /// Every scenario, in run (and report) order. `decision` needs no lab; `restart` and
 /// `dns_journal` build labs of their own.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
     "tcp_bulk",
     "tls_bulk",
     "tls_connect",
     "conn_rate",
     "keepalive",
     "dns",
+    "shared_ip",
+    "shared_ip_dns",
     "memory",
     "reload",
     "soak",
@@ -60,6 +62,10 @@ pub struct Settings {
     pub memory_rounds: usize,
     pub dns_names: usize,
     pub dns_concurrency: usize,
+    /// Names pod b resolves onto the web server's address in `shared_ip`.
+    pub crowd_names: usize,
+    /// Names queried on one address (and on distinct ones) in `shared_ip_dns`.
+    pub crowd_dns_names: usize,
     pub decision: decision::Size,
     pub soak: SoakSize,
     pub restart: RestartSize,
@@ -79,6 +85,8 @@ impl Settings {
             memory_rounds: 2,
             dns_names: 5_000,
             dns_concurrency: 64,
+            crowd_names: 5_000,
+            crowd_dns_names: 2_000,
             decision: decision::Size::full(),
             soak: SoakSize::full(),
             restart: RestartSize::full(),
@@ -97,6 +105,8 @@ impl Settings {
             memory_rounds: 1,
             dns_names: 100,
             dns_concurrency: 8,
+            crowd_names: 100,
+            crowd_dns_names: 50,
             decision: decision::Size::smoke(),
             soak: SoakSize::smoke(),
             restart: RestartSize::smoke(),
@@ -115,6 +125,8 @@ impl Settings {
             ("memory_rounds", json!(self.memory_rounds)),
             ("dns_names", json!(self.dns_names)),
             ("dns_concurrency", json!(self.dns_concurrency)),
+            ("crowd_names", json!(self.crowd_names)),
+            ("crowd_dns_names", json!(self.crowd_dns_names)),
             ("soak_seconds", json!(self.soak.seconds)),
             ("restart_baseline_seconds", json!(self.restart.baseline)),
             ("restart_settle_seconds", json!(self.restart.settle)),
@@ -442,6 +454,84 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                     specs,
                     paths,
                 )
+        }
+        "shared_ip" => {
+            let env = env()?;
+            let paths =
+                shared_ip::connections(env, s.seconds, s.rounds, s.crowd_names, &mut samples)?;
+            (
+                "Names sharing one IP: new TLS connections",
+                format!(
+                    "Pod b makes new TLS connections to api.example.test as in tls_connect \
+                     (egressgate only), first with the few names it resolved to the web server's \
+                     address, then after resolving {} more names (`n<i>.{}`) to that same \
+                     address. Phases in order, not interleaved: a pod cannot forget names. \
+                     `names on the IP` is what the decision lines report (`namesTotal`).",
+                    s.crowd_names,
+                    shared_ip::CROWD_ZONE
+                ),
+                Some("few names"),
+                vec![
+                    spec("p50", "new connection latency p50", "µs", Better::Lower),
+                    spec("p99", "new connection latency p99", "µs", Better::Lower),
+                    spec(
+                        "rate",
+                        "connections/s (one client)",
+                        "ops/s",
+                        Better::Higher,
+                    ),
+                    spec(
+                        "cpu_per_op",
+                        "proxy CPU time per connection (user + system)",
+                        "µs",
+                        Better::Lower,
+                    ),
+                    spec("line_bytes", "decision line size", "bytes", Better::Lower),
+                    spec("names_on_ip", "names on the IP", "names", Better::Higher),
+                ],
+                paths.to_vec(),
+            )
+        }
+        "shared_ip_dns" => {
+            let env = env()?;
+            let paths = shared_ip::dns(
+                env,
+                s.seconds,
+                s.rounds,
+                s.crowd_dns_names,
+                s.dns_concurrency,
+                &mut samples,
+            )?;
+            (
+                "Names sharing one IP: DNS through the shim",
+                format!(
+                    "Pod b queries {} names through the shim ({} outstanding), cycled: either \
+                     names the responder spreads over a /17 (`n<i>.bench.test`) or names all \
+                     answered with one address (`n<i>.{}`). Every answer is recorded under the \
+                     pod before it is sent on.",
+                    s.crowd_dns_names,
+                    s.dns_concurrency,
+                    shared_ip::DNS_ONE_IP_ZONE
+                ),
+                Some("names on distinct IPs"),
+                vec![
+                    spec("qps", "queries/s", "queries/s", Better::Higher),
+                    spec("lost", "lost queries", "queries", Better::Lower),
+                    spec(
+                        "cpu_per_query",
+                        "shim CPU time per query (user + system)",
+                        "µs",
+                        Better::Lower,
+                    ),
+                    spec(
+                        "qps_per_core",
+                        "queries/s one core of shim sustains (1 / CPU time per query)",
+                        "queries/s",
+                        Better::Higher,
+                    ),
+                ],
+                paths.to_vec(),
+            )
         }
         "memory" => {
             let env = env()?;
@@ -976,7 +1066,7 @@ fn dns_sample(
 
 /// Runs `work`; also returns the CPU seconds the proxy of `path` spent meanwhile (`None` for
 /// the direct path, or if /proc could not be read).
-fn proxy_cpu_during<T>(
+pub(crate) fn proxy_cpu_during<T>(
     env: &Env,
     path: PathKind,
     work: impl FnOnce() -> Result<T, Error>,
