@@ -202,7 +202,9 @@ fn push_udp_chains(out: &mut String, config: &Config) {
     out.push_str("\n    chain udp_policy {\n");
     out.push_str("        ip saddr @udp_unpoliced_v4 goto udp_unpoliced\n");
     out.push_str("        ip6 saddr @udp_unpoliced_v6 goto udp_unpoliced\n");
-    out.push_str("        # Allowed flows: the kernel carries them, each datagram refreshing the timeout.\n");
+    out.push_str(
+        "        # Allowed flows: the kernel carries them, each datagram refreshing the timeout.\n",
+    );
     for family in [Family::V4, Family::V6] {
         let key = family.flow_key();
         let set = family.flow_set();
@@ -550,7 +552,9 @@ fn push_set(out: &mut String, name: &str, kind: &str, elements: &[IpNet]) {
 
 /// A set of single addresses, filled at run time.
 fn push_plain_set(out: &mut String, name: &str, kind: &str) {
-    out.push_str(&format!("    set {name} {{\n        type {kind}\n    }}\n\n"));
+    out.push_str(&format!(
+        "    set {name} {{\n        type {kind}\n    }}\n\n"
+    ));
 }
 
 /// `udp_flows_v4/6`: allowed flows, added from the packet path (`udp_output`), forgotten after
@@ -776,19 +780,64 @@ mod tests {
             rules.last(),
             Some(&"meta l4proto tcp reject with tcp reset")
         );
-        assert!(position("fib daddr type local return") < position("udp dport 443 reject"));
-        assert_eq!(script.matches("reject").count(), 6, "{script}");
+        assert!(position("fib daddr type local return") < position("goto udp_policy"));
+        assert!(!rules.iter().any(|rule| rule.contains("443")), "{rules:#?}");
+        assert_eq!(script.matches("reject").count(), 7, "{script}");
         assert_eq!(rules.first(), Some(&"fib saddr . iif oif missing drop"));
         assert!(position("reject with tcp reset") < position("socket transparent 1"));
         assert!(position("socket transparent 1") < position("udp dport 53 tproxy"));
         assert!(
-            position("tcp dport { 15001, 15053, 15090 } reject")
+            position("tcp dport { 15001, 15053, 15054, 15090 } reject")
                 < position("fib daddr type local return")
         );
         assert!(position("tcp dport 53 tproxy ip6") < position("tcp dport 53 reject"));
         assert!(position("tcp dport 53 reject") < position("@bypass_v4 return"));
         let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
         assert!(!open.contains("udp dport 443"), "{open}");
+    }
+
+    #[test]
+    fn udp_of_enforced_pods_passes_only_as_an_allowed_flow_or_through_the_relay() {
+        let script = render(&config(FULL));
+        assert_eq!(
+            chain_rules(&script, "udp_policy"),
+            [
+                "ip saddr @udp_unpoliced_v4 goto udp_unpoliced",
+                "ip6 saddr @udp_unpoliced_v6 goto udp_unpoliced",
+                "ip saddr . ip daddr . udp dport @udp_flows_v4 update @udp_flows_v4 { ip saddr . ip daddr . udp dport } accept",
+                "ip6 saddr . ip6 daddr . udp dport @udp_flows_v6 update @udp_flows_v6 { ip6 saddr . ip6 daddr . udp dport } accept",
+                "meta nfproto ipv4 meta l4proto udp tproxy ip to :15054 meta mark set 0x00006567 accept",
+                "meta nfproto ipv6 meta l4proto udp tproxy ip6 to :15054 meta mark set 0x00006567 accept",
+                "reject",
+            ]
+        );
+        // Pods under no enforce policy: as before UDP was policed.
+        assert_eq!(
+            chain_rules(&script, "udp_unpoliced"),
+            ["udp dport 443 reject", "accept"]
+        );
+        assert_eq!(
+            chain_rules(&script, "udp_output"),
+            [
+                "type filter hook output priority mangle; policy accept;",
+                "meta mark 0x00006568 update @udp_flows_v4 { ip saddr . ip daddr . udp dport }",
+                "meta mark 0x00006568 update @udp_flows_v6 { ip6 saddr . ip6 daddr . udp dport }",
+            ]
+        );
+        assert!(
+            script.contains("    set udp_flows_v6 {\n        type ipv6_addr . ipv6_addr . inet_service\n        flags dynamic,timeout\n        timeout 60s\n        size 65536\n    }\n"),
+            "{script}"
+        );
+        assert!(script.contains("tcp dport { 15001, 15053, 15054, 15090 } reject"));
+        let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
+        assert_eq!(chain_rules(&open, "udp_unpoliced"), ["accept"]);
+        let v4 = render(&config(
+            "udp: {listen: [\"0.0.0.0:7054\"], flowIdleSeconds: 5, flowMark: 0x99}\nintercept: {interfaces: [\"egp*\"]}\n",
+        ));
+        assert!(v4.contains("# No IPv6 UDP relay"), "{v4}");
+        assert!(v4.contains("tproxy ip to :7054 "), "{v4}");
+        assert!(v4.contains("timeout 5s"), "{v4}");
+        assert!(v4.contains("meta mark 0x00000099 update"), "{v4}");
     }
 
     #[test]
@@ -830,7 +879,7 @@ mod tests {
         // No TPROXY rule for a family without a listener: the closing rules refuse it.
         assert!(script.contains("# No IPv4 DNS listener"), "{script}");
         assert!(script.contains("# No IPv6 TPROXY listener"), "{script}");
-        assert!(script.ends_with("        meta l4proto tcp reject with tcp reset\n    }\n}\n"));
+        assert!(script.contains("        meta l4proto tcp reject with tcp reset\n    }\n"));
         assert!(script.contains("tproxy ip to :15001 "));
         assert!(script.contains("udp dport 53 tproxy ip6 to :15053 "));
         assert!(!script.contains("tproxy ip6 to :15001"), "{script}");
@@ -926,6 +975,38 @@ mod tests {
     }
 
     #[test]
+    fn unpoliced_pods_are_replaced_and_flows_forgotten_in_the_running_table() {
+        let netns = Netns::create();
+        let config = config(FULL);
+        install_in(&config, Some(&netns.0)).expect("install");
+        let table = |args: &[&str]| netns.run(&[&["nft"][..], args].concat());
+        table(&[
+            "add",
+            "element",
+            "inet",
+            "egressgate",
+            "udp_flows_v4",
+            "{ 198.18.1.2 . 198.18.2.10 . 51820 }",
+        ]);
+        let pods: Vec<std::net::IpAddr> = ["198.18.1.2", "fd00:1::2"]
+            .iter()
+            .map(|a| a.parse().expect("ip"))
+            .collect();
+        set_udp_unpoliced_in(&config, &pods, false, Some(&netns.0)).expect("set");
+        let listed = table(&["list", "table", "inet", "egressgate"]);
+        assert!(listed.contains("elements = { 198.18.1.2 }"), "{listed}");
+        assert!(listed.contains("elements = { fd00:1::2 }"), "{listed}");
+        assert!(
+            listed.contains("198.18.1.2 . 198.18.2.10 . 51820"),
+            "{listed}"
+        );
+        set_udp_unpoliced_in(&config, &[], true, Some(&netns.0)).expect("forget");
+        let listed = table(&["list", "table", "inet", "egressgate"]);
+        assert!(!listed.contains("198.18.1.2"), "{listed}");
+        assert!(!listed.contains("fd00:1::2"), "{listed}");
+    }
+
+    #[test]
     fn excluded_pods_are_replaced_in_the_running_table() {
         let netns = Netns::create();
         let config = config(FULL);
@@ -996,7 +1077,7 @@ mod tests {
         netns.run(&["ip", "rule", "add", "fwmark", "0x6567", "lookup", "25447"]);
 
         let v4_only = config(
-            "listen:\n  tproxy: [\"0.0.0.0:15001\"]\n  dns: [\"0.0.0.0:15053\"]\nintercept: {interfaces: [\"egp*\"]}\n",
+            "listen:\n  tproxy: [\"0.0.0.0:15001\"]\n  dns: [\"0.0.0.0:15053\"]\nudp: {listen: [\"0.0.0.0:15054\"]}\nintercept: {interfaces: [\"egp*\"]}\n",
         );
         install_in(&v4_only, Some(&netns.0)).expect("reinstall");
 
