@@ -1,17 +1,23 @@
 //! Transparent sockets: bound to addresses that need not be the node's own, so nftables TPROXY
 //! can hand them traffic addressed to anywhere, and a reply can leave as the server a pod
-//! addressed. The one setup for the gateway's TCP listeners and the shim's UDP and TCP sockets.
+//! addressed. The one setup for the gateway's TCP listeners and UDP relay and the shim's UDP and
+//! TCP sockets.
 //!
 //! Every one is nonblocking, has IP_TRANSPARENT (IPV6_TRANSPARENT and IPV6_V6ONLY for IPv6, so a
 //! v4 and a v6 socket on the same port coexist) and SO_REUSEADDR. Setting IP_TRANSPARENT needs
 //! CAP_NET_ADMIN.
 
-use std::io;
-use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{OwnedFd, RawFd};
 
+use nix::libc;
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6,
+    SockaddrStorage,
+};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 /// Which protocol a [`socket`] speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,4 +72,73 @@ pub fn adopt_tcp_listener(fd: OwnedFd) -> io::Result<TcpListener> {
     let listener = std::net::TcpListener::from(fd);
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
+}
+
+/// A transparent UDP socket on `addr` (sharing its port) that reports each datagram's original
+/// destination (IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR): read it with [`recv_with_orig_dst`].
+pub fn udp_listener(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket(addr, Kind::Udp, Sharing::Port)?;
+    if addr.is_ipv6() {
+        setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;
+    } else {
+        setsockopt(&socket, sockopt::Ipv4OrigDstAddr, &true)?;
+    }
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// A transparent UDP socket bound to `addr`, which need not be local: to send as the server a
+/// pod addressed, or as the pod itself.
+pub fn udp_bound_to(addr: SocketAddr, sharing: Sharing) -> io::Result<Socket> {
+    let socket = socket(addr, Kind::Udp, sharing)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// One datagram read by [`recv_with_orig_dst`].
+#[derive(Debug, Clone, Copy)]
+pub struct Datagram {
+    pub len: usize,
+    /// Who sent it.
+    pub source: SocketAddr,
+    /// The address it was sent to, from IP_RECVORIGDSTADDR; `None` if the kernel sent none.
+    pub orig_dst: Option<SocketAddr>,
+}
+
+/// `recvmsg` on a [`udp_listener`] with the original destination control message.
+/// `Ok(None)`: a datagram not worth handling (truncated, or no usable source address).
+pub fn recv_with_orig_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
+    let mut iov = [IoSliceMut::new(buf)];
+    // Room for either family's original destination.
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        return Ok(None);
+    }
+    let mut orig_dst = None;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
+                orig_dst = Some(SocketAddr::V4(SocketAddrV4::from(SockaddrIn::from(sin))));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
+                orig_dst = Some(SocketAddr::V6(SocketAddrV6::from(SockaddrIn6::from(sin6))));
+            }
+            _ => {}
+        }
+    }
+    let source = msg.address.as_ref().and_then(to_socket_addr);
+    Ok(source.map(|source| Datagram {
+        len: msg.bytes,
+        source,
+        orig_dst,
+    }))
+}
+
+fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }

@@ -12,24 +12,20 @@
 //! reach the listener and never a reply socket.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::io::{self, IoSlice};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::libc;
-use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockaddrIn, SockaddrIn6, SockaddrStorage,
-};
-use socket2::Socket;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{Client, Handler, Transport};
-use crate::transparent::{self, Kind, Sharing};
+use crate::transparent::{self, Sharing};
 
 /// Queries being forwarded at once. Each holds an upstream socket (one fd) for up to the
 /// upstream timeout; beyond this a flood is dropped instead of exhausting descriptors.
@@ -54,25 +50,9 @@ impl UdpListener {
     }
 }
 
-/// One received datagram.
-#[derive(Debug)]
-struct Datagram {
-    len: usize,
-    pod: SocketAddr,
-    /// The address the pod sent to, from IP_RECVORIGDSTADDR; `None` if the kernel sent none.
-    orig_dst: Option<SocketAddr>,
-}
-
 /// A transparent UDP socket on `addr` that reports original destinations.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpListener> {
-    let socket = transparent::socket(addr, Kind::Udp, Sharing::Port)?;
-    if addr.is_ipv6() {
-        setsockopt(&socket, sockopt::Ipv6OrigDstAddr, &true)?;
-    } else {
-        setsockopt(&socket, sockopt::Ipv4OrigDstAddr, &true)?;
-    }
-    socket.bind(&addr.into())?;
-    let socket = UdpSocket::from_std(socket.into())?;
+    let socket = transparent::udp_listener(addr)?;
     let local = socket.local_addr()?;
     Ok(UdpListener { socket, local })
 }
@@ -108,7 +88,7 @@ pub(crate) async fn serve<H: Handler>(
         while tasks.try_join_next().is_some() {}
         let received = tokio::select! {
             received = socket.async_io(Interest::READABLE, || {
-                recv_with_orig_dst(socket.as_raw_fd(), &mut buf)
+                transparent::recv_with_orig_dst(socket.as_raw_fd(), &mut buf)
             }) => received,
             _ = stopped.wait_for(|stop| *stop) => break,
         };
@@ -121,7 +101,7 @@ pub(crate) async fn serve<H: Handler>(
             }
         };
         let client = Client {
-            pod: datagram.pod,
+            pod: datagram.source,
             server: datagram.orig_dst.unwrap_or(local),
             transport: Transport::Udp,
         };
@@ -147,44 +127,6 @@ pub(crate) async fn serve<H: Handler>(
         });
     }
     crate::client::drain(&mut tasks).await;
-}
-
-/// `recvmsg` with the original destination control message. `Ok(None)`: a datagram not worth
-/// answering (truncated, or no usable source address).
-fn recv_with_orig_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagram>> {
-    let mut iov = [IoSliceMut::new(buf)];
-    // Room for either family's original destination.
-    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
-    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
-    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-        return Ok(None);
-    }
-    let mut orig_dst = None;
-    for c in msg.cmsgs()? {
-        match c {
-            ControlMessageOwned::Ipv4OrigDstAddr(sin) => {
-                orig_dst = Some(SocketAddr::V4(SocketAddrV4::from(SockaddrIn::from(sin))));
-            }
-            ControlMessageOwned::Ipv6OrigDstAddr(sin6) => {
-                orig_dst = Some(SocketAddr::V6(SocketAddrV6::from(SockaddrIn6::from(sin6))));
-            }
-            _ => {}
-        }
-    }
-    let pod = msg.address.as_ref().and_then(to_socket_addr);
-    Ok(pod.map(|pod| Datagram {
-        len: msg.bytes,
-        pod,
-        orig_dst,
-    }))
-}
-
-fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
-    }
-    addr.as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }
 
 /// Sends `reply` to the pod from the address (and port) it addressed.
@@ -234,7 +176,9 @@ impl ReplySockets {
         if let Some(socket) = by_server.get(&server) {
             return Ok(Arc::clone(socket));
         }
-        let socket = Arc::new(UdpSocket::from_std(bound_to(server)?.into())?);
+        // Not SO_REUSEPORT: the listener alone receives queries.
+        let socket = transparent::udp_bound_to(server, Sharing::Address)?;
+        let socket = Arc::new(UdpSocket::from_std(socket.into())?);
         if by_server.len() < MAX_REPLY_SOCKETS {
             by_server.insert(server, Arc::clone(&socket));
         }
@@ -285,12 +229,4 @@ fn send_from(fd: RawFd, reply: &[u8], pod: SocketAddr, source: IpAddr) -> io::Re
             "pod and server address families differ",
         )),
     }
-}
-
-/// A transparent socket bound to `server` (a non-local address is fine), to reply from.
-fn bound_to(server: SocketAddr) -> io::Result<Socket> {
-    // Not SO_REUSEPORT: the listener alone receives queries.
-    let socket = transparent::socket(server, Kind::Udp, Sharing::Address)?;
-    socket.bind(&server.into())?;
-    Ok(socket)
 }

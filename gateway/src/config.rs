@@ -38,6 +38,9 @@ pub struct Config {
     /// Allowed connections.
     #[serde(default)]
     pub connections: Connections,
+    /// UDP other than DNS from pods under an enforce policy.
+    #[serde(default)]
+    pub udp: Udp,
     /// What outlives the process: the name table on disk, the live hand-over.
     #[serde(default)]
     pub state: State,
@@ -157,8 +160,9 @@ pub struct Intercept {
     /// Destinations never intercepted: cluster pod and service ranges, node-local services.
     #[serde(default)]
     pub bypass_cidrs: Vec<IpNet>,
-    /// Reject pods' UDP to port 443 (QUIC), so that clients fall back to TCP, where policy
-    /// applies. Other UDP (except DNS) is not intercepted.
+    /// Reject UDP to port 443 (QUIC) from pods no enforce policy selects, so that clients fall
+    /// back to TCP, where policy applies. (Pods under an enforce policy get UDP 443 only
+    /// through a `udp` rule, whatever this says.)
     #[serde(default = "default_true")]
     pub block_quic: bool,
     /// Pods whose traffic is never intercepted, kept current from the identity source: the
@@ -470,6 +474,74 @@ impl Default for Connections {
     }
 }
 
+/// The UDP relay: decides the first datagram of each flow (pod address, destination, port) from
+/// a pod under an enforce policy; allowed flows then pass in the kernel (`udp_flows` sets).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Udp {
+    /// Transparent UDP sockets that TPROXY sends undecided datagrams to (first of each family).
+    #[serde(default = "Udp::default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// An allowed flow with no datagram from the pod for this long is forgotten (kernel set
+    /// timeout): its next datagram is decided again.
+    #[serde(default = "Udp::default_flow_idle_seconds")]
+    pub flow_idle_seconds: u64,
+    /// A denied flow's further datagrams are dropped without another decision line for this
+    /// long, so a flood costs one line per flow.
+    #[serde(default = "Udp::default_denied_flow_seconds")]
+    pub denied_flow_seconds: u64,
+    /// Flows remembered at once (allowed and denied, each; also the kernel sets' size). A new
+    /// flow past it is dropped (`egressgate_udp_datagrams_dropped_total{reason="flow_limit"}`).
+    #[serde(default = "Udp::default_max_flows")]
+    pub max_flows: usize,
+    /// The mark on the datagrams the relay sends for an allowed flow; an `output` rule adds
+    /// their flow to `udp_flows`. Pick one no CNI uses, other than `nftables.mark`.
+    #[serde(default = "Udp::default_flow_mark")]
+    pub flow_mark: u32,
+}
+
+impl Udp {
+    fn default_listen() -> Vec<SocketAddr> {
+        both_families(15054)
+    }
+
+    fn default_flow_idle_seconds() -> u64 {
+        60
+    }
+
+    fn default_denied_flow_seconds() -> u64 {
+        10
+    }
+
+    fn default_max_flows() -> usize {
+        65_536
+    }
+
+    fn default_flow_mark() -> u32 {
+        0x6568 // "eh"
+    }
+
+    pub fn flow_idle(&self) -> Duration {
+        Duration::from_secs(self.flow_idle_seconds)
+    }
+
+    pub fn denied_flow(&self) -> Duration {
+        Duration::from_secs(self.denied_flow_seconds)
+    }
+}
+
+impl Default for Udp {
+    fn default() -> Self {
+        Self {
+            listen: Self::default_listen(),
+            flow_idle_seconds: Self::default_flow_idle_seconds(),
+            denied_flow_seconds: Self::default_denied_flow_seconds(),
+            max_flows: Self::default_max_flows(),
+            flow_mark: Self::default_flow_mark(),
+        }
+    }
+}
+
 /// The state directory: the name journal and snapshot, and the hand-over socket.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -636,6 +708,18 @@ impl Config {
         }
         if self.nftables.mark == 0 {
             return Err("nftables.mark: must not be 0".into());
+        }
+        if self.udp.flow_mark == 0 || self.udp.flow_mark == self.nftables.mark {
+            return Err("udp.flowMark: must not be 0 nor nftables.mark".into());
+        }
+        if self.udp.flow_idle_seconds == 0
+            || self.udp.denied_flow_seconds == 0
+            || self.udp.max_flows == 0
+        {
+            return Err(
+                "udp.flowIdleSeconds, udp.deniedFlowSeconds and udp.maxFlows must be positive"
+                    .into(),
+            );
         }
         if self.state.snapshot_interval_seconds == 0 {
             return Err("state.snapshotIntervalSeconds must be positive".into());

@@ -1,4 +1,5 @@
-//! The JSON lines the gateway prints on stdout: one `decision` per connection, and one more for
+//! The JSON lines the gateway prints on stdout: one `decision` per connection (and per UDP flow
+//! the relay decides), and one more for
 //! a refused later message of an allowed one (a second ClientHello after a HelloRetryRequest, a
 //! later HTTP/1 request), one `close` per connection that was relayed. Field names and their order are a stable interface (README,
 //! "Logs").
@@ -41,7 +42,8 @@ pub struct DecisionLine<'a> {
     pub names_total: Option<usize>,
     /// CNAME targets on the way to the destination (recorded, never granting).
     pub cnames: &'a [String],
-    /// `tls`, `http`, `http2`, `postgresql`, `tcp` or `unknown`; absent when nothing was read.
+    /// `tls`, `http`, `http2`, `postgresql`, `tcp`, `unknown`, or `udp` for a UDP flow's first
+    /// datagram; absent when nothing was read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -15,6 +15,8 @@
 //!   `pipes`, the pipe pool.
 //! - [`peek`]: pure parsers of TLS ClientHello, HTTP/1 request head, PostgreSQL first messages.
 //! - [`decision`]: verdicts, reason codes and the pure authorization rules.
+//! - `udp`: the UDP relay that decides each flow's first datagram from a pod under an enforce
+//!   policy, and keeps the nftables UDP sets in step with policies and identities.
 //! - `limits`: bounds on open connections and connections waiting in peek.
 //! - [`memory_budget`]: whether the caps fit in the cgroup's memory limit.
 //! - `protocol`: what a connection speaks. `events`: the JSON decision and close lines.
@@ -46,4 +48,5 @@ mod listener;
 mod pipes;
 mod protocol;
 mod relay;
+mod udp;
 mod yaml_file;

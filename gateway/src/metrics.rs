@@ -36,6 +36,12 @@ pub struct Metrics {
     /// `verdict`: the requests after the first on allowed HTTP/1 connections (the first is a
     /// connection's decision); only refused ones get a decision line.
     pub http_later_requests: IntCounterVec,
+    /// `verdict`: UDP flows the relay decided (their first datagram).
+    pub udp_flows: IntCounterVec,
+    /// Datagrams the relay sent on for allowed flows (before the kernel carries the flow).
+    pub udp_relayed: IntCounter,
+    /// `reason`: `denied`, `deciding_queue_full`, `flow_limit`, `send_failed`.
+    pub udp_dropped: IntCounterVec,
     /// `result`: `ok` or `error`.
     pub policy_reloads: IntCounterVec,
     pub policies: IntGauge,
@@ -50,7 +56,8 @@ impl Metrics {
             connections: IntCounterVec::new(
                 Opts::new(
                     "egressgate_connections_total",
-                    "TCP connections decided, by verdict, reason and protocol.",
+                    "TCP connections and UDP flows (protocol udp) decided, by verdict, reason \
+                     and protocol.",
                 ),
                 &["verdict", "reason", "protocol", "namespace"],
             )?,
@@ -100,6 +107,25 @@ impl Metrics {
                 ),
                 &["verdict"],
             )?,
+            udp_flows: IntCounterVec::new(
+                Opts::new(
+                    "egressgate_udp_flows_total",
+                    "UDP flows (pod, destination, port) decided by the relay, by verdict.",
+                ),
+                &["verdict"],
+            )?,
+            udp_relayed: IntCounter::new(
+                "egressgate_udp_datagrams_relayed_total",
+                "Datagrams of allowed UDP flows the relay sent itself (the kernel carries the rest).",
+            )?,
+            udp_dropped: IntCounterVec::new(
+                Opts::new(
+                    "egressgate_udp_datagrams_dropped_total",
+                    "Datagrams the UDP relay dropped, by reason (denied, deciding_queue_full, \
+                     flow_limit, send_failed).",
+                ),
+                &["reason"],
+            )?,
             policy_reloads: IntCounterVec::new(
                 Opts::new(
                     "egressgate_policy_reloads_total",
@@ -125,6 +151,9 @@ impl Metrics {
         registry.register(Box::new(metrics.peek_duration.clone()))?;
         registry.register(Box::new(metrics.upstream_connect_errors.clone()))?;
         registry.register(Box::new(metrics.http_later_requests.clone()))?;
+        registry.register(Box::new(metrics.udp_flows.clone()))?;
+        registry.register(Box::new(metrics.udp_relayed.clone()))?;
+        registry.register(Box::new(metrics.udp_dropped.clone()))?;
         registry.register(Box::new(metrics.policy_reloads.clone()))?;
         registry.register(Box::new(metrics.policies.clone()))?;
         registry.register(Box::new(metrics.policy_stale.clone()))?;

@@ -10,13 +10,23 @@
 //!   node addresses are refused; packets of TCP connections the gateway already holds (`socket
 //!   transparent 1`) are marked and accepted; DNS (UDP and TCP port 53, to any server) goes to
 //!   the DNS shim; then
-//!   destinations in `bypassCidrs` and local addresses are left alone; UDP 443 (QUIC) is
-//!   refused when `intercept.blockQuic` is on; every other TCP connection goes to the TPROXY
-//!   listener. Both TPROXY rules set the mark, so the `ip rule fwmark <mark> lookup
-//!   <routeTable>` and the `local` default route in that table deliver them to the local stack.
+//!   destinations in `bypassCidrs` and local addresses are left alone; other UDP goes to
+//!   `udp_policy`; every other TCP connection goes to the TPROXY listener. The TPROXY rules set
+//!   the mark, so the `ip rule fwmark <mark> lookup <routeTable>` and the `local` default route
+//!   in that table deliver them to the local stack.
+//! - `udp_policy`: pods in `udp_unpoliced_v4/6` (no enforce policy selects them, kept current
+//!   by the gateway) go to `udp_unpoliced`, which refuses UDP 443 (QUIC) when
+//!   `intercept.blockQuic` is on and passes the rest, as before UDP was policed. Datagrams of a
+//!   flow in `udp_flows_v4/6` (pod address . destination . port, with the idle timeout) pass at
+//!   kernel speed and refresh it. The rest goes to the gateway's UDP relay (`udp.listen`), which
+//!   decides the flow's first datagram.
+//! - `udp_output` (hook output): a datagram the relay sends for an allowed flow carries
+//!   `udp.flowMark`; this chain adds its flow to `udp_flows`, so the kernel, not the relay,
+//!   carries the flow's next datagrams. The relay never writes the set itself: the element is
+//!   added by the very datagram that opened the flow, with no `nft` process per flow.
 //!
-//! The gateway's own upstream connections are never intercepted: they are generated locally and
-//! so pass the `output` hook, never `prerouting`. That is why the table has no `output` chain.
+//! The gateway's other upstream traffic is never intercepted: it is generated locally and so
+//! passes the `output` hook, never `prerouting`.
 //!
 //! Fail closed: when `tproxy` finds no listening socket the packet is not dropped but goes on,
 //! unmarked, and would be forwarded to its destination. So `intercept` refuses the DNS and TCP
@@ -25,7 +35,8 @@
 //! the gateway is down, intercepted connections are refused (TCP reset, ICMP port unreachable)
 //! rather than bypassing policy, until `cleanup` ends interception on purpose.
 //!
-//! Known limit: other UDP than DNS and QUIC passes untouched.
+//! UDP fails closed the same way: what no relay took (a family without a relay, the gateway not
+//! running) is refused, unless its flow was already allowed or its pod is unpoliced.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -90,6 +101,12 @@ pub fn render(config: &Config) -> String {
     // Filled at run time from the identity source (`set_excluded`).
     push_set(&mut out, "exclude_v4", "ipv4_addr", &[]);
     push_set(&mut out, "exclude_v6", "ipv6_addr", &[]);
+    // Filled at run time from identities and policies (`set_udp_unpoliced`).
+    push_plain_set(&mut out, "udp_unpoliced_v4", "ipv4_addr");
+    push_plain_set(&mut out, "udp_unpoliced_v6", "ipv6_addr");
+    for family in [Family::V4, Family::V6] {
+        push_flow_set(&mut out, family, &config.udp);
+    }
 
     out.push_str("    chain prerouting {\n");
     out.push_str("        type filter hook prerouting priority mangle; policy accept;\n");
@@ -151,10 +168,7 @@ pub fn render(config: &Config) -> String {
     out.push_str("        ip daddr @bypass_v4 return\n");
     out.push_str("        ip6 daddr @bypass_v6 return\n");
     out.push_str("        fib daddr type local return\n");
-    if intercept.block_quic {
-        // QUIC is UDP, which is not inspected: refusing it makes clients fall back to TCP.
-        out.push_str("        udp dport 443 reject\n");
-    }
+    out.push_str("        meta l4proto udp goto udp_policy\n");
     for family in [Family::V4, Family::V6] {
         let nfproto = family.nfproto();
         match family.target(&config.listen.tproxy) {
@@ -175,8 +189,64 @@ pub fn render(config: &Config) -> String {
     );
     out.push_str("        # refuse it rather than let it bypass policy.\n");
     out.push_str("        meta l4proto tcp reject with tcp reset\n");
-    out.push_str("    }\n}\n");
+    out.push_str("    }\n");
+    push_udp_chains(&mut out, config);
+    out.push_str("}\n");
     out
+}
+
+/// `udp_policy`, `udp_unpoliced` and `udp_output` (see the module docs).
+fn push_udp_chains(out: &mut String, config: &Config) {
+    let mark = format!("{:#010x}", config.nftables.mark);
+    let flow_mark = format!("{:#010x}", config.udp.flow_mark);
+    out.push_str("\n    chain udp_policy {\n");
+    out.push_str("        ip saddr @udp_unpoliced_v4 goto udp_unpoliced\n");
+    out.push_str("        ip6 saddr @udp_unpoliced_v6 goto udp_unpoliced\n");
+    out.push_str(
+        "        # Allowed flows: the kernel carries them, each datagram refreshing the timeout.\n",
+    );
+    for family in [Family::V4, Family::V6] {
+        let key = family.flow_key();
+        let set = family.flow_set();
+        out.push_str(&format!(
+            "        {key} @{set} update @{set} {{ {key} }} accept\n"
+        ));
+    }
+    for family in [Family::V4, Family::V6] {
+        let nfproto = family.nfproto();
+        match family.target(&config.udp.listen) {
+            Some(to) => out.push_str(&format!(
+                "        meta nfproto {nfproto} meta l4proto udp tproxy {} to {to} meta mark set {mark} accept\n",
+                family.tproxy()
+            )),
+            None => out.push_str(&format!(
+                "        # No {} UDP relay: its undecided UDP is refused below.\n",
+                family.name()
+            )),
+        }
+    }
+    out.push_str("        # Only what no relay took gets here: refuse it rather than let it bypass policy.\n");
+    out.push_str("        reject\n");
+    out.push_str("    }\n\n");
+
+    out.push_str("    chain udp_unpoliced {\n");
+    if config.intercept.block_quic {
+        // QUIC is not inspected: refusing it makes clients fall back to TCP, where policy applies.
+        out.push_str("        udp dport 443 reject\n");
+    }
+    out.push_str("        accept\n");
+    out.push_str("    }\n\n");
+
+    out.push_str("    chain udp_output {\n");
+    out.push_str("        type filter hook output priority mangle; policy accept;\n");
+    for family in [Family::V4, Family::V6] {
+        let key = family.flow_key();
+        out.push_str(&format!(
+            "        meta mark {flow_mark} update @{} {{ {key} }}\n",
+            family.flow_set()
+        ));
+    }
+    out.push_str("    }\n");
 }
 
 /// Applies [`render`]'s script and the policy routing for marked packets; safe to repeat.
@@ -399,6 +469,22 @@ impl Family {
         }
     }
 
+    /// The `udp_flows` set of this family.
+    fn flow_set(self) -> &'static str {
+        match self {
+            Self::V4 => "udp_flows_v4",
+            Self::V6 => "udp_flows_v6",
+        }
+    }
+
+    /// A datagram's flow: pod address . destination . port.
+    fn flow_key(self) -> &'static str {
+        match self {
+            Self::V4 => "ip saddr . ip daddr . udp dport",
+            Self::V6 => "ip6 saddr . ip6 daddr . udp dport",
+        }
+    }
+
     fn ip_flag(self) -> &'static str {
         match self {
             Self::V4 => "-4",
@@ -434,6 +520,7 @@ fn own_ports(config: &Config) -> String {
         .tproxy
         .iter()
         .chain(&config.listen.dns)
+        .chain(&config.udp.listen)
         .chain(std::iter::once(&config.listen.admin))
         .map(SocketAddr::port)
         .collect();
@@ -461,6 +548,71 @@ fn push_set(out: &mut String, name: &str, kind: &str, elements: &[IpNet]) {
         out.push_str(&format!("        elements = {{ {} }}\n", list.join(", ")));
     }
     out.push_str("    }\n\n");
+}
+
+/// A set of single addresses, filled at run time.
+fn push_plain_set(out: &mut String, name: &str, kind: &str) {
+    out.push_str(&format!(
+        "    set {name} {{\n        type {kind}\n    }}\n\n"
+    ));
+}
+
+/// `udp_flows_v4/6`: allowed flows, added from the packet path (`udp_output`), forgotten after
+/// `udp.flowIdleSeconds` without a datagram, at most `udp.maxFlows` (then new flows stay with
+/// the relay).
+fn push_flow_set(out: &mut String, family: Family, udp: &crate::config::Udp) {
+    let address = match family {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    };
+    out.push_str(&format!(
+        "    set {} {{\n        type {address} . {address} . inet_service\n        flags dynamic,timeout\n        timeout {}s\n        size {}\n    }}\n\n",
+        family.flow_set(),
+        udp.flow_idle_seconds,
+        udp.max_flows
+    ));
+}
+
+/// Replaces the addresses of pods no enforce policy selects (their UDP is not policed), and
+/// with `forget_flows` empties `udp_flows` too (policies changed: flows are decided again);
+/// one transaction.
+pub(crate) fn set_udp_unpoliced(
+    config: &Config,
+    addrs: &[std::net::IpAddr],
+    forget_flows: bool,
+) -> Result<(), NftError> {
+    set_udp_unpoliced_in(config, addrs, forget_flows, None)
+}
+
+fn set_udp_unpoliced_in(
+    config: &Config,
+    addrs: &[std::net::IpAddr],
+    forget_flows: bool,
+    netns: Option<&str>,
+) -> Result<(), NftError> {
+    let table = &config.nftables.table;
+    let mut script = String::new();
+    for (set, v6) in [("udp_unpoliced_v4", false), ("udp_unpoliced_v6", true)] {
+        script.push_str(&format!("flush set inet {table} {set}\n"));
+        let family: Vec<String> = addrs
+            .iter()
+            .filter(|addr| addr.is_ipv6() == v6)
+            .map(ToString::to_string)
+            .collect();
+        if !family.is_empty() {
+            script.push_str(&format!(
+                "add element inet {table} {set} {{ {} }}\n",
+                family.join(", ")
+            ));
+        }
+    }
+    if forget_flows {
+        for family in [Family::V4, Family::V6] {
+            script.push_str(&format!("flush set inet {table} {}\n", family.flow_set()));
+        }
+    }
+    Runner { netns }.run(&["nft", "-f", "-"], Some(&script))?;
+    Ok(())
 }
 
 /// Runs commands, optionally inside a network namespace via `ip netns exec`.
@@ -628,19 +780,64 @@ mod tests {
             rules.last(),
             Some(&"meta l4proto tcp reject with tcp reset")
         );
-        assert!(position("fib daddr type local return") < position("udp dport 443 reject"));
-        assert_eq!(script.matches("reject").count(), 6, "{script}");
+        assert!(position("fib daddr type local return") < position("goto udp_policy"));
+        assert!(!rules.iter().any(|rule| rule.contains("443")), "{rules:#?}");
+        assert_eq!(script.matches("reject").count(), 7, "{script}");
         assert_eq!(rules.first(), Some(&"fib saddr . iif oif missing drop"));
         assert!(position("reject with tcp reset") < position("socket transparent 1"));
         assert!(position("socket transparent 1") < position("udp dport 53 tproxy"));
         assert!(
-            position("tcp dport { 15001, 15053, 15090 } reject")
+            position("tcp dport { 15001, 15053, 15054, 15090 } reject")
                 < position("fib daddr type local return")
         );
         assert!(position("tcp dport 53 tproxy ip6") < position("tcp dport 53 reject"));
         assert!(position("tcp dport 53 reject") < position("@bypass_v4 return"));
         let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
         assert!(!open.contains("udp dport 443"), "{open}");
+    }
+
+    #[test]
+    fn udp_of_enforced_pods_passes_only_as_an_allowed_flow_or_through_the_relay() {
+        let script = render(&config(FULL));
+        assert_eq!(
+            chain_rules(&script, "udp_policy"),
+            [
+                "ip saddr @udp_unpoliced_v4 goto udp_unpoliced",
+                "ip6 saddr @udp_unpoliced_v6 goto udp_unpoliced",
+                "ip saddr . ip daddr . udp dport @udp_flows_v4 update @udp_flows_v4 { ip saddr . ip daddr . udp dport } accept",
+                "ip6 saddr . ip6 daddr . udp dport @udp_flows_v6 update @udp_flows_v6 { ip6 saddr . ip6 daddr . udp dport } accept",
+                "meta nfproto ipv4 meta l4proto udp tproxy ip to :15054 meta mark set 0x00006567 accept",
+                "meta nfproto ipv6 meta l4proto udp tproxy ip6 to :15054 meta mark set 0x00006567 accept",
+                "reject",
+            ]
+        );
+        // Pods under no enforce policy: as before UDP was policed.
+        assert_eq!(
+            chain_rules(&script, "udp_unpoliced"),
+            ["udp dport 443 reject", "accept"]
+        );
+        assert_eq!(
+            chain_rules(&script, "udp_output"),
+            [
+                "type filter hook output priority mangle; policy accept;",
+                "meta mark 0x00006568 update @udp_flows_v4 { ip saddr . ip daddr . udp dport }",
+                "meta mark 0x00006568 update @udp_flows_v6 { ip6 saddr . ip6 daddr . udp dport }",
+            ]
+        );
+        assert!(
+            script.contains("    set udp_flows_v6 {\n        type ipv6_addr . ipv6_addr . inet_service\n        flags dynamic,timeout\n        timeout 60s\n        size 65536\n    }\n"),
+            "{script}"
+        );
+        assert!(script.contains("tcp dport { 15001, 15053, 15054, 15090 } reject"));
+        let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
+        assert_eq!(chain_rules(&open, "udp_unpoliced"), ["accept"]);
+        let v4 = render(&config(
+            "udp: {listen: [\"0.0.0.0:7054\"], flowIdleSeconds: 5, flowMark: 0x99}\nintercept: {interfaces: [\"egp*\"]}\n",
+        ));
+        assert!(v4.contains("# No IPv6 UDP relay"), "{v4}");
+        assert!(v4.contains("tproxy ip to :7054 "), "{v4}");
+        assert!(v4.contains("timeout 5s"), "{v4}");
+        assert!(v4.contains("meta mark 0x00000099 update"), "{v4}");
     }
 
     #[test]
@@ -682,7 +879,7 @@ mod tests {
         // No TPROXY rule for a family without a listener: the closing rules refuse it.
         assert!(script.contains("# No IPv4 DNS listener"), "{script}");
         assert!(script.contains("# No IPv6 TPROXY listener"), "{script}");
-        assert!(script.ends_with("        meta l4proto tcp reject with tcp reset\n    }\n}\n"));
+        assert!(script.contains("        meta l4proto tcp reject with tcp reset\n    }\n"));
         assert!(script.contains("tproxy ip to :15001 "));
         assert!(script.contains("udp dport 53 tproxy ip6 to :15053 "));
         assert!(!script.contains("tproxy ip6 to :15001"), "{script}");
@@ -778,6 +975,38 @@ mod tests {
     }
 
     #[test]
+    fn unpoliced_pods_are_replaced_and_flows_forgotten_in_the_running_table() {
+        let netns = Netns::create();
+        let config = config(FULL);
+        install_in(&config, Some(&netns.0)).expect("install");
+        let table = |args: &[&str]| netns.run(&[&["nft"][..], args].concat());
+        table(&[
+            "add",
+            "element",
+            "inet",
+            "egressgate",
+            "udp_flows_v4",
+            "{ 198.18.1.2 . 198.18.2.10 . 51820 }",
+        ]);
+        let pods: Vec<std::net::IpAddr> = ["198.18.1.2", "fd00:1::2"]
+            .iter()
+            .map(|a| a.parse().expect("ip"))
+            .collect();
+        set_udp_unpoliced_in(&config, &pods, false, Some(&netns.0)).expect("set");
+        let listed = table(&["list", "table", "inet", "egressgate"]);
+        assert!(listed.contains("elements = { 198.18.1.2 }"), "{listed}");
+        assert!(listed.contains("elements = { fd00:1::2 }"), "{listed}");
+        assert!(
+            listed.contains("198.18.1.2 . 198.18.2.10 . 51820"),
+            "{listed}"
+        );
+        set_udp_unpoliced_in(&config, &[], true, Some(&netns.0)).expect("forget");
+        let listed = table(&["list", "table", "inet", "egressgate"]);
+        assert!(!listed.contains("198.18.1.2"), "{listed}");
+        assert!(!listed.contains("fd00:1::2"), "{listed}");
+    }
+
+    #[test]
     fn excluded_pods_are_replaced_in_the_running_table() {
         let netns = Netns::create();
         let config = config(FULL);
@@ -848,7 +1077,7 @@ mod tests {
         netns.run(&["ip", "rule", "add", "fwmark", "0x6567", "lookup", "25447"]);
 
         let v4_only = config(
-            "listen:\n  tproxy: [\"0.0.0.0:15001\"]\n  dns: [\"0.0.0.0:15053\"]\nintercept: {interfaces: [\"egp*\"]}\n",
+            "listen:\n  tproxy: [\"0.0.0.0:15001\"]\n  dns: [\"0.0.0.0:15053\"]\nudp: {listen: [\"0.0.0.0:15054\"]}\nintercept: {interfaces: [\"egp*\"]}\n",
         );
         install_in(&v4_only, Some(&netns.0)).expect("reinstall");
 

@@ -19,6 +19,8 @@ pub enum Protocol {
     Postgresql,
     /// None of the above.
     Unknown,
+    /// A UDP flow (its first datagram; UDP is not peeked).
+    Udp,
 }
 
 impl Protocol {
@@ -33,6 +35,7 @@ impl Protocol {
             Protocol::Http2 => "http2",
             Protocol::Postgresql => "postgresql",
             Protocol::Unknown => "unknown",
+            Protocol::Udp => "udp",
         }
     }
 

@@ -25,6 +25,7 @@ use crate::limits::{Bounds, Limits};
 use crate::metrics::Metrics;
 use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
+use crate::udp::{self, UdpRelay};
 use crate::watch_metrics::WatchMetrics;
 use crate::{admin, listener, memory_budget, nft};
 
@@ -189,6 +190,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     }
     // Sockets of listen addresses this config no longer has close here.
     drop(inherited);
+    // Not handed over: with SO_REUSEPORT old and new relays share the port while both run, and
+    // both decide a flow the same way.
+    let mut udp_sockets = Vec::new();
+    for &addr in &config.udp.listen {
+        let bound = UdpRelay::bind(addr).map_err(|source| RunError::Bind {
+            what: "udp",
+            addr,
+            source,
+        })?;
+        udp_sockets.push(bound);
+    }
     let admin_addr = config.listen.admin;
     let admin_listener = listener::bind_shared(admin_addr).map_err(|source| RunError::Bind {
         what: "admin",
@@ -287,8 +299,30 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         Arc::clone(&limits),
         &config,
     ));
+    let udp_relay = Arc::new(UdpRelay::new(
+        udp::Decider {
+            proxy: Arc::clone(&proxy),
+            store: Arc::clone(&store),
+            table: Arc::clone(&table),
+            metrics: metrics.clone(),
+            unknown_sources: config.unknown_sources,
+            unknown_source_wait: config.identity.unknown_source_wait(),
+        },
+        &config.udp,
+    ));
     for listener in tproxy_listeners {
         serving.spawn(Arc::clone(&proxy).serve(listener, stop_serving_signal()));
+    }
+    for socket in udp_sockets {
+        serving.spawn(Arc::clone(&udp_relay).serve(socket, stop_serving_signal()));
+    }
+    if config.nftables.manage {
+        tasks.spawn(udp::keep_unpoliced(
+            config.clone(),
+            Arc::clone(&store),
+            Arc::clone(&udp_relay),
+            shutdown(),
+        ));
     }
     tasks.spawn(admin::serve(
         admin_listener,

@@ -308,7 +308,7 @@ mod tests {
 
     use crate::model::{
         Cidr, EgressRule, Mode, Origin, Peer, Policy, PolicyKind, PolicyRef, PortRange, PortRule,
-        PostgresRule, Protocol,
+        PostgresRule, Protocol, Transport,
     };
     use crate::name::DnsNamePattern;
     use crate::selector::{LabelSelector, Requirement};
@@ -331,6 +331,7 @@ mod tests {
     /// Every rule of every selected policy, each peer matched in turn.
     fn grants_all<'a>(
         selected: &[&'a Policy],
+        transport: Transport,
         dst: IpAddr,
         port: u16,
         resolved_names: &[&str],
@@ -342,7 +343,7 @@ mod tests {
                 let ports: Vec<&PortRule> = rule
                     .ports()
                     .iter()
-                    .filter(|p| p.range().contains(port))
+                    .filter(|p| p.protocol().transport() == transport && p.range().contains(port))
                     .collect();
                 if ports.is_empty() {
                     continue;
@@ -460,6 +461,7 @@ mod tests {
             Just(Protocol::Tls),
             Just(Protocol::Http),
             Just(Protocol::Postgresql(PostgresRule::default())),
+            Just(Protocol::Udp),
         ];
         (
             select(vec![80u16, 443, 5432]),
@@ -613,7 +615,11 @@ mod tests {
                 let names: Vec<&str> = q.names.iter().map(String::as_str).collect();
                 prop_assert_eq!(
                     selection.grants(q.dst, q.port, &names),
-                    grants_all(&want, q.dst, q.port, &names)
+                    grants_all(&want, Transport::Tcp, q.dst, q.port, &names)
+                );
+                prop_assert_eq!(
+                    selection.grants_for(Transport::Udp, q.dst, q.port, &names),
+                    grants_all(&want, Transport::Udp, q.dst, q.port, &names)
                 );
             }
         }

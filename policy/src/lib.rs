@@ -23,7 +23,7 @@ pub mod set;
 
 pub use model::{
     Cidr, EgressRule, Mode, ModelError, ObjectName, Origin, Peer, Policy, PolicyKind, PolicyRef,
-    PortRange, PortRule, PostgresRule, Protocol,
+    PortRange, PortRule, PostgresRule, Protocol, Transport,
 };
 pub use name::{normalize_name, parse_name, DnsNamePattern, NameError};
 pub use parse::{parse_policies, LoadError, API_VERSION};

@@ -33,7 +33,7 @@ pub enum ModelError {
     PortZero,
     #[error("must be 1-63 lowercase letters, digits or '-', starting and ending alphanumeric")]
     ObjectName,
-    #[error("expected one of tcp, tls, http, postgresql")]
+    #[error("expected one of tcp, tls, http, postgresql, udp")]
     UnknownProtocol,
     #[error("expected enforce or audit")]
     UnknownMode,
@@ -138,6 +138,16 @@ pub enum Protocol {
     Tls,
     Http,
     Postgresql(PostgresRule),
+    /// Datagrams to the port, whatever they carry: UDP has no first message to check.
+    Udp,
+}
+
+/// The transport a port entry covers. A `udp` entry never allows a TCP connection and no other
+/// entry allows a datagram, so each transport asks for its own grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
 }
 
 /// Limits on a PostgreSQL startup message. Empty lists mean "any".
@@ -399,6 +409,17 @@ impl PortRule {
 
 // === impl Protocol ===
 
+impl Protocol {
+    pub fn transport(&self) -> Transport {
+        match self {
+            Protocol::Tcp | Protocol::Tls | Protocol::Http | Protocol::Postgresql(_) => {
+                Transport::Tcp
+            }
+            Protocol::Udp => Transport::Udp,
+        }
+    }
+}
+
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -406,6 +427,7 @@ impl fmt::Display for Protocol {
             Protocol::Tls => "tls",
             Protocol::Http => "http",
             Protocol::Postgresql(_) => "postgresql",
+            Protocol::Udp => "udp",
         })
     }
 }
@@ -548,6 +570,9 @@ mod tests {
             Protocol::Postgresql(PostgresRule::default()).to_string(),
             "postgresql"
         );
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+        assert_eq!(Protocol::Udp.transport(), Transport::Udp);
+        assert_eq!(Protocol::Http.transport(), Transport::Tcp);
         assert_eq!(Mode::Audit.to_string(), "audit");
         assert_eq!(Mode::default(), Mode::Enforce);
         let ns = PolicyRef {

@@ -55,10 +55,15 @@ enum Invalid {
     NamespaceSelectorForbidden,
     #[error("a peer needs exactly one of dnsName or cidr")]
     PeerNeedsOne,
-    #[error("protocol is required: one of tcp, tls, http, postgresql")]
+    #[error("protocol is required: one of tcp, tls, http, postgresql, udp")]
     ProtocolRequired,
     #[error("`postgresql` settings need protocol: postgresql")]
     PostgresWithoutProtocol,
+    #[error(
+        "`postgresql` settings do not apply to protocol: udp (a udp rule allows datagrams to \
+         its ports, nothing more)"
+    )]
+    PostgresOnUdp,
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -490,7 +495,9 @@ impl<'de> Deserialize<'de> for De<PortRule> {
                     let rule = PostgresRule::new(pg.databases, pg.users, pg.allow_encrypted)?;
                     Protocol::Postgresql(rule)
                 }
+                (Some(ProtocolName::Udp), Some(_)) => return Err(Invalid::PostgresOnUdp),
                 (Some(_), Some(_)) => return Err(Invalid::PostgresWithoutProtocol),
+                (Some(ProtocolName::Udp), None) => Protocol::Udp,
                 (Some(ProtocolName::Tcp), None) => Protocol::Tcp,
                 (Some(ProtocolName::Tls), None) => Protocol::Tls,
                 (Some(ProtocolName::Http), None) => Protocol::Http,
@@ -506,6 +513,7 @@ enum ProtocolName {
     Tls,
     Http,
     Postgresql,
+    Udp,
 }
 
 impl FromStr for ProtocolName {
@@ -517,6 +525,7 @@ impl FromStr for ProtocolName {
             "tls" => Ok(ProtocolName::Tls),
             "http" => Ok(ProtocolName::Http),
             "postgresql" => Ok(ProtocolName::Postgresql),
+            "udp" => Ok(ProtocolName::Udp),
             _ => Err(ModelError::UnknownProtocol),
         }
     }

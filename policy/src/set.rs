@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use smallvec::SmallVec;
 
 use crate::index::{rules_in_order, CidrRules, NameIndex, SelectionIndex};
-use crate::model::{EgressRule, Mode, Peer, Policy, PolicyRef, PortRange, Protocol};
+use crate::model::{EgressRule, Mode, Peer, Policy, PolicyRef, PortRange, Protocol, Transport};
 use crate::parse::LoadError;
 
 /// A validated, compiled set of policies. Cheap to share behind an `Arc` and swap whole.
@@ -251,8 +251,11 @@ impl CompiledRule {
         }
     }
 
-    fn has_port(&self, port: u16) -> bool {
-        self.ports.iter().any(|(range, _)| range.contains(port))
+    /// An entry of `transport` covers `port`.
+    fn has_port(&self, transport: Transport, port: u16) -> bool {
+        self.ports
+            .iter()
+            .any(|(range, protocol)| protocol.transport() == transport && range.contains(port))
     }
 
     /// The most specific `cidr` peer containing `dst`.
@@ -307,13 +310,25 @@ impl<'a> Selection<'a> {
             .map(move |&i| set.policies[i].reference())
     }
 
-    /// Every (policy, rule, port entry) whose port range contains `port` and whose peers match:
-    /// a `cidr` peer containing `dst`, or a `dnsName` peer matching at least one of
+    /// The TCP grants of a connection: [`grants_for`](Self::grants_for) with
+    /// [`Transport::Tcp`], so a `udp` entry never allows a connection.
+    pub fn grants(&self, dst: IpAddr, port: u16, resolved_names: &[&str]) -> Vec<Grant<'a>> {
+        self.grants_for(Transport::Tcp, dst, port, resolved_names)
+    }
+
+    /// Every (policy, rule, port entry) of `transport` whose port range contains `port` and whose
+    /// peers match: a `cidr` peer containing `dst`, or a `dnsName` peer matching at least one of
     /// `resolved_names` (names this pod resolved to `dst`: fastest lowercase without a trailing
     /// dot, as the name table keeps them; other spellings match as in `DnsNamePattern::matches`).
     /// Grants come by policy (sorted by reference), then rule, then port entry. A `cidr` match
     /// wins over names: the rule then allows the address whatever the name.
-    pub fn grants(&self, dst: IpAddr, port: u16, resolved_names: &[&str]) -> Vec<Grant<'a>> {
+    pub fn grants_for(
+        &self,
+        transport: Transport,
+        dst: IpAddr,
+        port: u16,
+        resolved_names: &[&str],
+    ) -> Vec<Grant<'a>> {
         // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; IPv4 rules must still match.
         let dst = dst.to_canonical();
         let rules = &self.set.rules;
@@ -324,7 +339,7 @@ impl<'a> Selection<'a> {
             .cidr_rules
             .for_each_selected(&self.selected.policies, |rule| {
                 let compiled = &rules[rule];
-                if compiled.has_port(port) && compiled.cidr(dst).is_some() {
+                if compiled.has_port(transport, port) && compiled.cidr(dst).is_some() {
                     hits.push((rule, None));
                 }
             });
@@ -332,7 +347,7 @@ impl<'a> Selection<'a> {
             self.set
                 .names
                 .for_each_match(name, &self.selected.policies, |rule| {
-                    if rules[rule].has_port(port) {
+                    if rules[rule].has_port(transport, port) {
                         hits.push((rule, Some(index)));
                     }
                 });
@@ -353,7 +368,9 @@ impl<'a> Selection<'a> {
             let protocols: SmallVec<[&Protocol; 2]> = rule
                 .ports
                 .iter()
-                .filter(|(range, _)| range.contains(port))
+                .filter(|(range, protocol)| {
+                    protocol.transport() == transport && range.contains(port)
+                })
                 .map(|(_, protocol)| protocol)
                 .collect();
             let grant = |protocol, peer| Grant {
@@ -686,6 +703,64 @@ spec:
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn udp_entries_grant_only_datagrams_and_tcp_entries_only_connections() {
+        let text = r#"
+apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: tunnel, namespace: vpn}
+spec:
+  podSelector: {}
+  egress:
+    - to: [{dnsName: wg.example}, {cidr: 198.18.9.0/24}]
+      ports: [{port: 51820, protocol: udp}, {port: 443, protocol: tls}]
+    - to: [{cidr: "fd00:9::/64"}]
+      ports: [{port: 443, protocol: udp}]
+"#;
+        let set = PolicySet::new(parse_policies("u.yaml", text).expect("valid")).expect("set");
+        let none = labels(&[]);
+        let pod = PodIdentity {
+            namespace: "vpn",
+            name: "p",
+            labels: &none,
+            namespace_labels: &none,
+        };
+        let selection = set.select(&pod);
+        let udp = selection.grants_for(Transport::Udp, ip("203.0.113.5"), 51820, &["wg.example"]);
+        assert_eq!(udp.len(), 1);
+        assert_eq!(udp[0].protocol, &Protocol::Udp);
+        assert_eq!(udp[0].peer, GrantPeer::Names(vec!["wg.example".into()]));
+        // The same destination over TCP: the udp entry grants nothing.
+        assert!(selection
+            .grants(ip("203.0.113.5"), 51820, &["wg.example"])
+            .is_empty());
+        // And the tls entry grants no datagram to 443.
+        assert!(selection
+            .grants_for(Transport::Udp, ip("203.0.113.5"), 443, &["wg.example"])
+            .is_empty());
+        assert_eq!(
+            selection.grants(ip("203.0.113.5"), 443, &["wg.example"])[0].protocol,
+            &Protocol::Tls
+        );
+        let by_cidr = selection.grants_for(Transport::Udp, ip("198.18.9.7"), 51820, &[]);
+        assert_eq!(
+            by_cidr[0].peer,
+            GrantPeer::Cidr("198.18.9.0/24".parse().expect("net"))
+        );
+        assert_eq!(
+            selection
+                .grants_for(Transport::Udp, ip("fd00:9::1"), 443, &[])
+                .len(),
+            1
+        );
+        assert!(selection.grants(ip("fd00:9::1"), 443, &[]).is_empty());
+        assert!(selection
+            .grants_for(Transport::Udp, ip("198.18.9.7"), 51821, &[])
+            .is_empty());
+        assert!(!selection.names_may_grant(51820, |p| matches!(p, Protocol::Tcp)));
+        assert!(selection.names_may_grant(51820, |p| matches!(p, Protocol::Udp)));
     }
 
     #[test]

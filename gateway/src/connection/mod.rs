@@ -18,14 +18,14 @@
 //! connects upstream from the node's own address; only the pod's bytes are relayed, untouched.
 
 mod addr;
-mod context;
-mod finish;
+pub(crate) mod context;
+pub(crate) mod finish;
 mod peeking;
 mod postgres;
 mod reader;
 mod retry;
-mod stages;
-mod stop;
+pub(crate) mod stages;
+pub(crate) mod stop;
 mod upgrade;
 mod upstream;
 
@@ -101,6 +101,12 @@ impl Proxy {
         }
     }
 
+    /// The `connection` number of the next decision line: TCP connections and UDP flows share
+    /// one sequence.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Accepts until `shutdown`; each connection runs in its own task.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future) {
         tokio::pin!(shutdown);
@@ -127,7 +133,7 @@ impl Proxy {
         let accepted = Instant::now();
         self.metrics.connections_active.inc();
         let _active = ActiveGuard(self.metrics.connections_active.clone());
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id();
         let destination = match client.local_addr() {
             Ok(addr) => OrigDstAddr(addr),
             Err(e) => {
@@ -453,7 +459,7 @@ impl Proxy {
 }
 
 /// The verdict `unselectedPods` or `unknownSources` gives.
-fn fallback(setting: UnselectedPods) -> Verdict {
+pub(crate) fn fallback(setting: UnselectedPods) -> Verdict {
     match setting {
         UnselectedPods::Allow => Verdict::Allow,
         UnselectedPods::Deny => Verdict::Deny,

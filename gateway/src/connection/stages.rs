@@ -3,7 +3,7 @@
 //! Each returns the next stage's input or a [`Stop`].
 
 use egressgate_dns_shim::NameTable;
-use egressgate_policy::{Grant, PolicySet, Protocol, Selection};
+use egressgate_policy::{Grant, PolicySet, Protocol, Selection, Transport};
 
 use super::addr::{ClientAddr, OrigDstAddr};
 use super::context::{Context, Granted, ResolvedNames};
@@ -138,6 +138,32 @@ fn grants_for<'s>(
 ) -> Vec<Grant<'s>> {
     let grants = selection.grants(destination.ip(), destination.port(), names);
     decision::effective_grants(selection, grants)
+}
+
+/// The grants of a UDP flow: `udp` rules only, for these names, enforce-mode ones only when any
+/// enforce-mode policy selects the pod. Without a grant among the names carried, every name is
+/// looked at (the same full look a denied connection gets).
+pub fn udp_grants<'s>(
+    cx: &mut Context<'s>,
+    table: &NameTable,
+    pod: &Pod,
+    selection: &Selection<'s>,
+) -> Vec<Grant<'s>> {
+    let destination = cx.destination;
+    let grant = |resolved: &ResolvedNames| {
+        let names: Vec<&str> = resolved.names.iter().map(String::as_str).collect();
+        let (dst, port) = (destination.ip(), destination.port());
+        let grants = selection.grants_for(Transport::Udp, dst, port, &names);
+        decision::effective_grants(selection, grants)
+    };
+    let grants = grant(&cx.resolved);
+    if !grants.is_empty() || cx.resolved.complete {
+        return grants;
+    }
+    let all = collect_names(table, pod, destination, usize::MAX);
+    let grants = grant(&all);
+    cx.resolved = all;
+    grants
 }
 
 /// Whether the grants need every name before the peek: when a name the connection did not

@@ -308,7 +308,7 @@ fn every_bad_document_is_reported() {
     let text = [
         doc("v1alpha1", "v2"),
         doc("", ""),
-        doc("tls}", "udp}"),
+        doc("tls}", "quic}"),
         doc("db.corp.example", "10.0.0.1"),
         doc("{port: 443,", "{port: 70000,"),
         doc("{port: 443, protocol: tls}", "{port: 443}"),
@@ -330,14 +330,14 @@ fn every_bad_document_is_reported() {
     let want = [
         "policies/shop.yaml:1:13: apiVersion: invalid apiVersion \"egressgate.dev/v2\": \
              expected egressgate.dev/v1alpha1",
-        "policies/shop.yaml:32:33: spec.egress[0].ports[0].protocol: invalid protocol \"udp\": \
-             expected one of tcp, tls, http, postgresql",
+        "policies/shop.yaml:32:33: spec.egress[0].ports[0].protocol: invalid protocol \"quic\": \
+             expected one of tcp, tls, http, postgresql, udp",
         "policies/shop.yaml:41:20: spec.egress[0].to[0].dnsName: invalid dnsName \"10.0.0.1\": \
              an IP address is not a DNS name (use `cidr`)",
         "policies/shop.yaml:54:18: spec.egress[0].ports[0].port: invalid value: \
              integer `70000`, expected a nonzero u16",
         "policies/shop.yaml:65:11: spec.egress[0].ports[0]: protocol is required: \
-             one of tcp, tls, http, postgresql",
+             one of tcp, tls, http, postgresql, udp",
         "policies/shop.yaml:74:11: spec.egress[0].to[0]: a peer needs exactly one of \
              dnsName or cidr",
         "policies/shop.yaml:84:11: spec.egress[0].to: must list at least one entry",
@@ -345,6 +345,28 @@ fn every_bad_document_is_reported() {
              protocol: postgresql",
     ];
     assert_eq!(got, want);
+}
+
+#[test]
+fn udp_entries_parse_for_names_and_cidrs_and_refuse_postgresql_settings() {
+    let text = doc(
+        "{port: 443, protocol: tls}",
+        "{port: 51820, endPort: 51821, protocol: udp}",
+    );
+    let policies = parse_policies("policies/shop.yaml", &text).expect("valid");
+    let port = &policies[0].egress()[0].ports()[0];
+    assert_eq!(port.protocol(), &Protocol::Udp);
+    assert_eq!(port.range().to_string(), "51820-51821");
+
+    let text = doc(
+        "{port: 443, protocol: tls}",
+        "{port: 51820, protocol: udp, postgresql: {users: [app]}}",
+    );
+    assert_eq!(
+        one_error(&text),
+        "policies/shop.yaml:10:11: spec.egress[0].ports[0]: `postgresql` settings do not apply \
+         to protocol: udp (a udp rule allows datagrams to its ports, nothing more)"
+    );
 }
 
 #[test]

@@ -52,7 +52,13 @@ while True:
 "#;
 
 /// Starts [`DNS_SERVER`] in the upstream namespace and waits until its socket is bound.
-fn dns_server(lab: &Lab, name: &str, bind: &str, port: u16, records: &str) -> (Daemon, String) {
+pub(crate) fn dns_server(
+    lab: &Lab,
+    name: &str,
+    bind: &str,
+    port: u16,
+    records: &str,
+) -> (Daemon, String) {
     let log = lab.dir().join(format!("{name}.queries"));
     let log = log.display().to_string();
     let port_text = port.to_string();
@@ -362,17 +368,32 @@ fn dns_over_tls_and_https_to_a_resolver_ip_are_denied() {
     assert!(rogue_queries_from_the_cluster(&lab).is_empty());
 }
 
+/// Lets pod a (role=app) reach a resolver on UDP 5353 by address.
+const RESOLVER_5353_POLICY: &str = r#"apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: resolver-5353, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{cidr: 198.19.0.66/32}]
+      ports: [{port: 5353, protocol: udp}]
+"#;
+
 #[test]
 fn answers_from_a_resolver_the_shim_never_sees_grant_nothing() {
     let lab = Lab::builder()
         .pods(1)
         .dns()
         .web()
-        .gateway(GatewayOptions::default().policy("shop.yaml", SHOP_POLICY))
+        .gateway(
+            GatewayOptions::default()
+                .policy("shop.yaml", SHOP_POLICY)
+                .policy("resolver.yaml", RESOLVER_5353_POLICY),
+        )
         .start()
         .expect("lab starts");
-    // A resolver on a port other than 53: its UDP is not intercepted (docs/security.md), so the
-    // pod gets the right address for api, from outside the shim.
+    // A resolver on a port other than 53, which a `udp` rule lets the pod reach: the pod gets the
+    // right address for api, from outside the shim.
     let records = format!(r#"{{"{}": ["{}", 0, 60]}}"#, addr::API, addr::WEB);
     let (_server, _) = dns_server(&lab, "dns-5353", addr::ROGUE_DNS, 5353, &records);
     let answer = dig(&lab, "a", addr::API, &["@198.19.0.66", "-p", "5353"]);

@@ -159,61 +159,6 @@ fn cleanup_with_nothing_to_remove_succeeds_and_says_so() {
     assert!(again.stderr.contains("nothing to remove"), "{again}");
 }
 
-/// A UDP echo server on the upstream host, ports 443 and 8443.
-fn udp_echo(lab: &Lab) -> Daemon {
-    let script = format!(
-        "import socket, select\n\
-         socks = []\n\
-         for port in (443, 8443):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('{web}', port))\n    socks.append(s)\n\
-         while True:\n    for s in select.select(socks, [], [])[0]:\n        data, peer = s.recvfrom(2048)\n        s.sendto(data, peer)\n",
-        web = addr::WEB
-    );
-    Daemon::spawn(
-        lab.up().name(),
-        "udp-echo",
-        &["python3", "-c", &script],
-        lab.dir(),
-        "TERM",
-    )
-    .expect("udp echo starts")
-}
-
-fn udp_probe(lab: &Lab, port: u16) -> String {
-    let script = format!(
-        "import socket\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
-         s.settimeout(3)\n\
-         s.connect(('{web}', {port}))\n\
-         try:\n    s.send(b'ping')\n    print('answer', s.recv(64).decode())\n\
-         except Exception as e:\n    print('error', type(e).__name__)\n",
-        web = addr::WEB
-    );
-    lab.pod("a").run(&["python3", "-c", &script]).stdout
-}
-
-#[test]
-fn quic_is_refused_so_clients_fall_back_to_tcp_while_other_udp_passes() {
-    let lab = lab(GatewayOptions::default());
-    let _echo = udp_echo(&lab);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let other = loop {
-        let answer = udp_probe(&lab, 8443);
-        if answer.contains("answer ping") || Instant::now() >= deadline {
-            break answer;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        other.contains("answer ping"),
-        "UDP 8443 should pass: {other}"
-    );
-    let quic = udp_probe(&lab, 443);
-    assert!(
-        quic.contains("error ConnectionRefusedError"),
-        "UDP 443 should be refused: {quic}"
-    );
-}
-
 /// Waits until `daemon` printed a JSON line with `"event":"<event>"`.
 fn wait_for_event(daemon: &Daemon, event: &str) -> String {
     let needle = format!("\"event\":\"{event}\"");
