@@ -23,6 +23,8 @@
 //! - `state`: the name table across restarts (restore, journal upkeep, the old side of a
 //!   hand-over); `handover`: the exchange that passes sockets and table to a successor.
 //! - [`run`]: wiring it all together for `egressgate run`.
+//! - [`suggest`]: `egressgate suggest`, policies from the decision lines of audit-mode and
+//!   unselected pods.
 
 pub mod config;
 pub mod decision;
@@ -35,6 +37,7 @@ pub mod peek;
 pub mod run;
 mod state;
 pub mod store;
+pub mod suggest;
 pub mod watch_metrics;
 
 mod admin;
