@@ -4,19 +4,27 @@
 //! later HTTP/1 request), one `close` per connection that was relayed. Field names and their order are a stable interface (README,
 //! "Logs").
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use egressgate_log::{rfc3339_now, write_json_line};
 use serde::Serialize;
 
 use crate::decision::{Reason, Verdict};
+use crate::identity::Owner;
 use crate::protocol::Protocol;
 
-/// Identifies the pod in a line.
+/// Identifies the pod in a line. Of a pod no enforce-mode policy selects (audit mode, or
+/// unselected), also its labels and owner: what `egressgate suggest` groups by. Enforced pods
+/// leave them out, so their lines cost what they did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PodName<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<&'a BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<&'a Owner>,
 }
 
 /// One decision, printed once, borrowing what the connection learned.

@@ -21,11 +21,23 @@ pub struct Pod {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub namespace_labels: BTreeMap<String, String>,
+    /// The controller that made the pod (its owner reference with `controller: true`), when
+    /// known: `egressgate suggest` groups decisions by it.
+    pub owner: Option<Owner>,
     /// Every address of the pod: a dual-stack pod may resolve over IPv4 and connect over IPv6,
     /// and its DNS records are its own under either address.
     pub ips: Vec<IpAddr>,
     /// Which policies selected it at its last decision: see [`Pod::select`].
     pub selection: SelectionCache,
+}
+
+/// A pod's controlling owner, as its owner reference names it (a Deployment's pods name their
+/// ReplicaSet).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    pub kind: String,
+    pub name: String,
 }
 
 /// A pod's last [`Selection`], kept without a lock. A pod whose identity changes is a new `Pod`,
@@ -94,6 +106,9 @@ struct PodEntry {
     ips: Vec<IpAddr>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// Optional: what a Kubernetes watch reads from the pod's controller owner reference.
+    #[serde(default)]
+    owner: Option<Owner>,
 }
 
 /// An identity file that could not be used.
@@ -137,6 +152,7 @@ impl Identities {
                     .get(entry.namespace.as_str())
                     .map(|labels| (*labels).clone())
                     .unwrap_or_default(),
+                owner: entry.owner.clone(),
                 ips: entry.ips.iter().map(|ip| ip.to_canonical()).collect(),
                 selection: SelectionCache::default(),
             });
@@ -191,7 +207,7 @@ impl Identities {
 mod tests {
     use super::*;
 
-    const FILE: &str = "namespaces:\n  - name: shop\n    labels: {team: shop}\npods:\n  - name: app-1\n    namespace: shop\n    ips: [198.18.1.2, \"fd00:1::2\"]\n    labels: {role: app}\n  - name: lonely\n    namespace: other\n    ips: [198.18.3.2]\n";
+    const FILE: &str = "namespaces:\n  - name: shop\n    labels: {team: shop}\npods:\n  - name: app-1\n    namespace: shop\n    ips: [198.18.1.2, \"fd00:1::2\"]\n    labels: {role: app}\n    owner: {kind: ReplicaSet, name: app-7c9d}\n  - name: lonely\n    namespace: other\n    ips: [198.18.3.2]\n";
 
     #[test]
     fn pods_are_found_by_every_address_with_namespace_labels() {
@@ -211,12 +227,18 @@ mod tests {
         let v6 = ids.lookup("fd00:1::2".parse().expect("ip")).expect("known");
         assert!(Arc::ptr_eq(v6, pod), "one pod, two addresses");
         assert_eq!(pod.ips.len(), 2);
+        let owner = pod.owner.as_ref().expect("owner given");
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("ReplicaSet", "app-7c9d")
+        );
         let mapped = ids.lookup("::ffff:198.18.1.2".parse().expect("ip"));
         assert!(mapped.is_some_and(|mapped| Arc::ptr_eq(mapped, pod)));
         let lonely = ids
             .lookup("198.18.3.2".parse().expect("ip"))
             .expect("known");
         assert!(lonely.namespace_labels.is_empty());
+        assert!(lonely.owner.is_none(), "owner is optional");
         assert!(ids.lookup("198.18.9.9".parse().expect("ip")).is_none());
         assert_eq!(ids.len(), 2, "pods, not addresses");
     }

@@ -47,7 +47,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use crate::config::DaemonSetRef;
-use crate::identity::{Identities, Pod, SelectionCache};
+use crate::identity::{Identities, Owner, Pod, SelectionCache};
 use crate::store::Store;
 use crate::watch_metrics::WatchMetrics;
 
@@ -186,6 +186,8 @@ struct PodEntry {
     namespace: String,
     name: String,
     labels: Labels,
+    /// The owner reference with `controller: true`.
+    owner: Option<Owner>,
     /// Every address, with the clock at which this pod was first seen holding it.
     ips: Vec<(IpAddr, u64)>,
     started: Option<Time>,
@@ -355,6 +357,7 @@ impl Index {
                     .get(&entry.namespace)
                     .cloned()
                     .unwrap_or_default(),
+                owner: entry.owner.clone(),
                 ips: owned.clone(),
                 selection: SelectionCache::default(),
             });
@@ -402,9 +405,25 @@ fn pod_entry(pod: &PodObject, previous: Option<&PodEntry>, clock: u64) -> Option
         namespace: pod.metadata.namespace.clone()?,
         name: pod.metadata.name.clone()?,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
+        owner: controller_owner(pod),
         ips,
         started: status.start_time.clone(),
         created: pod.metadata.creation_timestamp.clone(),
+    })
+}
+
+/// The pod's controller: the one owner reference with `controller: true` (Kubernetes allows at
+/// most one).
+fn controller_owner(pod: &PodObject) -> Option<Owner> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|owner| owner.controller == Some(true))?;
+    Some(Owner {
+        kind: owner.kind.clone(),
+        name: owner.name.clone(),
     })
 }
 
@@ -510,6 +529,28 @@ mod tests {
         );
         let entry = pod_entry(&odd, None, 4).expect("indexed");
         assert_eq!(entry.ips, vec![("fd00::7".parse().expect("ip"), 4)]);
+    }
+
+    #[test]
+    fn the_owner_is_the_controller_reference() {
+        let reference = |kind: &str, name: &str, controller: Option<bool>| {
+            serde_json::json!({"apiVersion": "apps/v1", "kind": kind, "name": name,
+                               "uid": name, "controller": controller})
+        };
+        let mut owned = object("web-7c9d-x2", &["198.18.0.8"], "2025-01-01T00:00:00Z");
+        owned.metadata.owner_references = serde_json::from_value(serde_json::json!([
+            reference("ConfigMap", "not-a-controller", None),
+            reference("ReplicaSet", "web-7c9d", Some(true)),
+        ]))
+        .expect("owner references");
+        let entry = pod_entry(&owned, None, 1).expect("indexed");
+        let owner = entry.owner.expect("controller found");
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("ReplicaSet", "web-7c9d")
+        );
+        let bare = object("bare", &["198.18.0.9"], "2025-01-01T00:00:00Z");
+        assert!(pod_entry(&bare, None, 1).expect("indexed").owner.is_none());
     }
 
     #[test]

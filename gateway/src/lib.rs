@@ -21,11 +21,16 @@
 //! - [`memory_budget`]: whether the caps fit in the cgroup's memory limit.
 //! - `protocol`: what a connection speaks. `events`: the JSON decision and close lines.
 //!   [`metrics`]: Prometheus.
-//! - `admin`: `/metrics`, `/healthz`, `/readyz`. [`nft`]: the nftables table and routing.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz`. [`admin_socket`]: the operator API on
+//!   `state.dir/admin.sock` (a router of JSON endpoints, and its client). [`nft`]: the nftables
+//!   table and routing.
 //! - `state`: the name table across restarts (restore, journal upkeep, the old side of a
 //!   hand-over); `handover`: the exchange that passes sockets and table to a successor.
 //! - [`run`]: wiring it all together for `egressgate run`.
+//! - [`suggest`]: `egressgate suggest`, policies from the decision lines of audit-mode and
+//!   unselected pods.
 
+pub mod admin_socket;
 pub mod config;
 pub mod decision;
 pub mod identity;
@@ -37,6 +42,7 @@ pub mod peek;
 pub mod run;
 mod state;
 pub mod store;
+pub mod suggest;
 pub mod watch_metrics;
 
 mod admin;

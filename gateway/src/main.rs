@@ -49,6 +49,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Suggest EgressPolicy YAML that allows exactly what pods in audit mode, or selected by no
+    /// policy, did (from decision lines).
+    Suggest(egressgate::suggest::SuggestArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             eprintln!("egressgate cleanup: {removed}");
             Ok(())
         }),
+        Command::Suggest(args) => egressgate::suggest::command(args),
     }
 }
 

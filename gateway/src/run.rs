@@ -17,6 +17,7 @@ use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::admin_socket::{AdminSocket, Router};
 use crate::config::{AfterHandover, Config, DaemonSetRef, ForeignServers};
 use crate::connection::Proxy;
 use crate::handover::{self, HandoverMetrics, Role};
@@ -378,6 +379,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             shutdown(),
         ));
     }
+    // Bound once this process decides (a predecessor answered until now): from here on the
+    // operator API is this process's.
+    match AdminSocket::bind(&config.state.dir) {
+        Ok(socket) => {
+            tasks.spawn(socket.serve(admin_router(), shutdown()));
+        }
+        Err(e) => tracing::warn!(dir = %config.state.dir.display(), error = %e,
+            "no admin socket: `egressgate explain` cannot reach this gateway"),
+    }
     let offer = match handover::Offer::bind(&config.state.dir) {
         Ok(offer) => Some(offer),
         Err(e) => {
@@ -518,6 +528,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         remove_rules_if_uninstalled(&config, owner, seen_deleted).await;
     }
     Ok(())
+}
+
+/// The endpoints of the admin socket (docs/operations.md lists them).
+fn admin_router() -> Router {
+    Router::new()
 }
 
 /// At exit: removes the rules only when the owning DaemonSet is gone: seen deleted by the

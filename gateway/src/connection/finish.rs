@@ -66,6 +66,8 @@ fn decision_line<'a>(
         _ => None,
     };
     let granted = outcome.as_ref().ok();
+    // What a suggested policy needs, only where one may be wanted: no enforce policy selects.
+    let learnable = !cx.selection.as_ref().is_some_and(|s| s.has_enforce());
     DecisionLine {
         time: String::new(),
         event: "decision",
@@ -83,6 +85,8 @@ fn decision_line<'a>(
         pod: cx.pod.map(|pod| PodName {
             namespace: &pod.namespace,
             name: &pod.name,
+            labels: learnable.then_some(&pod.labels),
+            owner: pod.owner.as_ref().filter(|_| learnable),
         }),
         source: cx.client.0,
         destination: cx.destination.0,
@@ -133,6 +137,7 @@ mod tests {
             name: "app-1".into(),
             labels: Default::default(),
             namespace_labels: Default::default(),
+            owner: None,
             ips: vec![[192, 0, 2, 2].into()],
             selection: Default::default(),
         }
@@ -178,7 +183,45 @@ mod tests {
         };
         assert_eq!(
             json(&cx, &Ok(granted), Verdict::Allow),
-            r#"{"time":"","event":"decision","connection":7,"verdict":"allow","reason":"allowed","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","sni":"api.example.test","alpn":["h2","http/1.1"],"ech":false,"policy":"shop/web","rule":0,"decisionUs":0}"#
+            r#"{"time":"","event":"decision","connection":7,"verdict":"allow","reason":"allowed","pod":{"namespace":"shop","name":"app-1","labels":{}},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","sni":"api.example.test","alpn":["h2","http/1.1"],"ech":false,"policy":"shop/web","rule":0,"decisionUs":0}"#
+        );
+    }
+
+    /// Labels and owner go only into lines of pods no enforce-mode policy selects.
+    #[test]
+    fn labels_and_owner_are_logged_only_for_pods_no_enforce_policy_selects() {
+        let policies = |mode: &str| {
+            let yaml = format!(
+                "apiVersion: egressgate.dev/v1alpha1\nkind: EgressPolicy\n\
+                 metadata: {{name: p, namespace: shop}}\n\
+                 spec:\n  podSelector: {{}}\n  mode: {mode}\n  egress: []\n"
+            );
+            let parsed = egressgate_policy::parse_policies("p.yaml", &yaml).expect("parses");
+            egressgate_policy::PolicySet::new(parsed).expect("compiles")
+        };
+        let mut pod = pod();
+        pod.labels.insert("app".into(), "web".into());
+        pod.owner = Some(crate::identity::Owner {
+            kind: "ReplicaSet".into(),
+            name: "web-7c9d".into(),
+        });
+        let denied = Err(Stop::new(PolicyDenial::NotAllowed));
+        let (audit, enforce) = (policies("audit"), policies("enforce"));
+
+        let mut cx = context(&pod, 443);
+        cx.selection = Some(pod.select(&audit));
+        let line = json(&cx, &denied, Verdict::Audit);
+        assert!(
+            line.contains(r#""pod":{"namespace":"shop","name":"app-1","labels":{"app":"web"},"owner":{"kind":"ReplicaSet","name":"web-7c9d"}}"#),
+            "{line}"
+        );
+
+        let mut cx = context(&pod, 443);
+        cx.selection = Some(pod.select(&enforce));
+        let line = json(&cx, &denied, Verdict::Deny);
+        assert!(
+            line.contains(r#""pod":{"namespace":"shop","name":"app-1"},"#),
+            "{line}"
         );
     }
 
@@ -200,7 +243,7 @@ mod tests {
         let denied = Err(Stop::new(PolicyDenial::PostgresqlDenied));
         assert_eq!(
             json(&cx, &denied, Verdict::Audit),
-            r#"{"time":"","event":"decision","connection":7,"verdict":"audit","reason":"postgresql_denied","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:5432","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"postgresql","database":"orders","user":"app","replication":"database","decisionUs":0}"#
+            r#"{"time":"","event":"decision","connection":7,"verdict":"audit","reason":"postgresql_denied","pod":{"namespace":"shop","name":"app-1","labels":{}},"source":"192.0.2.2:40000","destination":"192.0.2.10:5432","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"postgresql","database":"orders","user":"app","replication":"database","decisionUs":0}"#
         );
 
         let mut cx = context(&pod, 5432);
@@ -209,7 +252,7 @@ mod tests {
         let encrypted = Err(Stop::new(PolicyDenial::PostgresqlEncrypted));
         assert_eq!(
             json(&cx, &encrypted, Verdict::Deny),
-            r#"{"time":"","event":"decision","connection":7,"verdict":"deny","reason":"postgresql_encrypted","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:5432","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"postgresql","postgresqlEncryption":"gssapi","decisionUs":0}"#
+            r#"{"time":"","event":"decision","connection":7,"verdict":"deny","reason":"postgresql_encrypted","pod":{"namespace":"shop","name":"app-1","labels":{}},"source":"192.0.2.2:40000","destination":"192.0.2.10:5432","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"postgresql","postgresqlEncryption":"gssapi","decisionUs":0}"#
         );
     }
 
@@ -221,7 +264,7 @@ mod tests {
         let malformed = Err(Stop::invalid(Invalid::TlsSniIpLiteral));
         assert_eq!(
             json(&cx, &malformed, Verdict::Deny),
-            r#"{"time":"","event":"decision","connection":7,"verdict":"deny","reason":"malformed","detail":"tls_sni_ip_literal","pod":{"namespace":"shop","name":"app-1"},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","decisionUs":0}"#
+            r#"{"time":"","event":"decision","connection":7,"verdict":"deny","reason":"malformed","detail":"tls_sni_ip_literal","pod":{"namespace":"shop","name":"app-1","labels":{}},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","decisionUs":0}"#
         );
 
         let cx = Context::new(
