@@ -495,7 +495,7 @@ pub struct State {
 }
 
 impl State {
-    fn default_dir() -> PathBuf {
+    pub(crate) fn default_dir() -> PathBuf {
         PathBuf::from("/var/lib/egressgate")
     }
 
@@ -543,7 +543,8 @@ pub enum UnselectedPods {
 }
 
 impl UnselectedPods {
-    fn deny() -> Self {
+    /// The default of `unknownSources`.
+    pub(crate) fn deny() -> Self {
         UnselectedPods::Deny
     }
 }
