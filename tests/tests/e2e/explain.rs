@@ -362,3 +362,162 @@ fn after_a_hand_over_the_successor_serves_the_socket() {
         "names carried over: {answer:#}"
     );
 }
+
+/// The offline form and `egressgate test`, without a lab: files in, verdicts out.
+mod offline {
+    use std::path::Path;
+    use std::process::Command;
+
+    use serde_json::Value;
+
+    use super::bin;
+    use crate::support::SHOP_POLICY;
+
+    fn egressgate(args: &[&str]) -> std::process::Output {
+        Command::new(bin()).args(args).output().expect("runs")
+    }
+
+    fn files(dir: &Path) -> (String, String) {
+        std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+        std::fs::write(dir.join("policies/shop.yaml"), SHOP_POLICY).expect("policies");
+        std::fs::write(
+            dir.join("pods.yaml"),
+            "pods:\n  - {name: app-1, namespace: shop, ips: [198.18.1.2], labels: {role: app}}\n",
+        )
+        .expect("identities");
+        (
+            dir.join("policies").display().to_string(),
+            dir.join("pods.yaml").display().to_string(),
+        )
+    }
+
+    #[test]
+    fn offline_explain_takes_exactly_the_documented_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (policies, identities) = files(dir.path());
+        let ask = |sni: &str| {
+            let out = egressgate(&[
+                "explain",
+                "--policies",
+                &policies,
+                "--identities",
+                &identities,
+                "--pod",
+                "shop/app-1",
+                "--to",
+                "198.19.0.10:443",
+                "--protocol",
+                "tls",
+                "--sni",
+                sni,
+                "--resolved",
+                "api.example.test=198.19.0.10,evil.example.test=198.19.0.10",
+                "-o",
+                "json",
+            ]);
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).expect("JSON")
+        };
+        let allowed = ask("api.example.test");
+        assert_eq!(
+            (allowed["verdict"].as_str(), allowed["reason"].as_str()),
+            (Some("allow"), Some("allowed")),
+            "{allowed:#}"
+        );
+        assert!(
+            allowed["addresses"][0]["names"][0]
+                .get("ttlSeconds")
+                .is_none(),
+            "given names have no TTL: {allowed:#}"
+        );
+        let denied = ask("evil.example.test");
+        assert_eq!(
+            (denied["verdict"].as_str(), denied["reason"].as_str()),
+            (Some("deny"), Some("sni_mismatch")),
+            "{denied:#}"
+        );
+
+        let missing = egressgate(&[
+            "explain",
+            "--policies",
+            &policies,
+            "--pod",
+            "shop/app-1",
+            "--to",
+            "198.19.0.10:443",
+        ]);
+        assert_eq!(
+            missing.status.code(),
+            Some(2),
+            "--identities is required offline: {missing:?}"
+        );
+        let both = egressgate(&[
+            "explain",
+            "--policies",
+            &policies,
+            "--identities",
+            &identities,
+            "--pod",
+            "shop/app-1",
+            "--to",
+            "198.19.0.10:443",
+            "--sni",
+            "a.test",
+            "--host",
+            "a.test",
+        ]);
+        assert_eq!(both.status.code(), Some(2), "{both:?}");
+        let help = egressgate(&["explain", "--help"]);
+        let help = String::from_utf8_lossy(&help.stdout);
+        for wanted in ["Examples:", "--resolved", "Exit codes: 0 explained"] {
+            assert!(help.contains(wanted), "{wanted} missing:\n{help}");
+        }
+    }
+
+    #[test]
+    fn policy_tests_exit_0_when_they_pass_1_when_one_fails_2_on_bad_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (policies, _) = files(dir.path());
+        let tests = dir.path().join("tests.yaml");
+        let case = |sni: &str, reason: &str| {
+            format!(
+                "tests:\n  - name: app to the API\n    pod: {{namespace: shop, labels: {{role: app}}}}\n    \
+                 resolved: [api.example.test=198.19.0.10, evil.example.test=198.19.0.10]\n    \
+                 to: 198.19.0.10:443\n    sni: {sni}\n    expect: {{verdict: allow, reason: {reason}}}\n"
+            )
+        };
+        let path = tests.display().to_string();
+        std::fs::write(&tests, case("api.example.test", "allowed")).expect("write");
+        let pass = egressgate(&["test", &policies, &path]);
+        assert_eq!(pass.status.code(), Some(0), "{pass:?}");
+        assert!(String::from_utf8_lossy(&pass.stdout).contains("1 passed, 0 failed"));
+
+        std::fs::write(&tests, case("evil.example.test", "allowed")).expect("write");
+        let fail = egressgate(&["test", &policies, &path]);
+        assert_eq!(fail.status.code(), Some(1), "{fail:?}");
+        let stdout = String::from_utf8_lossy(&fail.stdout);
+        assert!(
+            stdout.contains(
+                "FAIL  app to the API: expected allow (allowed), got deny (sni_mismatch)"
+            ),
+            "{stdout}"
+        );
+        assert!(stdout.contains("STEP"), "the trace is printed:\n{stdout}");
+
+        std::fs::write(
+            &tests,
+            case("api.example.test", "allowed").replace("expect", "expekt"),
+        )
+        .expect("write");
+        let bad = egressgate(&["test", &policies, &path]);
+        assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains("tests.yaml:"),
+            "{bad:?}"
+        );
+
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/ci/full.policy-tests.yaml");
+        assert!(example.exists(), "the chart's example policy tests");
+    }
+}
