@@ -167,12 +167,6 @@ pub fn explain(
         TargetHost::Ip(ip) => vec![*ip],
         TargetHost::Name(name) => resolved_addresses(table, pod, name),
     };
-    if addresses.is_empty() {
-        return Err(ExplainError::NotResolved {
-            pod: asked.pod.to_string(),
-            name: asked.to.host_name().unwrap_or_default().to_owned(),
-        });
-    }
     let traces: Vec<AddressTrace> = addresses
         .iter()
         .map(|&ip| {
@@ -188,11 +182,17 @@ pub fn explain(
             )
         })
         .collect();
-    let strictest = traces
-        .iter()
-        .max_by_key(|trace| strictness(trace.verdict))
-        .map(|t| (t.verdict, t.reason.clone(), t.detail.clone()));
-    let (verdict, reason, detail) = strictest.unwrap_or((Verdict::Deny, String::new(), None));
+    let Some(strictest) = traces.iter().max_by_key(|trace| strictness(trace.verdict)) else {
+        return Err(ExplainError::NotResolved {
+            pod: asked.pod.to_string(),
+            name: asked.to.host_name().unwrap_or_default().to_owned(),
+        });
+    };
+    let (verdict, reason, detail) = (
+        strictest.verdict,
+        strictest.reason.clone(),
+        strictest.detail.clone(),
+    );
     Ok(Explanation {
         verdict,
         reason,
@@ -250,10 +250,14 @@ pub fn trace_address(
     settings: Settings,
     records: Records,
 ) -> AddressTrace {
-    let client = ClientAddr(SocketAddr::new(
-        pod.ips.first().copied().unwrap_or(destination.ip()),
-        0,
-    ));
+    // The connection comes from one of the pod's addresses, as the identify stage expects (a
+    // pod without one, which no identity source makes, is then an unknown source).
+    let source = pod
+        .ips
+        .first()
+        .copied()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let client = ClientAddr(SocketAddr::new(source, 0));
     let mut cx = Context::new(0, Instant::now(), client, OrigDstAddr(destination));
     let mut peeked = false;
     let outcome = match stages::before_peek(&mut cx, snapshot, table) {
@@ -272,22 +276,38 @@ pub fn trace_address(
         Err(stop) => Err(stop),
     };
     let verdict = connection::verdict(cx.selection.as_ref(), &outcome, settings.fallbacks);
-    steps(
-        &cx, &outcome, verdict, table, first, peeked, settings, records,
-    )
+    let run = Run {
+        cx: &cx,
+        outcome: &outcome,
+        verdict,
+        peeked,
+    };
+    record_steps(&run, table, first, settings, records)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn steps(
-    cx: &Context<'_>,
-    outcome: &Result<Granted, Stop>,
+/// What one run of the stages left behind.
+struct Run<'r, 's> {
+    cx: &'r Context<'s>,
+    outcome: &'r Result<Granted, Stop>,
     verdict: Verdict,
+    /// The stages went as far as the first message (no `tcp` grant allowed it before).
+    peeked: bool,
+}
+
+/// Each step of `run`, with what it found.
+fn record_steps(
+    run: &Run<'_, '_>,
     table: &NameTable,
     first: &FirstMessage,
-    peeked: bool,
     settings: Settings,
     records: Records,
 ) -> AddressTrace {
+    let Run {
+        cx,
+        outcome,
+        verdict,
+        peeked,
+    } = *run;
     let destination = cx.destination.0;
     let reason = match outcome {
         Ok(_) => Reason::Allowed,
@@ -589,4 +609,205 @@ fn selecting_policies(pod: &Pod, policies: &PolicySet) -> Vec<PolicyView> {
             mode: mode_text(policy.mode()).to_owned(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use egressgate_dns_shim::{Answer, TableLimits};
+
+    use super::super::query::Query;
+    use super::*;
+    use crate::identity::Identities;
+
+    const POLICIES: &str = "\
+apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: app, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{dnsName: \"*.example.test\"}]
+      ports: [{port: 443, protocol: tls}]
+    - to: [{dnsName: ssh.example.test}]
+      ports: [{port: 22, protocol: tcp}]
+---
+apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: watch, namespace: shop}
+spec:
+  podSelector: {}
+  mode: audit
+  egress:
+    - to: [{dnsName: \"**.test\"}]
+      ports: [{port: 443, protocol: tls}]
+";
+    const PODS: &str =
+        "pods:\n  - {name: app-1, namespace: shop, ips: [198.18.1.2], labels: {role: app}}\n";
+    const POD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 1, 2));
+    const DST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 19, 0, 10));
+
+    fn snapshot() -> Snapshot {
+        let parsed = egressgate_policy::parse_policies("p.yaml", POLICIES).expect("parses");
+        Snapshot {
+            policies: Arc::new(PolicySet::new(parsed).expect("compiles")),
+            identities: Arc::new(Identities::parse("pods.yaml", PODS).expect("pods")),
+        }
+    }
+
+    fn table() -> NameTable {
+        NameTable::new(TableLimits {
+            min_ttl: Duration::ZERO,
+            idle_grace: Duration::from_secs(30),
+            max_names_per_pod: 1000,
+            max_names: 1000,
+        })
+    }
+
+    fn record(table: &NameTable, name: &str, ttl: u32) {
+        let answer = Answer {
+            name: name.to_owned(),
+            addresses: vec![DST],
+            cnames: Vec::new(),
+            ttl,
+        };
+        table.record(POD, &answer, std::time::Instant::now());
+    }
+
+    fn ask(to: &str, sni: Option<&str>) -> Asked {
+        Query {
+            pod: "shop/app-1".into(),
+            to: to.into(),
+            sni: sni.map(str::to_owned),
+            ..Query::default()
+        }
+        .check()
+        .expect("valid")
+    }
+
+    #[test]
+    fn live_records_show_their_time_left_and_audit_grants_are_set_aside() {
+        let table = table();
+        record(&table, "api.example.test", 60);
+        let explained = explain(
+            &snapshot(),
+            &table,
+            &ask("api.example.test:443", None),
+            Settings::defaults(),
+            Records::Live,
+        )
+        .expect("explained");
+        assert_eq!(
+            (explained.verdict, explained.reason.as_str()),
+            (Verdict::Allow, "allowed")
+        );
+        let modes: Vec<(&str, &str)> = explained
+            .policies
+            .iter()
+            .map(|p| (p.policy.as_str(), p.mode.as_str()))
+            .collect();
+        assert_eq!(modes, [("shop/app", "enforce"), ("shop/watch", "audit")]);
+        let address = &explained.addresses[0];
+        assert_eq!(address.destination, SocketAddr::new(DST, 443));
+        let name = &address.names[0];
+        assert_eq!(name.name, "api.example.test");
+        let ttl = name.ttl_seconds.expect("live: a ttl");
+        assert!((59..=60).contains(&ttl), "{name:?}");
+        assert_eq!(name.live_seconds, Some(ttl + 30));
+        assert_eq!((address.grants.len(), address.ignored_grants.len()), (1, 1));
+        assert_eq!(address.ignored_grants[0].policy, "shop/watch");
+        assert_eq!(
+            (address.policy.as_deref(), address.rule),
+            (Some("shop/app"), Some(0))
+        );
+    }
+
+    #[test]
+    fn a_tcp_grant_allows_before_any_peek() {
+        let table = table();
+        record(&table, "ssh.example.test", 60);
+        let explained = explain(
+            &snapshot(),
+            &table,
+            &ask("ssh.example.test:22", None),
+            Settings::defaults(),
+            Records::Live,
+        )
+        .expect("explained");
+        let address = &explained.addresses[0];
+        assert_eq!(
+            (address.verdict, address.reason.as_str()),
+            (Verdict::Allow, "allowed")
+        );
+        let peek = address
+            .steps
+            .iter()
+            .find(|s| s.step == "peek")
+            .expect("peek step");
+        assert_eq!(peek.outcome, "nothing read");
+        assert_eq!(address.first_message, None);
+    }
+
+    #[test]
+    fn past_the_names_a_connection_carries_the_verdict_is_a_full_looks() {
+        let table = table();
+        for i in 0..100 {
+            record(&table, &format!("n{i}.other.test"), 60);
+        }
+        record(&table, "late.example.test", 60);
+        let snapshot = snapshot();
+        let ask_for = |sni| {
+            explain(
+                &snapshot,
+                &table,
+                &ask("198.19.0.10:443", Some(sni)),
+                Settings::defaults(),
+                Records::Live,
+            )
+            .expect("explained")
+        };
+        let allowed = ask_for("late.example.test");
+        assert_eq!(allowed.reason, "allowed", "{allowed:#?}");
+        assert_eq!(allowed.addresses[0].names_total, Some(101));
+        assert_eq!(allowed.addresses[0].names.len(), NAMES_SHOWN);
+        let denied = ask_for("n3.other.test");
+        assert_eq!(
+            (denied.verdict, denied.reason.as_str()),
+            (Verdict::Deny, "sni_mismatch")
+        );
+    }
+
+    #[test]
+    fn a_name_the_pod_never_resolved_and_an_unknown_pod_are_errors() {
+        let table = table();
+        let snapshot = snapshot();
+        let never = explain(
+            &snapshot,
+            &table,
+            &ask("api.example.test:443", None),
+            Settings::defaults(),
+            Records::Live,
+        );
+        assert!(
+            matches!(never, Err(ExplainError::NotResolved { .. })),
+            "{never:?}"
+        );
+        let mut nobody = ask("198.19.0.10:443", None);
+        nobody.pod.name = "nobody".into();
+        let unknown = explain(
+            &snapshot,
+            &table,
+            &nobody,
+            Settings::defaults(),
+            Records::Live,
+        );
+        assert_eq!(
+            unknown,
+            Err(ExplainError::UnknownPod {
+                pod: "shop/nobody".into(),
+                known: 1
+            })
+        );
+    }
 }
