@@ -567,7 +567,7 @@ pub struct State {
 }
 
 impl State {
-    fn default_dir() -> PathBuf {
+    pub(crate) fn default_dir() -> PathBuf {
         PathBuf::from("/var/lib/egressgate")
     }
 
@@ -615,7 +615,8 @@ pub enum UnselectedPods {
 }
 
 impl UnselectedPods {
-    fn deny() -> Self {
+    /// The default of `unknownSources`.
+    pub(crate) fn deny() -> Self {
         UnselectedPods::Deny
     }
 }

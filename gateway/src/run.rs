@@ -13,6 +13,7 @@ use std::time::Duration;
 use egressgate_dns_shim::persist::PersistMetrics;
 use egressgate_dns_shim::{DnsShim, ForeignServerPolicy, NameTable, ShimConfig, TableLimits};
 use egressgate_log::{rfc3339_now, write_json_line};
+use hyper::Method;
 use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -28,7 +29,7 @@ use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
 use crate::udp::{self, UdpRelay};
 use crate::watch_metrics::WatchMetrics;
-use crate::{admin, listener, memory_budget, nft};
+use crate::{admin, explain, listener, memory_budget, nft};
 
 /// A pod's DNS-over-TCP connection is closed after this long without a complete query.
 const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -383,7 +384,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // operator API is this process's.
     match AdminSocket::bind(&config.state.dir) {
         Ok(socket) => {
-            tasks.spawn(socket.serve(admin_router(), shutdown()));
+            let router = admin_router(&store, &table, &config);
+            tasks.spawn(socket.serve(router, shutdown()));
         }
         Err(e) => tracing::warn!(dir = %config.state.dir.display(), error = %e,
             "no admin socket: `egressgate explain` cannot reach this gateway"),
@@ -531,8 +533,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// The endpoints of the admin socket (docs/operations.md lists them).
-fn admin_router() -> Router {
-    Router::new()
+fn admin_router(store: &Arc<Store>, table: &Arc<NameTable>, config: &Config) -> Router {
+    let settings = explain::trace::Settings::of(config);
+    let (store, table) = (Arc::clone(store), Arc::clone(table));
+    Router::new().route(Method::POST, explain::endpoint::PATH, move |request| {
+        explain::endpoint::handle(request, Arc::clone(&store), Arc::clone(&table), settings)
+    })
 }
 
 /// At exit: removes the rules only when the owning DaemonSet is gone: seen deleted by the
