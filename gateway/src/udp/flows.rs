@@ -158,8 +158,10 @@ impl Flows {
         );
         match previous.map(|entry| entry.state) {
             Some(State::Deciding(queued)) => {
-                self.deciding -= 1;
-                self.queued_bytes -= queued.iter().map(|d| d.payload.len()).sum::<usize>();
+                let bytes: usize = queued.iter().map(|d| d.payload.len()).sum();
+                // Saturating: a miscount must never take the relay down.
+                self.deciding = self.deciding.saturating_sub(1);
+                self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
                 queued
             }
             _ => Vec::new(),
