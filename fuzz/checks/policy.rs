@@ -115,9 +115,12 @@ fn check_grants(set: &PolicySet) {
             };
             for (index, rule) in policy.egress().iter().enumerate() {
                 let port = rule.ports()[0].range().first();
+                // A `udp` entry grants datagrams, the others connections: ask for its transport.
+                let transport = rule.ports()[0].protocol().transport();
                 let granted = |dst: IpAddr, names: &[&str]| {
-                    selection
-                        .grants(dst, port, names)
+                    let grants = selection.grants_for(transport, dst, port, names);
+                    assert!(grants.iter().all(|g| g.protocol.transport() == transport));
+                    grants
                         .iter()
                         .any(|g| g.policy == reference && g.rule == index)
                 };
@@ -132,7 +135,7 @@ fn check_grants(set: &PolicySet) {
                         Peer::Cidr(cidr) => {
                             let dst = cidr.net().network();
                             assert!(granted(dst, &[]), "{reference} rule {index}: {dst}");
-                            let grants = selection.grants(dst, port, &[]);
+                            let grants = selection.grants_for(transport, dst, port, &[]);
                             assert!(grants.iter().all(|g| match &g.peer {
                                 GrantPeer::Cidr(net) => net.contains(&dst.to_canonical()),
                                 GrantPeer::Names(names) => !names.is_empty(),

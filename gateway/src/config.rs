@@ -766,6 +766,27 @@ mod tests {
         assert_eq!(config.unknown_sources, UnselectedPods::Deny);
         assert_eq!(config.dns.foreign_servers, ForeignServers::Forward);
         assert!(config.nftables.manage);
+        assert_eq!(config.udp.listen.len(), 2);
+        assert_eq!(config.udp.flow_idle(), Duration::from_secs(60));
+        assert_eq!(config.udp.denied_flow(), Duration::from_secs(10));
+        assert_eq!(config.udp.max_flows, 65_536);
+        assert_eq!(config.udp.flow_mark, 0x6568);
+    }
+
+    #[test]
+    fn the_udp_flow_mark_must_differ_from_the_interception_mark() {
+        for bad in [
+            "udp: {flowMark: 0}",
+            "udp: {flowMark: 0x6567}",
+            "udp: {maxFlows: 0}",
+        ] {
+            let text = format!("{MINIMAL}{bad}\n");
+            let shown = Config::parse("c.yaml", &text).expect_err(bad).to_string();
+            assert!(shown.contains("udp."), "{bad}: {shown}");
+        }
+        let text = format!("{MINIMAL}udp: {{flowMark: 0x10, flowIdleSeconds: 5}}\n");
+        let config = Config::parse("c.yaml", &text).expect("valid");
+        assert_eq!(config.udp.flow_idle(), Duration::from_secs(5));
     }
 
     #[test]

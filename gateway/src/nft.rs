@@ -6,7 +6,9 @@
 //!
 //! - `prerouting` (hook prerouting, priority mangle): packets from excluded pods are left alone;
 //!   packets from a pod CIDR or a matching interface go to `intercept`.
-//! - `intercept`: a strict reverse-path check drops spoofed sources; the gateway's own ports on
+//! - `intercept`: a strict reverse-path check drops spoofed sources; datagrams of an allowed
+//!   UDP flow (`udp_flows_v4/6`: pod address . destination . port, with the idle timeout) pass
+//!   at kernel speed and refresh it; the gateway's own ports on
 //!   node addresses are refused; packets of TCP connections the gateway already holds (`socket
 //!   transparent 1`) are marked and accepted; DNS (UDP and TCP port 53, to any server) goes to
 //!   the DNS shim; then
@@ -16,10 +18,8 @@
 //!   in that table deliver them to the local stack.
 //! - `udp_policy`: pods in `udp_unpoliced_v4/6` (no enforce policy selects them, kept current
 //!   by the gateway) go to `udp_unpoliced`, which refuses UDP 443 (QUIC) when
-//!   `intercept.blockQuic` is on and passes the rest, as before UDP was policed. Datagrams of a
-//!   flow in `udp_flows_v4/6` (pod address . destination . port, with the idle timeout) pass at
-//!   kernel speed and refresh it. The rest goes to the gateway's UDP relay (`udp.listen`), which
-//!   decides the flow's first datagram.
+//!   `intercept.blockQuic` is on and passes the rest, as before UDP was policed. The rest goes to
+//!   the gateway's UDP relay (`udp.listen`), which decides the flow's first datagram.
 //! - `udp_output` (hook output): a datagram the relay sends for an allowed flow carries
 //!   `udp.flowMark`; this chain adds its flow to `udp_flows`, so the kernel, not the relay,
 //!   carries the flow's next datagrams. The relay never writes the set itself: the element is
@@ -127,6 +127,19 @@ pub fn render(config: &Config) -> String {
     // interface it sends from. Without it a pod could forge the trusted resolver's answers to the
     // shim's upstream sockets, or pose as another address.
     out.push_str("        fib saddr . iif oif missing drop\n");
+    // Allowed UDP flows first, so their datagrams skip the FIB lookups below: only the relay
+    // adds flows, and it never sees DNS, bypassed or local destinations, so none of the rules
+    // in between could apply to them.
+    out.push_str(
+        "        # Allowed UDP flows: the kernel carries them, each datagram refreshing the timeout.\n",
+    );
+    for family in [Family::V4, Family::V6] {
+        let key = family.flow_key();
+        let set = family.flow_set();
+        out.push_str(&format!(
+            "        {key} @{set} update @{set} {{ {key} }} accept\n"
+        ));
+    }
     // The gateway's own ports on node addresses are not for pods: a connection to the TPROXY
     // listener itself would be relayed to itself, again and again. Before the socket rule, which
     // would match the (transparent) listener.
@@ -202,16 +215,6 @@ fn push_udp_chains(out: &mut String, config: &Config) {
     out.push_str("\n    chain udp_policy {\n");
     out.push_str("        ip saddr @udp_unpoliced_v4 goto udp_unpoliced\n");
     out.push_str("        ip6 saddr @udp_unpoliced_v6 goto udp_unpoliced\n");
-    out.push_str(
-        "        # Allowed flows: the kernel carries them, each datagram refreshing the timeout.\n",
-    );
-    for family in [Family::V4, Family::V6] {
-        let key = family.flow_key();
-        let set = family.flow_set();
-        out.push_str(&format!(
-            "        {key} @{set} update @{set} {{ {key} }} accept\n"
-        ));
-    }
     for family in [Family::V4, Family::V6] {
         let nfproto = family.nfproto();
         match family.target(&config.udp.listen) {
@@ -784,6 +787,13 @@ mod tests {
         assert!(!rules.iter().any(|rule| rule.contains("443")), "{rules:#?}");
         assert_eq!(script.matches("reject").count(), 7, "{script}");
         assert_eq!(rules.first(), Some(&"fib saddr . iif oif missing drop"));
+        assert_eq!(
+            rules[1..3],
+            [
+                "ip saddr . ip daddr . udp dport @udp_flows_v4 update @udp_flows_v4 { ip saddr . ip daddr . udp dport } accept",
+                "ip6 saddr . ip6 daddr . udp dport @udp_flows_v6 update @udp_flows_v6 { ip6 saddr . ip6 daddr . udp dport } accept",
+            ]
+        );
         assert!(position("reject with tcp reset") < position("socket transparent 1"));
         assert!(position("socket transparent 1") < position("udp dport 53 tproxy"));
         assert!(
@@ -804,8 +814,6 @@ mod tests {
             [
                 "ip saddr @udp_unpoliced_v4 goto udp_unpoliced",
                 "ip6 saddr @udp_unpoliced_v6 goto udp_unpoliced",
-                "ip saddr . ip daddr . udp dport @udp_flows_v4 update @udp_flows_v4 { ip saddr . ip daddr . udp dport } accept",
-                "ip6 saddr . ip6 daddr . udp dport @udp_flows_v6 update @udp_flows_v6 { ip6 saddr . ip6 daddr . udp dport } accept",
                 "meta nfproto ipv4 meta l4proto udp tproxy ip to :15054 meta mark set 0x00006567 accept",
                 "meta nfproto ipv6 meta l4proto udp tproxy ip6 to :15054 meta mark set 0x00006567 accept",
                 "reject",

@@ -74,6 +74,8 @@ struct ListeningLine {
     event: &'static str,
     tproxy: Vec<SocketAddr>,
     dns: Vec<SocketAddr>,
+    /// The UDP relay's sockets.
+    udp: Vec<SocketAddr>,
     admin: SocketAddr,
     policies: usize,
     pods: usize,
@@ -405,6 +407,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         event: "listening",
         tproxy: config.listen.tproxy.clone(),
         dns: config.listen.dns.clone(),
+        udp: config.udp.listen.clone(),
         admin: admin_addr,
         policies: snapshot.policies.len(),
         pods: snapshot.identities.len(),

@@ -30,6 +30,8 @@ pub enum ClientMode {
     Hold(HoldArgs),
     /// Closed-loop UDP DNS queries with `concurrency` outstanding.
     Dns(DnsArgs),
+    /// Closed-loop datagrams to a UDP echo server with `concurrency` outstanding.
+    Udp(UdpArgs),
     /// The restart scenario's load: new connections, DNS queries and echo streams, each
     /// success and failure timed, until stdin closes.
     RestartLoad(crate::restart::load::LoadArgs),
@@ -116,6 +118,23 @@ pub struct DnsArgs {
     pub warmup: f64,
 }
 
+#[derive(Debug, Args)]
+pub struct UdpArgs {
+    #[arg(long)]
+    pub server: SocketAddr,
+    /// Payload bytes per datagram (the first two carry its sequence number).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    #[arg(long)]
+    pub seconds: f64,
+    #[arg(long)]
+    pub max_datagrams: u64,
+    #[arg(long, default_value_t = 0.2)]
+    pub warmup: f64,
+}
+
 /// Percentiles of one run, in microseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Latency {
@@ -184,6 +203,19 @@ pub struct DnsResult {
     pub latency: Latency,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UdpResult {
+    pub sent: u64,
+    pub answered: u64,
+    pub lost: u64,
+    pub seconds: f64,
+    /// Datagrams echoed per second.
+    pub per_second: f64,
+    /// Payload echoed per second, one way.
+    pub gbit_per_s: f64,
+    pub latency: Latency,
+}
+
 fn histogram() -> Result<Histogram<u64>, Error> {
     Histogram::new_with_bounds(1, 600_000_000_000, 3).map_err(|e| Error::msg(e.to_string()))
 }
@@ -197,6 +229,7 @@ pub fn main(mode: ClientMode) -> Result<(), Error> {
         ClientMode::Rr(args) => serde_json::to_string(&runtime.block_on(rr(args))?)?,
         ClientMode::Hold(args) => serde_json::to_string(&runtime.block_on(hold(args))?)?,
         ClientMode::Dns(args) => serde_json::to_string(&dns_load(args)?)?,
+        ClientMode::Udp(args) => serde_json::to_string(&udp_load(args)?)?,
         ClientMode::RestartLoad(args) => serde_json::to_string(&crate::restart::load::main(args)?)?,
     };
     println!("{json}");
@@ -446,45 +479,114 @@ async fn hold(args: HoldArgs) -> Result<HoldResult, Error> {
 /// Closed loop over one connected UDP socket: `concurrency` queries outstanding, each answer
 /// (matched by ID) sends the next; a query unanswered for a second is counted lost and replaced.
 fn dns_load(args: DnsArgs) -> Result<DnsResult, Error> {
-    let socket = std::net::UdpSocket::bind(if args.server.is_ipv4() {
+    let names: Vec<String> = (0..args.names.max(1))
+        .map(|i| dns::bench_name(i, &args.zone))
+        .collect();
+    let window = Window {
+        concurrency: args.concurrency,
+        max: args.max_queries,
+        warmup: args.warmup,
+        seconds: args.seconds,
+    };
+    let run = closed_loop(args.server, &window, |id, sent| {
+        dns::query(id, &names[(sent as usize) % names.len()])
+    })?;
+    Ok(DnsResult {
+        sent: run.sent,
+        answered: run.answered,
+        lost: run.lost,
+        seconds: run.seconds,
+        per_second: run.answered as f64 / run.seconds,
+        latency: Latency::from(&run.hist),
+    })
+}
+
+/// Closed-loop datagrams of `size` bytes to a UDP echo server, `concurrency` outstanding.
+fn udp_load(args: UdpArgs) -> Result<UdpResult, Error> {
+    let window = Window {
+        concurrency: args.concurrency,
+        max: args.max_datagrams,
+        warmup: args.warmup,
+        seconds: args.seconds,
+    };
+    let mut payload = vec![0u8; args.size.max(2)];
+    let run = closed_loop(args.server, &window, |id, _| {
+        payload[..2].copy_from_slice(&id.to_be_bytes());
+        payload.clone()
+    })?;
+    let per_second = run.answered as f64 / run.seconds;
+    Ok(UdpResult {
+        sent: run.sent,
+        answered: run.answered,
+        lost: run.lost,
+        seconds: run.seconds,
+        per_second,
+        // Payload only, one way: what the flow carries, not the headers.
+        gbit_per_s: per_second * payload.len() as f64 * 8.0 / 1e9,
+        latency: Latency::from(&run.hist),
+    })
+}
+
+/// How long and how hard a [`closed_loop`] runs.
+struct Window {
+    concurrency: usize,
+    max: u64,
+    warmup: f64,
+    seconds: f64,
+}
+
+/// What a [`closed_loop`] counted after the warm-up (`sent` includes it).
+struct LoopRun {
+    sent: u64,
+    answered: u64,
+    lost: u64,
+    seconds: f64,
+    hist: Histogram<u64>,
+}
+
+/// Keeps `window.concurrency` datagrams outstanding to `server`, each made by `make(id, sent)`
+/// with the 16-bit `id` in its first two bytes (a DNS ID, or an echo's sequence number); an
+/// answer is matched by those bytes, and one unanswered after a second is lost.
+fn closed_loop(
+    server: SocketAddr,
+    window: &Window,
+    mut make: impl FnMut(u16, u64) -> Vec<u8>,
+) -> Result<LoopRun, Error> {
+    let socket = std::net::UdpSocket::bind(if server.is_ipv4() {
         "0.0.0.0:0"
     } else {
         "[::]:0"
     })?;
-    socket.connect(args.server)?;
+    socket.connect(server)?;
     socket.set_read_timeout(Some(Duration::from_millis(50)))?;
-    let names: Vec<String> = (0..args.names.max(1))
-        .map(|i| dns::bench_name(i, &args.zone))
-        .collect();
     let mut sent_at: Vec<Option<Instant>> = vec![None; 65_536];
     let mut hist = histogram()?;
     let start = Instant::now();
-    let record_from = start + Duration::from_secs_f64(args.warmup);
-    let deadline = record_from + Duration::from_secs_f64(args.seconds);
+    let record_from = start + Duration::from_secs_f64(window.warmup);
+    let deadline = record_from + Duration::from_secs_f64(window.seconds);
     let lost_after = Duration::from_secs(1);
     let (mut sent, mut answered, mut lost) = (0u64, 0u64, 0u64);
     let mut next_id: u16 = 0;
     let mut outstanding = 0usize;
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     let mut last_sweep = Instant::now();
     let mut send = |sent_at: &mut Vec<Option<Instant>>, sent: &mut u64| -> Result<(), Error> {
         // Skip IDs still outstanding.
         while sent_at[usize::from(next_id)].is_some() {
             next_id = next_id.wrapping_add(1);
         }
-        let name = &names[(*sent as usize) % names.len()];
-        let query = dns::query(next_id, name);
+        let datagram = make(next_id, *sent);
         // Timed from before the send: on a shared CPU the answer may be queued before `send`
         // returns, and a later timestamp would make the round trip look almost free.
         let at = Instant::now();
-        socket.send(&query)?;
+        socket.send(&datagram)?;
         sent_at[usize::from(next_id)] = Some(at);
         next_id = next_id.wrapping_add(1);
         *sent += 1;
         Ok(())
     };
-    while Instant::now() < deadline && sent < args.max_queries {
-        while outstanding < args.concurrency.max(1) && sent < args.max_queries {
+    while Instant::now() < deadline && sent < window.max {
+        while outstanding < window.concurrency.max(1) && sent < window.max {
             send(&mut sent_at, &mut sent)?;
             outstanding += 1;
         }
@@ -523,12 +625,11 @@ fn dns_load(args: DnsArgs) -> Result<DnsResult, Error> {
     let seconds = (Instant::now().min(deadline) - record_from)
         .as_secs_f64()
         .max(1e-9);
-    Ok(DnsResult {
+    Ok(LoopRun {
         sent,
         answered,
         lost,
         seconds,
-        per_second: answered as f64 / seconds,
-        latency: Latency::from(&hist),
+        hist,
     })
 }

@@ -25,7 +25,7 @@ use egressgate_lab::daemon::Daemon;
 use egressgate_lab::{addr, GatewayOptions, Lab, Netns};
 use serde::{Deserialize, Serialize};
 
-use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT};
+use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT, UDP_ECHO_PORT};
 use crate::{progress, Error};
 
 /// A path under test.
@@ -362,7 +362,8 @@ impl Certs {
 }
 
 /// The egressgate policy of the bench: pod b (role=batch) may reach api.example.test over TLS on
-/// the TLS and idle-connection ports, and bulk.example.test over plain TCP on the bulk port.
+/// the TLS and idle-connection ports, bulk.example.test over plain TCP on the bulk port, and the
+/// web address's UDP echo by a `udp` rule (so its UDP is policed, not passed as unselected).
 fn policy() -> String {
     format!(
         "apiVersion: egressgate.dev/v1alpha1\n\
@@ -373,12 +374,16 @@ fn policy() -> String {
          - {{port: {tls}, protocol: tls}}\n        \
          - {{port: {hold0}, endPort: {hold1}, protocol: tls}}\n    \
          - to: [{{dnsName: bulk.example.test}}]\n      ports:\n        \
-         - {{port: {bulk}, protocol: tcp}}\n",
+         - {{port: {bulk}, protocol: tcp}}\n    \
+         - to: [{{cidr: {web}/32}}]\n      ports:\n        \
+         - {{port: {udp}, protocol: udp}}\n",
         api = addr::API,
         tls = TLS_PORT,
         hold0 = HOLD_PORTS[0],
         hold1 = HOLD_PORTS[HOLD_PORTS.len() - 1],
         bulk = BULK_PORT,
+        web = addr::WEB,
+        udp = UDP_ECHO_PORT,
     )
 }
 

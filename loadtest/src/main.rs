@@ -101,7 +101,8 @@ pub fn progress(line: &str) {
 #[command(
     name = "loadtest",
     about = "egressgate benchmark harness: direct vs egressgate vs HAProxy vs nginx",
-    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns memory reload soak restart \
+    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns udp_flow memory reload soak \
+                  restart \
                   dns_journal decision.\n\
                   `all` runs them all; `smoke` runs all of them tiny (for CI); `report` only rewrites \
                   docs/benchmarks.md from loadtest/results/*.json. Needs root (namespaces, nftables)."

@@ -217,6 +217,14 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
         "≥ 0.95×",
     );
     ratio(
+        "allowed UDP flow throughput vs direct",
+        "udp_flow",
+        "throughput",
+        "direct",
+        0.9,
+        "≥ 0.9×",
+    );
+    ratio(
         "new TLS connections/s vs HAProxy (SNI ACL)",
         "conn_rate",
         "rate",
@@ -246,6 +254,12 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
     added("keep-alive request, added p50", "keepalive", "p50", 10.0);
     added("DNS through the shim, added p50", "dns", "p50", 30.0);
     added("DNS through the shim, added p99", "dns", "p99", 200.0);
+    added(
+        "allowed UDP flow, added round-trip p50",
+        "udp_flow",
+        "p50",
+        10.0,
+    );
     let mut absolute =
         |what: &str, value: Option<f64>, unit: &str, target: &str, ok: &dyn Fn(f64) -> bool| {
             out.push(Target {

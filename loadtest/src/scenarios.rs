@@ -11,18 +11,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::client::{BulkResult, DnsResult, HoldResult, RrResult};
+use crate::client::{BulkResult, DnsResult, HoldResult, RrResult, UdpResult};
 use crate::env::{Env, PathKind};
 use crate::machine::Machine;
 use crate::restart::RestartSize;
 use crate::results::{Better, MetricResult, PathInfo, PathStats, ScenarioResult};
-use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT};
+use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT, UDP_ECHO_PORT};
 use crate::soak::{self, SoakSize};
 use crate::{decision, journal_cost, progress, restart, shared_ip, stopped, Error};
 
 /// Every scenario, in run (and report) order. `decision` needs no lab; `restart` and
 /// `dns_journal` build labs of their own.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     "tcp_bulk",
     "tls_bulk",
     "tls_connect",
@@ -31,6 +31,7 @@ pub const ALL: [&str; 14] = [
     "dns",
     "shared_ip",
     "shared_ip_dns",
+    "udp_flow",
     "memory",
     "reload",
     "soak",
@@ -531,6 +532,61 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                     ),
                 ],
                 paths.to_vec(),
+            )
+        }
+        "udp_flow" => {
+            let env = env()?;
+            let paths: Vec<String> = env
+                .paths
+                .iter()
+                .filter(|p| matches!(p, PathKind::Direct | PathKind::Egressgate))
+                .map(|p| p.name().to_owned())
+                .collect();
+            interleave(name, s.rounds, &paths, &mut samples, |path, _| {
+                udp_flow_sample(env, kind(path)?, s)
+            })?;
+            (
+                "An allowed UDP flow vs direct",
+                format!(
+                    "Closed-loop datagrams to a UDP echo server on the web address (port {UDP_ECHO_PORT}). \
+                     direct: pod a, routed by the node; egressgate: pod b, under an enforce \
+                     policy whose `udp` rule (by cidr) allows the flow. The first datagram of the \
+                     flow goes through the gateway's UDP relay (its decision), the rest through \
+                     the kernel's `udp_flows` set. Latency: one outstanding {UDP_SMALL}-byte \
+                     datagram; throughput: {UDP_WINDOW} outstanding {UDP_LARGE}-byte datagrams \
+                     (payload, one way), {}s each.",
+                    s.seconds
+                ),
+                Some("direct"),
+                vec![
+                    spec("p50", "round trip p50 (1 outstanding)", "µs", Better::Lower),
+                    spec("p99", "round trip p99 (1 outstanding)", "µs", Better::Lower),
+                    spec(
+                        "throughput",
+                        &format!("throughput, {UDP_WINDOW} outstanding"),
+                        "Gbit/s",
+                        Better::Higher,
+                    ),
+                    spec(
+                        "datagrams",
+                        &format!("datagrams/s, {UDP_WINDOW} outstanding"),
+                        "datagrams/s",
+                        Better::Higher,
+                    ),
+                    spec(
+                        "lost",
+                        "lost datagrams",
+                        "datagrams",
+                        Better::Lower,
+                    ),
+                    spec(
+                        "gateway_cpu",
+                        "gateway CPU time during the throughput run (user + system)",
+                        "ms",
+                        Better::Lower,
+                    ),
+                ],
+                paths,
             )
         }
         "memory" => {
@@ -1060,6 +1116,57 @@ fn dns_sample(
             }
             _ => return Err(Error::msg(format!("dnsperf output not understood:\n{out}"))),
         }
+    }
+    Ok(values)
+}
+
+/// Datagram sizes and window of the `udp_flow` scenario.
+const UDP_SMALL: usize = 64;
+const UDP_LARGE: usize = 1400;
+const UDP_WINDOW: usize = 32;
+
+/// One `udp_flow` round on `path`: latency with one datagram outstanding, then throughput with
+/// [`UDP_WINDOW`], each from a new source port. The flow is (pod address, destination, port),
+/// so through egressgate only the first datagram of the first round is decided; later rounds
+/// find the flow in the kernel's set (within `udp.flowIdleSeconds`).
+fn udp_flow_sample(env: &Env, path: PathKind, s: &Settings) -> Result<Vec<(String, f64)>, Error> {
+    let server = env.target(path, UDP_ECHO_PORT).to_string();
+    let udp_args = |size: usize, concurrency: usize| -> Vec<String> {
+        [
+            "udp",
+            "--server",
+            &server,
+            "--size",
+            &size.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+            "--seconds",
+            &s.seconds.to_string(),
+            "--max-datagrams",
+            "100000000",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let latency: UdpResult = env.client(path, &udp_args(UDP_SMALL, 1), limit(s.seconds))?;
+    let (load, cpu_used): (UdpResult, _) = proxy_cpu_during(env, path, || {
+        env.client(path, &udp_args(UDP_LARGE, UDP_WINDOW), limit(s.seconds))
+    })?;
+    if latency.answered == 0 || load.answered == 0 {
+        return Err(Error::msg(format!(
+            "no echo: {} of {} and {} of {} answered",
+            latency.answered, latency.sent, load.answered, load.sent
+        )));
+    }
+    let mut values = vec![
+        ("p50".to_owned(), latency.latency.p50_us),
+        ("p99".to_owned(), latency.latency.p99_us),
+        ("throughput".to_owned(), load.gbit_per_s),
+        ("datagrams".to_owned(), load.per_second),
+        ("lost".to_owned(), (latency.lost + load.lost) as f64),
+    ];
+    if let Some(used) = cpu_used {
+        values.push(("gateway_cpu".to_owned(), used * 1e3));
     }
     Ok(values)
 }

@@ -7,7 +7,8 @@
 //!   a connection that starts with [`ECHO`] gets every later byte back (the restart scenario's
 //!   long-lived streams);
 //! - [`HOLD_PORTS`]: accepts, reads and discards, never answers (idle connections);
-//! - UDP and TCP port 53 on the DNS address: [`crate::dns::respond`].
+//! - UDP and TCP port 53 on the DNS address: [`crate::dns::respond`];
+//! - UDP [`UDP_ECHO_PORT`] on the web address: every datagram echoed (the `udp_flow` scenario).
 //!
 //! Everything the harness measures passes through here, so it stays minimal: no logging, no
 //! allocation per request, a current-thread runtime.
@@ -26,6 +27,8 @@ pub const BULK_PORT: u16 = 5001;
 pub const TLS_PORT: u16 = 5443;
 /// Idle-connection ports: four, so 50k connections from one pod never run short of 4-tuples.
 pub const HOLD_PORTS: [u16; 4] = [5101, 5102, 5103, 5104];
+/// The UDP echo (WireGuard's port: what an allowed tunnel would use).
+pub const UDP_ECHO_PORT: u16 = 51820;
 /// The fixed small response to every HTTP request.
 pub const RESPONSE: &[u8] =
     b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nContent-Type: text/plain\r\n\r\nhello\n";
@@ -57,6 +60,10 @@ pub fn main(args: ServeArgs) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("dns".into())
         .spawn(move || dns_loop(dns_socket, web))?;
+    let echo_socket = UdpSocket::bind(SocketAddr::from((args.web, UDP_ECHO_PORT)))?;
+    std::thread::Builder::new()
+        .name("udp-echo".into())
+        .spawn(move || udp_echo_loop(echo_socket))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -229,6 +236,16 @@ async fn dns_tcp_stream(mut stream: tokio::net::TcpStream, web: Ipv4Addr) {
 
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn udp_echo_loop(socket: UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let _ = socket.send_to(&buf[..n], from);
+    }
 }
 
 fn dns_loop(socket: UdpSocket, web: Ipv4Addr) {

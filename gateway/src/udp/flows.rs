@@ -14,6 +14,14 @@ use tokio::time::Instant;
 /// `identity.unknownSourceWaitMs`); later ones are dropped. A handshake's first burst fits.
 pub(crate) const MAX_QUEUED: usize = 8;
 
+/// Bytes queued in all flows being decided: without it, flows opened by an address that waits
+/// for its identity could hold `udp.maxFlows` × 8 × 64 KiB.
+const MAX_QUEUED_BYTES: usize = 4 << 20;
+
+/// Flows being decided at once (each a task, possibly waiting for its pod's identity); a new
+/// flow past it is refused like one past `udp.maxFlows`.
+const MAX_DECIDING: usize = 1024;
+
 /// One flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FlowKey {
@@ -66,6 +74,9 @@ pub(crate) struct Flows {
     max: usize,
     idle: Duration,
     denied_for: Duration,
+    /// Flows in [`State::Deciding`], and the payload bytes they hold.
+    deciding: usize,
+    queued_bytes: usize,
 }
 
 impl Flows {
@@ -75,6 +86,8 @@ impl Flows {
             max,
             idle,
             denied_for,
+            deciding: 0,
+            queued_bytes: 0,
         }
     }
 
@@ -91,6 +104,9 @@ impl Flows {
                 (State::Denied, _) => return Seen::Denied,
             }
         }
+        if self.deciding >= MAX_DECIDING {
+            return Seen::Full;
+        }
         if !self.entries.contains_key(&key) && self.entries.len() >= self.max {
             self.entries
                 .retain(|_, entry| entry.until.is_none_or(|until| until > now));
@@ -98,6 +114,7 @@ impl Flows {
                 return Seen::Full;
             }
         }
+        self.deciding += 1;
         self.entries.insert(
             key,
             Entry {
@@ -108,12 +125,17 @@ impl Flows {
         Seen::New
     }
 
-    /// Keeps a datagram of a flow being decided; `false` (dropped) past [`MAX_QUEUED`] or when
-    /// the flow is not being decided.
+    /// Keeps a datagram of a flow being decided; `false` (dropped) past [`MAX_QUEUED`] for the
+    /// flow or [`MAX_QUEUED_BYTES`] for all, or when the flow is not being decided.
     pub(crate) fn queue(&mut self, key: FlowKey, datagram: Queued) -> bool {
+        let len = datagram.payload.len();
+        if self.queued_bytes + len > MAX_QUEUED_BYTES {
+            return false;
+        }
         match self.entries.get_mut(&key).map(|entry| &mut entry.state) {
             Some(State::Deciding(queued)) if queued.len() < MAX_QUEUED => {
                 queued.push(datagram);
+                self.queued_bytes += len;
                 true
             }
             _ => false,
@@ -135,7 +157,13 @@ impl Flows {
             },
         );
         match previous.map(|entry| entry.state) {
-            Some(State::Deciding(queued)) => queued,
+            Some(State::Deciding(queued)) => {
+                let bytes: usize = queued.iter().map(|d| d.payload.len()).sum();
+                // Saturating: a miscount must never take the relay down.
+                self.deciding = self.deciding.saturating_sub(1);
+                self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
+                queued
+            }
             _ => Vec::new(),
         }
     }
@@ -253,6 +281,29 @@ mod tests {
             Seen::New,
             "expired denials make room"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queued_bytes_and_flows_being_decided_are_bounded_for_all_flows() {
+        let mut flows = Flows::new(1 << 20, Duration::from_secs(60), Duration::from_secs(10));
+        let now = Instant::now();
+        let big = |port| Queued {
+            payload: vec![0; 65_000],
+            ..datagram(port)
+        };
+        let mut queued = 0;
+        for port in 0..MAX_DECIDING as u16 {
+            assert_eq!(flows.see(key(port), now), Seen::New);
+            if flows.queue(key(port), big(0)) {
+                queued += 1;
+            }
+        }
+        assert_eq!(queued, MAX_QUEUED_BYTES / 65_000);
+        assert_eq!(flows.see(key(u16::MAX), now), Seen::Full);
+        // A decision frees its flow's place and bytes.
+        assert_eq!(flows.settle(key(0), false, now).len(), 1);
+        assert!(flows.queue(key(1), big(1)));
+        assert_eq!(flows.see(key(u16::MAX), now), Seen::New);
     }
 
     #[tokio::test(start_paused = true)]

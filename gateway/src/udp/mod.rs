@@ -1,9 +1,10 @@
 //! The UDP relay: UDP (other than DNS) from pods under an enforce policy, decided flow by flow.
 //!
 //! ```text
-//! pod ─ UDP, not :53 ─▶ nftables udp_policy
-//!   pod in udp_unpoliced (no enforce policy) ─▶ as before: passes (443 refused with blockQuic)
+//! pod ─ UDP, not :53 ─▶ nftables intercept
 //!   flow (pod, dst, port) in udp_flows ─▶ passes at kernel speed, refreshes the idle timeout
+//!   ─▶ udp_policy: pod in udp_unpoliced (no enforce policy) ─▶ as before: passes (443 refused
+//!   with blockQuic)
 //!   else ─ tproxy ─▶ relay (udp.listen): Flows.see
 //!     allowed ─▶ send it on as the pod, marked udp.flowMark ─▶ udp_output adds the flow to
 //!                udp_flows: the kernel carries the next datagrams

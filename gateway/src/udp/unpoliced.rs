@@ -40,7 +40,7 @@ pub(crate) async fn keep_unpoliced(
             .is_some_and(|seen| !Arc::ptr_eq(seen, &snapshot.policies));
         let selections_changed = installed
             .as_ref()
-            .is_some_and(|(_, seen)| *seen != selections);
+            .is_some_and(|(_, seen)| changed_any(seen, &selections));
         let forget = policies_changed || selections_changed;
         if forget || installed.as_ref().map(|(seen, _)| seen) != Some(&unpoliced) {
             // nft runs a process: off the async workers.
@@ -71,6 +71,14 @@ pub(crate) async fn keep_unpoliced(
     }
 }
 
+/// Whether an address of `before` has another selection now, or is gone. A new address is no
+/// change: no flow of it was decided as a known pod's.
+fn changed_any(before: &Selections, now: &Selections) -> bool {
+    before
+        .iter()
+        .any(|(ip, policies)| now.get(ip) != Some(policies))
+}
+
 /// The addresses of pods no enforce policy selects (sorted), and every address's selection.
 fn survey(snapshot: &Snapshot) -> (Vec<IpAddr>, Selections) {
     let mut unpoliced = Vec::new();
@@ -84,4 +92,31 @@ fn survey(snapshot: &Snapshot) -> (Vec<IpAddr>, Selections) {
     }
     unpoliced.sort_unstable();
     (unpoliced, selections)
+}
+
+#[cfg(test)]
+mod tests {
+    use egressgate_policy::PolicyKind;
+
+    use super::*;
+
+    fn policy(name: &str) -> PolicyRef {
+        PolicyRef {
+            kind: PolicyKind::EgressPolicy,
+            namespace: Some("shop".to_owned()),
+            name: name.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_new_pod_forgets_no_flow_but_a_changed_or_gone_one_does() {
+        let a: IpAddr = [198, 18, 1, 2].into();
+        let b: IpAddr = [198, 18, 1, 3].into();
+        let before = Selections::from([(a, vec![policy("web")])]);
+        let added = Selections::from([(a, vec![policy("web")]), (b, vec![])]);
+        assert!(!changed_any(&before, &added));
+        let relabelled = Selections::from([(a, vec![policy("web"), policy("tunnel")])]);
+        assert!(changed_any(&before, &relabelled));
+        assert!(changed_any(&before, &Selections::new()));
+    }
 }

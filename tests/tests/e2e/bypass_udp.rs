@@ -447,3 +447,36 @@ fn audit_and_unselected_pods_keep_their_udp_and_quic_stays_refused() {
     // Pod a is enforced: same datagrams, refused.
     assert_eq!(wireguard_like(&lab, "a", addr::WEB, 51820, 2), 0);
 }
+
+/// A flow allowed by a `udp` rule does not outlive the rule: once the policy file loses it, the
+/// kernel's flows are flushed and the next datagram is decided again, and denied.
+#[test]
+fn removing_the_udp_rule_ends_an_allowed_flow_at_its_next_datagram() {
+    let lab = lab(
+        1,
+        GatewayOptions::default()
+            .policy("shop.yaml", SHOP_POLICY)
+            .policy("tunnel.yaml", UDP_POLICY),
+    );
+    let (_echo, _log) = udp_echo(&lab);
+    wait_unpoliced(&lab, "a", false);
+    assert_eq!(wireguard_like(&lab, "a", addr::WEB, 8443, 5), 5);
+    let flow = format!("{} . {} . 8443", lab.pod("a").ipv4, addr::WEB);
+    assert!(kernel_flows(&lab).contains(&flow));
+
+    std::fs::remove_file(lab.policy_dir().join("tunnel.yaml")).expect("remove the udp rule");
+    wait_until("udp_flows flushed", WAIT, || {
+        Ok(!kernel_flows(&lab).contains(&flow))
+    })
+    .expect("the allowed flow is forgotten");
+    assert_eq!(wireguard_like(&lab, "a", addr::WEB, 8443, 5), 0);
+    let decisions = udp_decisions(&lab, addr::WEB, 8443);
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert_eq!(decisions[1].verdict(), Some("deny"), "{}", decisions[1]);
+    assert_eq!(
+        decisions[1].reason(),
+        Some("no_dns_record"),
+        "{}",
+        decisions[1]
+    );
+}

@@ -45,6 +45,11 @@ const MAY_BE_EMPTY: &[(&str, &str, &str)] = &[(
      kube_api tier runs the watch against a real API server)",
 )];
 
+/// Python in a pod: three datagrams to the web address's UDP port 51820.
+const UDP_DATAGRAMS: &str = "import socket\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+for _ in range(3):\n    s.sendto(b'x', ('198.19.0.10', 51820))\n";
+
 /// Labels Prometheus (not the gateway) puts on every series: the target's `instance` and `job`,
 /// and `node` from the ServiceMonitor relabeling; `le` is a histogram bucket's bound.
 const TARGET_LABELS: [&str; 4] = ["instance", "job", "node", "le"];
@@ -754,6 +759,9 @@ fn every_dashboard_query_returns_data_from_prometheus_scraping_the_gateway() {
         let direct = format!("https://{}/", addr::DB);
         let (out, d) = run_and_decide(&lab, "a", 443, &curl(&ca, &[&direct]));
         assert_denied(&out, &d, &["no_dns_record"]);
+        // UDP from the enforced pod, which no `udp` rule allows: a denied flow, then drops.
+        let udp = lab.pod("a").run(&["python3", "-c", UDP_DATAGRAMS]);
+        assert!(udp.success(), "{udp}");
         if round == 0 {
             // Counters seen at two scrapes, so `increase` over the range is above zero.
             std::thread::sleep(Duration::from_millis(1500));

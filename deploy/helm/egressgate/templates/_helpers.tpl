@@ -104,6 +104,12 @@ as 1e+06, which the gateway rejects.
     "idleTimeoutSeconds" (int64 $v.connections.idleTimeoutSeconds)
     "max" (int64 $v.connections.max)
     "shutdownGraceSeconds" (int64 $v.connections.shutdownGraceSeconds))
+  "udp" (dict
+    "listen" $v.udp.listen
+    "flowIdleSeconds" (int64 $v.udp.flowIdleSeconds)
+    "deniedFlowSeconds" (int64 $v.udp.deniedFlowSeconds)
+    "maxFlows" (int64 $v.udp.maxFlows)
+    "flowMark" (int64 $v.udp.flowMark))
   "unselectedPods" $v.unselectedPods
   "state" (dict
     "dir" "/var/lib/egressgate"
