@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use egressgate_log::{rfc3339_now, write_json_line};
+use egressgate_log::{rfc3339_now, write_json_line, write_observed_line};
 use serde::Serialize;
 
 use crate::decision::{Reason, Verdict};
@@ -83,7 +83,7 @@ pub struct DecisionLine<'a> {
 impl DecisionLine<'_> {
     pub fn print(&mut self) {
         self.time = rfc3339_now();
-        write_json_line(self);
+        write_observed_line(self);
     }
 }
 

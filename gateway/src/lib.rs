@@ -25,6 +25,8 @@
 //! - `state`: the name table across restarts (restore, journal upkeep, the old side of a
 //!   hand-over); `handover`: the exchange that passes sockets and table to a successor.
 //! - [`run`]: wiring it all together for `egressgate run`.
+//! - [`observe`]: the bus the decision and DNS lines are tapped into, `POST /v1/observe` and
+//!   `egressgate observe`.
 //! - [`suggest`]: `egressgate suggest`, policies from the decision lines of audit-mode and
 //!   unselected pods.
 
@@ -36,6 +38,7 @@ pub mod kubernetes;
 pub mod memory_budget;
 pub mod metrics;
 pub mod nft;
+pub mod observe;
 pub mod peek;
 pub mod run;
 mod state;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use egressgate_dns_shim::persist::PersistMetrics;
 use egressgate_dns_shim::{DnsShim, ForeignServerPolicy, NameTable, ShimConfig, TableLimits};
 use egressgate_log::{rfc3339_now, write_json_line};
+use hyper::Method;
 use prometheus::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -24,6 +25,7 @@ use crate::handover::{self, HandoverMetrics, Role};
 use crate::kubernetes::{self, IdentityWatch};
 use crate::limits::{Bounds, Limits};
 use crate::metrics::Metrics;
+use crate::observe::{self, Bus, BusMetrics};
 use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
 use crate::watch_metrics::WatchMetrics;
@@ -129,6 +131,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     );
     let persist_metrics = PersistMetrics::register(&registry)?;
     let handover_metrics = HandoverMetrics::register(&registry)?;
+    let bus = Bus::new(config.observe.clone(), BusMetrics::register(&registry)?);
+    bus.tap_log_lines();
     let started = std::time::Instant::now();
     // Before any listener: what this node's pods resolved before a restart or a crash.
     let restored = state::restore(&config, &table, &persist_metrics);
@@ -349,7 +353,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // operator API is this process's.
     match AdminSocket::bind(&config.state.dir) {
         Ok(socket) => {
-            tasks.spawn(socket.serve(admin_router(), shutdown()));
+            tasks.spawn(socket.serve(admin_router(&bus, &store), shutdown()));
         }
         Err(e) => tracing::warn!(dir = %config.state.dir.display(), error = %e,
             "no admin socket: `egressgate explain` cannot reach this gateway"),
@@ -498,8 +502,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// The endpoints of the admin socket (docs/operations.md lists them).
-fn admin_router() -> Router {
-    Router::new()
+fn admin_router(bus: &Bus, store: &Arc<Store>) -> Router {
+    let (bus, store) = (bus.clone(), Arc::clone(store));
+    Router::new().route(Method::POST, "/v1/observe", move |request| {
+        let response = observe::handle(&bus, &store, &request);
+        async move { response }
+    })
 }
 
 /// At exit: removes the rules only when the owning DaemonSet is gone: seen deleted by the
