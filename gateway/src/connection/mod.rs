@@ -238,7 +238,11 @@ impl Proxy {
     {
         let pod = stages::identify(&snapshot.identities, cx.client)?;
         cx.pod = Some(pod);
-        let selection = stages::select(pod, &snapshot.policies)?;
+        let selection = stages::select(pod, &snapshot.policies).inspect_err(|_| {
+            // Unselected: the names it resolved to the destination are all its line can tell
+            // `egressgate suggest` (nothing is read).
+            cx.resolved = stages::names(&self.table, pod, cx.destination);
+        })?;
         cx.resolved = stages::names(&self.table, pod, cx.destination);
         cx.grants = stages::grants(&selection, cx.destination, &cx.resolved);
         cx.selection = Some(selection);

@@ -66,11 +66,14 @@ fn decision(value: &Value, time: &str, colour: Colour) -> String {
     let source = text("source").unwrap_or("?");
     let pod = pod.unwrap_or_else(|| format!("{source} (unknown)"));
     let destination = text("destination").unwrap_or("?");
-    let first_name = value
-        .get("names")
-        .and_then(Value::as_array)
-        .and_then(|names| names.first())
-        .and_then(Value::as_str);
+    // The name the pod asked for, else the first it resolved to the address.
+    let first_name = text("sni").or(text("host")).or_else(|| {
+        value
+            .get("names")
+            .and_then(Value::as_array)
+            .and_then(|names| names.first())
+            .and_then(Value::as_str)
+    });
     let to = match (first_name, destination.rsplit_once(':')) {
         (Some(name), Some((ip, port))) => format!("{name}:{port} ({ip})"),
         _ => destination.to_owned(),
