@@ -37,5 +37,6 @@ pub use forward::ForwardError;
 pub use query::{edns_udp_payload, read_head, MessageHead, Question, Rcode};
 pub use shim::{DnsShim, ForeignServerPolicy, ShimConfig, ShimListeners};
 pub use table::{
-    ExportedName, NameTable, ResolvedName, Restored, SavedName, SavedTouch, TableLimits, Touched,
+    ExportedName, NameTable, RecordLife, ResolvedName, Restored, SavedName, SavedTouch,
+    TableLimits, Touched,
 };

@@ -51,6 +51,17 @@ pub struct ResolvedName {
     pub cnames: Arc<[Arc<str>]>,
 }
 
+/// One live record and the time it has left, from [`NameTable::lifetimes_each`].
+#[derive(Debug, Clone, Copy)]
+pub struct RecordLife<'a> {
+    pub name: &'a str,
+    pub cnames: &'a [Arc<str>],
+    /// Until its TTL (or its last use by an allowed connection) ends.
+    pub fresh_left: Duration,
+    /// Until it stops counting: `fresh_left` plus the idle grace.
+    pub live_left: Duration,
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct NameTable {
@@ -219,6 +230,40 @@ impl NameTable {
                 entry.name.as_str(),
                 entry.cnames.as_deref().unwrap_or_default(),
             );
+        }
+    }
+
+    /// Like [`lookup_each`](Self::lookup_each), with how long each record has left: for
+    /// `egressgate explain`, which shows an operator why a name does or does not count.
+    pub fn lifetimes_each(
+        &self,
+        pod: IpAddr,
+        dst: IpAddr,
+        now: Instant,
+        mut visit: impl FnMut(RecordLife<'_>),
+    ) {
+        let inner = self.read();
+        let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
+            return;
+        };
+        for entry in entries.iter().filter(|e| e.is_live(now, &self.limits)) {
+            let fresh_for = Duration::from_nanos(
+                entry
+                    .ttl_ns
+                    .max(entry.used_after_ns.load(Ordering::Relaxed)),
+            );
+            let fresh_until = entry.resolved_at.checked_add(fresh_for);
+            let fresh_left =
+                fresh_until.map_or(Duration::MAX, |until| until.saturating_duration_since(now));
+            let live_left = fresh_until
+                .and_then(|until| until.checked_add(self.limits.idle_grace))
+                .map_or(Duration::MAX, |until| until.saturating_duration_since(now));
+            visit(RecordLife {
+                name: entry.name.as_str(),
+                cnames: entry.cnames.as_deref().unwrap_or_default(),
+                fresh_left,
+                live_left,
+            });
         }
     }
 

@@ -498,7 +498,7 @@ pub struct State {
 }
 
 impl State {
-    fn default_dir() -> PathBuf {
+    pub(crate) fn default_dir() -> PathBuf {
         PathBuf::from("/var/lib/egressgate")
     }
 
@@ -585,7 +585,8 @@ pub enum UnselectedPods {
 }
 
 impl UnselectedPods {
-    fn deny() -> Self {
+    /// The default of `unknownSources`.
+    pub(crate) fn deny() -> Self {
         UnselectedPods::Deny
     }
 }

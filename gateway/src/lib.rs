@@ -24,6 +24,8 @@
 //!   table and routing.
 //! - `state`: the name table across restarts (restore, journal upkeep, the old side of a
 //!   hand-over); `handover`: the exchange that passes sockets and table to a successor.
+//! - [`explain`]: `egressgate explain` and `egressgate test`: the decision stages traced step
+//!   by step, for the running gateway (its admin socket), files, or a decision line.
 //! - [`run`]: wiring it all together for `egressgate run`.
 //! - [`observe`]: the bus the decision and DNS lines are tapped into, `POST /v1/observe` and
 //!   `egressgate observe`.
@@ -33,6 +35,7 @@
 pub mod admin_socket;
 pub mod config;
 pub mod decision;
+pub mod explain;
 pub mod identity;
 pub mod kubernetes;
 pub mod memory_budget;

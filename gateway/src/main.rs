@@ -43,6 +43,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Explain what the gateway decides for a pod, a destination and a first message, step by
+    /// step (asking the running gateway, or from files), or why a decision line came out as it
+    /// did.
+    Explain(Box<egressgate::explain::cli::ExplainArgs>),
+    /// Check expectations about policies (pod, resolved names, destination, first message →
+    /// verdict and reason) with the gateway's own decision code.
+    Test(egressgate::explain::cli::TestArgs),
     /// Remove the nftables table and policy routing `run` installed. They stay when the gateway
     /// stops, so that egress fails closed; this ends interception (e.g. on uninstall).
     Cleanup {
@@ -59,6 +66,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -82,6 +90,8 @@ fn main() -> ExitCode {
         }),
         Command::Suggest(args) => egressgate::suggest::command(args),
         Command::Observe(args) => egressgate::observe::command(*args),
+        Command::Explain(args) => egressgate::explain::cli::explain(*args),
+        Command::Test(args) => egressgate::explain::cli::test(args),
     }
 }
 

@@ -29,7 +29,7 @@ use crate::observe::{self, Bus, BusMetrics};
 use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
 use crate::watch_metrics::WatchMetrics;
-use crate::{admin, listener, memory_budget, nft};
+use crate::{admin, explain, listener, memory_budget, nft};
 
 /// A pod's DNS-over-TCP connection is closed after this long without a complete query.
 const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -353,7 +353,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // operator API is this process's.
     match AdminSocket::bind(&config.state.dir) {
         Ok(socket) => {
-            tasks.spawn(socket.serve(admin_router(&bus, &store), shutdown()));
+            let router = admin_router(&store, &table, &config, &bus);
+            tasks.spawn(socket.serve(router, shutdown()));
         }
         Err(e) => tracing::warn!(dir = %config.state.dir.display(), error = %e,
             "no admin socket: `egressgate explain` cannot reach this gateway"),
@@ -502,12 +503,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// The endpoints of the admin socket (docs/operations.md lists them).
-fn admin_router(bus: &Bus, store: &Arc<Store>) -> Router {
-    let (bus, store) = (bus.clone(), Arc::clone(store));
-    Router::new().route(Method::POST, "/v1/observe", move |request| {
-        let response = observe::handle(&bus, &store, &request);
-        async move { response }
-    })
+fn admin_router(store: &Arc<Store>, table: &Arc<NameTable>, config: &Config, bus: &Bus) -> Router {
+    let settings = explain::trace::Settings::of(config);
+    let (store, table, bus) = (Arc::clone(store), Arc::clone(table), bus.clone());
+    let observed = Arc::clone(&store);
+    Router::new()
+        .route(Method::POST, explain::endpoint::PATH, move |request| {
+            explain::endpoint::handle(request, Arc::clone(&store), Arc::clone(&table), settings)
+        })
+        .route(Method::POST, "/v1/observe", move |request| {
+            let response = observe::handle(&bus, &observed, &request);
+            async move { response }
+        })
 }
 
 /// At exit: removes the rules only when the owning DaemonSet is gone: seen deleted by the

@@ -48,6 +48,34 @@ fn entry_lives_for_ttl_plus_idle_grace() {
 }
 
 #[test]
+fn lifetimes_say_what_is_left_of_the_ttl_and_the_grace() {
+    let table = NameTable::new(limits());
+    let t0 = Instant::now();
+    table.record(POD_A, &answer("api.example.test", &[DST], 60), t0);
+    let mut seen = Vec::new();
+    table.lifetimes_each(POD_A, DST, t0 + secs(20), |life| {
+        seen.push((
+            life.name.to_owned(),
+            life.cnames.len(),
+            life.fresh_left,
+            life.live_left,
+        ));
+    });
+    assert_eq!(
+        seen,
+        [("api.example.test".to_owned(), 1, secs(40), secs(70))]
+    );
+    let mut in_grace = Vec::new();
+    table.lifetimes_each(POD_A, DST, t0 + secs(75), |life| {
+        in_grace.push((life.fresh_left, life.live_left));
+    });
+    assert_eq!(in_grace, [(Duration::ZERO, secs(15))]);
+    let mut none = 0;
+    table.lifetimes_each(POD_B, DST, t0, |_| none += 1);
+    assert_eq!(none, 0);
+}
+
+#[test]
 fn low_ttl_is_raised_to_min_ttl() {
     let table = NameTable::new(limits());
     let t0 = Instant::now();

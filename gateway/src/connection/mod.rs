@@ -18,14 +18,14 @@
 //! connects upstream from the node's own address; only the pod's bytes are relayed, untouched.
 
 mod addr;
-mod context;
+pub(crate) mod context;
 mod finish;
 mod peeking;
 mod postgres;
 mod reader;
 mod retry;
-mod stages;
-mod stop;
+pub(crate) mod stages;
+pub(crate) mod stop;
 mod upgrade;
 mod upstream;
 
@@ -51,6 +51,7 @@ use crate::relay::{self, Next, Seen};
 use crate::store::{Snapshot, Store};
 pub use addr::{ClientAddr, OrigDstAddr};
 use context::{Context, Granted, Streams};
+use egressgate_policy::Selection;
 use reader::PeekReader;
 use stop::Stop;
 use upstream::{Dial, TcpDial};
@@ -236,24 +237,10 @@ impl Proxy {
         C: AsyncRead + AsyncWrite + Unpin,
         D: Dial,
     {
-        let pod = stages::identify(&snapshot.identities, cx.client)?;
-        cx.pod = Some(pod);
-        let selection = stages::select(pod, &snapshot.policies).inspect_err(|_| {
-            // Unselected: the names it resolved to the destination are all its line can tell
-            // `egressgate suggest` (nothing is read).
-            cx.resolved = stages::names(&self.table, pod, cx.destination);
-        })?;
-        cx.resolved = stages::names(&self.table, pod, cx.destination);
-        cx.grants = stages::grants(&selection, cx.destination, &cx.resolved);
-        cx.selection = Some(selection);
-        if stages::needs_all_names_before_peek(cx) {
-            stages::complete_names(cx, &self.table, pod, None, stages::Completion::All);
-        }
-
-        if let Some(grant) = decision::tcp_grant(&cx.grants) {
-            cx.protocol = Some(Protocol::Tcp);
-            return Ok(Granted::from(grant));
-        }
+        let pod = match stages::before_peek(cx, snapshot, &self.table)? {
+            stages::Ahead::Granted(granted) => return Ok(granted),
+            stages::Ahead::Peek(pod) => pod,
+        };
         // Held while this connection waits for its first message.
         let _peeking = self
             .limits
@@ -268,15 +255,11 @@ impl Proxy {
     /// Allowed by a rule; else the settings for unknown and unselected pods; else deny, or
     /// audit when only audit-mode policies select the pod and the reason is one audit watches.
     fn verdict(&self, cx: &Context<'_>, outcome: &Result<Granted, Stop>) -> Verdict {
-        let Err(stop) = outcome else {
-            return Verdict::Allow;
+        let fallbacks = Fallbacks {
+            unselected: self.unselected,
+            unknown_sources: self.unknown_sources,
         };
-        match (stop.reason, &cx.selection) {
-            (Reason::UnknownSource, _) => fallback(self.unknown_sources),
-            (Reason::Unselected, _) => fallback(self.unselected),
-            (reason, Some(selection)) => decision::denial_verdict(selection, reason),
-            (_, None) => Verdict::Deny,
-        }
+        verdict(cx.selection.as_ref(), outcome, fallbacks)
     }
 
     /// The retry stage ([`retry::check`]) of an allowed connection. A refused second
@@ -453,6 +436,32 @@ impl Proxy {
             elapsed_ms(accepted),
             relayed.error.map(|e| e.to_string()),
         );
+    }
+}
+
+/// What `unselectedPods` and `unknownSources` say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fallbacks {
+    pub unselected: UnselectedPods,
+    pub unknown_sources: UnselectedPods,
+}
+
+/// The verdict of the stages' outcome: allowed by a rule; else the settings for unknown and
+/// unselected pods; else deny, or audit when only audit-mode policies select the pod and the
+/// reason is one audit watches.
+pub(crate) fn verdict(
+    selection: Option<&Selection<'_>>,
+    outcome: &Result<Granted, Stop>,
+    fallbacks: Fallbacks,
+) -> Verdict {
+    let Err(stop) = outcome else {
+        return Verdict::Allow;
+    };
+    match (stop.reason, selection) {
+        (Reason::UnknownSource, _) => fallback(fallbacks.unknown_sources),
+        (Reason::Unselected, _) => fallback(fallbacks.unselected),
+        (reason, Some(selection)) => decision::denial_verdict(selection, reason),
+        (_, None) => Verdict::Deny,
     }
 }
 

@@ -3,7 +3,7 @@
 //! Each returns the next stage's input or a [`Stop`].
 
 use egressgate_dns_shim::NameTable;
-use egressgate_policy::{Grant, PolicySet, Protocol, Selection};
+use egressgate_policy::{Grant, PolicySet, Protocol as RuleProtocol, Selection};
 
 use super::addr::{ClientAddr, OrigDstAddr};
 use super::context::{Context, Granted, ResolvedNames};
@@ -11,6 +11,8 @@ use super::stop::Stop;
 use crate::decision::{self, Reason};
 use crate::identity::{Identities, Pod};
 use crate::peek::Peeked;
+use crate::protocol::Protocol;
+use crate::store::Snapshot;
 
 /// Identify: the pod that uses the client's address.
 pub fn identify(identities: &Identities, client: ClientAddr) -> Result<&Pod, Stop> {
@@ -36,7 +38,7 @@ pub fn names(table: &NameTable, pod: &Pod, destination: OrigDstAddr) -> Resolved
     collect_names(table, pod, destination, ResolvedNames::CARRIED)
 }
 
-fn collect_names(
+pub fn collect_names(
     table: &NameTable,
     pod: &Pod,
     destination: OrigDstAddr,
@@ -61,6 +63,43 @@ fn collect_names(
     }
     resolved.complete = resolved.total <= max;
     resolved
+}
+
+/// What the stages before the peek concluded.
+#[derive(Debug)]
+pub enum Ahead<'s> {
+    /// A `tcp` grant: allowed without reading anything.
+    Granted(Granted),
+    /// The first message decides: peek, then [`authorize`].
+    Peek(&'s Pod),
+}
+
+/// The stages before the peek, in the gateway's order: identify, select, names, grants (every
+/// name first when one the connection did not carry may grant a `tcp` or `postgresql` rule),
+/// and a `tcp` grant's allow. `egressgate explain` runs exactly these too.
+pub fn before_peek<'s>(
+    cx: &mut Context<'s>,
+    snapshot: &'s Snapshot,
+    table: &NameTable,
+) -> Result<Ahead<'s>, Stop> {
+    let pod = identify(&snapshot.identities, cx.client)?;
+    cx.pod = Some(pod);
+    let selection = select(pod, &snapshot.policies).inspect_err(|_| {
+        // Unselected: the names it resolved to the destination are all its line can tell
+        // `egressgate suggest` (nothing is read).
+        cx.resolved = names(table, pod, cx.destination);
+    })?;
+    cx.resolved = names(table, pod, cx.destination);
+    cx.grants = grants(&selection, cx.destination, &cx.resolved);
+    cx.selection = Some(selection);
+    if needs_all_names_before_peek(cx) {
+        complete_names(cx, table, pod, None, Completion::All);
+    }
+    if let Some(grant) = decision::tcp_grant(&cx.grants) {
+        cx.protocol = Some(Protocol::Tcp);
+        return Ok(Ahead::Granted(Granted::from(grant)));
+    }
+    Ok(Ahead::Peek(pod))
 }
 
 /// When the pod holds more names for the destination than the connection carried, the grants
@@ -131,7 +170,7 @@ pub fn grants<'s>(
     grants_for(selection, destination, &names)
 }
 
-fn grants_for<'s>(
+pub fn grants_for<'s>(
     selection: &Selection<'s>,
     destination: OrigDstAddr,
     names: &[&str],
@@ -147,7 +186,7 @@ pub fn needs_all_names_before_peek(cx: &Context<'_>) -> bool {
     !cx.resolved.complete
         && cx.selection.as_ref().is_some_and(|selection| {
             selection.names_may_grant(cx.destination.port(), |protocol| {
-                matches!(protocol, Protocol::Tcp | Protocol::Postgresql(_))
+                matches!(protocol, RuleProtocol::Tcp | RuleProtocol::Postgresql(_))
             })
         })
 }

@@ -6,14 +6,14 @@
 mod reason;
 
 use egressgate_policy::{Grant, GrantPeer, Mode, Protocol, Selection};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::peek::{Peeked, PgEncryption, PgFirst};
 
 pub use reason::{Limit, PodFault, PolicyDenial, Reason, UpstreamFault};
 
 /// What happened to a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Allow,

@@ -12,6 +12,7 @@ use hyper::{Method, StatusCode};
 use super::filter::ObserveRequest;
 use super::format::{readable, Colour};
 use crate::admin_socket::{self, client};
+use crate::config::{self, Config};
 
 /// Streams decisions and DNS answers from the gateway running on this node.
 #[derive(Debug, clap::Args)]
@@ -33,12 +34,13 @@ Exit codes: 0 the stream ended (history printed, or the gateway stopped); 1 the 
 not be reached or refused the request (too many observers: observe.maxSubscribers); 2 bad
 usage.")]
 pub struct ObserveArgs {
-    /// The gateway's state.dir, where its admin socket is.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/egressgate")]
-    state_dir: PathBuf,
-    /// The admin socket itself (overrides --state-dir).
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
+    /// The running gateway's state directory (its admin.sock); default: the config's, else
+    /// /var/lib/egressgate.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The gateway's configuration file, to find its state directory.
+    #[arg(long, short, value_name = "FILE", conflicts_with = "state_dir")]
+    config: Option<PathBuf>,
     /// Only pods of this namespace.
     #[arg(long, short = 'n')]
     namespace: Option<String>,
@@ -95,10 +97,18 @@ pub fn command(args: ObserveArgs) -> ExitCode {
         eprintln!("egressgate observe: {e}");
         return ExitCode::from(2);
     }
-    let socket = args
-        .socket
-        .clone()
-        .unwrap_or_else(|| admin_socket::socket_path(&args.state_dir));
+    let state_dir = match (&args.state_dir, &args.config) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(path)) => match Config::load(path) {
+            Ok(config) => config.state.dir,
+            Err(e) => {
+                eprintln!("egressgate observe: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => config::State::default_dir(),
+    };
+    let socket = admin_socket::socket_path(&state_dir);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

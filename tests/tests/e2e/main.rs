@@ -18,6 +18,7 @@ mod configmap_reload;
 mod dashboards;
 mod dns;
 mod expiry;
+mod explain;
 mod faults;
 mod image;
 mod lifecycle;

@@ -238,8 +238,8 @@ fn suggest_from_audit_then_enforce_replays_without_denials_and_observe_sees_a_ne
         &lab,
         &[
             "observe",
-            "--state-dir",
-            state.to_str().expect("utf-8 path"),
+            "--config",
+            config.to_str().expect("utf-8 path"),
             "--since",
             "5m",
             "--pod",
