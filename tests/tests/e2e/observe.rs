@@ -265,6 +265,36 @@ fn suggest_from_audit_then_enforce_replays_without_denials_and_observe_sees_a_ne
     );
     assert!(lines.iter().all(|l| !l.contains("batch")), "{shown}");
 
+    // By label, DNS lines only: pod b's lookups, found by its address.
+    let batch_dns = egressgate(
+        &lab,
+        &[
+            "observe",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "-l",
+            "role=batch",
+            "--protocol",
+            "dns",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(batch_dns.success(), "{batch_dns}");
+    let (b4, _, _, _) = addr::pod_addrs(1);
+    let lines: Vec<serde_json::Value> = batch_dns
+        .stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert!(!lines.is_empty(), "{batch_dns}");
+    assert!(
+        lines
+            .iter()
+            .all(|line| line["event"] == "dns" && line["pod"] == b4.as_str()),
+        "{batch_dns}"
+    );
+
     // Bad usage and an unreachable gateway have their exit codes.
     let bad = egressgate(&lab, &["observe", "--verdict", "maybe"]);
     assert_eq!(bad.status, Some(2), "{bad}");
