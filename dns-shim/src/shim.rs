@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use egressgate_log::{rfc3339_now, write_json_line};
+use egressgate_log::{rfc3339_now, write_observed_line};
 use prometheus::Registry;
 
 use crate::answer::{read_answer, Answer, Reading};
@@ -206,7 +206,7 @@ impl DnsShim {
             Some(a) => (&a.addresses[..], &a.cnames[..], Some(a.ttl)),
             None => (&[][..], &[][..], None),
         };
-        write_json_line(&DnsLine {
+        write_observed_line(&DnsLine {
             time: rfc3339_now(),
             event: "dns",
             pod: client.pod.ip(),

@@ -44,6 +44,9 @@ pub struct Config {
     /// What outlives the process: the name table on disk, the live hand-over.
     #[serde(default)]
     pub state: State,
+    /// The `observe` stream on the admin socket.
+    #[serde(default)]
+    pub observe: Observe,
     /// Verdict for pods that no policy selects.
     #[serde(default)]
     pub unselected_pods: UnselectedPods,
@@ -595,6 +598,45 @@ impl Default for State {
     }
 }
 
+/// The `observe` bus: recent decision and DNS lines for `--since`, and live subscribers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Observe {
+    /// Lines kept for `observe --since` (0: none, and lines cost nothing while nobody observes).
+    #[serde(default = "Observe::default_history")]
+    pub history: usize,
+    /// `observe` streams served at once; more are refused (503).
+    #[serde(default = "Observe::default_max_subscribers")]
+    pub max_subscribers: usize,
+    /// Lines queued for one subscriber; past it, its lines are dropped and counted.
+    #[serde(default = "Observe::default_queue_lines")]
+    pub queue_lines: usize,
+}
+
+impl Observe {
+    fn default_history() -> usize {
+        2048
+    }
+
+    fn default_max_subscribers() -> usize {
+        8
+    }
+
+    fn default_queue_lines() -> usize {
+        1024
+    }
+}
+
+impl Default for Observe {
+    fn default() -> Self {
+        Self {
+            history: Self::default_history(),
+            max_subscribers: Self::default_max_subscribers(),
+            queue_lines: Self::default_queue_lines(),
+        }
+    }
+}
+
 /// See [`State::after_handover`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -624,6 +666,9 @@ impl UnselectedPods {
 fn default_true() -> bool {
     true
 }
+
+/// Lines of `observe.history`, at most: about 500 bytes each, so 32 MiB.
+const MAX_OBSERVE_HISTORY: usize = 65_536;
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -724,6 +769,21 @@ impl Config {
         }
         if self.state.snapshot_interval_seconds == 0 {
             return Err("state.snapshotIntervalSeconds must be positive".into());
+        }
+        // Each stream holds one of the admin socket's connections; explain needs some too.
+        let max_streams = crate::admin_socket::MAX_CONNECTIONS / 2;
+        if !(1..=max_streams).contains(&self.observe.max_subscribers) {
+            return Err(format!(
+                "observe.maxSubscribers: must be 1 to {max_streams} (the admin socket serves {} \
+                 connections)",
+                crate::admin_socket::MAX_CONNECTIONS
+            ));
+        }
+        if self.observe.queue_lines == 0 || self.observe.history > MAX_OBSERVE_HISTORY {
+            return Err(format!(
+                "observe.queueLines must be positive and observe.history at most \
+                 {MAX_OBSERVE_HISTORY}"
+            ));
         }
         Ok(())
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use egressgate_log::{rfc3339_now, write_json_line};
+use egressgate_log::{rfc3339_now, write_json_line, write_observed_line};
 use serde::Serialize;
 
 use crate::decision::{Reason, Verdict};
@@ -44,7 +44,7 @@ pub struct DecisionLine<'a> {
     pub destination: SocketAddr,
     /// Live names this pod resolved to the destination: the one the first message asked for
     /// first, at most 8.
-    pub names: &'a [String],
+    pub names: LoggedNames<'a>,
     /// How many names the pod holds for the destination, when `names` lists only some.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub names_total: Option<usize>,
@@ -82,10 +82,49 @@ pub struct DecisionLine<'a> {
     pub decision_us: u64,
 }
 
+/// The names a line lists, at most `max`: `names[first]` (the name the first message asked
+/// for, when the pod resolved it) ahead of the others, which keep their order. Written without
+/// reordering or copying the connection's names.
+#[derive(Debug, Clone, Copy)]
+pub struct LoggedNames<'a> {
+    pub names: &'a [String],
+    pub first: Option<usize>,
+    pub max: usize,
+}
+
+impl LoggedNames<'_> {
+    pub fn len(&self) -> usize {
+        self.names.len().min(self.max)
+    }
+}
+
+impl Serialize for LoggedNames<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let first = self.first.filter(|&at| at < self.names.len());
+        let mut seq = serializer.serialize_seq(Some(self.len()))?;
+        let rest = self
+            .names
+            .iter()
+            .enumerate()
+            .filter(|&(at, _)| Some(at) != first)
+            .map(|(_, name)| name);
+        for name in first
+            .map(|at| &self.names[at])
+            .into_iter()
+            .chain(rest)
+            .take(self.max)
+        {
+            seq.serialize_element(name)?;
+        }
+        seq.end()
+    }
+}
+
 impl DecisionLine<'_> {
     pub fn print(&mut self) {
         self.time = rfc3339_now();
-        write_json_line(self);
+        write_observed_line(self);
     }
 }
 

@@ -29,6 +29,8 @@
 //! - [`explain`]: `egressgate explain` and `egressgate test`: the decision stages traced step
 //!   by step, for the running gateway (its admin socket), files, or a decision line.
 //! - [`run`]: wiring it all together for `egressgate run`.
+//! - [`observe`]: the bus the decision and DNS lines are tapped into, `POST /v1/observe` and
+//!   `egressgate observe`.
 //! - [`suggest`]: `egressgate suggest`, policies from the decision lines of audit-mode and
 //!   unselected pods.
 
@@ -41,6 +43,7 @@ pub mod kubernetes;
 pub mod memory_budget;
 pub mod metrics;
 pub mod nft;
+pub mod observe;
 pub mod peek;
 pub mod run;
 mod state;

@@ -59,6 +59,9 @@ enum Command {
     /// Suggest EgressPolicy YAML that allows exactly what pods in audit mode, or selected by no
     /// policy, did (from decision lines).
     Suggest(egressgate::suggest::SuggestArgs),
+    /// Stream decisions and DNS answers from the gateway on this node (its admin socket),
+    /// filtered; one readable line each.
+    Observe(Box<egressgate::observe::ObserveArgs>),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Suggest(args) => egressgate::suggest::command(args),
+        Command::Observe(args) => egressgate::observe::command(*args),
         Command::Explain(args) => egressgate::explain::cli::explain(*args),
         Command::Test(args) => egressgate::explain::cli::test(args),
     }

@@ -25,6 +25,7 @@ use crate::handover::{self, HandoverMetrics, Role};
 use crate::kubernetes::{self, IdentityWatch};
 use crate::limits::{Bounds, Limits};
 use crate::metrics::Metrics;
+use crate::observe::{self, Bus, BusMetrics};
 use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
 use crate::udp::{self, UdpRelay};
@@ -133,6 +134,8 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     );
     let persist_metrics = PersistMetrics::register(&registry)?;
     let handover_metrics = HandoverMetrics::register(&registry)?;
+    let bus = Bus::new(config.observe.clone(), BusMetrics::register(&registry)?);
+    bus.tap_log_lines();
     let started = std::time::Instant::now();
     // Before any listener: what this node's pods resolved before a restart or a crash.
     let restored = state::restore(&config, &table, &persist_metrics);
@@ -386,7 +389,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // operator API is this process's.
     match AdminSocket::bind(&config.state.dir) {
         Ok(socket) => {
-            let router = admin_router(&store, &table, &config);
+            let router = admin_router(&store, &table, &config, &bus);
             tasks.spawn(socket.serve(router, shutdown()));
         }
         Err(e) => tracing::warn!(dir = %config.state.dir.display(), error = %e,
@@ -536,12 +539,18 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 }
 
 /// The endpoints of the admin socket (docs/operations.md lists them).
-fn admin_router(store: &Arc<Store>, table: &Arc<NameTable>, config: &Config) -> Router {
+fn admin_router(store: &Arc<Store>, table: &Arc<NameTable>, config: &Config, bus: &Bus) -> Router {
     let settings = explain::trace::Settings::of(config);
-    let (store, table) = (Arc::clone(store), Arc::clone(table));
-    Router::new().route(Method::POST, explain::endpoint::PATH, move |request| {
-        explain::endpoint::handle(request, Arc::clone(&store), Arc::clone(&table), settings)
-    })
+    let (store, table, bus) = (Arc::clone(store), Arc::clone(table), bus.clone());
+    let observed = Arc::clone(&store);
+    Router::new()
+        .route(Method::POST, explain::endpoint::PATH, move |request| {
+            explain::endpoint::handle(request, Arc::clone(&store), Arc::clone(&table), settings)
+        })
+        .route(Method::POST, "/v1/observe", move |request| {
+            let response = observe::handle(&bus, &observed, &request);
+            async move { response }
+        })
 }
 
 /// At exit: removes the rules only when the owning DaemonSet is gone: seen deleted by the

@@ -5,12 +5,15 @@
 //!
 //! Layout:
 //! - [`write_json_line`], [`flush`]: queue a line; wait until every queued line is written.
+//! - [`write_observed_line`], [`set_tap`]: the same, and the line's bytes also to a [`LineTap`]
+//!   (the gateway's `observe` bus), serialized once for both.
 //! - [`rfc3339_now`]: the `time` field of every line.
 //! - `output`: the `json-log` thread that writes queued lines to stdout in batches.
 #![forbid(unsafe_code)]
 
 mod output;
 
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -19,7 +22,30 @@ pub use output::flush;
 
 /// Queues `line` for stdout (see [`output`]): one whole line, never interleaved with another.
 pub fn write_json_line(line: &impl Serialize) {
-    output::push(line);
+    output::push(line, None);
+}
+
+/// Where observed lines go besides stdout: the gateway's `observe` bus.
+pub trait LineTap: Send + Sync {
+    /// Whether anyone wants lines now. Asked for every observed line, so it must be about one
+    /// atomic load: when it says no, a line costs nothing more than [`write_json_line`].
+    fn wanted(&self) -> bool;
+    /// One line's JSON bytes, exactly as queued for stdout (newline included). Called outside
+    /// the stdout queue's lock; must not block.
+    fn publish(&self, line: Vec<u8>);
+}
+
+static TAP: OnceLock<Arc<dyn LineTap>> = OnceLock::new();
+
+/// Sets the process's tap; `false` if one was already set (the first stays).
+pub fn set_tap(tap: Arc<dyn LineTap>) -> bool {
+    TAP.set(tap).is_ok()
+}
+
+/// [`write_json_line`] for a line `observe` streams (decisions and DNS answers): its bytes also
+/// go to the tap, when one is set and wants them.
+pub fn write_observed_line(line: &impl Serialize) {
+    output::push(line, TAP.get().map(|tap| &**tap).filter(|tap| tap.wanted()));
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T10:00:00.123Z`.

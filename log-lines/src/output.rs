@@ -10,6 +10,8 @@ use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
+use crate::LineTap;
+
 /// Queued bytes beyond which producers wait for the writer.
 const MAX_QUEUED: usize = 4 << 20;
 
@@ -30,10 +32,10 @@ type StdoutSink = fn() -> io::StdoutLock<'static>;
 
 static STDOUT: OnceLock<Output<StdoutSink>> = OnceLock::new();
 
-/// Queues `line` (one JSON object, no newline yet) for stdout.
-pub(super) fn push(line: &impl serde::Serialize) {
+/// Queues `line` (one JSON object, no newline yet) for stdout, and gives its bytes to `tap`.
+pub(super) fn push(line: &impl serde::Serialize, tap: Option<&dyn LineTap>) {
     let output = STDOUT.get_or_init(|| Output::start(|| io::stdout().lock()));
-    output.push(line);
+    output.push(line, tap);
 }
 
 /// Waits until every line queued so far is written. Call before the process exits.
@@ -89,11 +91,14 @@ where
         Output { shared, threaded }
     }
 
-    fn push(&self, line: &impl serde::Serialize) {
+    fn push(&self, line: &impl serde::Serialize, tap: Option<&dyn LineTap>) {
         if !self.threaded {
             if let Ok(mut text) = serde_json::to_vec(line) {
                 text.push(b'\n');
                 self.shared.write(&text);
+                if let Some(tap) = tap {
+                    tap.publish(text);
+                }
             }
             return;
         }
@@ -108,9 +113,15 @@ where
             return;
         }
         queue.lines.push(b'\n');
+        // The one copy a tapped line costs; the tap's own work happens after the lock.
+        let tapped = tap.map(|tap| (tap, queue.lines[start..].to_vec()));
         if queue.writer_idle {
             queue.writer_idle = false;
             shared.queued.notify_one();
+        }
+        drop(queue);
+        if let Some((tap, bytes)) = tapped {
+            tap.publish(bytes);
         }
     }
 
@@ -239,7 +250,10 @@ mod tests {
                 let output = &output;
                 scope.spawn(move || {
                     for i in 0..lines {
-                        output.push(&serde_json::json!({"t": t, "i": i, "pad": "x".repeat(64)}));
+                        output.push(
+                            &serde_json::json!({"t": t, "i": i, "pad": "x".repeat(64)}),
+                            None,
+                        );
                     }
                 });
             }
@@ -273,8 +287,8 @@ mod tests {
             shared: Arc::new(Shared::new(move || sink.clone())),
             threaded: false,
         };
-        output.push(&serde_json::json!({"event": "a"}));
-        output.push(&serde_json::json!({"event": "b"}));
+        output.push(&serde_json::json!({"event": "a"}), None);
+        output.push(&serde_json::json!({"event": "b"}), None);
         let kept = kept.0.lock().expect("lock");
         assert_eq!(
             String::from_utf8_lossy(&kept.0),
@@ -285,11 +299,51 @@ mod tests {
         output.flush();
     }
 
+    /// A tap that keeps what it is given.
+    #[derive(Debug, Default)]
+    struct Tapped(Mutex<Vec<Vec<u8>>>);
+
+    impl LineTap for Tapped {
+        fn wanted(&self) -> bool {
+            true
+        }
+
+        fn publish(&self, line: Vec<u8>) {
+            self.0.lock().expect("lock").push(line);
+        }
+    }
+
+    #[test]
+    fn a_tap_gets_the_bytes_written_to_stdout() {
+        let kept = Kept::default();
+        let sink = kept.clone();
+        let output = Output::start(move || sink.clone());
+        let tap = Tapped::default();
+        output.push(
+            &serde_json::json!({"event": "decision", "n": 1}),
+            Some(&tap),
+        );
+        output.push(&serde_json::json!({"event": "close"}), None);
+        output.flush();
+        let written = kept.0.lock().expect("lock").0.clone();
+        let tapped = tap.0.lock().expect("lock").clone();
+        assert_eq!(tapped, vec![b"{\"event\":\"decision\",\"n\":1}\n".to_vec()]);
+        assert!(written.starts_with(&tapped[0]), "the same bytes");
+
+        // Without the writer thread, too.
+        let fallback = Output {
+            shared: Arc::new(Shared::new(Kept::default)),
+            threaded: false,
+        };
+        fallback.push(&serde_json::json!({"event": "dns"}), Some(&tap));
+        assert_eq!(tap.0.lock().expect("lock").len(), 2);
+    }
+
     #[test]
     fn flush_returns_at_once_when_nothing_is_queued() {
         let output = Output::start(Kept::default);
         output.flush();
-        output.push(&serde_json::json!({"event": "x"}));
+        output.push(&serde_json::json!({"event": "x"}), None);
         output.flush();
     }
 }

@@ -1,10 +1,10 @@
 //! The end of every decision, whatever the stages concluded: the decision line and the decision
 //! metrics, both read from the context. A new log field is added here, never in a stage.
 
-use super::context::{Context, Granted};
+use super::context::{Context, Granted, ResolvedNames};
 use super::stop::Stop;
 use crate::decision::{Reason, Verdict};
-use crate::events::{DecisionLine, PodName};
+use crate::events::{DecisionLine, LoggedNames, PodName};
 use crate::metrics::Metrics;
 use crate::peek::{Peeked, PgEncryption, PgFirst};
 use crate::protocol::Protocol;
@@ -90,7 +90,11 @@ fn decision_line<'a>(
         }),
         source: cx.client.0,
         destination: cx.destination.0,
-        names: cx.resolved.logged(),
+        names: LoggedNames {
+            names: &cx.resolved.names,
+            first: requested_position(cx),
+            max: ResolvedNames::LOGGED,
+        },
         names_total: (cx.resolved.total > cx.resolved.logged().len()).then_some(cx.resolved.total),
         cnames: cx.resolved.logged_cnames(),
         protocol: cx.protocol,
@@ -106,6 +110,18 @@ fn decision_line<'a>(
         rule: granted.map(|granted| granted.rule),
         decision_us: 0,
     }
+}
+
+/// Where the name the first message asked for is among the names the pod resolved, so that
+/// the line lists it first (`egressgate suggest` and people read the first name as the one
+/// used). The names are few: the table keeps them lowercase, without the trailing dot.
+fn requested_position(cx: &Context<'_>) -> Option<usize> {
+    let requested = cx.peeked.as_ref().and_then(Peeked::requested_name)?;
+    let requested = requested.strip_suffix('.').unwrap_or(requested);
+    cx.resolved
+        .names
+        .iter()
+        .position(|name| name.eq_ignore_ascii_case(requested))
 }
 
 /// What the pod tried to reach, for the denied-destinations metric: the name it sent, else the
@@ -124,7 +140,6 @@ mod tests {
 
     use super::*;
     use crate::connection::addr::{ClientAddr, OrigDstAddr};
-    use crate::connection::context::ResolvedNames;
     use crate::decision::PolicyDenial;
     use crate::identity::Pod;
     use crate::peek::postgres::{peek_first_message, PgMessage};
@@ -184,6 +199,37 @@ mod tests {
         assert_eq!(
             json(&cx, &Ok(granted), Verdict::Allow),
             r#"{"time":"","event":"decision","connection":7,"verdict":"allow","reason":"allowed","pod":{"namespace":"shop","name":"app-1","labels":{}},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","sni":"api.example.test","alpn":["h2","http/1.1"],"ech":false,"policy":"shop/web","rule":0,"decisionUs":0}"#
+        );
+    }
+
+    /// The name the ClientHello asked for leads `names`, even past the eighth.
+    #[test]
+    fn the_requested_name_is_listed_first() {
+        let capture = include_bytes!(
+            "../peek/testdata/tls/curl-7.88.1-default-sni-api.example.test-alpn-h2-http1.1.bin"
+        );
+        let Peek::Complete(hello) = peek_client_hello(capture) else {
+            panic!("capture is a whole ClientHello");
+        };
+        let pod = pod();
+        let mut cx = context(&pod, 443);
+        let mut names: Vec<String> = (0..10).map(|n| format!("n{n}.example.test")).collect();
+        names.push("api.example.test".into());
+        cx.resolved = ResolvedNames {
+            total: names.len(),
+            names,
+            ..ResolvedNames::default()
+        };
+        cx.protocol = Some(Protocol::Tls);
+        cx.peeked = Some(Peeked::Tls(hello));
+        let line = json(
+            &cx,
+            &Err(Stop::new(PolicyDenial::NotAllowed)),
+            Verdict::Deny,
+        );
+        assert!(
+            line.contains(r#""names":["api.example.test","n0.example.test","n1.example.test","n2.example.test","n3.example.test","n4.example.test","n5.example.test","n6.example.test"],"namesTotal":11,"#),
+            "{line}"
         );
     }
 

@@ -84,7 +84,11 @@ pub fn before_peek<'s>(
 ) -> Result<Ahead<'s>, Stop> {
     let pod = identify(&snapshot.identities, cx.client)?;
     cx.pod = Some(pod);
-    let selection = select(pod, &snapshot.policies)?;
+    let selection = select(pod, &snapshot.policies).inspect_err(|_| {
+        // Unselected: the names it resolved to the destination are all its line can tell
+        // `egressgate suggest` (nothing is read).
+        cx.resolved = names(table, pod, cx.destination);
+    })?;
     cx.resolved = names(table, pod, cx.destination);
     cx.grants = grants(&selection, cx.destination, &cx.resolved);
     cx.selection = Some(selection);

@@ -48,7 +48,9 @@ pub(super) struct LinePod {
 pub(super) struct Observation {
     pub pod: LinePod,
     pub labels: BTreeMap<String, String>,
-    pub destination: Destination,
+    /// One, except for an unselected pod's connection to an address it resolved several names
+    /// to: nothing was read, so each of them may be the one it used.
+    pub destinations: Vec<Destination>,
     pub port: u16,
     pub used: Use,
 }
@@ -164,11 +166,15 @@ pub(super) fn observe(text: &str) -> Result<Observation, Skip> {
     }
     let destination_addr = line.destination.ok_or(Skip::Unreadable)?;
     let used = usage(&line);
-    let destination = destination(&line, destination_addr.ip(), &used);
+    let destinations = if reason == "unselected" && line.protocol.is_none() {
+        unread(&line, destination_addr.ip())
+    } else {
+        vec![destination(&line, destination_addr.ip(), &used)]
+    };
     Ok(Observation {
         pod,
         labels,
-        destination,
+        destinations,
         port: destination_addr.port(),
         used,
     })
@@ -197,6 +203,21 @@ fn usage(line: &Line) -> Use {
         // (`peek_timeout`: a protocol whose server speaks first): only a `tcp` rule allows them.
         _ => Use::Tcp,
     }
+}
+
+/// An unselected pod's connection, allowed unread: every name it resolved to the address, else
+/// the address.
+fn unread(line: &Line, ip: IpAddr) -> Vec<Destination> {
+    let names: Vec<Destination> = line
+        .names
+        .iter()
+        .filter_map(|name| egressgate_policy::normalize_name(name))
+        .map(Destination::Name)
+        .collect();
+    if names.is_empty() {
+        return vec![Destination::Address(ip, WhyAddress::NoName)];
+    }
+    names
 }
 
 /// The name the connection used, else its address. The name a message carried (SNI, Host)

@@ -103,9 +103,11 @@ pub fn suggest(input: impl BufRead, options: &Options) -> std::io::Result<Sugges
         workload
             .pods
             .insert(observation.pod.name.clone(), observation.labels);
-        workload
-            .reached
-            .add(observation.destination, observation.port, observation.used);
+        for destination in observation.destinations {
+            workload
+                .reached
+                .add(destination, observation.port, observation.used.clone());
+        }
     }
     if !unlabelled.is_empty() {
         let pods: Vec<String> = unlabelled.into_iter().collect();

@@ -521,3 +521,39 @@ fn policy_names_are_rfc1123_labels_and_unique() {
     .yaml;
     assert_eq!(compiled(&yaml).len(), 2, "{yaml}");
 }
+
+#[test]
+fn an_unselected_pods_unread_connection_allows_tcp_to_each_name_it_resolved_there() {
+    let unread = |destination: &str, names: Value| {
+        line(
+            "batch-1",
+            json!({"role": "batch"}),
+            Value::Null,
+            destination,
+            json!({"verdict": "allow", "reason": "unselected", "names": names}),
+        )
+    };
+    let lines = [
+        unread(
+            "198.19.0.10:443",
+            json!(["api.example.test", "other.example.test"]),
+        ),
+        unread("198.19.0.30:8443", json!([])),
+    ];
+    let yaml = run(&lines, &options()).yaml;
+    for name in ["api.example.test", "other.example.test"] {
+        assert!(
+            yaml.contains(&format!(
+                "dnsName: \"{name}\"\n      ports:\n        - {{port: 443, protocol: tcp}}\n"
+            )),
+            "{yaml}"
+        );
+    }
+    assert!(yaml.contains("cidr: \"198.19.0.30/32\""), "{yaml}");
+    let set = compiled(&yaml);
+    let batch = [("role", "batch")];
+    assert_eq!(
+        granted(&set, &batch, "198.19.0.10:443", &["other.example.test"]),
+        ["tcp"]
+    );
+}

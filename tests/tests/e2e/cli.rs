@@ -81,6 +81,8 @@ fn help_is_available_for_every_command() {
         &["run", "--help"],
         &["check", "--help"],
         &["nft-rules", "--help"],
+        &["suggest", "--help"],
+        &["observe", "--help"],
     ] {
         let out = egressgate(args);
         let stdout = String::from_utf8_lossy(&out.stdout);

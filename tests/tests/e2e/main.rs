@@ -23,6 +23,7 @@ mod faults;
 mod image;
 mod lifecycle;
 mod nftables;
+mod observe;
 mod operations;
 mod peek_limits;
 mod postgres;

@@ -17,6 +17,22 @@ fn pods_and_labels_from_the_api_decide_and_changes_apply_live() {
         (Some("deny"), Some("unselected")),
         "{d}"
     );
+    // An unselected pod's line names its labels and, once it has one, its controller owner.
+    assert_eq!(d.0["pod"]["labels"]["role"], "batch", "{d}");
+    kube.kubectl_ok(&[
+        "patch",
+        "pod",
+        "-n",
+        "shop",
+        "batch-1",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"ownerReferences":[{"apiVersion":"batch/v1","kind":"Job","name":"nightly","uid":"6f1d2c1e-0000-4000-8000-000000000001","controller":true}]}}"#,
+    ])
+    .expect("owner reference");
+    until(&lab, "b", "the owner in its line", |d| {
+        d.0["pod"]["owner"] == serde_json::json!({"kind": "Job", "name": "nightly"})
+    });
     assert_eq!(metric(&lab, "egressgate_identity_pods"), 2.0);
     let pod_ips = kube
         .kubectl_ok(&[
