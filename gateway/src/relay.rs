@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::fcntl::{splice, SpliceFFlags};
@@ -64,8 +64,9 @@ pub async fn relay(
         up.fetch_add(replay.len() as u64, Ordering::Relaxed);
         // Freed before the (possibly hours-long) splice.
         drop(replay);
-        let upward = pump(&client, &upstream, &up, &activity, Side::Client);
-        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream);
+        let ended = Ended::default();
+        let upward = pump(&client, &upstream, &up, &activity, Side::Client, &ended);
+        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream, &ended);
         tokio::select! {
             result = async { tokio::try_join!(upward, downward) } => result.map(|_| ()),
             () = activity.idle(idle_timeout) => Err(RelayError::Idle(idle_timeout)),
@@ -113,17 +114,36 @@ impl Side {
     }
 }
 
-/// Moves bytes `from` → `to` through a pipe until `from` ends, then half-closes `to`. The pipe
-/// is borrowed per chunk (see `pipes`): a direction waiting for bytes holds none.
+/// Which directions of a relay have ended, so that the last one skips its half-close.
+#[derive(Debug, Default)]
+struct Ended(AtomicBool);
+
+impl Ended {
+    /// Whether `to` needs a half-close when a direction ends: not when the other direction has
+    /// ended already, because the relay then closes both sockets at once, and closing a socket
+    /// whose bytes were all read sends the same FIN (one shutdown(2) less per connection).
+    /// Shared only by two directions of one relay that closes both sockets once both end.
+    fn half_close_needed(&self) -> bool {
+        !self.0.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// Moves bytes `from` → `to` through a pipe until `from` ends, then half-closes `to` (unless
+/// `ended` says the other direction is done too). The pipe is borrowed per chunk (see
+/// `pipes`): a direction waiting for bytes holds none.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     total: &AtomicU64,
     activity: &Activity,
     side: Side,
+    ended: &Ended,
 ) -> Result<(), RelayError> {
     loop {
         if splice_some(from, to, CHUNK, total, activity, side).await? == 0 {
+            if !ended.half_close_needed() {
+                return Ok(());
+            }
             // EOF: pass the half-close on; the other direction may still be talking.
             return shutdown_write(to).map_err(|e| side.other().error(e));
         }

@@ -340,7 +340,6 @@ impl Proxy {
             }
         }
         let Streams { client, reader, .. } = streams;
-        let _ = client.set_nodelay(true);
         let buffered = reader.into_unforwarded();
         let gate = |seen: Seen<'_>| self.gate(id, source, destination, seen);
         let relayed = relay::relay_http(
@@ -420,7 +419,6 @@ impl Proxy {
     ) {
         let Streams { client, reader, .. } = streams;
         let replay = reader.into_unforwarded();
-        let _ = client.set_nodelay(true);
         let relayed = relay::relay(client, upstream, replay, self.idle_timeout).await;
         self.count_relayed(id, accepted, relayed, moved);
     }

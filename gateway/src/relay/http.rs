@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::{pump, shutdown_write, splice_exactly, Activity, RelayError, Relayed, Side};
+use super::{pump, shutdown_write, splice_exactly, Activity, Ended, RelayError, Relayed, Side};
 use crate::peek::http_framing::{Frame, Framer, Request};
 use crate::peek::{Invalid, Peek};
 
@@ -78,7 +78,9 @@ pub async fn relay_http(
             };
             framed.run(first_decided, max_head, gate).await
         };
-        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream);
+        // Each direction half-closes on its own here: the upward one ends in several ways.
+        let unshared = Ended::default();
+        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream, &unshared);
         tokio::select! {
             result = async { tokio::try_join!(upward, downward) } => result.map(|(upward, ())| upward),
             () = activity.idle(idle_timeout) => Err(RelayError::Idle(idle_timeout)),
@@ -185,6 +187,7 @@ impl Framed<'_> {
             self.total,
             self.activity,
             Side::Client,
+            &Ended::default(),
         )
         .await?;
         Ok(Upward::Closed)
