@@ -110,6 +110,10 @@ as 1e+06, which the gateway rejects.
     "deniedFlowSeconds" (int64 $v.udp.deniedFlowSeconds)
     "maxFlows" (int64 $v.udp.maxFlows)
     "flowMark" (int64 $v.udp.flowMark))
+  "observe" (dict
+    "history" (int64 $v.observe.history)
+    "maxSubscribers" (int64 $v.observe.maxSubscribers)
+    "queueLines" (int64 $v.observe.queueLines))
   "unselectedPods" $v.unselectedPods
   "state" (dict
     "dir" "/var/lib/egressgate"
