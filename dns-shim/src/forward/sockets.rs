@@ -7,22 +7,14 @@
 //! ID; IDs are random and unique per socket while in flight. A connected socket only receives
 //! datagrams from the upstream's address (and the node's rpf rule stops pods from forging it);
 //! the waiting query still checks the answer against its question.
-//!
-//! Queries leave in batches: `send` queues the datagram for the socket's sender task, which
-//! yields once after the first (so the queries the runtime already woke queue theirs) and sends
-//! the queue with one `sendmmsg`. A send the kernel refuses reaches the query as a failed
-//! delivery, as a receive error does, so it tries the next upstream.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use nix::sys::socket::{sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
@@ -40,8 +32,6 @@ const RETIRED_CHECK: Duration = Duration::from_secs(1);
 const MAX_UDP_MESSAGE: usize = 65_535;
 /// Datagrams queued for one query: the answer plus a few forgeries or duplicates.
 const QUEUED_PER_QUERY: usize = 4;
-/// Queries sent by one `sendmmsg` at most.
-const MAX_SEND_BATCH: usize = 64;
 
 /// What the reader hands a waiting query.
 #[derive(Debug)]
@@ -66,9 +56,6 @@ struct Shared {
     socket: UdpSocket,
     born: Instant,
     waiting: Mutex<HashMap<u16, mpsc::Sender<Delivery>>>,
-    /// Queries (ID, datagram) for the sender task; unbounded, but each query in flight queues
-    /// one, and the queries in flight are bounded by the transports.
-    outbox: mpsc::UnboundedSender<(u16, Vec<u8>)>,
 }
 
 /// One query sent on a shared socket; its ID is freed when this is dropped.
@@ -109,11 +96,7 @@ impl UpstreamSockets {
             id,
             deliveries,
         };
-        in_flight
-            .shared
-            .outbox
-            .send((id, with_id(query, id)))
-            .map_err(|_| io::Error::other("upstream socket sender gone"))?;
+        in_flight.shared.socket.send(&with_id(query, id)).await?;
         Ok(in_flight)
     }
 
@@ -134,15 +117,12 @@ impl UpstreamSockets {
                 return Ok(Arc::clone(shared));
             }
         }
-        let (outbox, queued) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             socket: connected(upstream)?,
             born: Instant::now(),
             waiting: Mutex::new(HashMap::new()),
-            outbox,
         });
         tokio::spawn(read(Arc::clone(&shared), self.metrics.clone()));
-        tokio::spawn(send_queued(Arc::downgrade(&shared), queued));
         match sockets.get_mut(turn) {
             // The retired socket's reader ends once its last waiting query is done.
             Some(slot) => *slot = Arc::clone(&shared),
@@ -202,64 +182,6 @@ async fn read(shared: Arc<Shared>, metrics: Metrics) {
             }
         }
     }
-}
-
-/// Sends the queued queries in batches until the socket is dropped (its outbox with it).
-async fn send_queued(shared: Weak<Shared>, mut queued: mpsc::UnboundedReceiver<(u16, Vec<u8>)>) {
-    let mut batch = Vec::with_capacity(MAX_SEND_BATCH);
-    while let Some(first) = queued.recv().await {
-        batch.push(first);
-        // Let the queries already woken queue theirs, so that they leave together.
-        tokio::task::yield_now().await;
-        while batch.len() < MAX_SEND_BATCH {
-            match queued.try_recv() {
-                Ok(query) => batch.push(query),
-                Err(_) => break,
-            }
-        }
-        // Not kept across batches, so that a retired socket's reader can see it unused.
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        send_batch(&shared, &batch).await;
-        batch.clear();
-    }
-}
-
-/// Sends `batch` on the shared socket; a query whose datagram the kernel refuses gets a
-/// failed delivery at once.
-async fn send_batch(shared: &Shared, batch: &[(u16, Vec<u8>)]) {
-    let mut rest = batch;
-    while !rest.is_empty() {
-        let sent = shared
-            .socket
-            .async_io(Interest::WRITABLE, || {
-                send_many(shared.socket.as_raw_fd(), rest)
-            })
-            .await;
-        match sent {
-            Ok(n) if n > 0 => rest = &rest[n..],
-            // sendmmsg fails only when its first datagram does.
-            failed => {
-                let kind = failed.err().map_or(io::ErrorKind::Other, |e| e.kind());
-                let (id, _) = rest[0];
-                if let Some(query) = lock(&shared.waiting).get(&id) {
-                    let _ = query.try_send(Delivery::Failed(kind));
-                }
-                rest = &rest[1..];
-            }
-        }
-    }
-}
-
-/// One `sendmmsg` of up to [`MAX_SEND_BATCH`] datagrams on a connected socket; how many left.
-fn send_many(fd: RawFd, datagrams: &[(u16, Vec<u8>)]) -> io::Result<usize> {
-    let datagrams = &datagrams[..datagrams.len().min(MAX_SEND_BATCH)];
-    let iovs: Vec<[IoSlice<'_>; 1]> = datagrams.iter().map(|(_, d)| [IoSlice::new(d)]).collect();
-    let to: Vec<Option<SockaddrStorage>> = vec![None; datagrams.len()];
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(datagrams.len(), None);
-    let sent = sendmmsg(fd, &mut headers, &iovs, &to, [], MsgFlags::empty())?;
-    Ok(sent.count())
 }
 
 /// A nonblocking UDP socket on a kernel-chosen port, connected to `upstream`.
