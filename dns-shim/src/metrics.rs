@@ -1,10 +1,16 @@
 //! The shim's Prometheus metrics, registered into the registry the gateway passes in.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, PullingGauge, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, PullingGauge, Registry,
+};
 
+use crate::client::Transport;
 use crate::table::NameTable;
+
+/// Every `QueryResult`, in the order of [`QueryResult::index`].
+const QUERY_RESULTS: usize = 5;
 
 /// `result` label of `egressgate_dns_queries_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +27,16 @@ pub(crate) enum QueryResult {
 }
 
 impl QueryResult {
+    fn index(self) -> usize {
+        match self {
+            QueryResult::Answered => 0,
+            QueryResult::Servfail => 1,
+            QueryResult::Refused => 2,
+            QueryResult::Dropped => 3,
+            QueryResult::Passthrough => 4,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             QueryResult::Answered => "answered",
@@ -57,6 +73,9 @@ impl UpstreamError {
 #[derive(Debug, Clone)]
 pub(crate) struct Metrics {
     queries: IntCounterVec,
+    /// Each `queries` series, looked up once (by hashing its labels) on first use: every query
+    /// counts one.
+    query_counters: Arc<[[OnceLock<IntCounter>; QUERY_RESULTS]; 2]>,
     upstream_duration: Histogram,
     upstream_errors: IntCounterVec,
 }
@@ -102,14 +121,22 @@ impl Metrics {
         registry.register(Box::new(table.evictions_counter().clone()))?;
         Ok(Metrics {
             queries,
+            query_counters: Arc::default(),
             upstream_duration,
             upstream_errors,
         })
     }
 
-    pub(crate) fn query(&self, transport: &str, result: QueryResult) {
-        self.queries
-            .with_label_values(&[transport, result.as_str()])
+    pub(crate) fn query(&self, transport: Transport, result: QueryResult) {
+        let by_transport = match transport {
+            Transport::Udp => 0,
+            Transport::Tcp => 1,
+        };
+        self.query_counters[by_transport][result.index()]
+            .get_or_init(|| {
+                self.queries
+                    .with_label_values(&[transport.as_str(), result.as_str()])
+            })
             .inc();
     }
 

@@ -194,8 +194,7 @@ impl DnsShim {
 
     /// Every query ends here: one metric, one log line if the pod gets an answer.
     fn finish(&self, client: Client, outcome: Outcome<'_>) -> Option<Vec<u8>> {
-        self.metrics
-            .query(client.transport.as_str(), outcome.result);
+        self.metrics.query(client.transport, outcome.result);
         if outcome.reply.is_none() {
             tracing::debug!(pod = %client.pod, server = %client.server, "query dropped");
             return None;
@@ -301,7 +300,7 @@ impl Handler for DnsShim {
     }
 
     fn note_dropped(&self, transport: Transport) {
-        self.metrics.query(transport.as_str(), QueryResult::Dropped);
+        self.metrics.query(transport, QueryResult::Dropped);
     }
 }
 

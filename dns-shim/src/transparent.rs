@@ -13,8 +13,8 @@ use std::os::fd::{OwnedFd, RawFd};
 
 use nix::libc;
 use nix::sys::socket::{
-    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn, SockaddrIn6,
-    SockaddrStorage,
+    recvmmsg, recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders, RecvMsg,
+    SockaddrIn, SockaddrIn6, SockaddrStorage,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, UdpSocket};
@@ -112,6 +112,27 @@ pub fn recv_with_orig_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagr
     // Room for either family's original destination.
     let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
     let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
+    datagram(&msg)
+}
+
+/// `recvmmsg` on a [`udp_listener`]: up to `bufs.len()` datagrams in one system call, the
+/// `i`-th into `bufs[i]`. Entry `i` of the result describes `bufs[i]` (`None` as in
+/// [`recv_with_orig_dst`]); there are as many entries as datagrams read, at least one.
+pub fn recv_many_with_orig_dst(
+    fd: RawFd,
+    bufs: &mut [Vec<u8>],
+) -> io::Result<Vec<Option<Datagram>>> {
+    let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+        bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+    // Room for either family's original destination, per datagram.
+    let cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(iovs.len(), Some(cmsg));
+    let received = recvmmsg(fd, &mut headers, &mut iovs, MsgFlags::empty(), None)?;
+    received.map(|msg| datagram(&msg)).collect()
+}
+
+/// What one received message says, `None` when it is not worth handling.
+fn datagram(msg: &RecvMsg<'_, '_, SockaddrStorage>) -> io::Result<Option<Datagram>> {
     if msg.flags.contains(MsgFlags::MSG_TRUNC) {
         return Ok(None);
     }
@@ -141,4 +162,70 @@ fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     }
     addr.as_sockaddr_in6()
         .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, UdpSocket};
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    /// IP_RECVORIGDSTADDR needs no privilege: on a plain socket the original destination is the
+    /// socket's own address.
+    #[test]
+    fn recvmmsg_reads_a_burst_with_each_source_and_destination() {
+        let listener = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("listener");
+        setsockopt(&listener, sockopt::Ipv4OrigDstAddr, &true).expect("IP_RECVORIGDSTADDR");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let local = listener.local_addr().expect("local");
+        let (a, b) = (
+            UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("a"),
+            UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("b"),
+        );
+        a.send_to(b"first", local).expect("send");
+        b.send_to(b"second!", local).expect("send");
+        a.send_to(b"third", local).expect("send");
+        let mut bufs = vec![vec![0u8; 64]; 8];
+        let read = recv_many_with_orig_dst(listener.as_raw_fd(), &mut bufs).expect("recvmmsg");
+        let seen: Vec<_> = read
+            .iter()
+            .zip(&bufs)
+            .map(|(d, buf)| {
+                let d = d.expect("a whole datagram with a source");
+                assert_eq!(d.orig_dst, Some(local));
+                (buf[..d.len].to_vec(), d.source)
+            })
+            .collect();
+        let from = |s: &UdpSocket| s.local_addr().expect("addr");
+        assert_eq!(
+            seen,
+            vec![
+                (b"first".to_vec(), from(&a)),
+                (b"second!".to_vec(), from(&b)),
+                (b"third".to_vec(), from(&a)),
+            ]
+        );
+        // Nothing left: the nonblocking socket says so instead of waiting.
+        let empty = recv_many_with_orig_dst(listener.as_raw_fd(), &mut bufs);
+        assert_eq!(
+            empty.map(|d| d.len()).map_err(|e| e.kind()),
+            Err(io::ErrorKind::WouldBlock)
+        );
+    }
+
+    #[test]
+    fn a_truncated_datagram_is_not_handled() {
+        let listener = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("listener");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let local = listener.local_addr().expect("local");
+        let a = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("a");
+        a.send_to(&[7u8; 100], local).expect("send");
+        a.send_to(&[8u8; 10], local).expect("send");
+        let mut bufs = vec![vec![0u8; 32]; 4];
+        let read = recv_many_with_orig_dst(listener.as_raw_fd(), &mut bufs).expect("recvmmsg");
+        assert_eq!(read.len(), 2);
+        assert!(read[0].is_none());
+        assert_eq!(read[1].map(|d| d.len), Some(10));
+    }
 }

@@ -7,6 +7,9 @@
 //! case) a transparent socket bound to the original destination sends the reply; it is kept for
 //! the next reply from that server (pods mostly ask one: the cluster DNS Service).
 //!
+//! Queries arrive in batches (`recvmmsg`, each with its original destination); replies leave in batches (`replies`): query tasks queue them, one task sends the queue with
+//! `sendmmsg`.
+//!
 //! Kept reply sockets stay unconnected: TPROXY's first lookup takes only *connected* UDP sockets
 //! (`nf_tproxy_get_sock_v4`, `NF_TPROXY_LOOKUP_ESTABLISHED`), so the pods' next queries still
 //! reach the listener and never a reply socket.
@@ -21,11 +24,15 @@ use nix::libc;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{Client, Handler, Transport};
 use crate::transparent::{self, Sharing};
+
+mod replies;
+
+use replies::Outgoing;
 
 /// Queries being forwarded at once. Each holds an upstream socket (one fd) for up to the
 /// upstream timeout; beyond this a flood is dropped instead of exhausting descriptors.
@@ -33,6 +40,10 @@ const MAX_IN_FLIGHT: usize = 1024;
 
 /// The largest UDP payload; a larger datagram cannot arrive, so no query is cut short.
 const MAX_DATAGRAM: usize = 65_535;
+
+/// Datagrams read by one `recvmmsg`: a burst of queries costs one system call (and one
+/// wake-up) instead of one each.
+const RECEIVE_BATCH: usize = 32;
 
 /// Servers whose reply socket is kept. Past this (pods asking many servers), replies from new
 /// servers use a socket each, as before, instead of holding ever more descriptors.
@@ -79,52 +90,70 @@ pub(crate) async fn serve<H: Handler>(
     mut stopped: watch::Receiver<bool>,
 ) {
     let local = listener.local;
-    let socket = Arc::new(listener.socket);
-    let reply_sockets = Arc::new(ReplySockets::default());
+    let socket = listener.socket;
+    let reply_sockets = ReplySockets::default();
+    // Each query task queues at most one reply, holding its permit until it is queued.
+    let (replies, queued) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT);
+    let sender = replies::send_queued(queued, &socket, &reply_sockets, local);
+    let receiver = receive(shim, &socket, local, replies, &mut stopped);
+    tokio::join!(sender, receiver);
+}
+
+/// Reads queries and starts a task for each until `stopped`; then waits for those tasks
+/// (see [`crate::client::drain`]). Dropping `replies` at the end lets the sender finish.
+async fn receive<H: Handler>(
+    shim: Arc<H>,
+    socket: &UdpSocket,
+    local: SocketAddr,
+    replies: mpsc::Sender<Outgoing>,
+    stopped: &mut watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Untouched pages of these buffers are never made resident: the kernel writes only what
+    // arrives, so a batch of full-size buffers costs little memory.
+    let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; RECEIVE_BATCH];
     loop {
         while tasks.try_join_next().is_some() {}
         let received = tokio::select! {
             received = socket.async_io(Interest::READABLE, || {
-                transparent::recv_with_orig_dst(socket.as_raw_fd(), &mut buf)
+                transparent::recv_many_with_orig_dst(socket.as_raw_fd(), &mut bufs)
             }) => received,
             _ = stopped.wait_for(|stop| *stop) => break,
         };
-        let datagram = match received {
-            Ok(Some(d)) => d,
-            Ok(None) => continue,
+        let datagrams = match received {
+            Ok(datagrams) => datagrams,
             Err(e) => {
                 tracing::warn!(error = %e, "UDP receive failed");
                 continue;
             }
         };
-        let client = Client {
-            pod: datagram.source,
-            server: datagram.orig_dst.unwrap_or(local),
-            transport: Transport::Udp,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::debug!(pod = %client.pod, "UDP queries over capacity; dropped");
-            shim.note_dropped(Transport::Udp);
-            continue;
-        };
-        let query = buf[..datagram.len].to_vec();
-        let shim = shim.clone();
-        let socket = socket.clone();
-        let reply_sockets = reply_sockets.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let Some(reply) = shim.handle(&query, client).await else {
-                return;
+        for (datagram, buf) in datagrams.into_iter().zip(&bufs) {
+            let Some(datagram) = datagram else {
+                continue;
             };
-            let sent = send_reply(&socket, &reply_sockets, local, &reply, client).await;
-            if let Err(e) = sent {
-                tracing::debug!(pod = %client.pod, server = %client.server, error = %e,
-                    "UDP reply failed");
-            }
-        });
+            let client = Client {
+                pod: datagram.source,
+                server: datagram.orig_dst.unwrap_or(local),
+                transport: Transport::Udp,
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::debug!(pod = %client.pod, "UDP queries over capacity; dropped");
+                shim.note_dropped(Transport::Udp);
+                continue;
+            };
+            let query = buf[..datagram.len].to_vec();
+            let shim = shim.clone();
+            let replies = replies.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let Some(reply) = shim.handle(&query, client).await else {
+                    return;
+                };
+                // Fails only once the sender is gone, which waits for this task.
+                let _ = replies.send(Outgoing { reply, client }).await;
+            });
+        }
     }
     crate::client::drain(&mut tasks).await;
 }

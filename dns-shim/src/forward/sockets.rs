@@ -44,7 +44,9 @@ pub(crate) enum Delivery {
 /// The shared sockets of every upstream.
 #[derive(Debug)]
 pub(crate) struct UpstreamSockets {
-    by_upstream: Mutex<HashMap<SocketAddr, Vec<Arc<Shared>>>>,
+    /// Searched in order: the trusted upstreams are a handful, and hashing a `SocketAddr` on
+    /// every query cost more than comparing a few.
+    by_upstream: Mutex<Vec<(SocketAddr, Vec<Arc<Shared>>)>>,
     turn: AtomicUsize,
     metrics: Metrics,
 }
@@ -67,7 +69,7 @@ pub(crate) struct InFlight {
 impl UpstreamSockets {
     pub(crate) fn new(metrics: Metrics) -> Self {
         UpstreamSockets {
-            by_upstream: Mutex::new(HashMap::new()),
+            by_upstream: Mutex::new(Vec::new()),
             turn: AtomicUsize::new(0),
             metrics,
         }
@@ -102,7 +104,14 @@ impl UpstreamSockets {
     fn socket_for(&self, upstream: SocketAddr) -> io::Result<Arc<Shared>> {
         let turn = self.turn.fetch_add(1, Ordering::Relaxed) % SOCKETS_PER_UPSTREAM;
         let mut by_upstream = lock(&self.by_upstream);
-        let sockets = by_upstream.entry(upstream).or_default();
+        let at = match by_upstream.iter().position(|(addr, _)| *addr == upstream) {
+            Some(at) => at,
+            None => {
+                by_upstream.push((upstream, Vec::new()));
+                by_upstream.len() - 1
+            }
+        };
+        let sockets = &mut by_upstream[at].1;
         if let Some(shared) = sockets.get(turn) {
             if shared.born.elapsed() < SOCKET_LIFETIME {
                 return Ok(Arc::clone(shared));

@@ -1,0 +1,216 @@
+//! Batched replies: the query tasks queue their answers, and one task sends what is queued with
+//! `sendmmsg`, one system call per sending socket (and source address) instead of one per reply.
+//!
+//! Batches form on their own under load: the sender yields once after its first reply, so the
+//! queries the runtime already woke (say, a burst of upstream answers) queue theirs too before
+//! it sends. A lone query waits for one yield, not for a timer.
+
+use std::io::{self, IoSlice};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+
+use nix::libc;
+use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::{send_reply, ReplySockets};
+use crate::client::Client;
+
+/// Replies sent by one `sendmmsg` at most (the kernel's UIO_MAXIOV is 1024); enough to empty
+/// the queue of a busy runtime tick, small enough to keep the batch's buffers light.
+const MAX_BATCH: usize = 64;
+
+/// One answer for a pod, ready to send.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub(super) reply: Vec<u8>,
+    pub(super) client: Client,
+}
+
+/// How a reply leaves as the server the pod addressed (see the `udp` module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Route {
+    /// The pod addressed the listener itself.
+    Listener,
+    /// Same port as the listener: the listener, with IP_PKTINFO choosing this source.
+    ListenerFrom(IpAddr),
+    /// Another port: a transparent socket bound to the server.
+    Bound(SocketAddr),
+}
+
+impl Route {
+    fn of(local: SocketAddr, server: SocketAddr) -> Route {
+        if server == local {
+            Route::Listener
+        } else if server.port() == local.port() {
+            Route::ListenerFrom(server.ip())
+        } else {
+            Route::Bound(server)
+        }
+    }
+}
+
+/// Sends the queued replies until every sender of `queue` is gone and it is empty.
+pub(super) async fn send_queued(
+    mut queue: mpsc::Receiver<Outgoing>,
+    listener: &UdpSocket,
+    reply_sockets: &ReplySockets,
+    local: SocketAddr,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        // Let the queries already woken queue their replies, so that they leave together.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(outgoing) => batch.push(outgoing),
+                Err(_) => break,
+            }
+        }
+        send_batch(listener, reply_sockets, local, &mut batch).await;
+        batch.clear();
+    }
+}
+
+/// Sends `batch`, grouped by route (in order within a route).
+async fn send_batch(
+    listener: &UdpSocket,
+    reply_sockets: &ReplySockets,
+    local: SocketAddr,
+    batch: &mut [Outgoing],
+) {
+    batch.sort_by_key(|o| Route::of(local, o.client.server));
+    for group in batch.chunk_by(|a, b| a.client.server == b.client.server) {
+        let route = Route::of(local, group[0].client.server);
+        let bound;
+        let (socket, source) = match route {
+            Route::Listener => (listener, None),
+            Route::ListenerFrom(source) => (listener, Some(source)),
+            Route::Bound(server) => match reply_sockets.bound_to(server) {
+                Ok(socket) => {
+                    bound = socket;
+                    (&*bound, None)
+                }
+                Err(e) => {
+                    tracing::debug!(%server, error = %e, replies = group.len(),
+                        "UDP replies failed: no socket for the server");
+                    continue;
+                }
+            },
+        };
+        let alone = Alone {
+            listener,
+            reply_sockets,
+            local,
+        };
+        send_group(socket, source, group, &alone).await;
+    }
+}
+
+/// What sending one reply alone needs: the unbatched path, which can fall back from
+/// IP_PKTINFO to a bound socket.
+struct Alone<'a> {
+    listener: &'a UdpSocket,
+    reply_sockets: &'a ReplySockets,
+    local: SocketAddr,
+}
+
+/// Sends `group` (one server) on `socket`, `sendmmsg` after `sendmmsg`. A reply the kernel
+/// refuses is sent [`Alone`] instead, and the rest continue in batches.
+async fn send_group(
+    socket: &UdpSocket,
+    source: Option<IpAddr>,
+    group: &[Outgoing],
+    alone: &Alone<'_>,
+) {
+    let mut rest = group;
+    while !rest.is_empty() {
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                send_many(socket.as_raw_fd(), rest, source)
+            })
+            .await;
+        match sent {
+            Ok(n) if n > 0 => rest = &rest[n..],
+            // sendmmsg fails only when its first message does: send that one alone.
+            failed => {
+                tracing::debug!(result = ?failed, "sendmmsg failed; sending one reply alone");
+                let failed = &rest[0];
+                let sent = send_reply(
+                    alone.listener,
+                    alone.reply_sockets,
+                    alone.local,
+                    &failed.reply,
+                    failed.client,
+                )
+                .await;
+                if let Err(e) = sent {
+                    tracing::debug!(pod = %failed.client.pod, server = %failed.client.server,
+                        error = %e, "UDP reply failed");
+                }
+                rest = &rest[1..];
+            }
+        }
+    }
+}
+
+/// One `sendmmsg` of up to [`MAX_BATCH`] of `replies`, each to its pod, from `source` when
+/// given (IP_PKTINFO / IPV6_PKTINFO, the same for all). Returns how many were sent (at least 1).
+fn send_many(fd: RawFd, replies: &[Outgoing], source: Option<IpAddr>) -> io::Result<usize> {
+    let replies = &replies[..replies.len().min(MAX_BATCH)];
+    let iovs: Vec<[IoSlice<'_>; 1]> = replies.iter().map(|o| [IoSlice::new(&o.reply)]).collect();
+    let pods: Vec<Option<SockaddrStorage>> = replies
+        .iter()
+        .map(|o| Some(SockaddrStorage::from(o.client.pod)))
+        .collect();
+    let v4_info;
+    let v6_info;
+    let (cmsgs, cmsg_space) = match source {
+        None => (Vec::new(), None),
+        Some(IpAddr::V4(source)) => {
+            v4_info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                // Network byte order: the octets as they are in memory.
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(source.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            (
+                vec![ControlMessage::Ipv4PacketInfo(&v4_info)],
+                Some(nix::cmsg_space!(libc::in_pktinfo)),
+            )
+        }
+        Some(IpAddr::V6(source)) => {
+            v6_info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: source.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            (
+                vec![ControlMessage::Ipv6PacketInfo(&v6_info)],
+                Some(nix::cmsg_space!(libc::in6_pktinfo)),
+            )
+        }
+    };
+    if source.is_some_and(|s| {
+        replies
+            .iter()
+            .any(|o| o.client.pod.is_ipv4() != s.is_ipv4())
+    }) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "pod and server address families differ",
+        ));
+    }
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(replies.len(), cmsg_space);
+    let sent = sendmmsg(fd, &mut headers, &iovs, &pods, &cmsgs, MsgFlags::empty())?;
+    Ok(sent.count())
+}
+
+#[cfg(test)]
+mod tests;
