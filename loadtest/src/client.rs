@@ -22,6 +22,8 @@ use crate::{dns, tls, Error};
 pub enum ClientMode {
     /// One connection downloads up to `max-bytes` for at most `seconds`.
     Bulk(BulkArgs),
+    /// Plain HTTP/1.1 bulk on one connection: a large download, or uploads of framed bodies.
+    HttpBulk(HttpBulkArgs),
     /// Closed-loop requests: a new (TLS) connection per request, or one kept-alive connection
     /// per worker.
     Rr(RrArgs),
@@ -59,6 +61,37 @@ pub struct BulkArgs {
     pub seconds: f64,
     #[arg(long)]
     pub max_bytes: u64,
+}
+
+/// What an `http-bulk` client moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HttpDirection {
+    /// One `GET` of a `max-bytes` body, read until `seconds` pass.
+    Down,
+    /// `POST`s of `request-bytes` bodies with Content-Length, one after another.
+    Up,
+    /// The same with `Transfer-Encoding: chunked` ([`UPLOAD_CHUNK`]-byte chunks, the body
+    /// rounded up to whole chunks).
+    UpChunked,
+}
+
+/// The chunk size of chunked uploads (what curl sends from its 64 KiB buffer).
+pub const UPLOAD_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Args)]
+pub struct HttpBulkArgs {
+    /// Where to connect; `--sni` is the Host header.
+    #[command(flatten)]
+    pub target: Target,
+    #[arg(long, value_enum)]
+    pub direction: HttpDirection,
+    #[arg(long)]
+    pub seconds: f64,
+    #[arg(long)]
+    pub max_bytes: u64,
+    /// Body of each upload request.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub request_bytes: u64,
 }
 
 #[derive(Debug, Args)]
@@ -226,6 +259,7 @@ pub fn main(mode: ClientMode) -> Result<(), Error> {
         .build()?;
     let json = match mode {
         ClientMode::Bulk(args) => serde_json::to_string(&runtime.block_on(bulk(args))?)?,
+        ClientMode::HttpBulk(args) => serde_json::to_string(&runtime.block_on(http_bulk(args))?)?,
         ClientMode::Rr(args) => serde_json::to_string(&runtime.block_on(rr(args))?)?,
         ClientMode::Hold(args) => serde_json::to_string(&runtime.block_on(hold(args))?)?,
         ClientMode::Dns(args) => serde_json::to_string(&dns_load(args)?)?,
@@ -298,9 +332,93 @@ async fn bulk(args: BulkArgs) -> Result<BulkResult, Error> {
     })
 }
 
-/// Sends one request and reads the fixed response.
-async fn exchange(stream: &mut Box<dyn Stream>, request: &[u8]) -> Result<(), Error> {
-    stream.write_all(request).await?;
+async fn http_bulk(args: HttpBulkArgs) -> Result<BulkResult, Error> {
+    let mut stream = connect(&args.target, None).await?;
+    let host = &args.target.sni;
+    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    let start;
+    if args.direction == HttpDirection::Down {
+        let request = format!(
+            "GET {}{} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: loadtest\r\n\r\n",
+            crate::server::HTTP_BYTES_PATH,
+            args.max_bytes
+        );
+        stream.write_all(request.as_bytes()).await?;
+        // Time from the first byte, so the request is not in the rate; the head is not counted.
+        let first = stream.read(&mut buf).await?;
+        start = Instant::now();
+        let head = crate::server::find(&buf[..first], b"\r\n\r\n")
+            .ok_or_else(|| Error::msg("response head not in the first read"))?;
+        bytes += (first - head - 4) as u64;
+        while Instant::now() < deadline && bytes < args.max_bytes {
+            match tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(n)) => bytes += n as u64,
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+    } else {
+        // Whole requests, each acknowledged by the server's response, so the rate counts only
+        // bytes the server read.
+        let chunked = args.direction == HttpDirection::UpChunked;
+        let framing = if chunked {
+            "Transfer-Encoding: chunked".to_owned()
+        } else {
+            format!("Content-Length: {}", args.request_bytes)
+        };
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: {host}\r\nUser-Agent: loadtest\r\n{framing}\r\n\r\n"
+        );
+        // A chunked body is whole chunks, each framed and written at once.
+        let mut chunk = format!("{UPLOAD_CHUNK:x}\r\n").into_bytes();
+        chunk.resize(chunk.len() + UPLOAD_CHUNK, 0);
+        chunk.extend_from_slice(b"\r\n");
+        let body = if chunked {
+            args.request_bytes.div_ceil(UPLOAD_CHUNK as u64) * UPLOAD_CHUNK as u64
+        } else {
+            args.request_bytes
+        };
+        start = Instant::now();
+        let mut last = start;
+        while Instant::now() < deadline && bytes < args.max_bytes {
+            stream.write_all(head.as_bytes()).await?;
+            let mut left = body;
+            while left > 0 {
+                if chunked {
+                    stream.write_all(&chunk).await?;
+                    left -= UPLOAD_CHUNK as u64;
+                } else {
+                    let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+                    stream.write_all(&buf[..n]).await?;
+                    left -= n as u64;
+                }
+            }
+            if chunked {
+                stream.write_all(b"0\r\n\r\n").await?;
+            }
+            read_response(&mut stream).await?;
+            bytes += body;
+            last = Instant::now();
+        }
+        let seconds = (last - start).as_secs_f64();
+        return Ok(BulkResult {
+            bytes,
+            seconds,
+            gbit_per_s: bytes as f64 * 8.0 / seconds.max(1e-9) / 1e9,
+        });
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(BulkResult {
+        bytes,
+        seconds,
+        gbit_per_s: bytes as f64 * 8.0 / seconds.max(1e-9) / 1e9,
+    })
+}
+
+/// Reads the fixed response to a request.
+async fn read_response(stream: &mut Box<dyn Stream>) -> Result<(), Error> {
     let mut got = [0u8; 256];
     let mut have = 0;
     while have < RESPONSE.len() {
@@ -314,6 +432,12 @@ async fn exchange(stream: &mut Box<dyn Stream>, request: &[u8]) -> Result<(), Er
         return Err(Error::msg("unexpected response"));
     }
     Ok(())
+}
+
+/// Sends one request and reads the fixed response.
+async fn exchange(stream: &mut Box<dyn Stream>, request: &[u8]) -> Result<(), Error> {
+    stream.write_all(request).await?;
+    read_response(stream).await
 }
 
 async fn rr(args: RrArgs) -> Result<RrResult, Error> {

@@ -14,12 +14,14 @@
 //! - [`scenarios`]: what is measured and how rounds interleave; [`decision`]: the in-process
 //!   decision and reload benchmark; [`restart`]: upgrades, SIGTERM and kill -9 under load, in
 //!   a lab of its own; [`journal_cost`]: DNS through the shim with and without the name journal;
+//!   [`http_relay`]: plain HTTP through the per-request relay against an older build;
 //! - [`results`], [`report`], [`machine`]: the JSON files, the Markdown report, the machine.
 
 mod client;
 mod decision;
 mod dns;
 mod env;
+mod http_relay;
 mod journal_cost;
 mod machine;
 mod report;
@@ -101,7 +103,7 @@ pub fn progress(line: &str) {
 #[command(
     name = "loadtest",
     about = "egressgate benchmark harness: direct vs egressgate vs HAProxy vs nginx",
-    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive dns udp_flow memory reload soak \
+    after_help = "Scenarios: tcp_bulk tls_bulk tls_connect conn_rate keepalive http_keepalive http_bulk dns udp_flow memory reload soak \
                   restart \
                   dns_journal decision.\n\
                   `all` runs them all; `smoke` runs all of them tiny (for CI); `report` only rewrites \
@@ -143,6 +145,10 @@ struct Cli {
     /// (configured without `state`), as the path `before-journal`.
     #[arg(long)]
     base_bin: Option<PathBuf>,
+    /// `http_keepalive` and `http_bulk` also measure this egressgate binary, one from before
+    /// the per-request HTTP relay (e.g. built from 343d3021^), as the path `egressgate-base`.
+    #[arg(long)]
+    http_base_bin: Option<PathBuf>,
     /// Concurrent clients of conn_rate (default 32).
     #[arg(long)]
     conn_concurrency: Option<usize>,
@@ -258,6 +264,7 @@ fn harness(cli: Cli) -> Result<(), Error> {
         settings.memory_rounds = r.max(1);
     }
     settings.base_bin = cli.base_bin.clone();
+    settings.http_base_bin = cli.http_base_bin.clone();
     settings.restart.slow_tcp_dns = cli.restart_slow_tcp_dns;
     if let Some(n) = cli.restart_upgrades {
         settings.restart.upgrades = n;

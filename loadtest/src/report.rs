@@ -232,6 +232,21 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
         1.2,
         "≥ 1.2×",
     );
+    // Issue 14: the per-request HTTP relay within 10 % of the build before it.
+    for (key, what) in [
+        ("down", "download"),
+        ("up", "upload (Content-Length)"),
+        ("up_chunked", "upload (chunked)"),
+    ] {
+        ratio(
+            &format!("plain HTTP {what} throughput vs the build before the per-request relay"),
+            "http_bulk",
+            key,
+            "egressgate-base",
+            0.9,
+            "≥ 0.9×",
+        );
+    }
     let mut added = |what: &str, s: &str, k: &str, max: f64| {
         let (a, b) = (m(s, k, "egressgate"), m(s, k, "direct"));
         out.push(Target {
@@ -260,6 +275,31 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
         "p50",
         10.0,
     );
+    for (key, what) in [("p50", "p50"), ("p99", "p99")] {
+        let added_by = |path: &str| {
+            Some(m("http_keepalive", key, path)? - m("http_keepalive", key, "direct")?)
+        };
+        let (new, base) = (added_by("egressgate"), added_by("egressgate-base"));
+        out.push(Target {
+            what: format!(
+                "plain HTTP keep-alive request, added {what} vs the build before the per-request relay"
+            ),
+            measured: match (new, base) {
+                (Some(new), Some(base)) if base > 0.0 => format!(
+                    "{:.2}× (+{} vs +{} µs)",
+                    new / base,
+                    fmt_value(new),
+                    fmt_value(base)
+                ),
+                _ => "not measured".to_owned(),
+            },
+            target: "≤ 1.1×".to_owned(),
+            met: match (new, base) {
+                (Some(new), Some(base)) if base > 0.0 => Some(new / base <= 1.1),
+                _ => None,
+            },
+        });
+    }
     let mut absolute =
         |what: &str, value: Option<f64>, unit: &str, target: &str, ok: &dyn Fn(f64) -> bool| {
             out.push(Target {

@@ -16,18 +16,20 @@ use crate::env::{Env, PathKind};
 use crate::machine::Machine;
 use crate::restart::RestartSize;
 use crate::results::{Better, MetricResult, PathInfo, PathStats, ScenarioResult};
-use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT, UDP_ECHO_PORT};
+use crate::server::{BULK_PORT, HOLD_PORTS, HTTP_PORT, TLS_PORT, UDP_ECHO_PORT};
 use crate::soak::{self, SoakSize};
-use crate::{decision, journal_cost, progress, restart, shared_ip, stopped, Error};
+use crate::{decision, http_relay, journal_cost, progress, restart, shared_ip, stopped, Error};
 
-/// Every scenario, in run (and report) order. `decision` needs no lab; `restart` and
-/// `dns_journal` build labs of their own.
-pub const ALL: [&str; 15] = [
+/// Every scenario, in run (and report) order. `decision` needs no lab; `restart`,
+/// `dns_journal`, `http_keepalive` and `http_bulk` build labs of their own.
+pub const ALL: [&str; 17] = [
     "tcp_bulk",
     "tls_bulk",
     "tls_connect",
     "conn_rate",
     "keepalive",
+    "http_keepalive",
+    "http_bulk",
     "dns",
     "shared_ip",
     "shared_ip_dns",
@@ -42,7 +44,10 @@ pub const ALL: [&str; 15] = [
 
 /// The scenario runs in the shared bench environment ([`Env`]).
 pub fn needs_lab(scenario: &str) -> bool {
-    !matches!(scenario, "decision" | "restart" | "dns_journal")
+    !matches!(
+        scenario,
+        "decision" | "restart" | "dns_journal" | "http_keepalive" | "http_bulk"
+    )
 }
 
 /// The scenario runs network namespaces (and the gateway binary).
@@ -72,6 +77,9 @@ pub struct Settings {
     pub restart: RestartSize,
     /// An egressgate binary from before the name journal, for `dns_journal`.
     pub base_bin: Option<std::path::PathBuf>,
+    /// An egressgate binary from before the per-request HTTP relay, for `http_keepalive` and
+    /// `http_bulk`.
+    pub http_base_bin: Option<std::path::PathBuf>,
     pub smoke: bool,
 }
 
@@ -92,6 +100,7 @@ impl Settings {
             soak: SoakSize::full(),
             restart: RestartSize::full(),
             base_bin: None,
+            http_base_bin: None,
             smoke: false,
         }
     }
@@ -112,6 +121,7 @@ impl Settings {
             soak: SoakSize::smoke(),
             restart: RestartSize::smoke(),
             base_bin: None,
+            http_base_bin: None,
             smoke: true,
         }
     }
@@ -371,6 +381,65 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                 _ => "Keep-alive request latency",
             };
             (title, what, Some("direct"), rr_specs(), paths)
+        }
+        "http_keepalive" => {
+            let paths = http_relay::run(name, s, &mut samples)?;
+            (
+                "Plain HTTP keep-alive request latency (per-request relay)",
+                format!(
+                    "Since issue 14 a connection an `http` rule allows is relayed request by \
+                     request: every request framed and its Host authorized. One client sends \
+                     small HTTP/1.1 requests (`Host: {api}`) over one kept-alive plain \
+                     connection to port {HTTP_PORT}, one at a time, {secs}s per sample. In a lab \
+                     of its own: `direct` is pod a; `egressgate` is pod b through this build \
+                     (policy: an `http` rule by dnsName); `egressgate-base`, when measured, is a \
+                     build from before the per-request relay (first request peeked, the rest \
+                     spliced) in the same position, rounds interleaved.",
+                    api = egressgate_lab::addr::API,
+                    secs = s.seconds
+                ),
+                Some("direct"),
+                rr_specs(),
+                paths,
+            )
+        }
+        "http_bulk" => {
+            let paths = http_relay::run(name, s, &mut samples)?;
+            let mut specs = Vec::new();
+            for (key, what, short) in [
+                ("down", "download (one GET, one large body)", "download"),
+                ("up", "upload (POSTs of 16 MiB, Content-Length)", "upload"),
+                (
+                    "up_chunked",
+                    "upload (POSTs of 16 MiB, chunked, 64 KiB chunks)",
+                    "chunked upload",
+                ),
+            ] {
+                specs.push(spec(key, what, "Gbit/s", Better::Higher));
+                specs.push(spec(
+                    &format!("cpu_per_gib_{key}"),
+                    &format!("proxy CPU time per GiB, {short} (user + system)"),
+                    "ms",
+                    Better::Lower,
+                ));
+            }
+            (
+                "Plain HTTP bulk upload and download (per-request relay)",
+                format!(
+                    "One plain HTTP/1.1 connection to port {HTTP_PORT} (`Host: {api}`), {secs}s \
+                     each: a download of one response body (capped at {cap} MiB, rate from the \
+                     first byte), then uploads of 16 MiB request bodies one after another, with \
+                     Content-Length, then chunked (rate over acknowledged requests). Paths and \
+                     lab as in http_keepalive. CPU per GiB: the gateway's user + system time \
+                     during the run over the bytes moved.",
+                    api = egressgate_lab::addr::API,
+                    secs = s.seconds,
+                    cap = s.bulk_max_bytes >> 20,
+                ),
+                Some("direct"),
+                specs,
+                paths,
+            )
         }
         "dns" => {
             let env = env()?;
@@ -967,7 +1036,7 @@ fn rr_specs() -> Vec<Spec> {
     ]
 }
 
-fn rr_values(r: &RrResult) -> Vec<(String, f64)> {
+pub(crate) fn rr_values(r: &RrResult) -> Vec<(String, f64)> {
     vec![
         ("rate".into(), r.per_second),
         ("p50".into(), r.latency.p50_us),

@@ -6,6 +6,8 @@
 //!   line), each answered with [`RESPONSE`], on the same connection until the client closes;
 //!   a connection that starts with [`ECHO`] gets every later byte back (the restart scenario's
 //!   long-lived streams);
+//! - plain HTTP/1.1 on [`HTTP_PORT`] ([`serve_http`]): requests with framed bodies, for the
+//!   gateway's per-request HTTP relay (the `http_keepalive` and `http_bulk` scenarios);
 //! - [`HOLD_PORTS`]: accepts, reads and discards, never answers (idle connections);
 //! - UDP and TCP port 53 on the DNS address: [`crate::dns::respond`];
 //! - UDP [`UDP_ECHO_PORT`] on the web address: every datagram echoed (the `udp_flow` scenario).
@@ -18,13 +20,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::{dns, tls, Error};
 
 pub const BULK_PORT: u16 = 5001;
 pub const TLS_PORT: u16 = 5443;
+/// Plain HTTP/1.1 with request bodies (an `http` rule in the bench policies).
+pub const HTTP_PORT: u16 = 5080;
+/// `GET` of this path followed by a byte count is answered with that many bytes of body.
+pub const HTTP_BYTES_PATH: &str = "/bytes/";
 /// Idle-connection ports: four, so 50k connections from one pod never run short of 4-tuples.
 pub const HOLD_PORTS: [u16; 4] = [5101, 5102, 5103, 5104];
 /// The UDP echo (WireGuard's port: what an allowed tunnel would use).
@@ -72,6 +78,17 @@ pub fn main(args: ServeArgs) -> Result<(), Error> {
         let bulk = listen(SocketAddr::from((args.web, BULK_PORT)))?;
         let tls = listen(SocketAddr::from((args.web, TLS_PORT)))?;
         let mut tasks = tokio::task::JoinSet::new();
+        let http = listen(SocketAddr::from((args.web, HTTP_PORT)))?;
+        tasks.spawn(async move {
+            loop {
+                if let Ok((stream, _)) = http.accept().await {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let _ = serve_http(stream).await;
+                    });
+                }
+            }
+        });
         tasks.spawn(async move {
             loop {
                 if let Ok((stream, _)) = bulk.accept().await {
@@ -172,6 +189,103 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> std::
             return Ok(()); // not a request we know
         }
     }
+}
+
+/// Plain HTTP/1.1, request after request until the client closes: `GET /bytes/<n>` is answered
+/// with an `n`-byte body; any other request's body (Content-Length or chunked) is read and
+/// dropped, then answered with [`RESPONSE`]. Anything it does not understand closes.
+pub async fn serve_http(stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    let mut stream = tokio::io::BufStream::with_capacity(256 * 1024, 64 * 1024, stream);
+    let mut line = Vec::with_capacity(256);
+    let mut sink = vec![0u8; 256 * 1024];
+    loop {
+        line.clear();
+        if stream.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let request_line = String::from_utf8_lossy(&line).into_owned();
+        let (mut length, mut chunked) = (0u64, false);
+        loop {
+            line.clear();
+            if stream.read_until(b'\n', &mut line).await? == 0 {
+                return Ok(());
+            }
+            if line == b"\r\n" {
+                break;
+            }
+            let header = String::from_utf8_lossy(&line).to_ascii_lowercase();
+            if let Some(value) = header.strip_prefix("content-length:") {
+                length = value.trim().parse().unwrap_or(0);
+            } else if header.starts_with("transfer-encoding:") && header.contains("chunked") {
+                chunked = true;
+            }
+        }
+        if chunked {
+            loop {
+                line.clear();
+                stream.read_until(b'\n', &mut line).await?;
+                let size = std::str::from_utf8(&line)
+                    .ok()
+                    .and_then(|l| u64::from_str_radix(l.trim().split(';').next()?, 16).ok());
+                match size {
+                    Some(0) => break,
+                    Some(size) => discard(&mut stream, size + 2, &mut sink).await?,
+                    None => return Ok(()),
+                }
+            }
+            // Trailers, up to the empty line.
+            loop {
+                line.clear();
+                if stream.read_until(b'\n', &mut line).await? == 0 || line == b"\r\n" {
+                    break;
+                }
+            }
+        } else {
+            discard(&mut stream, length, &mut sink).await?;
+        }
+        let bytes: Option<u64> = request_line
+            .strip_prefix("GET ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|target| target.strip_prefix(HTTP_BYTES_PATH))
+            .and_then(|n| n.parse().ok());
+        match bytes {
+            Some(bytes) => {
+                stream
+                    .write_all(
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {bytes}\r\n\r\n").as_bytes(),
+                    )
+                    .await?;
+                stream.flush().await?;
+                let mut left = bytes;
+                while left > 0 {
+                    let n = usize::try_from(left.min(ZEROS.len() as u64)).unwrap_or(ZEROS.len());
+                    stream.get_mut().write_all(&ZEROS[..n]).await?;
+                    left -= n as u64;
+                }
+            }
+            None => {
+                stream.write_all(RESPONSE).await?;
+                stream.flush().await?;
+            }
+        }
+    }
+}
+
+/// Reads and drops `bytes` bytes.
+async fn discard<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut bytes: u64,
+    sink: &mut [u8],
+) -> std::io::Result<()> {
+    while bytes > 0 {
+        let want = usize::try_from(bytes.min(sink.len() as u64)).unwrap_or(sink.len());
+        let n = stream.read(&mut sink[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        bytes -= n as u64;
+    }
+    Ok(())
 }
 
 async fn send_bulk<S: AsyncWrite + Unpin>(mut stream: S, bytes: u64) -> std::io::Result<()> {
