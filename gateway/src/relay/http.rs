@@ -154,13 +154,12 @@ impl Framed<'_> {
                     self.send(request.head.consumed).await?;
                 }
                 Frame::Body(len) => {
-                    if !self.body(len).await? {
+                    if !self.body(0, len).await? {
                         return self.close_upstream(Upward::Closed);
                     }
                 }
                 Frame::Chunk { line, data } => {
-                    self.send(line).await?;
-                    if !self.body(data).await? {
+                    if !self.body(line, data).await? {
                         return self.close_upstream(Upward::Closed);
                     }
                 }
@@ -198,13 +197,14 @@ impl Framed<'_> {
         Ok(how)
     }
 
-    /// `len` body bytes: those already read, then the rest spliced. False if the client ended
-    /// first.
-    async fn body(&mut self, len: u64) -> Result<bool, RelayError> {
+    /// The first `prefix` buffered bytes (a chunk's size line), then `len` body bytes: those
+    /// already read go up with the prefix in one write, the rest is spliced. False if the client
+    /// ended first.
+    async fn body(&mut self, prefix: usize, len: u64) -> Result<bool, RelayError> {
         let buffered = usize::try_from(len)
             .unwrap_or(usize::MAX)
-            .min(self.buf.len());
-        self.send(buffered).await?;
+            .min(self.buf.len().saturating_sub(prefix));
+        self.send(prefix + buffered).await?;
         let rest = len - buffered as u64;
         let moved = splice_exactly(
             self.client,
@@ -238,17 +238,12 @@ impl Framed<'_> {
             }
         }
         self.buf.drain(..len);
-        if self.buf.is_empty() {
-            // An idle kept-alive connection holds no buffer (see the memory budget).
-            self.buf = Vec::new();
-        }
         Ok(())
     }
 
     /// Reads what the client sends next into the buffer; 0 when it closed.
     async fn read(&mut self) -> Result<usize, RelayError> {
         loop {
-            self.client.readable().await.map_err(RelayError::Client)?;
             self.buf.reserve(READ_CHUNK);
             match self.client.try_read_buf(&mut self.buf) {
                 Ok(n) => {
@@ -257,7 +252,14 @@ impl Framed<'_> {
                     }
                     return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.buf.is_empty() {
+                        // A connection waiting for its client holds no buffer (see the memory
+                        // budget); one that keeps sending (chunk after chunk) keeps it.
+                        self.buf = Vec::new();
+                    }
+                    self.client.readable().await.map_err(RelayError::Client)?;
+                }
                 Err(e) => return Err(RelayError::Client(e)),
             }
         }
