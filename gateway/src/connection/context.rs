@@ -64,7 +64,7 @@ impl Default for ResolvedNames {
 impl ResolvedNames {
     /// Names a connection copies out of the table. Past it the grants come from these and from
     /// one hash probe for the name the first message asks for (see `stages::complete_names`).
-    pub const CARRIED: usize = 64;
+    pub const CARRIED: usize = 16;
 
     /// Names a decision line lists; `namesTotal` says how many there were.
     pub const LOGGED: usize = 8;
