@@ -290,7 +290,20 @@ fn set_excluded_in(
 ) -> Result<(), NftError> {
     let table = &config.nftables.table;
     let mut script = String::new();
-    for (set, v6) in [("exclude_v4", false), ("exclude_v6", true)] {
+    replace_address_sets(&mut script, table, ["exclude_v4", "exclude_v6"], addrs);
+    Runner { netns }.run(&["nft", "-f", "-"], Some(&script))?;
+    Ok(())
+}
+
+/// Appends to `script` the commands that make the IPv4 and IPv6 address sets `sets` hold exactly
+/// `addrs` (each family in its set).
+fn replace_address_sets(
+    script: &mut String,
+    table: &str,
+    sets: [&str; 2],
+    addrs: &[std::net::IpAddr],
+) {
+    for (set, v6) in sets.into_iter().zip([false, true]) {
         script.push_str(&format!("flush set inet {table} {set}\n"));
         let family: Vec<String> = addrs
             .iter()
@@ -304,8 +317,6 @@ fn set_excluded_in(
             ));
         }
     }
-    Runner { netns }.run(&["nft", "-f", "-"], Some(&script))?;
-    Ok(())
 }
 
 /// What [`remove`] found and removed. All zero when there was nothing to remove, which is
@@ -595,20 +606,12 @@ fn set_udp_unpoliced_in(
 ) -> Result<(), NftError> {
     let table = &config.nftables.table;
     let mut script = String::new();
-    for (set, v6) in [("udp_unpoliced_v4", false), ("udp_unpoliced_v6", true)] {
-        script.push_str(&format!("flush set inet {table} {set}\n"));
-        let family: Vec<String> = addrs
-            .iter()
-            .filter(|addr| addr.is_ipv6() == v6)
-            .map(ToString::to_string)
-            .collect();
-        if !family.is_empty() {
-            script.push_str(&format!(
-                "add element inet {table} {set} {{ {} }}\n",
-                family.join(", ")
-            ));
-        }
-    }
+    replace_address_sets(
+        &mut script,
+        table,
+        ["udp_unpoliced_v4", "udp_unpoliced_v6"],
+        addrs,
+    );
     if forget_flows {
         for family in [Family::V4, Family::V6] {
             script.push_str(&format!("flush set inet {table} {}\n", family.flow_set()));
