@@ -6,6 +6,10 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
+use crate::forward::{Done, UdpExchanges};
+use crate::persist::Unsaved;
+use crate::query::MessageHead;
+
 /// The client side of an intercepted query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Transport {
@@ -31,10 +35,35 @@ pub(crate) struct Client {
     pub(crate) transport: Transport,
 }
 
-/// The pipeline, as a transport sees it (the shim's `DnsShim`).
+/// How the pipeline takes a query before any upstream is asked.
+#[derive(Debug)]
+pub(crate) enum Begin {
+    /// Settled without an upstream: the reply (REFUSED), or none (an unreadable query).
+    Reply(Option<Vec<u8>>),
+    /// To forward upstream; the query's head.
+    Forward(MessageHead),
+}
+
+/// The pipeline, as a transport sees it (the shim's `DnsShim`). TCP takes a query through it
+/// in one call ([`Handler::handle`]); UDP in steps, so that one task serves every query:
+/// [`Handler::begin`], then the exchange in [`UdpExchanges`], then [`Handler::complete`], and
+/// [`Handler::save`] before the replies leave.
 pub(crate) trait Handler: Send + Sync + 'static {
-    /// The reply to send to the pod, if any.
+    /// The whole pipeline for a query over TCP: the reply to send to the pod, if any.
     fn handle(&self, query: &[u8], client: Client) -> impl Future<Output = Option<Vec<u8>>> + Send;
+
+    /// The pipeline up to asking an upstream.
+    fn begin(&self, query: &[u8], client: Client) -> Begin;
+
+    /// The pipeline after the exchange: records the answer (the journal's part in `unsaved`)
+    /// and returns the reply to send to the pod, if any.
+    fn complete(&self, done: Done<Client>, unsaved: &mut Unsaved) -> Option<Vec<u8>>;
+
+    /// Saves `unsaved` in the journal (if any): called before the replies of its answers leave.
+    fn save(&self, unsaved: &mut Unsaved);
+
+    /// The exchange with the upstreams for UDP queries, for one listener's task.
+    fn udp_exchanges(&self) -> UdpExchanges<Client>;
 
     /// A query turned away before the pipeline (over capacity).
     fn note_dropped(&self, transport: Transport);

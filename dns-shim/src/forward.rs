@@ -1,13 +1,13 @@
-//! The exchange with the trusted upstream resolvers: a fresh random ID per attempt on a shared,
-//! often renewed socket (see `sockets`), only the upstream's answer to the same question
-//! accepted, TC answers retried over TCP, upstreams tried in order.
+//! The exchange with the trusted upstream resolvers: a fresh random ID per attempt, only the
+//! upstream's answer to the same question accepted, upstreams tried in order. Over UDP
+//! (`datagrams`), many queries at once on shared, often renewed sockets, a TC answer retried
+//! over TCP; a pod's TCP query goes over TCP ([`Forwarder::exchange_tcp`]).
 //!
 //! The query is forwarded byte-exact apart from its ID (octets 0..2), so EDNS options, cookies and
 //! flags reach the upstream as the pod sent them.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,17 +18,10 @@ use crate::answer::check_response;
 use crate::metrics::{Metrics, UpstreamError};
 use crate::query::{with_id, MessageHead};
 
-mod sockets;
+mod datagrams;
+mod pending;
 
-use sockets::{Delivery, UpstreamSockets};
-
-/// The transport to use with the upstream: the pod's, except that a TC UDP answer is retried
-/// over TCP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamTransport {
-    Udp,
-    Tcp,
-}
+pub(crate) use datagrams::{Done, UdpExchanges};
 
 /// An accepted answer from a trusted upstream. `response` still carries the ID the shim chose.
 #[derive(Debug, Clone)]
@@ -66,7 +59,6 @@ pub(crate) struct Forwarder {
     upstreams: Vec<SocketAddr>,
     /// Per upstream attempt (the TCP retry after TC gets its own).
     timeout: Duration,
-    sockets: Arc<UpstreamSockets>,
     metrics: Metrics,
 }
 
@@ -75,25 +67,19 @@ impl Forwarder {
         Forwarder {
             upstreams,
             timeout,
-            sockets: Arc::new(UpstreamSockets::new(metrics.clone())),
             metrics,
         }
     }
 
-    /// Sends `query` (whose head is `head`) to each upstream in order until one answers.
-    pub(crate) async fn exchange(
+    /// Sends `query` (whose head is `head`) over TCP to each upstream in order until one answers.
+    pub(crate) async fn exchange_tcp(
         &self,
         query: &[u8],
         head: &MessageHead,
-        transport: UpstreamTransport,
     ) -> Result<Exchange, ForwardError> {
         for &upstream in &self.upstreams {
             let started = Instant::now();
-            let attempt = match transport {
-                UpstreamTransport::Udp => self.udp_then_tcp(upstream, query, head).await,
-                UpstreamTransport::Tcp => self.tcp(upstream, query, head).await,
-            };
-            match attempt {
+            match self.tcp(upstream, query, head).await {
                 Ok((response, head)) => {
                     let elapsed = started.elapsed();
                     self.metrics.upstream_duration(elapsed.as_secs_f64());
@@ -115,54 +101,6 @@ impl Forwarder {
             }
         }
         Err(ForwardError::AllUpstreamsFailed)
-    }
-
-    async fn udp_then_tcp(
-        &self,
-        upstream: SocketAddr,
-        query: &[u8],
-        head: &MessageHead,
-    ) -> Result<(Vec<u8>, MessageHead), AttemptError> {
-        let (response, response_head) = self.udp(upstream, query, head).await?;
-        if !response_head.truncated {
-            return Ok((response, response_head));
-        }
-        match self.tcp(upstream, query, head).await {
-            Ok(full) => Ok(full),
-            Err(e) => {
-                // The pod gets the TC answer and retries over TCP itself.
-                tracing::debug!(%upstream, error = ?e, "TCP retry after TC failed");
-                self.metrics.upstream_error(UpstreamError::TcpRetry);
-                Ok((response, response_head))
-            }
-        }
-    }
-
-    async fn udp(
-        &self,
-        upstream: SocketAddr,
-        query: &[u8],
-        head: &MessageHead,
-    ) -> Result<(Vec<u8>, MessageHead), AttemptError> {
-        let deadline = Instant::now() + self.timeout;
-        let mut in_flight = self.sockets.send(upstream, query).await?;
-        loop {
-            let delivery = timeout_at(deadline, in_flight.next())
-                .await
-                .map_err(|_| AttemptError::Timeout)?;
-            let response = match delivery {
-                Some(Delivery::Datagram(response)) => response,
-                Some(Delivery::Failed(kind)) => return Err(io::Error::from(kind).into()),
-                None => return Err(io::Error::other("upstream socket closed").into()),
-            };
-            match check_response(in_flight.id, head.question.as_ref(), &response) {
-                Ok(response_head) => return Ok((response, response_head)),
-                Err(why) => {
-                    tracing::debug!(%upstream, %why, "dropped a datagram that is not the answer");
-                    self.metrics.upstream_error(UpstreamError::Mismatch);
-                }
-            }
-        }
     }
 
     async fn tcp(

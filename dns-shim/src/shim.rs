@@ -12,11 +12,11 @@ use egressgate_log::{rfc3339_now, write_observed_line};
 use prometheus::Registry;
 
 use crate::answer::{read_answer, Answer, Reading};
-use crate::client::{Client, Handler, Transport};
-use crate::forward::{Forwarder, UpstreamTransport};
+use crate::client::{Begin, Client, Handler, Transport};
+use crate::forward::{Done, Exchange, ForwardError, Forwarder, UdpExchanges};
 use crate::log::DnsLine;
 use crate::metrics::{Metrics, QueryResult};
-use crate::persist::Journal;
+use crate::persist::{Journal, Unsaved};
 use crate::query::{self, error_reply, read_head, truncated_reply, MessageHead, Rcode};
 use crate::table::NameTable;
 use crate::{tcp, udp};
@@ -225,42 +225,22 @@ impl DnsShim {
         outcome.reply
     }
 
-    /// The pod addressed a trusted upstream (by address; the port is whatever TPROXY matched).
-    fn is_trusted(&self, server: SocketAddr) -> bool {
-        self.config.upstreams.iter().any(|u| u.ip() == server.ip())
-    }
-}
-
-// === impl Handler for DnsShim ===
-
-impl Handler for DnsShim {
-    /// The pipeline: returns the reply to send to the pod, if any.
-    async fn handle(&self, query: &[u8], client: Client) -> Option<Vec<u8>> {
-        let Some(head) = read_head(query) else {
-            return self.finish(client, Outcome::dropped());
-        };
-        // Answering a response could turn the shim into a reflector.
-        if head.is_response {
-            return self.finish(client, Outcome::dropped());
-        }
-        if self.config.foreign_servers == ForeignServerPolicy::Refuse
-            && !self.is_trusted(client.server)
-        {
-            return self.finish(client, self.error_outcome(query, &head, Rcode::REFUSED));
-        }
-        let upstream_transport = match client.transport {
-            Transport::Udp => UpstreamTransport::Udp,
-            Transport::Tcp => UpstreamTransport::Tcp,
-        };
-        let exchange = match self
-            .forwarder
-            .exchange(query, &head, upstream_transport)
-            .await
-        {
+    /// The rest of the pipeline once the upstreams answered (or failed): records the answer
+    /// (in the table, and in `unsaved` for the journal, which the caller saves before sending
+    /// the reply), and returns the reply to send to the pod, if any.
+    fn complete_exchange(
+        &self,
+        query: &[u8],
+        head: &MessageHead,
+        client: Client,
+        result: Result<Exchange, ForwardError>,
+        unsaved: &mut Unsaved,
+    ) -> Option<Vec<u8>> {
+        let exchange = match result {
             Ok(exchange) => exchange,
             Err(e) => {
                 tracing::debug!(pod = %client.pod, error = %e, "answering SERVFAIL");
-                return self.finish(client, self.error_outcome(query, &head, Rcode::SERVFAIL));
+                return self.finish(client, self.error_outcome(query, head, Rcode::SERVFAIL));
             }
         };
         let reading = match &head.question {
@@ -273,8 +253,8 @@ impl Handler for DnsShim {
                 let ttl = self
                     .table
                     .record(client.pod.ip(), &answer, std::time::Instant::now());
-                if let Some(journal) = &self.journal {
-                    journal.record(client.pod.ip(), &answer, ttl);
+                if self.journal.is_some() {
+                    unsaved.add(client.pod.ip(), &answer, ttl);
                 }
                 (QueryResult::Answered, Some(answer))
             }
@@ -291,12 +271,64 @@ impl Handler for DnsShim {
         let outcome = Outcome {
             result,
             reply: Some(reply),
-            head: Some(&head),
+            head: Some(head),
             rcode: Some(exchange.head.rcode),
             answer,
             upstream: Some((exchange.upstream, exchange.elapsed)),
         };
         self.finish(client, outcome)
+    }
+
+    /// The pod addressed a trusted upstream (by address; the port is whatever TPROXY matched).
+    fn is_trusted(&self, server: SocketAddr) -> bool {
+        self.config.upstreams.iter().any(|u| u.ip() == server.ip())
+    }
+}
+
+// === impl Handler for DnsShim ===
+
+impl Handler for DnsShim {
+    async fn handle(&self, query: &[u8], client: Client) -> Option<Vec<u8>> {
+        let head = match self.begin(query, client) {
+            Begin::Reply(reply) => return reply,
+            Begin::Forward(head) => head,
+        };
+        let result = self.forwarder.exchange_tcp(query, &head).await;
+        let mut unsaved = Unsaved::default();
+        let reply = self.complete_exchange(query, &head, client, result, &mut unsaved);
+        self.save(&mut unsaved);
+        reply
+    }
+
+    fn begin(&self, query: &[u8], client: Client) -> Begin {
+        let Some(head) = read_head(query) else {
+            return Begin::Reply(self.finish(client, Outcome::dropped()));
+        };
+        // Answering a response could turn the shim into a reflector.
+        if head.is_response {
+            return Begin::Reply(self.finish(client, Outcome::dropped()));
+        }
+        if self.config.foreign_servers == ForeignServerPolicy::Refuse
+            && !self.is_trusted(client.server)
+        {
+            let refused = self.error_outcome(query, &head, Rcode::REFUSED);
+            return Begin::Reply(self.finish(client, refused));
+        }
+        Begin::Forward(head)
+    }
+
+    fn complete(&self, done: Done<Client>, unsaved: &mut Unsaved) -> Option<Vec<u8>> {
+        self.complete_exchange(&done.query, &done.head, done.context, done.result, unsaved)
+    }
+
+    fn save(&self, unsaved: &mut Unsaved) {
+        if let Some(journal) = &self.journal {
+            journal.save(unsaved);
+        }
+    }
+
+    fn udp_exchanges(&self) -> UdpExchanges<Client> {
+        UdpExchanges::new(self.forwarder.clone())
     }
 
     fn note_dropped(&self, transport: Transport) {

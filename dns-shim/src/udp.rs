@@ -7,8 +7,9 @@
 //! case) a transparent socket bound to the original destination sends the reply; it is kept for
 //! the next reply from that server (pods mostly ask one: the cluster DNS Service).
 //!
-//! Queries arrive in batches (`recvmmsg`, each with its original destination); replies leave in batches (`replies`): query tasks queue them, one task sends the queue with
-//! `sendmmsg`.
+//! One task serves the listener (see [`serve`]): queries arrive in batches (`recvmmsg`, each
+//! with its original destination), go upstream through `forward`'s `UdpExchanges` (no task per
+//! query), and their replies leave in batches (`replies`, `sendmmsg`).
 //!
 //! Kept reply sockets stay unconnected: TPROXY's first lookup takes only *connected* UDP sockets
 //! (`nf_tproxy_get_sock_v4`, `NF_TPROXY_LOOKUP_ESTABLISHED`), so the pods' next queries still
@@ -24,18 +25,19 @@ use nix::libc;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn, SockaddrIn6};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
 
-use crate::client::{Client, Handler, Transport};
+use crate::client::{Begin, Client, Handler, Transport, DRAIN_LIMIT};
+use crate::persist::Unsaved;
 use crate::transparent::{self, Sharing};
 
 mod replies;
 
 use replies::Outgoing;
 
-/// Queries being forwarded at once. Each holds an upstream socket (one fd) for up to the
-/// upstream timeout; beyond this a flood is dropped instead of exhausting descriptors.
+/// Queries being forwarded at once. Each waits (its query kept) for up to the upstream
+/// timeouts; beyond this a flood is dropped instead of growing without bound.
 const MAX_IN_FLIGHT: usize = 1024;
 
 /// The largest UDP payload; a larger datagram cannot arrive, so no query is cut short.
@@ -83,7 +85,13 @@ impl AsFd for UdpListener {
     }
 }
 
-/// Answers queries until `stopped` turns true, then those already read.
+/// Answers queries until `stopped` turns true, then those already read (for up to
+/// [`DRAIN_LIMIT`]).
+///
+/// One task does it all, in rounds: read a batch of queries and send each upstream (or settle it
+/// at once), read the upstreams' answers and what timed out, complete each finished query (its
+/// answer recorded in the table, its journal records gathered), save the round's journal
+/// records in one write, and only then send the round's replies together.
 pub(crate) async fn serve<H: Handler>(
     shim: Arc<H>,
     listener: UdpListener,
@@ -92,70 +100,74 @@ pub(crate) async fn serve<H: Handler>(
     let local = listener.local;
     let socket = listener.socket;
     let reply_sockets = ReplySockets::default();
-    // Each query task queues at most one reply, holding its permit until it is queued.
-    let (replies, queued) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT);
-    let sender = replies::send_queued(queued, &socket, &reply_sockets, local);
-    let receiver = receive(shim, &socket, local, replies, &mut stopped);
-    tokio::join!(sender, receiver);
-}
-
-/// Reads queries and starts a task for each until `stopped`; then waits for those tasks
-/// (see [`crate::client::drain`]). Dropping `replies` at the end lets the sender finish.
-async fn receive<H: Handler>(
-    shim: Arc<H>,
-    socket: &UdpSocket,
-    local: SocketAddr,
-    replies: mpsc::Sender<Outgoing>,
-    stopped: &mut watch::Receiver<bool>,
-) {
-    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let mut tasks = JoinSet::new();
+    let mut exchanges = shim.udp_exchanges();
     // Untouched pages of these buffers are never made resident: the kernel writes only what
     // arrives, so a batch of full-size buffers costs little memory.
     let mut bufs = vec![vec![0u8; MAX_DATAGRAM]; RECEIVE_BATCH];
+    let mut done = Vec::new();
+    let mut unsaved = Unsaved::default();
+    let mut outgoing = Vec::new();
+    let mut draining: Option<Instant> = None;
     loop {
-        while tasks.try_join_next().is_some() {}
-        let received = tokio::select! {
+        if draining.is_some() && exchanges.in_flight() == 0 {
+            break;
+        }
+        tokio::select! {
             received = socket.async_io(Interest::READABLE, || {
                 transparent::recv_many_with_orig_dst(socket.as_raw_fd(), &mut bufs)
-            }) => received,
-            _ = stopped.wait_for(|stop| *stop) => break,
-        };
-        let datagrams = match received {
-            Ok(datagrams) => datagrams,
-            Err(e) => {
-                tracing::warn!(error = %e, "UDP receive failed");
-                continue;
+            }), if draining.is_none() => match received {
+                Ok(datagrams) => {
+                    for (datagram, buf) in datagrams.into_iter().zip(&bufs) {
+                        let Some(datagram) = datagram else {
+                            continue;
+                        };
+                        let client = Client {
+                            pod: datagram.source,
+                            server: datagram.orig_dst.unwrap_or(local),
+                            transport: Transport::Udp,
+                        };
+                        let query = &buf[..datagram.len];
+                        match shim.begin(query, client) {
+                            Begin::Reply(Some(reply)) => outgoing.push(Outgoing { reply, client }),
+                            Begin::Reply(None) => {}
+                            Begin::Forward(_) if exchanges.in_flight() >= MAX_IN_FLIGHT => {
+                                tracing::debug!(pod = %client.pod, "UDP queries over capacity; dropped");
+                                shim.note_dropped(Transport::Udp);
+                            }
+                            Begin::Forward(head) => {
+                                exchanges.start(client, query.to_vec(), head, &mut done);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "UDP receive failed"),
+            },
+            () = exchanges.ready() => {}
+            _ = stopped.wait_for(|stop| *stop), if draining.is_none() => {
+                draining = Some(Instant::now() + DRAIN_LIMIT);
             }
-        };
-        for (datagram, buf) in datagrams.into_iter().zip(&bufs) {
-            let Some(datagram) = datagram else {
-                continue;
-            };
-            let client = Client {
-                pod: datagram.source,
-                server: datagram.orig_dst.unwrap_or(local),
-                transport: Transport::Udp,
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracing::debug!(pod = %client.pod, "UDP queries over capacity; dropped");
-                shim.note_dropped(Transport::Udp);
-                continue;
-            };
-            let query = buf[..datagram.len].to_vec();
-            let shim = shim.clone();
-            let replies = replies.clone();
-            tasks.spawn(async move {
-                let _permit = permit;
-                let Some(reply) = shim.handle(&query, client).await else {
-                    return;
-                };
-                // Fails only once the sender is gone, which waits for this task.
-                let _ = replies.send(Outgoing { reply, client }).await;
-            });
+            () = sleep_until(draining.unwrap_or_else(Instant::now)), if draining.is_some() => {
+                tracing::info!(
+                    left = exchanges.in_flight(),
+                    "queries still waiting on an upstream dropped at stop"
+                );
+                break;
+            }
+        }
+        exchanges.collect(&mut done);
+        for finished in done.drain(..) {
+            let client = finished.context;
+            if let Some(reply) = shim.complete(finished, &mut unsaved) {
+                outgoing.push(Outgoing { reply, client });
+            }
+        }
+        // Saved before any reply of the round leaves.
+        shim.save(&mut unsaved);
+        if !outgoing.is_empty() {
+            replies::send_batch(&socket, &reply_sockets, local, &mut outgoing).await;
+            outgoing.clear();
         }
     }
-    crate::client::drain(&mut tasks).await;
 }
 
 /// Sends `reply` to the pod from the address (and port) it addressed.

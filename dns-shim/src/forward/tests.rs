@@ -41,6 +41,34 @@ fn set_tc(message: &mut [u8]) {
     message[2] |= 0x02;
 }
 
+/// Takes `queries` through one [`UdpExchanges`] to their ends, in the order they finished.
+async fn exchange_all(
+    forwarder: &Forwarder,
+    queries: &[&[u8]],
+) -> Vec<(usize, Result<Exchange, ForwardError>)> {
+    let mut exchanges = UdpExchanges::new(forwarder.clone());
+    let mut done = Vec::new();
+    for (i, query) in queries.iter().enumerate() {
+        let head = read_head(query).expect("head");
+        exchanges.start(i, query.to_vec(), head, &mut done);
+    }
+    let mut finished = Vec::new();
+    while finished.len() < queries.len() {
+        if done.is_empty() {
+            exchanges.ready().await;
+            exchanges.collect(&mut done);
+        }
+        finished.extend(done.drain(..).map(|d| (d.context, d.result)));
+    }
+    assert_eq!(exchanges.in_flight(), 0);
+    finished
+}
+
+async fn exchange_udp(forwarder: &Forwarder, query: &[u8]) -> Result<Exchange, ForwardError> {
+    let mut finished = exchange_all(forwarder, &[query]).await;
+    finished.pop().expect("one query").1
+}
+
 #[tokio::test]
 async fn forged_answers_are_dropped_and_the_genuine_one_accepted() {
     let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
@@ -65,16 +93,14 @@ async fn forged_answers_are_dropped_and_the_genuine_one_accepted() {
     });
     let (metrics, registry) = metrics();
     let forwarder = Forwarder::new(vec![addr], Duration::from_secs(5), metrics);
-    let head = read_head(DIG_A).expect("head");
-    let exchange = forwarder
-        .exchange(DIG_A, &head, UpstreamTransport::Udp)
-        .await
-        .expect("answered");
+    let exchange = exchange_udp(&forwarder, DIG_A).await.expect("answered");
     let id = fake.await.expect("fake upstream");
     assert_eq!(exchange.response, with_id(DNSMASQ_A, id));
     assert_eq!(exchange.upstream, addr);
     assert_eq!(mismatches(&registry), 4);
-    let question = head.question.expect("question");
+    let question = read_head(DIG_A)
+        .and_then(|head| head.question)
+        .expect("question");
     assert!(matches!(
         read_answer(&question, &exchange.response),
         Reading::Record(_)
@@ -87,10 +113,7 @@ async fn silent_upstream_times_out() {
     let addr = upstream.local_addr().expect("addr");
     let (metrics, _registry) = metrics();
     let forwarder = Forwarder::new(vec![addr], Duration::from_secs(2), metrics);
-    let head = read_head(DIG_A).expect("head");
-    let result = forwarder
-        .exchange(DIG_A, &head, UpstreamTransport::Udp)
-        .await;
+    let result = exchange_udp(&forwarder, DIG_A).await;
     assert_eq!(result.err(), Some(ForwardError::AllUpstreamsFailed));
     drop(upstream);
 }
@@ -115,9 +138,7 @@ async fn next_upstream_is_tried_when_the_first_fails() {
     });
     let (metrics, _registry) = metrics();
     let forwarder = Forwarder::new(vec![dead_addr, addr], Duration::from_secs(5), metrics);
-    let head = read_head(DIG_A).expect("head");
-    let exchange = forwarder
-        .exchange(DIG_A, &head, UpstreamTransport::Udp)
+    let exchange = exchange_udp(&forwarder, DIG_A)
         .await
         .expect("second upstream answers");
     assert_eq!(exchange.upstream, addr);
@@ -154,11 +175,7 @@ async fn truncated_udp_answer_is_retried_over_tcp() {
     });
     let (metrics, registry) = metrics();
     let forwarder = Forwarder::new(vec![addr], Duration::from_secs(5), metrics);
-    let head = read_head(DIG_A).expect("head");
-    let exchange = forwarder
-        .exchange(DIG_A, &head, UpstreamTransport::Udp)
-        .await
-        .expect("answered");
+    let exchange = exchange_udp(&forwarder, DIG_A).await.expect("answered");
     assert!(!exchange.head.truncated, "the full TCP answer is returned");
     assert_eq!(&exchange.response[2..], &DNSMASQ_A[2..]);
     assert_eq!(mismatches(&registry), 1);
@@ -187,17 +204,7 @@ async fn concurrent_queries_share_a_few_sockets_and_each_gets_its_own_answer() {
     });
     let (metrics, registry) = metrics();
     let forwarder = Forwarder::new(vec![addr], Duration::from_secs(5), metrics);
-    let head = read_head(DIG_A).expect("head");
-    let mut queries = tokio::task::JoinSet::new();
-    for _ in 0..QUERIES {
-        let (forwarder, head) = (forwarder.clone(), head.clone());
-        queries.spawn(async move {
-            forwarder
-                .exchange(DIG_A, &head, UpstreamTransport::Udp)
-                .await
-        });
-    }
-    let exchanges = queries.join_all().await;
+    let exchanges = exchange_all(&forwarder, &[DIG_A; QUERIES]).await;
     let received = fake.await.expect("fake upstream");
     let ports: std::collections::BTreeSet<u16> = received
         .iter()
@@ -206,10 +213,67 @@ async fn concurrent_queries_share_a_few_sockets_and_each_gets_its_own_answer() {
     assert!(ports.len() <= 4, "one socket per query: {ports:?}");
     let ids: std::collections::BTreeSet<u16> = received.iter().map(|(id, _, _)| *id).collect();
     assert_eq!(ids.len(), QUERIES, "IDs reused while in flight");
-    for exchange in exchanges {
+    for (_, exchange) in exchanges {
         let exchange = exchange.expect("answered");
         let id = u16::from_be_bytes([exchange.response[0], exchange.response[1]]);
         assert!(ids.contains(&id));
     }
     assert_eq!(mismatches(&registry), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_upstream_times_out_and_the_next_one_answers() {
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    let answering = tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        let (_, client) = upstream.recv_from(&mut buf).await.expect("query");
+        let id = u16::from_be_bytes([buf[0], buf[1]]);
+        upstream
+            .send_to(&with_id(DNSMASQ_A, id), client)
+            .await
+            .expect("send");
+        Instant::now()
+    });
+    let (metrics, _registry) = metrics();
+    let timeout = Duration::from_secs(2);
+    let forwarder = Forwarder::new(vec![silent_addr, addr], timeout, metrics);
+    let started = Instant::now();
+    let exchange = exchange_udp(&forwarder, DIG_A)
+        .await
+        .expect("second upstream answers");
+    assert_eq!(exchange.upstream, addr);
+    let asked = answering.await.expect("second upstream");
+    assert!(
+        asked.duration_since(started) >= timeout,
+        "the second upstream is asked only once the first timed out"
+    );
+    drop(silent);
+}
+
+#[tokio::test]
+async fn a_tcp_query_goes_to_the_upstreams_over_tcp() {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = tcp.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut stream, _) = tcp.accept().await.expect("accept");
+        let len = stream.read_u16().await.expect("len");
+        let mut query = vec![0u8; usize::from(len)];
+        stream.read_exact(&mut query).await.expect("query");
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        let answer = with_id(DNSMASQ_A, id);
+        let len = u16::try_from(answer.len()).expect("small");
+        stream.write_all(&len.to_be_bytes()).await.expect("write");
+        stream.write_all(&answer).await.expect("write");
+    });
+    let (metrics, _registry) = metrics();
+    let forwarder = Forwarder::new(vec![addr], Duration::from_secs(5), metrics);
+    let head = read_head(DIG_A).expect("head");
+    let exchange = forwarder
+        .exchange_tcp(DIG_A, &head)
+        .await
+        .expect("answered");
+    assert_eq!(&exchange.response[2..], &DNSMASQ_A[2..]);
 }

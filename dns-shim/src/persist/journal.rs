@@ -32,6 +32,30 @@ pub struct Journal {
     started: Arc<Mutex<Instant>>,
 }
 
+/// Records encoded for the journal and not yet written: what a batch of answers adds, saved by
+/// one [`Journal::save`] before their replies leave.
+#[derive(Debug, Default)]
+pub struct Unsaved {
+    frames: Vec<u8>,
+}
+
+impl Unsaved {
+    /// Adds the entries `table.record` just made for `pod` from `answer` with `ttl`.
+    pub fn add(&mut self, pod: IpAddr, answer: &Answer, ttl: Duration) {
+        let fresh_until = SystemTime::now() + ttl;
+        for &dst in &answer.addresses {
+            codec::encode_name(
+                &mut self.frames,
+                pod,
+                dst,
+                &answer.name,
+                &answer.cnames,
+                fresh_until,
+            );
+        }
+    }
+}
+
 /// The journal being appended to.
 #[derive(Debug)]
 struct Active {
@@ -91,19 +115,16 @@ impl Journal {
     /// Saves the entries `table.record` just made for `pod` from `answer` with `ttl`. Called
     /// before the reply is sent.
     pub fn record(&self, pod: IpAddr, answer: &Answer, ttl: Duration) {
-        let fresh_until = SystemTime::now() + ttl;
-        let mut frames = Vec::with_capacity(64 * answer.addresses.len());
-        for &dst in &answer.addresses {
-            codec::encode_name(
-                &mut frames,
-                pod,
-                dst,
-                &answer.name,
-                &answer.cnames,
-                fresh_until,
-            );
-        }
-        self.append(&frames);
+        let mut unsaved = Unsaved::default();
+        unsaved.add(pod, answer, ttl);
+        self.save(&mut unsaved);
+    }
+
+    /// Writes the records gathered in `unsaved` (one write for a batch of answers) and empties
+    /// it. Called before any of their replies is sent.
+    pub fn save(&self, unsaved: &mut Unsaved) {
+        self.append(&unsaved.frames);
+        unsaved.frames.clear();
     }
 
     /// Saves the uses of entries the table logged since the last call.

@@ -29,7 +29,7 @@ use codec::{FileKind, Frames, Header, Record};
 pub mod codec;
 mod journal;
 
-pub use journal::Journal;
+pub use journal::{Journal, Unsaved};
 
 const SNAPSHOT: &str = "names.snapshot";
 const JOURNAL_PREFIX: &str = "names.journal.";

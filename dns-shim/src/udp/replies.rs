@@ -1,9 +1,7 @@
-//! Batched replies: the query tasks queue their answers, and one task sends what is queued with
-//! `sendmmsg`, one system call per sending socket (and source address) instead of one per reply.
-//!
-//! Batches form on their own under load: the sender yields once after its first reply, so the
-//! queries the runtime already woke (say, a burst of upstream answers) queue theirs too before
-//! it sends. A lone query waits for one yield, not for a timer.
+//! Batched replies: the listener's task gathers the replies of a round (see `udp::serve`) and
+//! sends them with `sendmmsg`, one system call per sending socket (and source address) instead
+//! of one per reply. Batches form on their own under load: a round holds whatever the upstreams
+//! answered since the last; a lone query's reply leaves at once.
 
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +11,6 @@ use nix::libc;
 use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 use super::{send_reply, ReplySockets};
 use crate::client::Client;
@@ -52,31 +49,8 @@ impl Route {
     }
 }
 
-/// Sends the queued replies until every sender of `queue` is gone and it is empty.
-pub(super) async fn send_queued(
-    mut queue: mpsc::Receiver<Outgoing>,
-    listener: &UdpSocket,
-    reply_sockets: &ReplySockets,
-    local: SocketAddr,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        // Let the queries already woken queue their replies, so that they leave together.
-        tokio::task::yield_now().await;
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(outgoing) => batch.push(outgoing),
-                Err(_) => break,
-            }
-        }
-        send_batch(listener, reply_sockets, local, &mut batch).await;
-        batch.clear();
-    }
-}
-
 /// Sends `batch`, grouped by route (in order within a route).
-async fn send_batch(
+pub(super) async fn send_batch(
     listener: &UdpSocket,
     reply_sockets: &ReplySockets,
     local: SocketAddr,

@@ -5,7 +5,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 use super::*;
 use crate::client::Transport;
@@ -27,15 +26,10 @@ fn outgoing(pod: SocketAddr, server: SocketAddr, reply: &[u8]) -> Outgoing {
     }
 }
 
-/// Queues `batch`, closes the queue and sends it all.
-async fn send_all(listener: &UdpSocket, batch: Vec<Outgoing>) {
+/// Sends all of `batch`.
+async fn send_all(listener: &UdpSocket, mut batch: Vec<Outgoing>) {
     let local = listener.local_addr().expect("local");
-    let (queue, queued) = mpsc::channel(batch.len().max(1));
-    for o in batch {
-        queue.try_send(o).expect("queued");
-    }
-    drop(queue);
-    send_queued(queued, listener, &ReplySockets::default(), local).await;
+    send_batch(listener, &ReplySockets::default(), local, &mut batch).await;
 }
 
 async fn receive(pod: &UdpSocket) -> (Vec<u8>, SocketAddr) {

@@ -1,0 +1,428 @@
+//! The UDP exchange with the trusted upstreams for many queries at once, without a task per
+//! query: the caller (the UDP listener's one task) starts each query here, waits on
+//! [`UdpExchanges::ready`] beside its listener, and [`UdpExchanges::collect`]s what finished.
+//!
+//! Each upstream has a few connected sockets, each on a port the kernel picks at random, used
+//! for [`SOCKET_LIFETIME`] and then replaced (as CoreDNS's forward plugin does); a retired
+//! socket is closed once nothing waits on it. A query goes out under a fresh random ID, unique
+//! on its socket while it waits ([`Pending`]). A connected socket only receives datagrams from
+//! the upstream's address (and the node's rpf rule stops pods from forging it); an answer must
+//! still come from the address the query went to, under its ID, and answer its question
+//! ([`check_response`]). A query whose upstream times out or fails moves on to the next
+//! upstream; after the last, it ends with [`ForwardError::AllUpstreamsFailed`]. A TC answer is
+//! retried over TCP (a task, the rare case).
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use nix::sys::socket::{send, MsgFlags};
+use tokio::net::UdpSocket;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, Instant, Sleep};
+
+use super::pending::{Pending, SocketId, Waiting};
+use super::{Exchange, ForwardError, Forwarder};
+use crate::answer::check_response;
+use crate::metrics::UpstreamError;
+use crate::query::{set_id, MessageHead};
+
+/// Sockets per upstream, used in turn.
+const SOCKETS_PER_UPSTREAM: usize = 4;
+/// How long a socket (and so its source port) takes new queries.
+const SOCKET_LIFETIME: Duration = Duration::from_secs(10);
+/// Largest DNS message over UDP; a larger buffer would never fill.
+const MAX_UDP_MESSAGE: usize = 65_535;
+/// Datagrams read from one socket per [`UdpExchanges::collect`]: enough to empty it under load,
+/// few enough that the listener is not kept waiting behind a flood.
+const READ_PER_COLLECT: usize = 64;
+
+/// A query through the upstreams, as it finished.
+#[derive(Debug)]
+pub(crate) struct Done<T> {
+    pub(crate) context: T,
+    pub(crate) query: Vec<u8>,
+    pub(crate) head: MessageHead,
+    pub(crate) result: Result<Exchange, ForwardError>,
+}
+
+/// A query on its way through the upstreams.
+#[derive(Debug)]
+struct Attempt<T> {
+    context: T,
+    /// As the pod sent it (its own ID).
+    query: Vec<u8>,
+    head: MessageHead,
+    /// Index into the forwarder's upstreams of the one asked now.
+    upstream: usize,
+    /// When the current upstream was first asked (its answer's `elapsed`).
+    started: Instant,
+}
+
+#[derive(Debug)]
+struct UpstreamSocket {
+    id: SocketId,
+    upstream: SocketAddr,
+    socket: UdpSocket,
+    born: Instant,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct UdpExchanges<T> {
+    forwarder: Forwarder,
+    /// By upstream, in the forwarder's order: the sockets that take new queries.
+    live: Vec<Vec<UpstreamSocket>>,
+    /// Replaced sockets that queries still wait on.
+    retired: Vec<UpstreamSocket>,
+    next_socket: SocketId,
+    turn: usize,
+    pending: Pending<Attempt<T>>,
+    timer: Pin<Box<Sleep>>,
+    tcp_retries: JoinSet<Done<T>>,
+    /// TCP retries that finished while [`UdpExchanges::ready`] polled them.
+    tcp_done: Vec<Done<T>>,
+    buf: Vec<u8>,
+}
+
+impl<T: Send + 'static> UdpExchanges<T> {
+    pub(crate) fn new(forwarder: Forwarder) -> Self {
+        let live = forwarder.upstreams.iter().map(|_| Vec::new()).collect();
+        UdpExchanges {
+            forwarder,
+            live,
+            retired: Vec::new(),
+            next_socket: 0,
+            turn: 0,
+            pending: Pending::default(),
+            timer: Box::pin(sleep_until(Instant::now())),
+            tcp_retries: JoinSet::new(),
+            tcp_done: Vec::new(),
+            buf: vec![0u8; MAX_UDP_MESSAGE],
+        }
+    }
+
+    /// Queries started and not yet collected.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.pending.len() + self.tcp_retries.len() + self.tcp_done.len()
+    }
+
+    /// Sends `query` (whose head is `head`) to the first upstream. A query no upstream can even
+    /// be sent to ends at once, in `done`.
+    pub(crate) fn start(
+        &mut self,
+        context: T,
+        query: Vec<u8>,
+        head: MessageHead,
+        done: &mut Vec<Done<T>>,
+    ) {
+        let attempt = Attempt {
+            context,
+            query,
+            head,
+            upstream: 0,
+            started: Instant::now(),
+        };
+        self.send(attempt, done);
+    }
+
+    /// Completes when [`UdpExchanges::collect`] may find something: a datagram on an upstream
+    /// socket, a deadline passed, a TCP retry done. Cancel-safe.
+    pub(crate) async fn ready(&mut self) {
+        poll_fn(|cx| {
+            let mut ready = !self.tcp_done.is_empty();
+            for socket in self.live.iter().flatten().chain(&self.retired) {
+                ready |= socket.socket.poll_recv_ready(cx).is_ready();
+            }
+            if let Some(deadline) = self.pending.next_deadline() {
+                if self.timer.deadline() != deadline {
+                    self.timer.as_mut().reset(deadline);
+                }
+                ready |= self.timer.as_mut().poll(cx).is_ready();
+            }
+            while let Poll::Ready(Some(joined)) = self.tcp_retries.poll_join_next(cx) {
+                // A retry task only fails by panicking, which would be our bug: its query
+                // goes unanswered and the stub asks again.
+                if let Ok(done) = joined {
+                    self.tcp_done.push(done);
+                }
+                ready = true;
+            }
+            if ready {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Reads what the upstreams sent, expires what timed out (moving it to the next upstream),
+    /// and appends every query that finished to `done`.
+    pub(crate) fn collect(&mut self, done: &mut Vec<Done<T>>) {
+        done.append(&mut self.tcp_done);
+        while let Some(Ok(finished)) = self.tcp_retries.try_join_next() {
+            done.push(finished);
+        }
+        let mut failed = Vec::new();
+        let sockets = self.live.iter().flatten().chain(&self.retired);
+        for socket in sockets {
+            read_socket(
+                socket,
+                &mut self.buf,
+                &mut self.pending,
+                &self.forwarder,
+                &mut self.tcp_retries,
+                done,
+                &mut failed,
+            );
+        }
+        for waiting in failed {
+            self.next_upstream(waiting.query, done);
+        }
+        for waiting in self.pending.expire(Instant::now()) {
+            let upstream = waiting.upstream;
+            tracing::debug!(%upstream, "upstream timed out");
+            self.forwarder
+                .metrics
+                .upstream_error(UpstreamError::Timeout);
+            self.next_upstream(waiting.query, done);
+        }
+        let pending = &self.pending;
+        self.retired.retain(|s| pending.on_socket(s.id) > 0);
+    }
+
+    /// Asks the upstream after the one that failed `attempt`, if there is one.
+    fn next_upstream(&mut self, mut attempt: Attempt<T>, done: &mut Vec<Done<T>>) {
+        attempt.upstream += 1;
+        attempt.started = Instant::now();
+        self.send(attempt, done);
+    }
+
+    /// Sends `attempt` to its upstream, or the next one that a send does not fail at once.
+    fn send(&mut self, mut attempt: Attempt<T>, done: &mut Vec<Done<T>>) {
+        while let Some(&upstream) = self.forwarder.upstreams.get(attempt.upstream) {
+            match self.send_to(attempt, upstream) {
+                Ok(()) => return,
+                Err((failed, e)) => {
+                    tracing::debug!(%upstream, error = %e, "upstream failed");
+                    self.forwarder.metrics.upstream_error(UpstreamError::Io);
+                    attempt = failed;
+                    attempt.upstream += 1;
+                    attempt.started = Instant::now();
+                }
+            }
+        }
+        done.push(Done {
+            context: attempt.context,
+            query: attempt.query,
+            head: attempt.head,
+            result: Err(ForwardError::AllUpstreamsFailed),
+        });
+    }
+
+    /// Registers `attempt` and sends it to `upstream` under its fresh ID. Registered before
+    /// sending, so that no answer can arrive unclaimed.
+    #[allow(clippy::result_large_err)] // the attempt comes back to move on; it is not boxed
+    fn send_to(
+        &mut self,
+        attempt: Attempt<T>,
+        upstream: SocketAddr,
+    ) -> Result<(), (Attempt<T>, io::Error)> {
+        let index = attempt.upstream;
+        let now = Instant::now();
+        let turn = match self.socket_for(index, upstream, now) {
+            Ok(turn) => turn,
+            Err(e) => return Err((attempt, e)),
+        };
+        let socket = &self.live[index][turn];
+        let mut message = attempt.query.clone();
+        let id = self
+            .pending
+            .insert(socket.id, upstream, now, self.forwarder.timeout, attempt);
+        set_id(&mut message, id);
+        // Straight to the kernel: tokio's `try_send` refuses until the reactor has seen the
+        // socket writable, which a new socket has not yet.
+        let sent = send(socket.socket.as_raw_fd(), &message, MsgFlags::empty());
+        let Err(e) = sent else {
+            return Ok(());
+        };
+        let e = io::Error::from(e);
+        match self.pending.remove(socket.id, id) {
+            Some(waiting) => Err((waiting.query, e)),
+            // Cannot happen (nothing ran in between); were it to, the query would be lost, not
+            // sent twice.
+            None => Ok(()),
+        }
+    }
+
+    /// The next live socket for upstream `index` (its position in `live[index]`), replacing it
+    /// when it has lived its time.
+    fn socket_for(
+        &mut self,
+        index: usize,
+        upstream: SocketAddr,
+        now: Instant,
+    ) -> io::Result<usize> {
+        self.turn = (self.turn + 1) % SOCKETS_PER_UPSTREAM;
+        let sockets = &mut self.live[index];
+        let turn = self.turn.min(sockets.len());
+        let fresh = sockets
+            .get(turn)
+            .is_some_and(|s| now.duration_since(s.born) < SOCKET_LIFETIME);
+        if fresh {
+            return Ok(turn);
+        }
+        let replacement = UpstreamSocket {
+            id: self.next_socket,
+            upstream,
+            socket: connected(upstream)?,
+            born: now,
+        };
+        self.next_socket += 1;
+        if turn < sockets.len() {
+            let old = std::mem::replace(&mut sockets[turn], replacement);
+            self.retired.push(old);
+        } else {
+            sockets.push(replacement);
+        }
+        Ok(turn)
+    }
+}
+
+/// Reads up to [`READ_PER_COLLECT`] datagrams from `socket`: an answer finishes its query (or
+/// starts its TCP retry when truncated); anything else is dropped. A receive error (an ICMP
+/// error such as port unreachable) fails every query waiting on the socket, into `failed`.
+fn read_socket<T: Send + 'static>(
+    socket: &UpstreamSocket,
+    buf: &mut [u8],
+    pending: &mut Pending<Attempt<T>>,
+    forwarder: &Forwarder,
+    tcp_retries: &mut JoinSet<Done<T>>,
+    done: &mut Vec<Done<T>>,
+    failed: &mut Vec<Waiting<Attempt<T>>>,
+) {
+    for _ in 0..READ_PER_COLLECT {
+        let (len, from) = match socket.socket.try_recv_from(buf) {
+            Ok(received) => received,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                let upstream = socket.upstream;
+                for waiting in pending.fail_socket(socket.id) {
+                    tracing::debug!(%upstream, error = %e, "upstream failed");
+                    forwarder.metrics.upstream_error(UpstreamError::Io);
+                    failed.push(waiting);
+                }
+                continue;
+            }
+        };
+        let datagram = &buf[..len];
+        let Some(id) = datagram
+            .get(..2)
+            .map(|id| u16::from_be_bytes([id[0], id[1]]))
+        else {
+            drop_datagram(forwarder, "dropped an upstream datagram no query waits for");
+            continue;
+        };
+        let Some(waiting) = pending.get(socket.id, id, from) else {
+            drop_datagram(forwarder, "dropped an upstream datagram no query waits for");
+            continue;
+        };
+        let response_head = match check_response(id, waiting.query.head.question.as_ref(), datagram)
+        {
+            Ok(response_head) => response_head,
+            Err(why) => {
+                let upstream = socket.upstream;
+                tracing::debug!(%upstream, %why, "dropped a datagram that is not the answer");
+                forwarder.metrics.upstream_error(UpstreamError::Mismatch);
+                continue;
+            }
+        };
+        let Some(waiting) = pending.remove(socket.id, id) else {
+            continue;
+        };
+        let attempt = waiting.query;
+        let response = datagram.to_vec();
+        if response_head.truncated {
+            tcp_retries.spawn(retry_over_tcp(
+                forwarder.clone(),
+                attempt,
+                waiting.upstream,
+                response,
+                response_head,
+            ));
+            continue;
+        }
+        done.push(answered(
+            forwarder,
+            attempt,
+            waiting.upstream,
+            response,
+            response_head,
+        ));
+    }
+}
+
+fn drop_datagram(forwarder: &Forwarder, why: &'static str) {
+    tracing::debug!("{why}");
+    forwarder.metrics.upstream_error(UpstreamError::Mismatch);
+}
+
+/// A TC answer asks again over TCP; if that fails the pod gets the TC answer and retries over
+/// TCP itself.
+async fn retry_over_tcp<T>(
+    forwarder: Forwarder,
+    attempt: Attempt<T>,
+    upstream: SocketAddr,
+    response: Vec<u8>,
+    response_head: MessageHead,
+) -> Done<T> {
+    let (response, response_head) =
+        match forwarder.tcp(upstream, &attempt.query, &attempt.head).await {
+            Ok(full) => full,
+            Err(e) => {
+                tracing::debug!(%upstream, error = ?e, "TCP retry after TC failed");
+                forwarder.metrics.upstream_error(UpstreamError::TcpRetry);
+                (response, response_head)
+            }
+        };
+    answered(&forwarder, attempt, upstream, response, response_head)
+}
+
+fn answered<T>(
+    forwarder: &Forwarder,
+    attempt: Attempt<T>,
+    upstream: SocketAddr,
+    response: Vec<u8>,
+    head: MessageHead,
+) -> Done<T> {
+    let elapsed = attempt.started.elapsed();
+    forwarder.metrics.upstream_duration(elapsed.as_secs_f64());
+    Done {
+        context: attempt.context,
+        query: attempt.query,
+        head: attempt.head,
+        result: Ok(Exchange {
+            response,
+            head,
+            upstream,
+            elapsed,
+        }),
+    }
+}
+
+/// A nonblocking UDP socket on a kernel-chosen port, connected to `upstream`.
+fn connected(upstream: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match upstream {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.connect(upstream)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
