@@ -9,7 +9,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 
 use nix::libc;
 use nix::sys::socket::{
@@ -113,6 +113,17 @@ pub fn recv_with_orig_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Datagr
     let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
     let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
     datagram(&msg)
+}
+
+/// Asks for a receive buffer of `bytes` on `socket`: past `net.core.rmem_max` with
+/// CAP_NET_ADMIN (SO_RCVBUFFORCE), else as much as that limit allows. A socket served in rounds
+/// by one task holds a burst in its buffer until the next read; too small a buffer drops it.
+pub(crate) fn grow_receive_buffer(socket: &impl AsFd, bytes: usize) {
+    if setsockopt(socket, sockopt::RcvBufForce, &bytes).is_err() {
+        if let Err(e) = setsockopt(socket, sockopt::RcvBuf, &bytes) {
+            tracing::debug!(error = %e, "SO_RCVBUF not set");
+        }
+    }
 }
 
 /// `recvmmsg` on a [`udp_listener`]: up to `bufs.len()` datagrams in one system call, the

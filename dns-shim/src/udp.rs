@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 
 use crate::client::{Begin, Client, Handler, Transport, DRAIN_LIMIT};
+use crate::forward::{Done, UdpExchanges};
 use crate::persist::Unsaved;
 use crate::transparent::{self, Sharing};
 
@@ -46,6 +47,15 @@ const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams read by one `recvmmsg`: a burst of queries costs one system call (and one
 /// wake-up) instead of one each.
 const RECEIVE_BATCH: usize = 32;
+
+/// The listener's receive buffer: the queries that arrive while [`serve`]'s task handles a round
+/// wait in it. A small query takes about 2 KiB of it (the kernel counts its whole buffer), so
+/// this holds about 2000, more than [`MAX_IN_FLIGHT`]; the default (208 KiB) dropped bursts of
+/// a few hundred.
+const LISTENER_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// `recvmmsg` calls one round makes at most while its batches come back full.
+const RECEIVE_BATCHES_PER_ROUND: usize = 4;
 
 /// Servers whose reply socket is kept. Past this (pods asking many servers), replies from new
 /// servers use a socket each, as before, instead of holding ever more descriptors.
@@ -66,6 +76,7 @@ impl UdpListener {
 /// A transparent UDP socket on `addr` that reports original destinations.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<UdpListener> {
     let socket = transparent::udp_listener(addr)?;
+    transparent::grow_receive_buffer(&socket, LISTENER_RECEIVE_BUFFER);
     let local = socket.local_addr()?;
     Ok(UdpListener { socket, local })
 }
@@ -115,8 +126,25 @@ pub(crate) async fn serve<H: Handler>(
         tokio::select! {
             received = socket.async_io(Interest::READABLE, || {
                 transparent::recv_many_with_orig_dst(socket.as_raw_fd(), &mut bufs)
-            }), if draining.is_none() => match received {
-                Ok(datagrams) => {
+            }), if draining.is_none() => {
+                let mut received = Some(received);
+                // A burst is read on while it lasts (up to a bound), so that the socket's
+                // buffer does not fill while the round's answers are handled.
+                for _ in 0..RECEIVE_BATCHES_PER_ROUND {
+                    let received = received.take().unwrap_or_else(|| {
+                        socket.try_io(Interest::READABLE, || {
+                            transparent::recv_many_with_orig_dst(socket.as_raw_fd(), &mut bufs)
+                        })
+                    });
+                    let datagrams = match received {
+                        Ok(datagrams) => datagrams,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "UDP receive failed");
+                            break;
+                        }
+                    };
+                    let full = datagrams.len() == RECEIVE_BATCH;
                     for (datagram, buf) in datagrams.into_iter().zip(&bufs) {
                         let Some(datagram) = datagram else {
                             continue;
@@ -127,21 +155,13 @@ pub(crate) async fn serve<H: Handler>(
                             transport: Transport::Udp,
                         };
                         let query = &buf[..datagram.len];
-                        match shim.begin(query, client) {
-                            Begin::Reply(Some(reply)) => outgoing.push(Outgoing { reply, client }),
-                            Begin::Reply(None) => {}
-                            Begin::Forward(_) if exchanges.in_flight() >= MAX_IN_FLIGHT => {
-                                tracing::debug!(pod = %client.pod, "UDP queries over capacity; dropped");
-                                shim.note_dropped(Transport::Udp);
-                            }
-                            Begin::Forward(head) => {
-                                exchanges.start(client, query.to_vec(), head, &mut done);
-                            }
-                        }
+                        take(&*shim, &mut exchanges, query, client, &mut done, &mut outgoing);
+                    }
+                    if !full {
+                        break;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "UDP receive failed"),
-            },
+            }
             () = exchanges.ready() => {}
             _ = stopped.wait_for(|stop| *stop), if draining.is_none() => {
                 draining = Some(Instant::now() + DRAIN_LIMIT);
@@ -167,6 +187,26 @@ pub(crate) async fn serve<H: Handler>(
             replies::send_batch(&socket, &reply_sockets, local, &mut outgoing).await;
             outgoing.clear();
         }
+    }
+}
+
+/// Starts `query` through the pipeline: its reply now (REFUSED) into `outgoing`, or upstream.
+fn take<H: Handler>(
+    shim: &H,
+    exchanges: &mut UdpExchanges<Client>,
+    query: &[u8],
+    client: Client,
+    done: &mut Vec<Done<Client>>,
+    outgoing: &mut Vec<Outgoing>,
+) {
+    match shim.begin(query, client) {
+        Begin::Reply(Some(reply)) => outgoing.push(Outgoing { reply, client }),
+        Begin::Reply(None) => {}
+        Begin::Forward(_) if exchanges.in_flight() >= MAX_IN_FLIGHT => {
+            tracing::debug!(pod = %client.pod, "UDP queries over capacity; dropped");
+            shim.note_dropped(Transport::Udp);
+        }
+        Begin::Forward(head) => exchanges.start(client, query.to_vec(), head, done),
     }
 }
 

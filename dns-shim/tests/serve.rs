@@ -426,3 +426,41 @@ async fn stopping_waits_at_most_a_second_for_queries_stuck_upstream() {
         "stopped after {took:?}"
     );
 }
+
+/// A stub with many queries outstanding on one socket (as dnsperf keeps 256) gets every answer:
+/// the bursts the listener's one task reads and the answers it gathers are not lost.
+#[tokio::test]
+async fn a_burst_of_outstanding_queries_from_one_socket_is_all_answered() {
+    const QUERIES: u16 = 4096;
+    const OUTSTANDING: u16 = 256;
+    let upstream = fake_upstream().await;
+    let shim = start(
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![upstream],
+        ForeignServerPolicy::Forward,
+    )
+    .await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
+    let mut answered = std::collections::BTreeSet::new();
+    let mut sent = 0u16;
+    let mut buf = [0u8; 1500];
+    while answered.len() < usize::from(QUERIES) {
+        while sent < QUERIES && usize::from(sent) - answered.len() < usize::from(OUTSTANDING) {
+            client
+                .send_to(&with_id(DIG_A, sent), shim.addr)
+                .await
+                .expect("send");
+            sent += 1;
+        }
+        let received = tokio::time::timeout(Duration::from_secs(3), client.recv(&mut buf)).await;
+        let Ok(Ok(n)) = received else {
+            let missing: Vec<u16> = (0..sent).filter(|id| !answered.contains(id)).collect();
+            panic!(
+                "{} of {sent} sent unanswered, e.g. {:?}",
+                missing.len(),
+                &missing[..missing.len().min(40)]
+            );
+        };
+        answered.insert(id_of(&buf[..n]));
+    }
+}

@@ -35,6 +35,10 @@ use crate::query::{set_id, MessageHead};
 const SOCKETS_PER_UPSTREAM: usize = 4;
 /// How long a socket (and so its source port) takes new queries.
 const SOCKET_LIFETIME: Duration = Duration::from_secs(10);
+/// Each upstream socket's receive buffer: answers wait in it while the listener's task handles a
+/// round. About 2 KiB each (the kernel counts whole buffers): room for about 500, more than a
+/// socket's share of the queries in flight.
+const UPSTREAM_RECEIVE_BUFFER: usize = 1 << 20;
 /// Largest DNS message over UDP; a larger buffer would never fill.
 const MAX_UDP_MESSAGE: usize = 65_535;
 /// Datagrams read from one socket per [`UdpExchanges::collect`]: enough to empty it under load,
@@ -424,5 +428,6 @@ fn connected(upstream: SocketAddr) -> io::Result<UdpSocket> {
     let socket = std::net::UdpSocket::bind(any)?;
     socket.connect(upstream)?;
     socket.set_nonblocking(true)?;
+    crate::transparent::grow_receive_buffer(&socket, UPSTREAM_RECEIVE_BUFFER);
     UdpSocket::from_std(socket)
 }
