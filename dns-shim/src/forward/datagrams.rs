@@ -21,6 +21,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use nix::sys::socket::{send, MsgFlags};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant, Sleep};
@@ -30,6 +31,7 @@ use super::{Exchange, ForwardError, Forwarder};
 use crate::answer::check_response;
 use crate::metrics::UpstreamError;
 use crate::query::{set_id, MessageHead};
+use crate::transparent;
 
 /// Sockets per upstream, used in turn.
 const SOCKETS_PER_UPSTREAM: usize = 4;
@@ -41,9 +43,11 @@ const SOCKET_LIFETIME: Duration = Duration::from_secs(10);
 const UPSTREAM_RECEIVE_BUFFER: usize = 1 << 20;
 /// Largest DNS message over UDP; a larger buffer would never fill.
 const MAX_UDP_MESSAGE: usize = 65_535;
-/// Datagrams read from one socket per [`UdpExchanges::collect`]: enough to empty it under load,
+/// Datagrams one `recvmmsg` reads from an upstream socket.
+const RECEIVE_BATCH: usize = 32;
+/// `recvmmsg` calls per socket per [`UdpExchanges::collect`]: enough to empty it under load,
 /// few enough that the listener is not kept waiting behind a flood.
-const READ_PER_COLLECT: usize = 64;
+const RECEIVES_PER_COLLECT: usize = 2;
 
 /// A query through the upstreams, as it finished.
 #[derive(Debug)]
@@ -90,7 +94,8 @@ pub(crate) struct UdpExchanges<T> {
     tcp_retries: JoinSet<Done<T>>,
     /// TCP retries that finished while [`UdpExchanges::ready`] polled them.
     tcp_done: Vec<Done<T>>,
-    buf: Vec<u8>,
+    /// Untouched pages are never made resident (see the listener's buffers in `udp`).
+    bufs: Vec<Vec<u8>>,
 }
 
 impl<T: Send + 'static> UdpExchanges<T> {
@@ -106,7 +111,7 @@ impl<T: Send + 'static> UdpExchanges<T> {
             timer: Box::pin(sleep_until(Instant::now())),
             tcp_retries: JoinSet::new(),
             tcp_done: Vec::new(),
-            buf: vec![0u8; MAX_UDP_MESSAGE],
+            bufs: vec![vec![0u8; MAX_UDP_MESSAGE]; RECEIVE_BATCH],
         }
     }
 
@@ -177,7 +182,7 @@ impl<T: Send + 'static> UdpExchanges<T> {
         for socket in sockets {
             read_socket(
                 socket,
-                &mut self.buf,
+                &mut self.bufs,
                 &mut self.pending,
                 &self.forwarder,
                 &mut self.tcp_retries,
@@ -298,21 +303,25 @@ impl<T: Send + 'static> UdpExchanges<T> {
     }
 }
 
-/// Reads up to [`READ_PER_COLLECT`] datagrams from `socket`: an answer finishes its query (or
-/// starts its TCP retry when truncated); anything else is dropped. A receive error (an ICMP
-/// error such as port unreachable) fails every query waiting on the socket, into `failed`.
+/// Reads up to [`RECEIVES_PER_COLLECT`] `recvmmsg` batches from `socket`: an answer finishes
+/// its query (or starts its TCP retry when truncated); anything else is dropped. A receive error
+/// (an ICMP error such as port unreachable) fails every query waiting on the socket, into
+/// `failed`.
 fn read_socket<T: Send + 'static>(
     socket: &UpstreamSocket,
-    buf: &mut [u8],
+    bufs: &mut [Vec<u8>],
     pending: &mut Pending<Attempt<T>>,
     forwarder: &Forwarder,
     tcp_retries: &mut JoinSet<Done<T>>,
     done: &mut Vec<Done<T>>,
     failed: &mut Vec<Waiting<Attempt<T>>>,
 ) {
-    for _ in 0..READ_PER_COLLECT {
-        let (len, from) = match socket.socket.try_recv_from(buf) {
-            Ok(received) => received,
+    for _ in 0..RECEIVES_PER_COLLECT {
+        let received = socket.socket.try_io(Interest::READABLE, || {
+            transparent::recv_many_with_orig_dst(socket.socket.as_raw_fd(), bufs)
+        });
+        let datagrams = match received {
+            Ok(datagrams) => datagrams,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
                 let upstream = socket.upstream;
@@ -324,17 +333,55 @@ fn read_socket<T: Send + 'static>(
                 continue;
             }
         };
-        let datagram = &buf[..len];
+        let full = datagrams.len() == bufs.len();
+        for (datagram, buf) in datagrams.into_iter().zip(&*bufs) {
+            let Some(datagram) = datagram else {
+                continue;
+            };
+            let received = Received {
+                socket,
+                datagram: &buf[..datagram.len],
+                from: datagram.source,
+            };
+            received.take(pending, forwarder, tcp_retries, done);
+        }
+        if !full {
+            return;
+        }
+    }
+}
+
+/// One datagram read from an upstream socket.
+struct Received<'a> {
+    socket: &'a UpstreamSocket,
+    datagram: &'a [u8],
+    from: SocketAddr,
+}
+
+impl Received<'_> {
+    /// Finishes the query this answers (or starts its TCP retry when truncated), or drops it.
+    fn take<T: Send + 'static>(
+        self,
+        pending: &mut Pending<Attempt<T>>,
+        forwarder: &Forwarder,
+        tcp_retries: &mut JoinSet<Done<T>>,
+        done: &mut Vec<Done<T>>,
+    ) {
+        let Received {
+            socket,
+            datagram,
+            from,
+        } = self;
         let Some(id) = datagram
             .get(..2)
             .map(|id| u16::from_be_bytes([id[0], id[1]]))
         else {
             drop_datagram(forwarder, "dropped an upstream datagram no query waits for");
-            continue;
+            return;
         };
         let Some(waiting) = pending.get(socket.id, id, from) else {
             drop_datagram(forwarder, "dropped an upstream datagram no query waits for");
-            continue;
+            return;
         };
         let response_head = match check_response(id, waiting.query.head.question.as_ref(), datagram)
         {
@@ -343,11 +390,11 @@ fn read_socket<T: Send + 'static>(
                 let upstream = socket.upstream;
                 tracing::debug!(%upstream, %why, "dropped a datagram that is not the answer");
                 forwarder.metrics.upstream_error(UpstreamError::Mismatch);
-                continue;
+                return;
             }
         };
         let Some(waiting) = pending.remove(socket.id, id) else {
-            continue;
+            return;
         };
         let attempt = waiting.query;
         let response = datagram.to_vec();
@@ -359,7 +406,7 @@ fn read_socket<T: Send + 'static>(
                 response,
                 response_head,
             ));
-            continue;
+            return;
         }
         done.push(answered(
             forwarder,
@@ -428,6 +475,6 @@ fn connected(upstream: SocketAddr) -> io::Result<UdpSocket> {
     let socket = std::net::UdpSocket::bind(any)?;
     socket.connect(upstream)?;
     socket.set_nonblocking(true)?;
-    crate::transparent::grow_receive_buffer(&socket, UPSTREAM_RECEIVE_BUFFER);
+    transparent::grow_receive_buffer(&socket, UPSTREAM_RECEIVE_BUFFER);
     UdpSocket::from_std(socket)
 }
