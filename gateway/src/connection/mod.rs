@@ -157,9 +157,9 @@ impl Proxy {
             self.store.current()
         };
         let mut cx = Context::new(id, accepted, source, destination);
-        let verdict = self
-            .examine(&mut cx, &snapshot, admitted, &mut streams)
-            .await;
+        // Each stage's future is boxed: the task itself stays small, so what an idle relayed
+        // connection holds is the relay's state, not the largest stage's (the peek's).
+        let verdict = Box::pin(self.examine(&mut cx, &snapshot, admitted, &mut streams)).await;
         if verdict == Verdict::Deny {
             reset(streams.client);
             return;
@@ -180,7 +180,7 @@ impl Proxy {
         };
         // Only a ClientHello a rule allowed is held to its second one; audit lets anything on.
         let moved = if verdict == Verdict::Allow {
-            match self.retry(&mut cx, &mut streams, &mut upstream).await {
+            match Box::pin(self.retry(&mut cx, &mut streams, &mut upstream)).await {
                 Some(moved) => moved,
                 None => {
                     reset(streams.client);
@@ -196,10 +196,10 @@ impl Proxy {
         drop(cx);
         drop(snapshot);
         if http {
-            self.relay_http(id, (source, destination), streams, upstream, accepted)
-                .await;
+            let relay = self.relay_http(id, (source, destination), streams, upstream, accepted);
+            Box::pin(relay).await;
         } else {
-            self.relay(id, streams, upstream, accepted, moved).await;
+            Box::pin(self.relay(id, streams, upstream, accepted, moved)).await;
         }
     }
 
