@@ -3,7 +3,7 @@
 //!
 //! Design: one `RwLock` over a map keyed by (pod, destination address) whose slot holds the
 //! entries themselves, with room inline for one entry (most addresses carry one name) and, in
-//! the entry, for a name of up to [`INLINE_NAME`] bytes (most names). In a table of a million
+//! the entry, for a name of up to [`DnsName::INLINE`] bytes (most names). In a table of a million
 //! names every probe misses the cache, so a lookup costs what it touches: the hash probe and
 //! that slot. [`NameTable::lookup_each`] lends the names out under the read lock, so the hot
 //! path neither allocates nor touches a reference count. `touch` renews an entry through an
@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use egressgate_policy::DnsName;
 use prometheus::IntCounter;
 
 use crate::answer::Answer;
@@ -46,7 +47,7 @@ pub struct TableLimits {
 /// A live name a pod resolved to some address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedName {
-    pub name: Arc<str>,
+    pub name: DnsName,
     /// The CNAME targets between `name` and the address, in order.
     pub cnames: Arc<[Arc<str>]>,
 }
@@ -54,7 +55,7 @@ pub struct ResolvedName {
 /// One live record and the time it has left, from [`NameTable::lifetimes_each`].
 #[derive(Debug, Clone, Copy)]
 pub struct RecordLife<'a> {
-    pub name: &'a str,
+    pub name: &'a DnsName,
     pub cnames: &'a [Arc<str>],
     /// Until its TTL (or its last use by an allowed connection) ends.
     pub fresh_left: Duration,
@@ -78,7 +79,7 @@ pub struct NameTable {
 pub struct Touched {
     pub pod: IpAddr,
     pub dst: IpAddr,
-    pub name: Box<str>,
+    pub name: DnsName,
     pub at: Instant,
 }
 
@@ -106,7 +107,8 @@ struct Inner {
 
 #[derive(Debug)]
 struct Entry {
-    name: StoredName,
+    /// Inline when short (most names), else shared by the entries of one answer.
+    name: DnsName,
     /// `None` when there are none: most answers, and no allocation for them.
     cnames: Option<Arc<[Arc<str>]>>,
     resolved_at: Instant,
@@ -125,16 +127,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// `max_names` is clamped to this: the order's node ids are 32 bits.
 const MAX_ENTRIES: usize = 1 << 31;
-
-/// Longest name kept inside its entry; 38 bytes make a 40-byte `StoredName`.
-const INLINE_NAME: usize = 38;
-
-/// A recorded name: inline when short, else shared by the entries of one answer.
-#[derive(Debug, Clone)]
-enum StoredName {
-    Inline { len: u8, bytes: [u8; INLINE_NAME] },
-    Shared(Arc<str>),
-}
 
 // === impl NameTable ===
 
@@ -177,12 +169,12 @@ impl NameTable {
         if answer.addresses.is_empty() {
             return ttl;
         }
-        let name = StoredName::new(normalize(&answer.name));
+        let name = &answer.name;
         let cnames: Option<Arc<[Arc<str>]>> = (!answer.cnames.is_empty()).then(|| {
             answer
                 .cnames
                 .iter()
-                .map(|c| Arc::from(normalize(c)))
+                .map(|c| Arc::from(c.as_str()))
                 .collect()
         });
 
@@ -191,7 +183,7 @@ impl NameTable {
         for &dst in &answer.addresses {
             let route = Route { pod, dst };
             let entries = inner.routes.entry(route).or_default();
-            match entries.find_mut(name.as_str()) {
+            match entries.find_mut(name) {
                 Some(entry) => {
                     // Re-resolving refreshes: new TTL from now, and the entry is the newest.
                     let last_used = entry.last_used();
@@ -225,17 +217,14 @@ impl NameTable {
         pod: IpAddr,
         dst: IpAddr,
         now: Instant,
-        mut visit: impl FnMut(&str, &[Arc<str>]),
+        mut visit: impl FnMut(&DnsName, &[Arc<str>]),
     ) {
         let inner = self.read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
             return;
         };
         for entry in entries.iter().filter(|e| e.is_live(now, &self.limits)) {
-            visit(
-                entry.name.as_str(),
-                entry.cnames.as_deref().unwrap_or_default(),
-            );
+            visit(&entry.name, entry.cnames.as_deref().unwrap_or_default());
         }
     }
 
@@ -265,7 +254,7 @@ impl NameTable {
                 .and_then(|until| until.checked_add(self.limits.idle_grace))
                 .map_or(Duration::MAX, |until| until.saturating_duration_since(now));
             visit(RecordLife {
-                name: entry.name.as_str(),
+                name: &entry.name,
                 cnames: entry.cnames.as_deref().unwrap_or_default(),
                 fresh_left,
                 live_left,
@@ -282,7 +271,7 @@ impl NameTable {
         dst: IpAddr,
         now: Instant,
         max: usize,
-        mut visit: impl FnMut(&str, &[Arc<str>]),
+        mut visit: impl FnMut(&DnsName, &[Arc<str>]),
     ) -> usize {
         let inner = self.read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
@@ -290,17 +279,14 @@ impl NameTable {
         };
         let live = entries.iter().filter(|e| e.is_live(now, &self.limits));
         for entry in live.take(max) {
-            visit(
-                entry.name.as_str(),
-                entry.cnames.as_deref().unwrap_or_default(),
-            );
+            visit(&entry.name, entry.cnames.as_deref().unwrap_or_default());
         }
         entries.len()
     }
 
-    /// Whether `pod` resolved `name` (lowercase, no trailing dot) to `dst` and the record is
-    /// live: one hash probe for the route, one for the name.
-    pub fn is_resolved(&self, pod: IpAddr, dst: IpAddr, name: &str, now: Instant) -> bool {
+    /// Whether `pod` resolved `name` to `dst` and the record is live: one hash probe for the
+    /// route, one for the name.
+    pub fn is_resolved(&self, pod: IpAddr, dst: IpAddr, name: &DnsName, now: Instant) -> bool {
         let inner = self.read();
         inner
             .routes
@@ -314,7 +300,7 @@ impl NameTable {
         let mut found = Vec::new();
         self.lookup_each(pod, dst, now, |name, cnames| {
             found.push(ResolvedName {
-                name: Arc::from(name),
+                name: name.clone(),
                 cnames: Arc::from(cnames),
             });
         });
@@ -322,7 +308,7 @@ impl NameTable {
     }
 
     /// A connection was allowed through this record: extends its idle grace.
-    pub fn touch(&self, pod: IpAddr, dst: IpAddr, name: &str, now: Instant) {
+    pub fn touch(&self, pod: IpAddr, dst: IpAddr, name: &DnsName, now: Instant) {
         let inner = self.read();
         let entry = inner
             .routes
@@ -338,7 +324,7 @@ impl NameTable {
         }
     }
 
-    fn log_touch(&self, pod: IpAddr, dst: IpAddr, name: &str, at: Instant) {
+    fn log_touch(&self, pod: IpAddr, dst: IpAddr, name: &DnsName, at: Instant) {
         let Some(touches) = &self.touches else {
             return;
         };
@@ -347,7 +333,7 @@ impl NameTable {
             touches.push(Touched {
                 pod,
                 dst,
-                name: name.into(),
+                name: name.clone(),
                 at,
             });
         }
@@ -468,32 +454,6 @@ impl Inner {
     }
 }
 
-// === impl StoredName ===
-
-impl StoredName {
-    fn new(name: String) -> Self {
-        let mut bytes = [0; INLINE_NAME];
-        match (bytes.get_mut(..name.len()), u8::try_from(name.len())) {
-            (Some(inline), Ok(len)) => {
-                inline.copy_from_slice(name.as_bytes());
-                StoredName::Inline { len, bytes }
-            }
-            _ => StoredName::Shared(Arc::from(name)),
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        match self {
-            // Copied from a `str`, whole: always valid UTF-8.
-            StoredName::Inline { len, bytes } => bytes
-                .get(..usize::from(*len))
-                .and_then(|name| std::str::from_utf8(name).ok())
-                .unwrap_or_default(),
-            StoredName::Shared(name) => name,
-        }
-    }
-}
-
 // === impl Entry ===
 
 impl Entry {
@@ -517,11 +477,6 @@ impl Entry {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn normalize(name: &str) -> String {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    name.to_ascii_lowercase()
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ fn table(per_pod: usize, total: usize) -> NameTable {
 
 fn answer(name: String, dst: IpAddr) -> Answer {
     Answer {
-        name,
+        name: name.parse().expect("a valid name"),
         addresses: vec![dst],
         cnames: Vec::new(),
         ttl: 3600,

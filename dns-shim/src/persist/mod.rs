@@ -281,7 +281,8 @@ pub fn apply(bytes: &[u8], table: &NameTable, now: Instant, wall_now: SystemTime
         match record {
             Record::Name(name) => match table.restore(&name, now, wall_now) {
                 Restored::Kept => applied.names += 1,
-                Restored::Expired => applied.expired += 1,
+                // Counted with the expired: dropped either way.
+                Restored::Expired | Restored::NotADnsName => applied.expired += 1,
             },
             Record::Touch(touch) => {
                 table.restore_touch(&touch, now, wall_now);

@@ -25,13 +25,17 @@ fn table() -> NameTable {
     .log_touches()
 }
 
+fn dns_name(name: &str) -> egressgate_policy::DnsName {
+    name.parse().expect(name)
+}
+
 fn scope() -> Scope {
     Scope::new("node-1", &["198.18.0.0/15".to_owned()])
 }
 
 fn answer(name: &str, address: IpAddr, ttl: u32) -> Answer {
     Answer {
-        name: name.to_owned(),
+        name: dns_name(name),
         addresses: vec![address],
         cnames: vec![],
         ttl,
@@ -209,9 +213,14 @@ fn uses_of_entries_are_journaled() {
     let resolved = Instant::now();
     kept.table
         .record(POD_A, &answer("api.example.test", WEB, 0), resolved);
-    kept.table.touch(POD_A, WEB, "api.example.test", resolved);
     kept.table
-        .touch(POD_A, WEB, "never-resolved.example.test", resolved);
+        .touch(POD_A, WEB, &dns_name("api.example.test"), resolved);
+    kept.table.touch(
+        POD_A,
+        WEB,
+        &dns_name("never-resolved.example.test"),
+        resolved,
+    );
     kept.journal.save_touches(&kept.table);
     let bytes = std::fs::read(journal_path(dir.path(), kept.journal_generation())).expect("read");
     let (_, len) = Header::decode(&bytes).expect("header");
