@@ -38,6 +38,6 @@ pub use forward::ForwardError;
 pub use query::{edns_udp_payload, read_head, MessageHead, Question, Rcode};
 pub use shim::{DnsShim, ForeignServerPolicy, ShimConfig, ShimListeners};
 pub use table::{
-    ExportedName, NameTable, RecordLife, ResolvedName, Restored, SavedName, SavedTouch,
-    TableLimits, Touched,
+    DestIp, ExportedName, NameTable, PodIp, RecordLife, ResolvedName, Restored, SavedName,
+    SavedTouch, TableLimits, Touched,
 };

@@ -14,7 +14,6 @@
 //! `len` gauge measure. A pod's entries live under that pod's key only, so no lookup can reach
 //! another pod's names.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -26,10 +25,12 @@ use crate::answer::Answer;
 use names::Names;
 use order::{NodeId, Order, Route};
 
+mod keys;
 mod names;
 mod order;
 mod saved;
 
+pub use keys::{DestIp, PodIp};
 pub use saved::{ExportedName, Restored, SavedName, SavedTouch};
 
 /// How long entries live and how many there may be.
@@ -77,8 +78,8 @@ pub struct NameTable {
 /// A use of an entry by an allowed connection, waiting to be saved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Touched {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
+    pub pod: PodIp,
+    pub dst: DestIp,
     pub name: DnsName,
     pub at: Instant,
 }
@@ -164,7 +165,7 @@ impl NameTable {
 
     /// Records (or refreshes) one entry per address of `answer` for `pod`. Returns the TTL the
     /// entries got (raised to `min_ttl`).
-    pub fn record(&self, pod: IpAddr, answer: &Answer, now: Instant) -> Duration {
+    pub fn record(&self, pod: PodIp, answer: &Answer, now: Instant) -> Duration {
         let ttl = Duration::from_secs(u64::from(answer.ttl)).max(self.limits.min_ttl);
         if answer.addresses.is_empty() {
             return ttl;
@@ -181,7 +182,10 @@ impl NameTable {
         let mut guard = self.write();
         let inner = &mut *guard;
         for &dst in &answer.addresses {
-            let route = Route { pod, dst };
+            let route = Route {
+                pod,
+                dst: DestIp(dst),
+            };
             let entries = inner.routes.entry(route).or_default();
             match entries.find_mut(name) {
                 Some(entry) => {
@@ -214,8 +218,8 @@ impl NameTable {
     /// need and return.
     pub fn lookup_each(
         &self,
-        pod: IpAddr,
-        dst: IpAddr,
+        pod: PodIp,
+        dst: DestIp,
         now: Instant,
         mut visit: impl FnMut(&DnsName, &[Arc<str>]),
     ) {
@@ -232,8 +236,8 @@ impl NameTable {
     /// `egressgate explain`, which shows an operator why a name does or does not count.
     pub fn lifetimes_each(
         &self,
-        pod: IpAddr,
-        dst: IpAddr,
+        pod: PodIp,
+        dst: DestIp,
         now: Instant,
         mut visit: impl FnMut(RecordLife<'_>),
     ) {
@@ -267,8 +271,8 @@ impl NameTable {
     /// connection carries stays bounded however many names share the address.
     pub fn lookup_some(
         &self,
-        pod: IpAddr,
-        dst: IpAddr,
+        pod: PodIp,
+        dst: DestIp,
         now: Instant,
         max: usize,
         mut visit: impl FnMut(&DnsName, &[Arc<str>]),
@@ -286,7 +290,7 @@ impl NameTable {
 
     /// Whether `pod` resolved `name` to `dst` and the record is live: one hash probe for the
     /// route, one for the name.
-    pub fn is_resolved(&self, pod: IpAddr, dst: IpAddr, name: &DnsName, now: Instant) -> bool {
+    pub fn is_resolved(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) -> bool {
         let inner = self.read();
         inner
             .routes
@@ -296,7 +300,7 @@ impl NameTable {
     }
 
     /// [`lookup_each`](Self::lookup_each), collected.
-    pub fn lookup(&self, pod: IpAddr, dst: IpAddr, now: Instant) -> Vec<ResolvedName> {
+    pub fn lookup(&self, pod: PodIp, dst: DestIp, now: Instant) -> Vec<ResolvedName> {
         let mut found = Vec::new();
         self.lookup_each(pod, dst, now, |name, cnames| {
             found.push(ResolvedName {
@@ -308,7 +312,7 @@ impl NameTable {
     }
 
     /// A connection was allowed through this record: extends its idle grace.
-    pub fn touch(&self, pod: IpAddr, dst: IpAddr, name: &DnsName, now: Instant) {
+    pub fn touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) {
         let inner = self.read();
         let entry = inner
             .routes
@@ -324,7 +328,7 @@ impl NameTable {
         }
     }
 
-    fn log_touch(&self, pod: IpAddr, dst: IpAddr, name: &DnsName, at: Instant) {
+    fn log_touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, at: Instant) {
         let Some(touches) = &self.touches else {
             return;
         };
@@ -367,7 +371,7 @@ impl NameTable {
     }
 
     /// Over a limit, expired entries go first (not counted as evictions), then the oldest.
-    fn enforce_limits(&self, inner: &mut Inner, pod: IpAddr, now: Instant) {
+    fn enforce_limits(&self, inner: &mut Inner, pod: PodIp, now: Instant) {
         if inner.order.len_of(pod) > self.limits.max_names_per_pod {
             for node in inner.order.nodes_of(pod) {
                 if !inner

@@ -14,8 +14,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use egressgate_dns_shim::{
-    check_response, edns_udp_payload, read_answer, read_exchange, read_head, Answer, Mismatch,
-    NameTable, Question, Reading, TableLimits,
+    check_response, edns_udp_payload, read_answer, read_exchange, read_head, Answer, DestIp,
+    Mismatch, NameTable, PodIp, Question, Reading, TableLimits,
 };
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
@@ -242,17 +242,18 @@ fn record(answer: &Answer) {
     let valid_for =
         Duration::from_secs(u64::from(answer.ttl)).max(limits.min_ttl) + limits.idle_grace;
     let table = NameTable::new(limits);
-    let pod = IpAddr::from([10, 244, 1, 2]);
+    let pod = PodIp(IpAddr::from([10, 244, 1, 2]));
     let now = Instant::now();
     table.record(pod, answer, now);
     assert_eq!(table.len(), answer.addresses.len().min(MAX_NAMES_PER_POD));
-    for &dst in answer.addresses.iter().rev().take(MAX_NAMES_PER_POD) {
+    for dst in answer.addresses.iter().rev().take(MAX_NAMES_PER_POD) {
+        let dst = DestIp(*dst);
         let names = table.lookup(pod, dst, now);
         assert_eq!(names.len(), 1, "one name recorded for {dst}");
         assert_eq!(names[0].cnames.len(), answer.cnames.len());
         table.touch(pod, dst, &names[0].name, now);
         assert!(table
-            .lookup(IpAddr::from([10, 244, 1, 3]), dst, now)
+            .lookup(PodIp(IpAddr::from([10, 244, 1, 3])), dst, now)
             .is_empty());
     }
     // A second answer for the same name refreshes rather than adds.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use egressgate::decision;
 use egressgate::identity::Identities;
-use egressgate_dns_shim::{Answer, NameTable, TableLimits};
+use egressgate_dns_shim::{Answer, DestIp, NameTable, PodIp, TableLimits};
 use egressgate_policy::{parse_policies, DnsName, PolicySet};
 use hdrhistogram::Histogram;
 
@@ -196,7 +196,7 @@ impl Bench {
                     cnames: Vec::new(),
                     ttl: 3600,
                 };
-                table.record(pod_ip(i), &answer, now);
+                table.record(PodIp(pod_ip(i)), &answer, now);
             }
         }
         let record_per_s = names as f64 / started.elapsed().as_secs_f64();
@@ -239,9 +239,11 @@ impl Bench {
         mark(1);
         // As the gateway does: the names are copied out for the decision's log line.
         let mut resolved: Vec<DnsName> = Vec::new();
-        self.table.lookup_each(src, dst, Instant::now(), |name, _| {
-            resolved.push(name.clone())
-        });
+        let (pod_ip, dst_ip) = (PodIp(src), DestIp(dst));
+        self.table
+            .lookup_each(pod_ip, dst_ip, Instant::now(), |name, _| {
+                resolved.push(name.clone())
+            });
         mark(2);
         let granted = decision::effective_grants(&selection, selection.grants(dst, 443, &resolved));
         Ok(decision::authorize_tls(&granted, Some(sni), true).is_ok())

@@ -3,11 +3,11 @@
 //! leaves as the wall-clock time its TTL (or its last use) ends, and comes back against the
 //! wall clock of the new process.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::keys::{DestIp, PodIp};
 use super::order::Route;
 use egressgate_policy::DnsName;
 
@@ -17,8 +17,8 @@ use super::{nanos, Entry, NameTable};
 /// `fresh_until` and valid for the table's idle grace after that.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedName {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
+    pub pod: PodIp,
+    pub dst: DestIp,
     pub name: String,
     pub cnames: Vec<String>,
     pub fresh_until: SystemTime,
@@ -27,8 +27,8 @@ pub struct SavedName {
 /// A connection used a record at `at`: its idle grace starts again from there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedTouch {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
+    pub pod: PodIp,
+    pub dst: DestIp,
     pub name: String,
     pub at: SystemTime,
 }
@@ -47,8 +47,8 @@ pub enum Restored {
 /// An entry seen through [`NameTable::export_each`], borrowed from the table.
 #[derive(Debug)]
 pub struct ExportedName<'a> {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
+    pub pod: PodIp,
+    pub dst: DestIp,
     pub name: &'a DnsName,
     pub cnames: &'a [Arc<str>],
     pub fresh_until: SystemTime,
@@ -144,7 +144,7 @@ impl NameTable {
     }
 
     /// Drops every entry of `pod` (a pod that no longer exists); returns how many.
-    pub fn forget_pod(&self, pod: IpAddr) -> usize {
+    pub fn forget_pod(&self, pod: PodIp) -> usize {
         let mut inner = self.write();
         let nodes = inner.order.nodes_of(pod);
         for &node in &nodes {
@@ -155,9 +155,9 @@ impl NameTable {
     }
 
     /// The pods that have entries.
-    pub fn pods(&self) -> Vec<IpAddr> {
+    pub fn pods(&self) -> Vec<PodIp> {
         let inner = self.read();
-        let mut pods: Vec<IpAddr> = inner.routes.keys().map(|route| route.pod).collect();
+        let mut pods: Vec<PodIp> = inner.routes.keys().map(|route| route.pod).collect();
         pods.sort_unstable();
         pods.dedup();
         pods

@@ -2,10 +2,12 @@ use std::net::Ipv4Addr;
 
 use super::*;
 
-const POD_A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2));
-const POD_B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3));
-const DST: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
-const DST2: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 11));
+use std::net::IpAddr;
+
+const POD_A: PodIp = PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2)));
+const POD_B: PodIp = PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3)));
+const DST: DestIp = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10)));
+const DST2: DestIp = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 11)));
 
 fn limits() -> TableLimits {
     TableLimits {
@@ -16,10 +18,10 @@ fn limits() -> TableLimits {
     }
 }
 
-fn answer(name: &str, addresses: &[IpAddr], ttl: u32) -> Answer {
+fn answer(name: &str, addresses: &[DestIp], ttl: u32) -> Answer {
     Answer {
         name: dns_name(name),
-        addresses: addresses.to_vec(),
+        addresses: addresses.iter().map(|dst| dst.0).collect(),
         cnames: vec!["lb.cdn.example.test".to_owned()],
         ttl,
     }
@@ -322,8 +324,12 @@ mod model {
 
     use super::*;
 
-    const PODS: [IpAddr; 3] = [POD_A, POD_B, IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4))];
-    const DSTS: [IpAddr; 3] = [DST, DST2, IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12))];
+    const PODS: [PodIp; 3] = [
+        POD_A,
+        POD_B,
+        PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4))),
+    ];
+    const DSTS: [DestIp; 3] = [DST, DST2, DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12)))];
     const NAMES: [&str; 4] = ["a.test", "b.test", "c.test", "d.test"];
     const LIMITS: TableLimits = TableLimits {
         min_ttl: Duration::from_secs(5),
@@ -425,7 +431,7 @@ mod model {
                 let at = t0 + secs(now);
                 match op {
                     Op::Record { pod, name, dsts, ttl } => {
-                        let addresses: Vec<IpAddr> = dsts.iter().map(|&d| DSTS[d]).collect();
+                        let addresses: Vec<IpAddr> = dsts.iter().map(|&d| DSTS[d].0).collect();
                         let answer = Answer {
                             name: dns_name(NAMES[name]),
                             addresses,

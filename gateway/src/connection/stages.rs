@@ -48,9 +48,10 @@ pub fn collect_names(
 ) -> ResolvedNames {
     let mut resolved = ResolvedNames::default();
     let now = std::time::Instant::now();
-    for &ip in &pod.ips {
+    for pod_ip in pod.table_ips() {
         let room = max.saturating_sub(resolved.names.len());
-        resolved.total += table.lookup_some(ip, destination.ip(), now, room, |name, chain| {
+        let dst = destination.table_ip();
+        resolved.total += table.lookup_some(pod_ip, dst, now, room, |name, chain| {
             // Several pod addresses: the same name may come under each.
             if pod.ips.len() > 1 && resolved.names.contains(name) {
                 return;
@@ -125,11 +126,10 @@ pub fn complete_names(
     };
     if let (Some(name), Completion::ProbeFirst) = (requested, scope) {
         let now = std::time::Instant::now();
-        let dst = cx.destination.ip();
+        let dst = cx.destination.table_ip();
         if pod
-            .ips
-            .iter()
-            .any(|&ip| table.is_resolved(ip, dst, name, now))
+            .table_ips()
+            .any(|pod_ip| table.is_resolved(pod_ip, dst, name, now))
         {
             cx.resolved.put_first(name);
             cx.grants = grants_for(selection, cx.destination, std::slice::from_ref(name));
@@ -253,9 +253,9 @@ fn authorize_with(
 /// attempt must not.
 pub fn keep_names_alive(table: &NameTable, pod: &Pod, destination: OrigDstAddr, granted: &Granted) {
     let now = std::time::Instant::now();
-    for &ip in &pod.ips {
+    for pod_ip in pod.table_ips() {
         for name in &granted.names {
-            table.touch(ip, destination.ip(), name, now);
+            table.touch(pod_ip, destination.table_ip(), name, now);
         }
     }
 }

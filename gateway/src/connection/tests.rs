@@ -794,7 +794,7 @@ fn resolve(table: &NameTable, names: impl IntoIterator<Item = String>) {
             cnames: Vec::new(),
             ttl: 300,
         };
-        table.record(client().ip(), &answer, now);
+        table.record(egressgate_dns_shim::PodIp(client().ip()), &answer, now);
     }
 }
 

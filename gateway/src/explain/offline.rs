@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use egressgate_dns_shim::{NameTable, SavedName, TableLimits};
+use egressgate_dns_shim::{DestIp, NameTable, SavedName, TableLimits};
 use egressgate_policy::DnsName;
 
 use super::query::Query;
@@ -79,12 +79,12 @@ pub fn table_for(pod: &Pod, resolved: &Resolved) -> NameTable {
         max_names: usize::MAX,
     });
     let (now, wall_now) = (Instant::now(), SystemTime::now());
-    for &pod_ip in &pod.ips {
+    for pod_ip in pod.table_ips() {
         for (name, dst) in &resolved.0 {
             table.restore(
                 &SavedName {
                     pod: pod_ip,
-                    dst: *dst,
+                    dst: DestIp(*dst),
                     name: name.to_string(),
                     cnames: Vec::new(),
                     fresh_until: wall_now + GIVEN_RECORD_LIFE,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use egressgate_dns_shim::NameTable;
+use egressgate_dns_shim::{DestIp, NameTable};
 use egressgate_policy::{
     DnsName, Grant, GrantPeer, Mode, PolicyKind, PolicySet, Protocol as RuleProtocol,
 };
@@ -229,8 +229,9 @@ fn resolved_addresses(table: &NameTable, pod: &Pod, name: &DnsName) -> Vec<IpAdd
     let now = std::time::Instant::now();
     let mut found = Vec::new();
     table.export_each(now, std::time::SystemTime::now(), |record| {
-        if record.name == name && pod.ips.contains(&record.pod) && !found.contains(&record.dst) {
-            found.push(record.dst);
+        let (pod_ip, dst) = (record.pod.0, record.dst.0);
+        if record.name == name && pod.ips.contains(&pod_ip) && !found.contains(&dst) {
+            found.push(dst);
         }
     });
     found.sort();
@@ -379,7 +380,8 @@ fn record_steps(
             says: modes.to_owned(),
         });
 
-        let (listed, listed_names, total) = record_names(table, pod, destination.ip(), records);
+        let (listed, listed_names, total) =
+            record_names(table, pod, DestIp(destination.ip()), records);
         names = listed;
         if total > names.len() {
             names_total = Some(total);
@@ -490,15 +492,15 @@ fn record_steps(
 fn record_names(
     table: &NameTable,
     pod: &Pod,
-    dst: IpAddr,
+    dst: DestIp,
     records: Records,
 ) -> (Vec<NameView>, Vec<DnsName>, usize) {
     let now = std::time::Instant::now();
     let mut names: Vec<NameView> = Vec::new();
     let mut listed: Vec<DnsName> = Vec::new();
     let mut total = 0;
-    for &ip in &pod.ips {
-        table.lifetimes_each(ip, dst, now, |life| {
+    for pod_ip in pod.table_ips() {
+        table.lifetimes_each(pod_ip, dst, now, |life| {
             if names.iter().any(|n| n.name == life.name.as_str()) {
                 return;
             }
@@ -623,7 +625,7 @@ fn selecting_policies(pod: &Pod, policies: &PolicySet) -> Vec<PolicyView> {
 mod tests {
     use std::sync::Arc;
 
-    use egressgate_dns_shim::{Answer, TableLimits};
+    use egressgate_dns_shim::{Answer, PodIp, TableLimits};
 
     use super::super::query::Query;
     use super::*;
@@ -680,7 +682,7 @@ spec:
             cnames: Vec::new(),
             ttl,
         };
-        table.record(POD, &answer, std::time::Instant::now());
+        table.record(PodIp(POD), &answer, std::time::Instant::now());
     }
 
     fn ask(to: &str, sni: Option<&str>) -> Asked {
