@@ -311,21 +311,25 @@ impl NameTable {
         found
     }
 
-    /// A connection was allowed through this record: extends its idle grace.
-    pub fn touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) {
+    /// A connection was allowed through this record: extends its idle grace. False when the
+    /// pod holds no live record of the name (nothing is extended).
+    pub fn touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) -> bool {
         let inner = self.read();
         let entry = inner
             .routes
             .get(&Route { pod, dst })
-            .and_then(|entries| entries.find(name));
-        if let Some(entry) = entry {
-            let after = nanos(now.saturating_duration_since(entry.resolved_at));
-            let before = entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
-            drop(inner);
-            if before == 0 || after / TOUCH_SAVE_STEP_NS > before / TOUCH_SAVE_STEP_NS {
-                self.log_touch(pod, dst, name, now);
-            }
+            .and_then(|entries| entries.find(name))
+            .filter(|entry| entry.is_live(now, &self.limits));
+        let Some(entry) = entry else {
+            return false;
+        };
+        let after = nanos(now.saturating_duration_since(entry.resolved_at));
+        let before = entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
+        drop(inner);
+        if before == 0 || after / TOUCH_SAVE_STEP_NS > before / TOUCH_SAVE_STEP_NS {
+            self.log_touch(pod, dst, name, now);
         }
+        true
     }
 
     fn log_touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, at: Instant) {

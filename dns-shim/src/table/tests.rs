@@ -120,6 +120,17 @@ fn touches_within_a_second_of_the_last_saved_one_are_not_saved_again() {
 }
 
 #[test]
+fn touch_does_not_revive_an_expired_record() {
+    let table = NameTable::new(limits());
+    let t0 = Instant::now();
+    table.record(POD_A, &answer("api.example.test", &[DST], 10), t0);
+    assert!(table.touch(POD_A, DST, &dns_name("api.example.test"), t0 + secs(39)));
+    // Live until 69s now; a touch after that finds nothing to renew.
+    assert!(!table.touch(POD_A, DST, &dns_name("api.example.test"), t0 + secs(69)));
+    assert!(table.lookup(POD_A, DST, t0 + secs(69)).is_empty());
+}
+
+#[test]
 fn touch_of_another_pod_or_name_changes_nothing() {
     let table = NameTable::new(limits());
     let t0 = Instant::now();
@@ -409,14 +420,17 @@ mod model {
             }
         }
 
-        fn touch(&mut self, pod: usize, dst: usize, name: usize, now: u64) {
-            if let Some(row) = self
+        /// A touch renews a live record only: an expired one stays expired.
+        fn touch(&mut self, pod: usize, dst: usize, name: usize, now: u64) -> bool {
+            let row = self
                 .rows
                 .iter_mut()
-                .find(|r| (r.0, r.1, r.2) == (pod, dst, name))
-            {
+                .find(|r| (r.0, r.1, r.2) == (pod, dst, name) && live(r, now));
+            let found = row.is_some();
+            if let Some(row) = row {
                 row.5 = row.5.max(now);
             }
+            found
         }
     }
 
@@ -442,8 +456,8 @@ mod model {
                         model.record(pod, name, &dsts, ttl, now);
                     }
                     Op::Touch { pod, dst, name } => {
-                        table.touch(PODS[pod], DSTS[dst], &dns_name(NAMES[name]), at);
-                        model.touch(pod, dst, name, now);
+                        let live = table.touch(PODS[pod], DSTS[dst], &dns_name(NAMES[name]), at);
+                        prop_assert_eq!(live, model.touch(pod, dst, name, now));
                     }
                     Op::Purge => {
                         let before = model.rows.len();

@@ -880,3 +880,90 @@ async fn a_tcp_rule_for_a_name_past_the_carried_ones_allows_without_a_peek() {
     assert_eq!(granted.names, ["api.example.test"]);
     assert_eq!(cx.protocol, Some(Protocol::Tcp));
 }
+
+// === later requests on an allowed HTTP/1 connection ===
+
+const HTTP_BY_NAME: &str = "apiVersion: egressgate.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  podSelector: {matchLabels: {role: app}}
+  egress:
+    - to: [{dnsName: api.example.test}]
+      ports: [{port: 443, protocol: http}]
+";
+
+fn later_request(host: &str) -> peek::http_framing::Request {
+    let head = format!("GET /next HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    match peek::http_framing::peek_request(head.as_bytes()) {
+        Peek::Complete(request) => request,
+        other => panic!("a whole request head, got {other:?}"),
+    }
+}
+
+fn gate(gateway: &Gateway, host: &str, allowed: &mut Option<AllowedHost>) -> Next {
+    let request = later_request(host);
+    let ends = (client(), destination());
+    gateway
+        .proxy
+        .gate(7, ends, Seen::Request(&request), allowed)
+}
+
+fn later_allowed(gateway: &Gateway) -> u64 {
+    gateway.proxy.metrics.http_later_allowed.get()
+}
+
+#[tokio::test]
+async fn a_later_request_for_the_host_allowed_last_needs_its_name_still_live() {
+    let gateway = gateway_with(HTTP_BY_NAME, POD, 4);
+    resolve(&gateway.table, ["api.example.test".to_owned()]);
+    let mut allowed = None;
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+    assert!(allowed.is_some(), "an allowed request is remembered");
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+    assert_eq!(later_allowed(&gateway), 2);
+
+    // The pod's name table is full of newer names: the one the requests used is gone.
+    resolve(
+        &gateway.table,
+        (0..4).map(|i| format!("site-{i}.example.test")),
+    );
+    assert!(gateway
+        .table
+        .lookup(
+            egressgate_dns_shim::PodIp(client().ip()),
+            egressgate_dns_shim::DestIp(destination().ip()),
+            std::time::Instant::now(),
+        )
+        .iter()
+        .all(|resolved| &*resolved.name != "api.example.test"));
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Stop);
+    assert!(allowed.is_none(), "a refusal forgets the allowed host");
+    assert_eq!(later_allowed(&gateway), 2);
+}
+
+#[tokio::test]
+async fn a_later_request_for_another_host_is_decided_whole() {
+    let gateway = gateway_with(HTTP_BY_NAME, POD, 16);
+    resolve(&gateway.table, ["api.example.test".to_owned()]);
+    let mut allowed = None;
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+    assert_eq!(
+        gate(&gateway, "evil.example.test", &mut allowed),
+        Next::Stop
+    );
+}
+
+#[tokio::test]
+async fn a_later_request_after_the_pods_identity_changed_is_decided_whole() {
+    let gateway = gateway_with(HTTP_BY_NAME, POD, 16);
+    resolve(&gateway.table, ["api.example.test".to_owned()]);
+    let mut allowed = None;
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+
+    // The address now belongs to no pod: `unknownSources` (deny) decides.
+    let gone = Identities::parse("pods.yaml", NO_POD).expect("identities");
+    gateway.store.set_identities(gone);
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Stop);
+    assert_eq!(later_allowed(&gateway), 1);
+}
