@@ -207,6 +207,27 @@ mod tests {
         );
     }
 
+    /// A Host that is an IP literal is typed apart from a name, yet the line writes it as it
+    /// always did, and the denied-destinations metric names it.
+    #[test]
+    fn an_ip_literal_host_is_written_as_text_and_is_the_wanted_destination() {
+        let capture = include_bytes!("../peek/testdata/http/curl-7.88.1-ipv6-literal-host.bin");
+        let Peek::Complete(head) = crate::peek::http::peek_request_head(capture) else {
+            panic!("capture is a whole request head");
+        };
+        let pod = pod();
+        let mut cx = context(&pod, 80);
+        cx.protocol = Some(Protocol::Http);
+        cx.peeked = Some(Peeked::Http(head));
+        let line = json(
+            &cx,
+            &Err(Stop::new(PolicyDenial::HostMismatch)),
+            Verdict::Deny,
+        );
+        assert!(line.contains(r#""host":"::1""#), "{line}");
+        assert_eq!(wanted_destination(&cx), "::1");
+    }
+
     /// The name the ClientHello asked for leads `names`, even past the eighth.
     #[test]
     fn the_requested_name_is_listed_first() {
