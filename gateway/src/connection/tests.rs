@@ -883,15 +883,10 @@ async fn a_tcp_rule_for_a_name_past_the_carried_ones_allows_without_a_peek() {
 
 // === later requests on an allowed HTTP/1 connection ===
 
-const HTTP_BY_NAME: &str = "apiVersion: egressgate.dev/v1alpha1
-kind: EgressPolicy
-metadata: {name: web, namespace: shop}
-spec:
-  podSelector: {matchLabels: {role: app}}
-  egress:
-    - to: [{dnsName: api.example.test}]
-      ports: [{port: 443, protocol: http}]
-";
+/// The policy of the names tests, with an `http` rule instead.
+fn http_by_name() -> String {
+    TLS_BY_NAME.replace("protocol: tls", "protocol: http")
+}
 
 fn later_request(host: &str) -> peek::http_framing::Request {
     let head = format!("GET /next HTTP/1.1\r\nHost: {host}\r\n\r\n");
@@ -915,7 +910,7 @@ fn later_allowed(gateway: &Gateway) -> u64 {
 
 #[tokio::test]
 async fn a_later_request_for_the_host_allowed_last_needs_its_name_still_live() {
-    let gateway = gateway_with(HTTP_BY_NAME, POD, 4);
+    let gateway = gateway_with(&http_by_name(), POD, 4);
     resolve(&gateway.table, ["api.example.test".to_owned()]);
     let mut allowed = None;
     assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
@@ -944,7 +939,7 @@ async fn a_later_request_for_the_host_allowed_last_needs_its_name_still_live() {
 
 #[tokio::test]
 async fn a_later_request_for_another_host_is_decided_whole() {
-    let gateway = gateway_with(HTTP_BY_NAME, POD, 16);
+    let gateway = gateway_with(&http_by_name(), POD, 16);
     resolve(&gateway.table, ["api.example.test".to_owned()]);
     let mut allowed = None;
     assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
@@ -956,7 +951,7 @@ async fn a_later_request_for_another_host_is_decided_whole() {
 
 #[tokio::test]
 async fn a_later_request_after_the_pods_identity_changed_is_decided_whole() {
-    let gateway = gateway_with(HTTP_BY_NAME, POD, 16);
+    let gateway = gateway_with(&http_by_name(), POD, 16);
     resolve(&gateway.table, ["api.example.test".to_owned()]);
     let mut allowed = None;
     assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
