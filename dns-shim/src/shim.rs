@@ -18,7 +18,7 @@ use crate::log::DnsLine;
 use crate::metrics::{Metrics, QueryResult};
 use crate::persist::Journal;
 use crate::query::{self, error_reply, read_head, truncated_reply, MessageHead, Rcode};
-use crate::table::NameTable;
+use crate::table::{NameTable, PodIp};
 use crate::{tcp, udp};
 
 /// RFC 1035 §4.2.1: without EDNS a UDP answer may not exceed 512 octets.
@@ -270,11 +270,11 @@ impl Handler for DnsShim {
         let (result, answer) = match reading {
             Reading::Record(answer) => {
                 // Recorded (and saved) before the pod can see the answer and connect.
-                let ttl = self
-                    .table
-                    .record(client.pod.ip(), &answer, std::time::Instant::now());
+                let ttl =
+                    self.table
+                        .record(PodIp(client.pod.ip()), &answer, std::time::Instant::now());
                 if let Some(journal) = &self.journal {
-                    journal.record(client.pod.ip(), &answer, ttl);
+                    journal.record(PodIp(client.pod.ip()), &answer, ttl);
                 }
                 (QueryResult::Answered, Some(answer))
             }

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use egressgate_dns_shim::NameTable;
+use egressgate_dns_shim::{NameTable, PodIp};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -44,6 +44,7 @@ use crate::decision::{self, Limit, PodFault, Reason, Verdict};
 use crate::events::CloseLine;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::peek::http::Host;
 use crate::peek::{self, Peek, Peeked};
 use crate::pipes::PIPES;
 use crate::protocol::Protocol;
@@ -51,7 +52,7 @@ use crate::relay::{self, Next, Seen};
 use crate::store::{Snapshot, Store};
 pub use addr::{ClientAddr, OrigDstAddr};
 use context::{Context, Granted, Streams};
-use egressgate_policy::Selection;
+use egressgate_policy::{DnsName, Selection};
 use reader::PeekReader;
 use stop::Stop;
 use upstream::{Dial, TcpDial};
@@ -391,7 +392,7 @@ impl Proxy {
                 *allowed = match (&seen, cx.pod) {
                     (Seen::Request(request), Some(pod)) => Some(AllowedHost {
                         host: request.head.host.clone(),
-                        pod_ips: pod.ips.clone(),
+                        pod_ips: pod.table_ips().collect(),
                         names: granted.names,
                         snapshot: snapshot.clone(),
                     }),
@@ -477,10 +478,10 @@ impl Proxy {
 struct AllowedHost {
     /// The policies and identities it was decided with.
     snapshot: Snapshot,
-    host: Option<String>,
-    pod_ips: Vec<std::net::IpAddr>,
+    host: Option<Host>,
+    pod_ips: Vec<PodIp>,
     /// The names the grant used; none for a `cidr` grant, which needs no name.
-    names: Vec<String>,
+    names: Vec<DnsName>,
 }
 
 impl AllowedHost {
@@ -499,7 +500,7 @@ impl AllowedHost {
         let now = std::time::Instant::now();
         self.names.iter().all(|name| {
             self.pod_ips.iter().fold(false, |live, &ip| {
-                proxy.table.touch(ip, destination.ip(), name, now) | live
+                proxy.table.touch(ip, destination.table_ip(), name, now) | live
             })
         })
     }
