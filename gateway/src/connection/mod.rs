@@ -136,11 +136,46 @@ impl Proxy {
         self.metrics.connections_active.inc();
         let _active = ActiveGuard(self.metrics.connections_active.clone());
         let id = self.next_id();
+        // Held until the connection closes: `connections.max` counts open connections.
+        let permit = self.limits.connection();
+        // Each phase's future is boxed: the task itself stays small, so what an idle relayed
+        // connection holds is the relay's state, not the largest stage's (the peek's).
+        let open = self.open(id, client, source, accepted, permit.is_some());
+        let Some(opened) = Box::pin(open).await else {
+            return;
+        };
+        let Opened {
+            streams,
+            upstream,
+            destination,
+            http,
+            moved,
+        } = opened;
+        if http {
+            let relay = self.relay_http(id, (source, destination), streams, upstream, accepted);
+            Box::pin(relay).await;
+        } else {
+            Box::pin(self.relay(id, streams, upstream, accepted, moved)).await;
+        }
+        drop(permit);
+    }
+
+    /// Everything before the relay: examine (the stages and the verdict), connect upstream
+    /// and the retry stage. `None` when the connection ended here (denied, or the upstream
+    /// unreachable or refused by the retry stage).
+    async fn open(
+        &self,
+        id: u64,
+        client: TcpStream,
+        source: ClientAddr,
+        accepted: Instant,
+        admitted: bool,
+    ) -> Option<Opened> {
         let destination = match client.local_addr() {
             Ok(addr) => OrigDstAddr(addr),
             Err(e) => {
                 tracing::debug!(error = %e, "connection gone before it was examined");
-                return;
+                return None;
             }
         };
         let mut streams = Streams {
@@ -148,9 +183,6 @@ impl Proxy {
             upstream: None,
             reader: PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes),
         };
-        // Held until the connection closes: `connections.max` counts open connections.
-        let permit = self.limits.connection();
-        let admitted = permit.is_some();
         // No waiting over the limit, but the log names the pod if it is known.
         let snapshot = if admitted {
             self.wait_for_pod(source, accepted).await
@@ -158,12 +190,12 @@ impl Proxy {
             self.store.current()
         };
         let mut cx = Context::new(id, accepted, source, destination);
-        // Each stage's future is boxed: the task itself stays small, so what an idle relayed
-        // connection holds is the relay's state, not the largest stage's (the peek's).
-        let verdict = Box::pin(self.examine(&mut cx, &snapshot, admitted, &mut streams)).await;
+        let verdict = self
+            .examine(&mut cx, &snapshot, admitted, &mut streams)
+            .await;
         if verdict == Verdict::Deny {
             reset(streams.client);
-            return;
+            return None;
         }
         let dialled = match streams.upstream.take() {
             Some(upstream) => Ok(upstream),
@@ -176,16 +208,16 @@ impl Proxy {
                 reset(streams.client);
                 let error = Some(format!("connect: {e}"));
                 CloseLine::print(id, (0, 0), elapsed_ms(accepted), error);
-                return;
+                return None;
             }
         };
         // Only a ClientHello a rule allowed is held to its second one; audit lets anything on.
         let moved = if verdict == Verdict::Allow {
-            match Box::pin(self.retry(&mut cx, &mut streams, &mut upstream)).await {
+            match self.retry(&mut cx, &mut streams, &mut upstream).await {
                 Some(moved) => moved,
                 None => {
                     reset(streams.client);
-                    return;
+                    return None;
                 }
             }
         } else {
@@ -193,15 +225,13 @@ impl Proxy {
         };
         // An allowed HTTP/1 connection goes on request by request (every Host checked).
         let http = verdict == Verdict::Allow && matches!(cx.peeked, Some(Peeked::Http(_)));
-        // A long relay holds neither the context nor the snapshot it borrows.
-        drop(cx);
-        drop(snapshot);
-        if http {
-            let relay = self.relay_http(id, (source, destination), streams, upstream, accepted);
-            Box::pin(relay).await;
-        } else {
-            Box::pin(self.relay(id, streams, upstream, accepted, moved)).await;
-        }
+        Some(Opened {
+            streams,
+            upstream,
+            destination,
+            http,
+            moved,
+        })
     }
 
     /// Everything up to the verdict, which it returns after printing the decision line. `cx`
@@ -472,6 +502,17 @@ impl Proxy {
             relayed.error.map(|e| e.to_string()),
         );
     }
+}
+
+/// A connection [`Proxy::open`] allowed and connected: what its relay needs.
+struct Opened {
+    streams: Streams<TcpStream, TcpStream>,
+    upstream: TcpStream,
+    destination: OrigDstAddr,
+    /// An allowed HTTP/1 connection, relayed request by request.
+    http: bool,
+    /// What the retry stage already carried.
+    moved: retry::Moved,
 }
 
 /// The last later request an HTTP/1 connection was allowed, and what allowed it.

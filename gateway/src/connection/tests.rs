@@ -962,4 +962,3 @@ async fn a_later_request_after_the_pods_identity_changed_is_decided_whole() {
     assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Stop);
     assert_eq!(later_allowed(&gateway), 1);
 }
-
