@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 
+use egressgate_policy::DnsName;
 use hickory_proto::op::Message;
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 
@@ -16,8 +17,9 @@ const MAX_CNAME_CHAIN: usize = 16;
 /// What a genuine A/AAAA answer tells the name table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
-    /// The queried name, lowercase, no trailing dot.
-    pub name: String,
+    /// The queried name; an answer for a name that breaks the one DNS-name rule is not recorded
+    /// (no rule could use it).
+    pub name: DnsName,
     /// Every final address of the chain, deduplicated, in answer order.
     pub addresses: Vec<IpAddr>,
     /// The CNAME targets followed from `name`, in order, normalised like `name`.
@@ -147,7 +149,7 @@ fn collect_addresses(
         return None;
     }
     Some(Answer {
-        name: question.normalized_name(),
+        name: DnsName::parse(&question.normalized_name()).ok()?,
         addresses,
         cnames,
         ttl,

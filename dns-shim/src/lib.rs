@@ -3,7 +3,8 @@
 //! trusted upstreams, records each genuine A/AAAA answer in the per-pod [`NameTable`] *before* the
 //! pod sees it, and replies as the server the pod addressed. The gateway reads the table to learn
 //! which names a pod resolved to the address it is connecting to; policy, the TPROXY rules and the
-//! admin endpoint belong to the gateway, not here.
+//! admin endpoint belong to the gateway, not here. From the policy crate it takes only
+//! `DnsName`, so the table holds names by the same rule the policies match them with.
 //!
 //! Layout:
 //! - `query`: the head of a DNS message (header + question) and the replies the shim builds itself.
@@ -37,6 +38,6 @@ pub use forward::ForwardError;
 pub use query::{edns_udp_payload, read_head, MessageHead, Question, Rcode};
 pub use shim::{DnsShim, ForeignServerPolicy, ShimConfig, ShimListeners};
 pub use table::{
-    ExportedName, NameTable, RecordLife, ResolvedName, Restored, SavedName, SavedTouch,
-    TableLimits, Touched,
+    DestIp, ExportedName, NameTable, PodIp, RecordLife, ResolvedName, Restored, SavedName,
+    SavedTouch, TableLimits, Touched,
 };

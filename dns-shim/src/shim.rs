@@ -18,7 +18,7 @@ use crate::log::DnsLine;
 use crate::metrics::{Metrics, QueryResult};
 use crate::persist::{Journal, Unsaved};
 use crate::query::{self, error_reply, read_head, truncated_reply, MessageHead, Rcode};
-use crate::table::NameTable;
+use crate::table::{NameTable, PodIp};
 use crate::{tcp, udp};
 
 /// RFC 1035 §4.2.1: without EDNS a UDP answer may not exceed 512 octets.
@@ -250,11 +250,10 @@ impl DnsShim {
         let (result, answer) = match reading {
             Reading::Record(answer) => {
                 // Recorded (and saved) before the pod can see the answer and connect.
-                let ttl = self
-                    .table
-                    .record(client.pod.ip(), &answer, std::time::Instant::now());
+                let pod = PodIp(client.pod.ip());
+                let ttl = self.table.record(pod, &answer, std::time::Instant::now());
                 if self.journal.is_some() {
-                    unsaved.add(client.pod.ip(), &answer, ttl);
+                    unsaved.add(pod, &answer, ttl);
                 }
                 (QueryResult::Answered, Some(answer))
             }

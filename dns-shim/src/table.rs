@@ -3,7 +3,7 @@
 //!
 //! Design: one `RwLock` over a map keyed by (pod, destination address) whose slot holds the
 //! entries themselves, with room inline for one entry (most addresses carry one name) and, in
-//! the entry, for a name of up to [`INLINE_NAME`] bytes (most names). In a table of a million
+//! the entry, for a name of up to [`DnsName::INLINE`] bytes (most names). In a table of a million
 //! names every probe misses the cache, so a lookup costs what it touches: the hash probe and
 //! that slot. [`NameTable::lookup_each`] lends the names out under the read lock, so the hot
 //! path neither allocates nor touches a reference count. `touch` renews an entry through an
@@ -14,21 +14,23 @@
 //! `len` gauge measure. A pod's entries live under that pod's key only, so no lookup can reach
 //! another pod's names.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use egressgate_policy::DnsName;
 use prometheus::IntCounter;
 
 use crate::answer::Answer;
 use names::Names;
 use order::{NodeId, Order, Route};
 
+mod keys;
 mod names;
 mod order;
 mod saved;
 
+pub use keys::{DestIp, PodIp};
 pub use saved::{ExportedName, Restored, SavedName, SavedTouch};
 
 /// How long entries live and how many there may be.
@@ -46,7 +48,7 @@ pub struct TableLimits {
 /// A live name a pod resolved to some address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedName {
-    pub name: Arc<str>,
+    pub name: DnsName,
     /// The CNAME targets between `name` and the address, in order.
     pub cnames: Arc<[Arc<str>]>,
 }
@@ -54,7 +56,7 @@ pub struct ResolvedName {
 /// One live record and the time it has left, from [`NameTable::lifetimes_each`].
 #[derive(Debug, Clone, Copy)]
 pub struct RecordLife<'a> {
-    pub name: &'a str,
+    pub name: &'a DnsName,
     pub cnames: &'a [Arc<str>],
     /// Until its TTL (or its last use by an allowed connection) ends.
     pub fresh_left: Duration,
@@ -76,9 +78,9 @@ pub struct NameTable {
 /// A use of an entry by an allowed connection, waiting to be saved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Touched {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
-    pub name: Box<str>,
+    pub pod: PodIp,
+    pub dst: DestIp,
+    pub name: DnsName,
     pub at: Instant,
 }
 
@@ -106,7 +108,8 @@ struct Inner {
 
 #[derive(Debug)]
 struct Entry {
-    name: StoredName,
+    /// Inline when short (most names), else shared by the entries of one answer.
+    name: DnsName,
     /// `None` when there are none: most answers, and no allocation for them.
     cnames: Option<Arc<[Arc<str>]>>,
     resolved_at: Instant,
@@ -125,16 +128,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// `max_names` is clamped to this: the order's node ids are 32 bits.
 const MAX_ENTRIES: usize = 1 << 31;
-
-/// Longest name kept inside its entry; 38 bytes make a 40-byte `StoredName`.
-const INLINE_NAME: usize = 38;
-
-/// A recorded name: inline when short, else shared by the entries of one answer.
-#[derive(Debug, Clone)]
-enum StoredName {
-    Inline { len: u8, bytes: [u8; INLINE_NAME] },
-    Shared(Arc<str>),
-}
 
 // === impl NameTable ===
 
@@ -172,26 +165,29 @@ impl NameTable {
 
     /// Records (or refreshes) one entry per address of `answer` for `pod`. Returns the TTL the
     /// entries got (raised to `min_ttl`).
-    pub fn record(&self, pod: IpAddr, answer: &Answer, now: Instant) -> Duration {
+    pub fn record(&self, pod: PodIp, answer: &Answer, now: Instant) -> Duration {
         let ttl = Duration::from_secs(u64::from(answer.ttl)).max(self.limits.min_ttl);
         if answer.addresses.is_empty() {
             return ttl;
         }
-        let name = StoredName::new(normalize(&answer.name));
+        let name = &answer.name;
         let cnames: Option<Arc<[Arc<str>]>> = (!answer.cnames.is_empty()).then(|| {
             answer
                 .cnames
                 .iter()
-                .map(|c| Arc::from(normalize(c)))
+                .map(|c| Arc::from(c.as_str()))
                 .collect()
         });
 
         let mut guard = self.write();
         let inner = &mut *guard;
         for &dst in &answer.addresses {
-            let route = Route { pod, dst };
+            let route = Route {
+                pod,
+                dst: DestIp(dst),
+            };
             let entries = inner.routes.entry(route).or_default();
-            match entries.find_mut(name.as_str()) {
+            match entries.find_mut(name) {
                 Some(entry) => {
                     // Re-resolving refreshes: new TTL from now, and the entry is the newest.
                     let last_used = entry.last_used();
@@ -222,20 +218,17 @@ impl NameTable {
     /// need and return.
     pub fn lookup_each(
         &self,
-        pod: IpAddr,
-        dst: IpAddr,
+        pod: PodIp,
+        dst: DestIp,
         now: Instant,
-        mut visit: impl FnMut(&str, &[Arc<str>]),
+        mut visit: impl FnMut(&DnsName, &[Arc<str>]),
     ) {
         let inner = self.read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
             return;
         };
         for entry in entries.iter().filter(|e| e.is_live(now, &self.limits)) {
-            visit(
-                entry.name.as_str(),
-                entry.cnames.as_deref().unwrap_or_default(),
-            );
+            visit(&entry.name, entry.cnames.as_deref().unwrap_or_default());
         }
     }
 
@@ -243,8 +236,8 @@ impl NameTable {
     /// `egressgate explain`, which shows an operator why a name does or does not count.
     pub fn lifetimes_each(
         &self,
-        pod: IpAddr,
-        dst: IpAddr,
+        pod: PodIp,
+        dst: DestIp,
         now: Instant,
         mut visit: impl FnMut(RecordLife<'_>),
     ) {
@@ -265,7 +258,7 @@ impl NameTable {
                 .and_then(|until| until.checked_add(self.limits.idle_grace))
                 .map_or(Duration::MAX, |until| until.saturating_duration_since(now));
             visit(RecordLife {
-                name: entry.name.as_str(),
+                name: &entry.name,
                 cnames: entry.cnames.as_deref().unwrap_or_default(),
                 fresh_left,
                 live_left,
@@ -278,11 +271,11 @@ impl NameTable {
     /// connection carries stays bounded however many names share the address.
     pub fn lookup_some(
         &self,
-        pod: IpAddr,
-        dst: IpAddr,
+        pod: PodIp,
+        dst: DestIp,
         now: Instant,
         max: usize,
-        mut visit: impl FnMut(&str, &[Arc<str>]),
+        mut visit: impl FnMut(&DnsName, &[Arc<str>]),
     ) -> usize {
         let inner = self.read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
@@ -290,17 +283,14 @@ impl NameTable {
         };
         let live = entries.iter().filter(|e| e.is_live(now, &self.limits));
         for entry in live.take(max) {
-            visit(
-                entry.name.as_str(),
-                entry.cnames.as_deref().unwrap_or_default(),
-            );
+            visit(&entry.name, entry.cnames.as_deref().unwrap_or_default());
         }
         entries.len()
     }
 
-    /// Whether `pod` resolved `name` (lowercase, no trailing dot) to `dst` and the record is
-    /// live: one hash probe for the route, one for the name.
-    pub fn is_resolved(&self, pod: IpAddr, dst: IpAddr, name: &str, now: Instant) -> bool {
+    /// Whether `pod` resolved `name` to `dst` and the record is live: one hash probe for the
+    /// route, one for the name.
+    pub fn is_resolved(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) -> bool {
         let inner = self.read();
         inner
             .routes
@@ -310,35 +300,39 @@ impl NameTable {
     }
 
     /// [`lookup_each`](Self::lookup_each), collected.
-    pub fn lookup(&self, pod: IpAddr, dst: IpAddr, now: Instant) -> Vec<ResolvedName> {
+    pub fn lookup(&self, pod: PodIp, dst: DestIp, now: Instant) -> Vec<ResolvedName> {
         let mut found = Vec::new();
         self.lookup_each(pod, dst, now, |name, cnames| {
             found.push(ResolvedName {
-                name: Arc::from(name),
+                name: name.clone(),
                 cnames: Arc::from(cnames),
             });
         });
         found
     }
 
-    /// A connection was allowed through this record: extends its idle grace.
-    pub fn touch(&self, pod: IpAddr, dst: IpAddr, name: &str, now: Instant) {
+    /// A connection was allowed through this record: extends its idle grace. False when the
+    /// pod holds no live record of the name (nothing is extended).
+    pub fn touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) -> bool {
         let inner = self.read();
         let entry = inner
             .routes
             .get(&Route { pod, dst })
-            .and_then(|entries| entries.find(name));
-        if let Some(entry) = entry {
-            let after = nanos(now.saturating_duration_since(entry.resolved_at));
-            let before = entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
-            drop(inner);
-            if before == 0 || after / TOUCH_SAVE_STEP_NS > before / TOUCH_SAVE_STEP_NS {
-                self.log_touch(pod, dst, name, now);
-            }
+            .and_then(|entries| entries.find(name))
+            .filter(|entry| entry.is_live(now, &self.limits));
+        let Some(entry) = entry else {
+            return false;
+        };
+        let after = nanos(now.saturating_duration_since(entry.resolved_at));
+        let before = entry.used_after_ns.fetch_max(after, Ordering::Relaxed);
+        drop(inner);
+        if before == 0 || after / TOUCH_SAVE_STEP_NS > before / TOUCH_SAVE_STEP_NS {
+            self.log_touch(pod, dst, name, now);
         }
+        true
     }
 
-    fn log_touch(&self, pod: IpAddr, dst: IpAddr, name: &str, at: Instant) {
+    fn log_touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, at: Instant) {
         let Some(touches) = &self.touches else {
             return;
         };
@@ -347,7 +341,7 @@ impl NameTable {
             touches.push(Touched {
                 pod,
                 dst,
-                name: name.into(),
+                name: name.clone(),
                 at,
             });
         }
@@ -381,7 +375,7 @@ impl NameTable {
     }
 
     /// Over a limit, expired entries go first (not counted as evictions), then the oldest.
-    fn enforce_limits(&self, inner: &mut Inner, pod: IpAddr, now: Instant) {
+    fn enforce_limits(&self, inner: &mut Inner, pod: PodIp, now: Instant) {
         if inner.order.len_of(pod) > self.limits.max_names_per_pod {
             for node in inner.order.nodes_of(pod) {
                 if !inner
@@ -468,32 +462,6 @@ impl Inner {
     }
 }
 
-// === impl StoredName ===
-
-impl StoredName {
-    fn new(name: String) -> Self {
-        let mut bytes = [0; INLINE_NAME];
-        match (bytes.get_mut(..name.len()), u8::try_from(name.len())) {
-            (Some(inline), Ok(len)) => {
-                inline.copy_from_slice(name.as_bytes());
-                StoredName::Inline { len, bytes }
-            }
-            _ => StoredName::Shared(Arc::from(name)),
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        match self {
-            // Copied from a `str`, whole: always valid UTF-8.
-            StoredName::Inline { len, bytes } => bytes
-                .get(..usize::from(*len))
-                .and_then(|name| std::str::from_utf8(name).ok())
-                .unwrap_or_default(),
-            StoredName::Shared(name) => name,
-        }
-    }
-}
-
 // === impl Entry ===
 
 impl Entry {
@@ -517,11 +485,6 @@ impl Entry {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn normalize(name: &str) -> String {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    name.to_ascii_lowercase()
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use egressgate_dns_shim::{DnsShim, ForeignServerPolicy, NameTable, ShimConfig, TableLimits};
+use egressgate_dns_shim::{
+    DestIp, DnsShim, ForeignServerPolicy, NameTable, PodIp, ShimConfig, TableLimits,
+};
 use nix::sched::CloneFlags;
 use prometheus::Registry;
 
@@ -380,8 +382,8 @@ fn pod_asking_a_rogue_server_gets_the_trusted_answer_from_that_address_and_is_re
         }}"
     ));
 
-    let dst = IpAddr::V4(ANSWER.parse().expect("ip"));
-    let pod = IpAddr::V4(POD);
+    let dst = DestIp(IpAddr::V4(ANSWER.parse().expect("ip")));
+    let pod = PodIp(IpAddr::V4(POD));
     assert!(table.lookup(pod, dst, Instant::now()).is_empty());
 
     // UDP to a nonexistent server; reply sent by a transparent socket bound to 198.19.9.9:53.
@@ -395,7 +397,7 @@ fn pod_asking_a_rogue_server_gets_the_trusted_answer_from_that_address_and_is_re
     // Another pod address sees nothing.
     assert!(table
         .lookup(
-            IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3)),
+            PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3))),
             dst,
             Instant::now()
         )

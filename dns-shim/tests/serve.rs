@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egressgate_dns_shim::{
-    read_head, DnsShim, ForeignServerPolicy, NameTable, Rcode, ShimConfig, TableLimits,
+    read_head, DestIp, DnsShim, ForeignServerPolicy, NameTable, PodIp, Rcode, ShimConfig,
+    TableLimits,
 };
 use prometheus::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -169,10 +170,10 @@ async fn udp_query_is_answered_by_the_trusted_upstream_and_recorded() {
         .expect("answer");
     // The pod's own ID is restored; everything else is the upstream's answer.
     assert_eq!(reply, DNSMASQ_A);
-    let pod = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let pod = PodIp(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let found = shim.table.lookup(
         pod,
-        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10)),
+        DestIp(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10))),
         Instant::now(),
     );
     assert_eq!(found.len(), 1);
@@ -208,10 +209,10 @@ async fn tcp_connection_carries_several_queries() {
         stream.read_exact(&mut reply).await.expect("reply");
         assert_eq!(reply, expected);
     }
-    let pod = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let pod = PodIp(IpAddr::V4(Ipv4Addr::LOCALHOST));
     assert_eq!(
         shim.table
-            .lookup(pod, "::1".parse().expect("ip"), Instant::now())
+            .lookup(pod, DestIp("::1".parse().expect("ip")), Instant::now())
             .len(),
         1
     );
@@ -238,8 +239,14 @@ async fn ipv6_listener_answers_from_the_server_address() {
         .await
         .expect("answer");
     assert_eq!(reply, DNSMASQ_AAAA);
-    let pod: IpAddr = "::1".parse().expect("ip");
-    assert_eq!(shim.table.lookup(pod, pod, Instant::now()).len(), 1);
+    let ip: IpAddr = "::1".parse().expect("ip");
+    // The pod asked for its own address.
+    assert_eq!(
+        shim.table
+            .lookup(PodIp(ip), DestIp(ip), Instant::now())
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]

@@ -14,8 +14,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use egressgate_dns_shim::{
-    check_response, edns_udp_payload, read_answer, read_exchange, read_head, Answer, Mismatch,
-    NameTable, Question, Reading, TableLimits,
+    check_response, edns_udp_payload, read_answer, read_exchange, read_head, Answer, DestIp,
+    Mismatch, NameTable, PodIp, Question, Reading, TableLimits,
 };
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
@@ -181,7 +181,7 @@ fn exchange(query: &[u8], response: &[u8]) -> Option<Answer> {
 /// An answer the table would record: for the queried name, addresses of the queried family,
 /// each once, behind a bounded chain without repeats.
 fn check_answer(question: &Question, answer: &Answer) {
-    assert_eq!(answer.name, question.normalized_name());
+    assert_eq!(answer.name.as_str(), question.normalized_name());
     assert!(!answer.addresses.is_empty(), "an answer without addresses");
     for (i, address) in answer.addresses.iter().enumerate() {
         assert!(!answer.addresses[..i].contains(address), "address twice");
@@ -197,7 +197,11 @@ fn check_answer(question: &Question, answer: &Answer) {
             !answer.cnames[..i].contains(cname),
             "a CNAME loop was followed"
         );
-        assert_ne!(*cname, answer.name, "a CNAME loop was followed");
+        assert_ne!(
+            cname.as_str(),
+            answer.name.as_str(),
+            "a CNAME loop was followed"
+        );
     }
 }
 
@@ -238,17 +242,18 @@ fn record(answer: &Answer) {
     let valid_for =
         Duration::from_secs(u64::from(answer.ttl)).max(limits.min_ttl) + limits.idle_grace;
     let table = NameTable::new(limits);
-    let pod = IpAddr::from([10, 244, 1, 2]);
+    let pod = PodIp(IpAddr::from([10, 244, 1, 2]));
     let now = Instant::now();
     table.record(pod, answer, now);
     assert_eq!(table.len(), answer.addresses.len().min(MAX_NAMES_PER_POD));
-    for &dst in answer.addresses.iter().rev().take(MAX_NAMES_PER_POD) {
+    for dst in answer.addresses.iter().rev().take(MAX_NAMES_PER_POD) {
+        let dst = DestIp(*dst);
         let names = table.lookup(pod, dst, now);
         assert_eq!(names.len(), 1, "one name recorded for {dst}");
         assert_eq!(names[0].cnames.len(), answer.cnames.len());
         table.touch(pod, dst, &names[0].name, now);
         assert!(table
-            .lookup(IpAddr::from([10, 244, 1, 3]), dst, now)
+            .lookup(PodIp(IpAddr::from([10, 244, 1, 3])), dst, now)
             .is_empty());
     }
     // A second answer for the same name refreshes rather than adds.

@@ -14,12 +14,13 @@
 use std::fmt::Debug;
 use std::net::IpAddr;
 
-use egressgate::peek::http::{peek_request_head, RequestHead};
+use egressgate::peek::http::{peek_request_head, Host, RequestHead};
 use egressgate::peek::http_framing::{frame_stream, Frame, Framer, StreamEnd};
 use egressgate::peek::postgres::{peek_first_message, FirstMessage, PgMessage};
 use egressgate::peek::tls::{peek_client_hello, ClientHello, MAX_RECORD_LEN};
 use egressgate::peek::tls_retry::{peek_second_client_hello, peek_server_first};
 use egressgate::peek::{sniff, Peek, Sniffed};
+use egressgate_policy::DnsName;
 
 /// Inputs up to this long are fed at every prefix; longer ones at sampled cuts.
 const ALL_PREFIXES_UP_TO: usize = 64;
@@ -364,11 +365,14 @@ fn check_request_head(head: &RequestHead, buf: &[u8]) {
     assert!(!head.method.is_empty() && head.method != "CONNECT");
     assert!(head.version_minor <= 1);
     match &head.host {
-        Some(host) => {
-            if host.parse::<IpAddr>().is_err() {
-                check_policy_name(host);
-            }
+        Some(Host::Name(name)) => {
+            assert!(
+                name.parse::<IpAddr>().is_err(),
+                "an IP literal as a Host name"
+            );
+            check_policy_name(name);
         }
+        Some(Host::Ip(_)) => {}
         // HTTP/1.0 without Host, or an empty Host (RFC 9112 §3.2: a target without authority).
         None => assert_eq!(head.host_port, None),
     }
@@ -415,10 +419,10 @@ fn check_first_message(first: &FirstMessage, buf: &[u8]) {
 
 /// A name a peeker hands to policy must already be in the policy's normal form: lowercase, no
 /// trailing dot, a valid DNS name (so a pattern matches it or it matches nothing, never both).
-fn check_policy_name(name: &str) {
+fn check_policy_name(name: &DnsName) {
     assert_eq!(
-        egressgate_policy::normalize_name(name).as_deref(),
-        Some(name),
+        DnsName::parse(name).as_ref(),
+        Ok(name),
         "a peeked name policy does not accept as it is"
     );
 }

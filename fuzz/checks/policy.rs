@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use egressgate_policy::{
-    parse_policies, Cidr, DnsNamePattern, GrantPeer, Peer, PodIdentity, Policy, PolicySet,
+    parse_policies, Cidr, DnsName, DnsNamePattern, GrantPeer, Peer, PodIdentity, Policy, PolicySet,
 };
 
 const FILE: &str = "fuzz.yaml";
@@ -75,9 +75,12 @@ fn check_peers(policy: &Policy) {
                     let printed = pattern.to_string();
                     assert_eq!(printed.parse::<DnsNamePattern>().as_ref(), Ok(pattern));
                     for name in example_names(&printed) {
-                        assert!(pattern.matches(&name), "{pattern} does not match {name}");
-                        assert!(pattern.matches(&name.to_ascii_uppercase()));
-                        assert!(pattern.matches(&format!("{name}.")));
+                        assert!(
+                            pattern.matches(&dns_name(&name)),
+                            "{pattern} does not match {name}"
+                        );
+                        assert!(pattern.matches(&dns_name(&name.to_ascii_uppercase())));
+                        assert!(pattern.matches(&dns_name(&format!("{name}."))));
                     }
                 }
                 Peer::Cidr(cidr) => {
@@ -117,7 +120,7 @@ fn check_grants(set: &PolicySet) {
                 let port = rule.ports()[0].range().first();
                 // A `udp` entry grants datagrams, the others connections: ask for its transport.
                 let transport = rule.ports()[0].protocol().transport();
-                let granted = |dst: IpAddr, names: &[&str]| {
+                let granted = |dst: IpAddr, names: &[DnsName]| {
                     let grants = selection.grants_for(transport, dst, port, names);
                     assert!(grants.iter().all(|g| g.protocol.transport() == transport));
                     grants
@@ -129,7 +132,10 @@ fn check_grants(set: &PolicySet) {
                         Peer::DnsName(pattern) => {
                             for name in example_names(&pattern.to_string()) {
                                 let dst = IpAddr::from([198, 51, 100, 7]);
-                                assert!(granted(dst, &[&name]), "{reference} rule {index}: {name}");
+                                assert!(
+                                    granted(dst, &[dns_name(&name)]),
+                                    "{reference} rule {index}: {name}"
+                                );
                             }
                         }
                         Peer::Cidr(cidr) => {
@@ -159,4 +165,9 @@ fn example_names(pattern: &str) -> Vec<String> {
         vec![pattern.to_owned()]
     };
     names.into_iter().filter(|n| n.len() <= 253).collect()
+}
+
+/// A name the checks built to match a pattern: it must pass the one rule.
+fn dns_name(text: &str) -> DnsName {
+    DnsName::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"))
 }

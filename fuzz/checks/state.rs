@@ -5,12 +5,11 @@
 //! test `dns-shim/tests/fuzz_corpus.rs` both include this file with `#[path]`. A violated
 //! property panics.
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use egressgate_dns_shim::persist::codec::{self, Frames, Header, Record};
 use egressgate_dns_shim::persist::{apply, encode_table};
-use egressgate_dns_shim::{NameTable, TableLimits};
+use egressgate_dns_shim::{NameTable, PodIp, TableLimits};
 
 /// Small limits, so that restoring many records also exercises eviction.
 const MAX_NAMES_PER_POD: usize = 32;
@@ -54,7 +53,7 @@ pub fn state_file(data: &[u8]) {
     let applied = apply(body, &table, now, wall_now);
     assert!(table.len() <= MAX_NAMES, "over the table's limit");
     assert!(applied.names + applied.expired <= records.len());
-    let pods: Vec<IpAddr> = records
+    let pods: Vec<PodIp> = records
         .iter()
         .filter_map(|r| match r {
             Record::Name(n) => Some(n.pod),

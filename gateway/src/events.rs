@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use egressgate_log::{rfc3339_now, write_json_line, write_observed_line};
+use egressgate_policy::DnsName;
 use serde::Serialize;
 
 use crate::decision::{Reason, Verdict};
 use crate::identity::Owner;
+use crate::peek::http::Host;
 use crate::protocol::Protocol;
 
 /// Identifies the pod in a line. Of a pod no enforce-mode policy selects (audit mode, or
@@ -61,7 +63,7 @@ pub struct DecisionLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ech: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub host: Option<&'a str>,
+    pub host: Option<&'a Host>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -87,7 +89,7 @@ pub struct DecisionLine<'a> {
 /// reordering or copying the connection's names.
 #[derive(Debug, Clone, Copy)]
 pub struct LoggedNames<'a> {
-    pub names: &'a [String],
+    pub names: &'a [DnsName],
     pub first: Option<usize>,
     pub max: usize,
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use egressgate_dns_shim::PodIp;
 use egressgate_policy::{KeptSelection, PodIdentity, PolicySet, Selection};
 use serde::Deserialize;
 
@@ -46,6 +47,11 @@ pub struct Owner {
 pub struct SelectionCache(ArcSwapOption<KeptSelection>);
 
 impl Pod {
+    /// The pod's addresses as the name table files its records: each may have resolved names.
+    pub fn table_ips(&self) -> impl Iterator<Item = PodIp> + '_ {
+        self.ips.iter().map(|&ip| PodIp(ip))
+    }
+
     /// The policies that select this pod: the kept selection when `policies` made it (the
     /// common case, a few cache lines instead of a walk through the selection index), else
     /// worked out and kept.

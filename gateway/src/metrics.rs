@@ -36,6 +36,8 @@ pub struct Metrics {
     /// `verdict`: the requests after the first on allowed HTTP/1 connections (the first is a
     /// connection's decision); only refused ones get a decision line.
     pub http_later_requests: IntCounterVec,
+    /// `http_later_requests{verdict="allow"}`, resolved once: most later requests are allowed.
+    pub http_later_allowed: IntCounter,
     /// `verdict`: UDP flows the relay decided (their first datagram).
     pub udp_flows: IntCounterVec,
     /// Datagrams the relay sent on for allowed flows (before the kernel carries the flow).
@@ -52,6 +54,13 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let http_later_requests = IntCounterVec::new(
+            Opts::new(
+                "egressgate_http_later_requests_total",
+                "HTTP/1 requests after the first on allowed connections, by verdict.",
+            ),
+            &["verdict"],
+        )?;
         let metrics = Metrics {
             connections: IntCounterVec::new(
                 Opts::new(
@@ -100,13 +109,8 @@ impl Metrics {
                 "egressgate_upstream_connect_errors_total",
                 "Allowed connections whose destination could not be reached.",
             )?,
-            http_later_requests: IntCounterVec::new(
-                Opts::new(
-                    "egressgate_http_later_requests_total",
-                    "HTTP/1 requests after the first on allowed connections, by verdict.",
-                ),
-                &["verdict"],
-            )?,
+            http_later_allowed: http_later_requests.with_label_values(&["allow"]),
+            http_later_requests,
             udp_flows: IntCounterVec::new(
                 Opts::new(
                     "egressgate_udp_flows_total",

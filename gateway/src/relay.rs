@@ -65,10 +65,16 @@ pub async fn relay(
         // Freed before the (possibly hours-long) splice.
         drop(replay);
         let ended = Ended::default();
-        let upward = pump(&client, &upstream, &up, &activity, Side::Client, &ended);
-        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream, &ended);
+        // The directions are built inside the join, not bound first: a future bound to a
+        // local and then moved would take its room in this state twice (the relay is most of
+        // what an idle connection holds).
         tokio::select! {
-            result = async { tokio::try_join!(upward, downward) } => result.map(|_| ()),
+            result = async {
+                tokio::try_join!(
+                    pump(&client, &upstream, &up, &activity, Side::Client, &ended),
+                    pump(&upstream, &client, &down, &activity, Side::Upstream, &ended),
+                )
+            } => result.map(|_| ()),
             () = activity.idle(idle_timeout) => Err(RelayError::Idle(idle_timeout)),
         }
     }

@@ -6,14 +6,14 @@
 //! [`crate::handover`].
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use egressgate_dns_shim::persist::{self, Applied, Journal, PersistMetrics, Scope};
-use egressgate_dns_shim::NameTable;
+use egressgate_dns_shim::{NameTable, PodIp};
 use egressgate_log::{rfc3339_now, write_json_line};
 use prometheus::Registry;
 use serde::Serialize;
@@ -33,7 +33,7 @@ const SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// The `restore` line, and the pods whose records came back.
 #[derive(Debug, Default)]
 pub struct Restored {
-    pub pods: Vec<IpAddr>,
+    pub pods: Vec<PodIp>,
 }
 
 /// The `state` line written at start.
@@ -184,7 +184,7 @@ pub async fn keep(
 pub async fn forget_gone_pods(
     store: Arc<Store>,
     table: Arc<NameTable>,
-    restored_pods: Vec<IpAddr>,
+    restored_pods: Vec<PodIp>,
     metrics: PersistMetrics,
 ) {
     if restored_pods.is_empty() {
@@ -194,7 +194,7 @@ pub async fn forget_gone_pods(
     let identities = store.current().identities;
     let forgotten: usize = restored_pods
         .iter()
-        .filter(|pod| identities.lookup(**pod).is_none())
+        .filter(|pod| identities.lookup(pod.0).is_none())
         .map(|pod| table.forget_pod(*pod))
         .sum();
     if forgotten > 0 {

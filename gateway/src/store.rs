@@ -116,6 +116,13 @@ impl Store {
         }
     }
 
+    /// Whether `snapshot` is still what [`current`](Self::current) gives (no reload since),
+    /// without taking a reference.
+    pub fn is_current(&self, snapshot: &Snapshot) -> bool {
+        Arc::ptr_eq(&self.policies.load(), &snapshot.policies)
+            && Arc::ptr_eq(&self.identities.load(), &snapshot.identities)
+    }
+
     /// Publishes a whole new identity index (the Kubernetes watch).
     pub(crate) fn set_identities(&self, identities: Identities) {
         self.identities.store(Arc::new(identities));

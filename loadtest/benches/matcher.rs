@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use egressgate_policy::PodIdentity;
+use egressgate_policy::{DnsName, PodIdentity};
 
 mod common;
 use common::{dst_ip, labels, name_for, policy_set, Shape};
@@ -38,14 +38,13 @@ fn matcher(c: &mut Criterion) {
         });
         let selection = set.select(&identity);
         assert!(!selection.is_empty());
-        let name = name_for(&shape, pod, 5);
-        let names = [name.as_str()];
+        let names: [DnsName; 1] = [name_for(&shape, pod, 5).parse().expect("a valid name")];
         group.bench_with_input(BenchmarkId::new("grants_hit", rules), &names, |b, names| {
             let grants = selection.grants(dst_ip(5), 443, names);
             assert!(!grants.is_empty(), "the synthetic name must match");
             b.iter(|| black_box(selection.grants(black_box(dst_ip(5)), 443, black_box(names))))
         });
-        let miss = ["nothing.example.org"];
+        let miss: [DnsName; 1] = ["nothing.example.org".parse().expect("a valid name")];
         group.bench_with_input(BenchmarkId::new("grants_miss", rules), &miss, |b, names| {
             b.iter(|| black_box(selection.grants(black_box(dst_ip(5)), 443, black_box(names))))
         });

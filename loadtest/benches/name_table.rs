@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use egressgate_dns_shim::{Answer, NameTable, TableLimits};
+use egressgate_dns_shim::{Answer, DestIp, NameTable, PodIp, TableLimits};
 
 mod common;
 use common::{dst_ip, pod_ip};
@@ -26,7 +26,7 @@ fn table(per_pod: usize, total: usize) -> NameTable {
 
 fn answer(name: String, dst: IpAddr) -> Answer {
     Answer {
-        name,
+        name: name.parse().expect("a valid name"),
         addresses: vec![dst],
         cnames: Vec::new(),
         ttl: 3600,
@@ -40,7 +40,7 @@ fn name_table(c: &mut Criterion) {
     for i in 0..PODS {
         for n in 0..NAMES_PER_POD {
             big.record(
-                pod_ip(i),
+                PodIp(pod_ip(i)),
                 &answer(format!("h{n}.p{i}.corp.test"), dst_ip(n)),
                 now,
             );
@@ -51,16 +51,16 @@ fn name_table(c: &mut Criterion) {
         b.iter(|| {
             k = k.wrapping_add(7919);
             let (i, n) = (k % PODS, (k / PODS) % NAMES_PER_POD);
-            black_box(big.lookup(pod_ip(i), dst_ip(n), now))
+            black_box(big.lookup(PodIp(pod_ip(i)), DestIp(dst_ip(n)), now))
         })
     });
     group.bench_function("lookup_miss_1M_names", |b| {
         let miss = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 99));
-        b.iter(|| black_box(big.lookup(pod_ip(3), black_box(miss), now)))
+        b.iter(|| black_box(big.lookup(PodIp(pod_ip(3)), DestIp(black_box(miss)), now)))
     });
     group.bench_function("record_refresh_1M_names", |b| {
         let a = answer("h5.p3.corp.test".to_owned(), dst_ip(5));
-        b.iter(|| big.record(pod_ip(3), black_box(&a), now))
+        b.iter(|| big.record(PodIp(pod_ip(3)), black_box(&a), now))
     });
     drop(big);
 
@@ -69,19 +69,23 @@ fn name_table(c: &mut Criterion) {
         let shared = table(10_000, 100_000);
         let dst = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
         for n in 0..names {
-            shared.record(pod_ip(0), &answer(format!("site{n}.cdn.test"), dst), now);
+            shared.record(
+                PodIp(pod_ip(0)),
+                &answer(format!("site{n}.cdn.test"), dst),
+                now,
+            );
         }
         group.bench_with_input(
             BenchmarkId::new("lookup_names_on_one_address", names),
             &names,
-            |b, _| b.iter(|| black_box(shared.lookup(pod_ip(0), dst, now))),
+            |b, _| b.iter(|| black_box(shared.lookup(PodIp(pod_ip(0)), DestIp(dst), now))),
         );
     }
 
     let full = table(1000, 1_000_000);
     for n in 0..1000 {
         full.record(
-            pod_ip(0),
+            PodIp(pod_ip(0)),
             &answer(format!("n{n}.full.test"), dst_ip(n)),
             now,
         );
@@ -91,7 +95,7 @@ fn name_table(c: &mut Criterion) {
         b.iter(|| {
             n += 1;
             full.record(
-                pod_ip(0),
+                PodIp(pod_ip(0)),
                 &answer(format!("n{n}.full.test"), dst_ip(n % 30_000)),
                 now,
             )

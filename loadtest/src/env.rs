@@ -403,18 +403,8 @@ impl Env {
         }
         .policy("loadtest.yaml", &policy());
         progress("starting the lab (4 pods, node with egressgate, upstream)");
-        let lab = Lab::builder().pods(4).gateway(options).start()?;
-        for ns in lab
-            .pods()
-            .iter()
-            .map(|p| &**p)
-            .chain([lab.node(), lab.up()])
-        {
-            tune(ns)?;
-        }
+        let (lab, server, certs) = served_lab(4, options, placement.load_cpu)?;
         pin(lab.gateway().daemon().pid(), placement.proxy_cpu)?;
-        let certs = Certs::generate(&lab.dir().join("loadtest-certs"))?;
-        let server = start_server(&lab, &exe, &certs, placement.load_cpu)?;
         let mut env = Env {
             haproxy: None,
             nginx: None,
@@ -726,9 +716,30 @@ impl Env {
     }
 }
 
+/// A lab of `pods` pods and `options`' gateway, every namespace tuned for load, and the
+/// loadtest server running upstream on `server_cpu` with the certificates it serves.
+pub(crate) fn served_lab(
+    pods: usize,
+    options: GatewayOptions,
+    server_cpu: usize,
+) -> Result<(Lab, Daemon, Certs), Error> {
+    let lab = Lab::builder().pods(pods).gateway(options).start()?;
+    for ns in lab
+        .pods()
+        .iter()
+        .map(|p| &**p)
+        .chain([lab.node(), lab.up()])
+    {
+        tune(ns)?;
+    }
+    let certs = Certs::generate(&lab.dir().join("loadtest-certs"))?;
+    let server = start_server(&lab, &std::env::current_exe()?, &certs, server_cpu)?;
+    Ok((lab, server, certs))
+}
+
 /// Sysctls of a lab namespace for load: more ephemeral ports, TIME_WAIT reuse for outgoing
 /// connections (tens of thousands of short connections per run), deeper accept queues.
-pub(crate) fn tune(ns: &Netns) -> Result<(), Error> {
+fn tune(ns: &Netns) -> Result<(), Error> {
     ns.exec_ok(&[
         "sysctl",
         "-qw",

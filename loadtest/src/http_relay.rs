@@ -15,7 +15,7 @@ use egressgate_lab::daemon::Daemon;
 use egressgate_lab::{addr, Gateway, GatewayOptions, Lab};
 
 use crate::client::{BulkResult, RrResult};
-use crate::env::{self, Certs, CpuAwake, Placement};
+use crate::env::{self, CpuAwake, Placement};
 use crate::scenarios::{cpu_seconds, interleave, limit, rr_values, Samples, Settings};
 use crate::server::HTTP_PORT;
 use crate::{progress, Error};
@@ -76,17 +76,7 @@ impl HttpLab {
         progress(&format!(
             "{scenario}: starting its lab (pod a direct, pod b through the gateway)"
         ));
-        let mut lab = Lab::builder().pods(2).gateway(options.clone()).start()?;
-        for ns in lab
-            .pods()
-            .iter()
-            .map(|p| &**p)
-            .chain([lab.node(), lab.up()])
-        {
-            env::tune(ns)?;
-        }
-        let certs = Certs::generate(&lab.dir().join("loadtest-certs"))?;
-        let server = env::start_server(&lab, &exe, &certs, placement.load_cpu)?;
+        let (mut lab, server, _certs) = env::served_lab(2, options.clone(), placement.load_cpu)?;
         // The lab's own gateway goes: each sample starts the variant it measures.
         drop(lab.take_gateway());
         Ok(HttpLab {

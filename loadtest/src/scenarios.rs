@@ -162,6 +162,36 @@ struct Spec {
     better: Better,
 }
 
+/// The rate figures of a DNS run through the shim (`run` says how it was loaded).
+fn dns_rate_specs(run: &str) -> Vec<Spec> {
+    vec![
+        spec(
+            "qps",
+            &format!("queries/s, {run}"),
+            "queries/s",
+            Better::Higher,
+        ),
+        spec(
+            "lost",
+            &format!("lost queries, {run}"),
+            "queries",
+            Better::Lower,
+        ),
+        spec(
+            "cpu_per_query",
+            &format!("shim CPU time per query (user + system, {run})"),
+            "µs",
+            Better::Lower,
+        ),
+        spec(
+            "qps_per_core",
+            "queries/s one core of shim sustains (1 / CPU time per query)",
+            "queries/s",
+            Better::Higher,
+        ),
+    ]
+}
+
 fn spec(key: &str, label: &str, unit: &'static str, better: Better) -> Spec {
     Spec {
         key: key.to_owned(),
@@ -461,34 +491,9 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                 spec("p50", "latency p50 (1 outstanding)", "µs", Better::Lower),
                 spec("p99", "latency p99 (1 outstanding)", "µs", Better::Lower),
                 spec("p999", "latency p99.9 (1 outstanding)", "µs", Better::Lower),
-                spec(
-                    "qps",
-                    &format!(
-                        "queries/s, own generator, {} outstanding",
-                        s.dns_concurrency
-                    ),
-                    "queries/s",
-                    Better::Higher,
-                ),
-                spec(
-                    "lost",
-                    "own generator: lost queries",
-                    "queries",
-                    Better::Lower,
-                ),
-                spec(
-                    "cpu_per_query",
-                    "shim CPU time per query (user + system, own generator run)",
-                    "µs",
-                    Better::Lower,
-                ),
-                spec(
-                    "qps_per_core",
-                    "queries/s one core of shim sustains (1 / CPU time per query)",
-                    "queries/s",
-                    Better::Higher,
-                ),
             ];
+            let generator = format!("own generator, {} outstanding", s.dns_concurrency);
+            specs.extend(dns_rate_specs(&generator));
             if env.peers.dnsperf {
                 specs.push(spec(
                     "dnsperf_qps",
@@ -584,22 +589,7 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                     shared_ip::DNS_ONE_IP_ZONE
                 ),
                 Some("names on distinct IPs"),
-                vec![
-                    spec("qps", "queries/s", "queries/s", Better::Higher),
-                    spec("lost", "lost queries", "queries", Better::Lower),
-                    spec(
-                        "cpu_per_query",
-                        "shim CPU time per query (user + system)",
-                        "µs",
-                        Better::Lower,
-                    ),
-                    spec(
-                        "qps_per_core",
-                        "queries/s one core of shim sustains (1 / CPU time per query)",
-                        "queries/s",
-                        Better::Higher,
-                    ),
-                ],
+                dns_rate_specs(&format!("{} outstanding", s.dns_concurrency)),
                 paths.to_vec(),
             )
         }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use smallvec::SmallVec;
 
 use crate::model::{EgressRule, Peer, Policy};
-use crate::name::{match_form, Prefix};
+use crate::name::{DnsName, Prefix};
 use crate::selector::LabelSelector;
 
 /// Which policies select a pod, by its namespace and labels.
@@ -186,18 +186,14 @@ impl NameIndex {
     }
 
     /// Calls `found(rule)` for each `dnsName` peer of a `selected` policy (indices, ascending)
-    /// that matches `name`, in no particular order; a rule may be reported more than once. Like
-    /// `DnsNamePattern::matches`, an invalid name matches nothing.
+    /// that matches `name`, in no particular order; a rule may be reported more than once.
     pub(crate) fn for_each_match(
         &self,
-        name: &str,
+        name: &DnsName,
         selected: &[usize],
         mut found: impl FnMut(usize),
     ) {
-        let Some(name) = match_form(name) else {
-            return;
-        };
-        let name: &str = &name;
+        let name = name.as_str();
         let labels = name.matches('.').count() + 1;
         // The name itself, then what is left after dropping 1, 2, … leading labels.
         let suffixes =
@@ -302,6 +298,8 @@ mod tests {
     use std::net::IpAddr;
 
     use ipnet::IpNet;
+
+    use crate::DnsName;
     use proptest::collection::{btree_map, btree_set, vec};
     use proptest::prelude::*;
     use proptest::sample::select;
@@ -334,7 +332,7 @@ mod tests {
         transport: Transport,
         dst: IpAddr,
         port: u16,
-        resolved_names: &[&str],
+        resolved_names: &[DnsName],
     ) -> Vec<Grant<'a>> {
         let dst = dst.to_canonical();
         let mut grants = Vec::new();
@@ -365,7 +363,7 @@ mod tests {
         grants
     }
 
-    fn peer(rule: &EgressRule, dst: IpAddr, resolved_names: &[&str]) -> Option<GrantPeer> {
+    fn peer(rule: &EgressRule, dst: IpAddr, resolved_names: &[DnsName]) -> Option<GrantPeer> {
         let mut cidrs: Vec<IpNet> = Vec::new();
         let mut patterns: Vec<&DnsNamePattern> = Vec::new();
         for peer in rule.to() {
@@ -378,10 +376,10 @@ mod tests {
         if let Some(net) = cidrs.iter().find(|net| net.contains(&dst)) {
             return Some(GrantPeer::Cidr(*net));
         }
-        let mut names: Vec<String> = Vec::new();
+        let mut names: Vec<DnsName> = Vec::new();
         for name in resolved_names {
-            if !names.iter().any(|n| n == name) && patterns.iter().any(|p| p.matches(name)) {
-                names.push((*name).to_owned());
+            if !names.contains(name) && patterns.iter().any(|p| p.matches(name)) {
+                names.push(name.clone());
             }
         }
         (!names.is_empty()).then_some(GrantPeer::Names(names))
@@ -612,7 +610,8 @@ mod tests {
                     selection.policies().collect::<Vec<_>>(),
                     want.iter().map(|p| p.reference()).collect::<Vec<_>>()
                 );
-                let names: Vec<&str> = q.names.iter().map(String::as_str).collect();
+                // A name that breaks the rule never becomes a `DnsName`: it can grant nothing.
+                let names: Vec<DnsName> = q.names.iter().filter_map(|n| n.parse().ok()).collect();
                 prop_assert_eq!(
                     selection.grants(q.dst, q.port, &names),
                     grants_all(&want, Transport::Tcp, q.dst, q.port, &names)

@@ -4,7 +4,8 @@
 //! passes text and pod identities in and gets policies and grants out.
 //!
 //! Layout:
-//! - [`name`]: DNS names and `dnsName` patterns (`db.example`, `*.example`, `**.example`).
+//! - [`name`]: [`DnsName`], the one DNS-name rule, and `dnsName` patterns (`db.example`,
+//!   `*.example`, `**.example`).
 //! - [`selector`]: Kubernetes label selectors.
 //! - [`model`]: the policy model; every type rejects invalid rules when built.
 //! - [`parse`]: YAML documents → [`Policy`], with [`LoadError`] positions.
@@ -25,7 +26,7 @@ pub use model::{
     Cidr, EgressRule, Mode, ModelError, ObjectName, Origin, Peer, Policy, PolicyKind, PolicyRef,
     PortRange, PortRule, PostgresRule, Protocol, Transport,
 };
-pub use name::{normalize_name, parse_name, DnsNamePattern, NameError};
+pub use name::{DnsName, DnsNamePattern, NameError};
 pub use parse::{parse_policies, LoadError, API_VERSION};
 pub use selector::{LabelSelector, Operator, Requirement, SelectorError};
 pub use set::{Grant, GrantPeer, KeptSelection, PodIdentity, PolicySet, Selection};

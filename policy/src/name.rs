@@ -2,13 +2,14 @@
 //!
 //! A pattern is parsed once into lowercase labels stored reversed (TLD first), like linkerd's
 //! `MatchHost`, so matching is a walk from the right with no allocation. The policy set's name
-//! index (`crate::index`) instead looks names up by their suffixes, through `Prefix::accepts` and
-//! `match_form` here, so both ways share one definition of what matches.
+//! index (`crate::index`) instead looks names up by their suffixes, through `Prefix::accepts`
+//! here, so both ways share one definition of what matches. A name to match is a [`DnsName`]:
+//! checked once when it entered egressgate, never again per pattern.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// RFC 1035 §2.3.4: 255 octets on the wire is 253 characters of presentation text.
 const MAX_NAME_LEN: usize = 253;
@@ -64,17 +65,13 @@ pub struct DnsNamePattern {
 // === impl DnsNamePattern ===
 
 impl DnsNamePattern {
-    /// Whether `name` is covered by this pattern. Names that are not valid DNS names (see
-    /// [`normalize_name`]) never match, so a hostile SNI or Host value cannot slip through.
-    pub fn matches(&self, name: &str) -> bool {
-        let name = name.strip_suffix('.').unwrap_or(name);
-        if check_name(name).is_err() {
-            return false;
-        }
+    /// Whether `name` is covered by this pattern. Only a [`DnsName`] can be asked, so a hostile
+    /// SNI or Host value that breaks the rule never gets this far.
+    pub fn matches(&self, name: &DnsName) -> bool {
         let mut labels = name.rsplit('.');
         for want in &self.reversed {
             match labels.next() {
-                Some(label) if label.eq_ignore_ascii_case(want) => {}
+                Some(label) if label == want => {}
                 _ => return false,
             }
         }
@@ -90,7 +87,7 @@ impl DnsNamePattern {
         self.prefix
     }
 
-    /// The fixed part in [`match_form`]: `*.Corp.Example` gives `corp.example`.
+    /// The fixed part as a [`DnsName`] spells it: `*.Corp.Example` gives `corp.example`.
     pub(crate) fn fixed_part(&self) -> String {
         let labels: Vec<&str> = self.reversed.iter().rev().map(String::as_str).collect();
         labels.join(".")
@@ -154,33 +151,144 @@ impl fmt::Display for DnsNamePattern {
     }
 }
 
-/// Lowercases `name` and strips one trailing dot; `None` if it is not a valid DNS name (labels
-/// of 1..=63 letters, digits, `-` or `_`, no `-` at either end, at most 253 characters, not an IP
-/// address). Used for SNI, Host headers and DNS answers before they meet a policy.
-pub fn normalize_name(name: &str) -> Option<String> {
-    match_form(name).map(Cow::into_owned)
+/// A DNS name that passed the one rule every name in egressgate follows: labels of 1..=63
+/// letters, digits, `-` or `_`, no `-` at either end, at most 253 characters, not an IP address
+/// (nor a name whose last label is all digits). Kept lowercase without the trailing dot, so two
+/// names are equal exactly when their text is, and nothing downstream lowercases again.
+///
+/// The peekers build it from SNI and Host, the DNS shim from the answers it records, the
+/// gateway from names a file or an operator gives; [`DnsName::parse`] (or `FromStr`) is the only
+/// way in. Cheap to clone: a name of up to [`DnsName::INLINE`] bytes (most names) is stored
+/// inline, a longer one shared.
+#[derive(Clone)]
+pub struct DnsName(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Inline {
+        len: u8,
+        bytes: [u8; DnsName::INLINE],
+    },
+    Shared(Arc<str>),
 }
 
-/// Checks `name` by the one rule every DNS name in egressgate follows (see [`normalize_name`])
-/// and returns it lowercased without its trailing dot; the error says which part broke the rule.
-/// The gateway's peekers check SNI and Host values with it, so what a peeker accepts is exactly
-/// what a pattern can match.
-pub fn parse_name(name: &str) -> Result<String, NameError> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    check_name(name)?;
-    Ok(name.to_ascii_lowercase())
+// === impl DnsName ===
+
+impl DnsName {
+    /// Longest name kept inline; 38 bytes make a 40-byte `DnsName`.
+    pub const INLINE: usize = 38;
+
+    /// Checks `name` by the one rule (see the type) and returns it lowercased without its
+    /// trailing dot; the error says which part broke the rule.
+    pub fn parse(name: &str) -> Result<DnsName, NameError> {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        check_name(name)?;
+        let mut bytes = [0; DnsName::INLINE];
+        match (bytes.get_mut(..name.len()), u8::try_from(name.len())) {
+            (Some(inline), Ok(len)) => {
+                inline.copy_from_slice(name.as_bytes());
+                inline.make_ascii_lowercase();
+                Ok(DnsName(Repr::Inline { len, bytes }))
+            }
+            _ => Ok(DnsName(Repr::Shared(Arc::from(name.to_ascii_lowercase())))),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Copied from a checked name, whole: ASCII, so always valid UTF-8.
+            Repr::Inline { len, bytes } => bytes
+                .get(..usize::from(*len))
+                .and_then(|name| std::str::from_utf8(name).ok())
+                .unwrap_or_default(),
+            Repr::Shared(name) => name,
+        }
+    }
 }
 
-/// [`normalize_name`] without the copy when `name` is already lowercase without a trailing dot,
-/// as names from the gateway's name table are: checked once per lookup, not once per pattern.
-pub(crate) fn match_form(name: &str) -> Option<Cow<'_, str>> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    check_name(name).ok()?;
-    Some(if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(name.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(name)
-    })
+impl std::ops::Deref for DnsName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for DnsName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for DnsName {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for DnsName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for DnsName {}
+
+impl PartialEq<str> for DnsName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for DnsName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for DnsName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that `Borrow<str>` lookups find it.
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for DnsName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for DnsName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl fmt::Debug for DnsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for DnsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DnsName {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        DnsName::parse(s)
+    }
+}
+
+impl serde::Serialize for DnsName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Checks a name that has already lost its trailing dot.
@@ -260,64 +368,75 @@ mod tests {
         s.parse().expect(s)
     }
 
+    /// Whether `pattern` matches `name`; a name that breaks the rule matches nothing.
+    trait MatchesText {
+        fn matches_text(&self, name: &str) -> bool;
+    }
+
+    impl MatchesText for DnsNamePattern {
+        fn matches_text(&self, name: &str) -> bool {
+            DnsName::parse(name).is_ok_and(|name| self.matches(&name))
+        }
+    }
+
     #[test]
     fn exact_pattern_matches_only_that_name() {
         let p = pat("db.corp.example");
-        assert!(p.matches("db.corp.example"));
-        assert!(!p.matches("x.db.corp.example"));
-        assert!(!p.matches("corp.example"));
-        assert!(!p.matches("db.corp.example.com"));
-        assert!(!p.matches("adb.corp.example"));
+        assert!(p.matches_text("db.corp.example"));
+        assert!(!p.matches_text("x.db.corp.example"));
+        assert!(!p.matches_text("corp.example"));
+        assert!(!p.matches_text("db.corp.example.com"));
+        assert!(!p.matches_text("adb.corp.example"));
         assert!(p.is_exact());
     }
 
     #[test]
     fn single_star_matches_exactly_one_label() {
         let p = pat("*.db.corp.example");
-        assert!(p.matches("a.db.corp.example"));
-        assert!(p.matches("a-b_c.db.corp.example"));
-        assert!(!p.matches("db.corp.example"));
-        assert!(!p.matches("a.b.db.corp.example"));
+        assert!(p.matches_text("a.db.corp.example"));
+        assert!(p.matches_text("a-b_c.db.corp.example"));
+        assert!(!p.matches_text("db.corp.example"));
+        assert!(!p.matches_text("a.b.db.corp.example"));
         assert!(!p.is_exact());
     }
 
     #[test]
     fn double_star_matches_one_or_more_labels() {
         let p = pat("**.googleapis.com");
-        assert!(p.matches("storage.googleapis.com"));
-        assert!(p.matches("a.b.c.googleapis.com"));
-        assert!(!p.matches("googleapis.com"));
-        assert!(!p.matches("notgoogleapis.com"));
+        assert!(p.matches_text("storage.googleapis.com"));
+        assert!(p.matches_text("a.b.c.googleapis.com"));
+        assert!(!p.matches_text("googleapis.com"));
+        assert!(!p.matches_text("notgoogleapis.com"));
     }
 
     #[test]
     fn matching_ignores_case_and_one_trailing_dot() {
         let p = pat("DB.Corp.Example.");
         assert_eq!(p.to_string(), "db.corp.example");
-        assert!(p.matches("db.corp.example"));
-        assert!(p.matches("DB.CORP.EXAMPLE."));
-        assert!(!p.matches("db.corp.example.."));
-        assert!(pat("*.EXAMPLE").matches("Foo.example."));
+        assert!(p.matches_text("db.corp.example"));
+        assert!(p.matches_text("DB.CORP.EXAMPLE."));
+        assert!(!p.matches_text("db.corp.example.."));
+        assert!(pat("*.EXAMPLE").matches_text("Foo.example."));
     }
 
     #[test]
     fn star_dot_tld_needs_a_label_in_front() {
         let p = pat("*.com");
-        assert!(p.matches("example.com"));
-        assert!(!p.matches("com"));
-        assert!(!p.matches("a.example.com"));
-        assert!(pat("com").matches("com"));
-        assert!(!pat("com").matches("example.com"));
+        assert!(p.matches_text("example.com"));
+        assert!(!p.matches_text("com"));
+        assert!(!p.matches_text("a.example.com"));
+        assert!(pat("com").matches_text("com"));
+        assert!(!pat("com").matches_text("example.com"));
     }
 
     #[test]
     fn invalid_names_never_match() {
         let p = pat("**.example");
-        assert!(!p.matches("a b.example"));
-        assert!(!p.matches(".example"));
-        assert!(!p.matches("a..example"));
-        assert!(!p.matches("-a.example"));
-        assert!(!p.matches(""));
+        assert!(!p.matches_text("a b.example"));
+        assert!(!p.matches_text(".example"));
+        assert!(!p.matches_text("a..example"));
+        assert!(!p.matches_text("-a.example"));
+        assert!(!p.matches_text(""));
     }
 
     #[test]
@@ -358,30 +477,34 @@ mod tests {
 
     #[test]
     fn underscore_labels_are_allowed() {
-        assert!(pat("_sip._tcp.example").matches("_SIP._tcp.example"));
+        assert!(pat("_sip._tcp.example").matches_text("_SIP._tcp.example"));
     }
 
     #[test]
-    fn parse_name_says_which_part_broke_the_rule() {
-        assert_eq!(parse_name("Api.Example.COM."), Ok("api.example.com".into()));
-        assert_eq!(parse_name("x.example.."), Err(NameError::EmptyLabel));
-        assert_eq!(parse_name("127.1"), Err(NameError::NumericTopLabel));
-        assert_eq!(parse_name("10.0.0.1."), Err(NameError::IpLiteral));
-        assert_eq!(parse_name("a*.example"), Err(NameError::MisplacedWildcard));
+    fn dns_name_parse_says_which_part_broke_the_rule() {
+        let parse = |s| DnsName::parse(s).map(|n| n.to_string());
+        assert_eq!(parse("Api.Example.COM."), Ok("api.example.com".into()));
+        assert_eq!(parse("x.example.."), Err(NameError::EmptyLabel));
+        assert_eq!(parse("127.1"), Err(NameError::NumericTopLabel));
+        assert_eq!(parse("10.0.0.1."), Err(NameError::IpLiteral));
+        assert_eq!(parse("a*.example"), Err(NameError::MisplacedWildcard));
+        assert_eq!(parse("*.example"), Err(NameError::MisplacedWildcard));
+        assert_eq!(parse(""), Err(NameError::Empty));
+        assert_eq!(parse("."), Err(NameError::Empty));
     }
 
     #[test]
-    fn normalize_name_lowercases_and_strips_one_dot() {
-        assert_eq!(
-            normalize_name("Api.Example.COM.").as_deref(),
-            Some("api.example.com")
-        );
-        assert_eq!(normalize_name("x.example").as_deref(), Some("x.example"));
-        assert_eq!(normalize_name("x.example.."), None);
-        assert_eq!(normalize_name("*.example"), None);
-        assert_eq!(normalize_name("10.0.0.1"), None);
-        assert_eq!(normalize_name(""), None);
-        assert_eq!(normalize_name("."), None);
+    fn dns_names_long_and_short_compare_and_hash_by_their_text() {
+        use std::collections::HashSet;
+        let long = format!("{}.example", "Ab".repeat(30));
+        let short = DnsName::parse("API.example.").expect("valid");
+        let long = DnsName::parse(&long).expect("valid");
+        assert_eq!(short, "api.example");
+        assert_eq!(long.as_str(), format!("{}.example", "ab".repeat(30)));
+        let set: HashSet<DnsName> = [short.clone(), long.clone()].into();
+        assert!(set.contains("api.example"));
+        assert!(set.contains(long.as_str()));
+        assert_eq!(std::mem::size_of::<DnsName>(), 40);
     }
 
     fn label() -> impl Strategy<Value = String> {
@@ -394,9 +517,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn normalize_name_is_idempotent(s in "[a-zA-Z0-9._*-]{0,40}\\.?") {
-            if let Some(once) = normalize_name(&s) {
-                prop_assert_eq!(normalize_name(&once), Some(once.clone()));
+        fn dns_name_parse_is_idempotent(s in "[a-zA-Z0-9._*-]{0,60}\\.?") {
+            if let Ok(once) = DnsName::parse(&s) {
+                prop_assert_eq!(DnsName::parse(&once), Ok(once.clone()));
             }
         }
 
@@ -408,9 +531,9 @@ mod tests {
             let p = pat(&format!("**.{suffix}"));
             let many = format!("{}.{}", front.join("."), suffix);
             let one = format!("{}.{}", front[0], suffix);
-            prop_assert!(!p.matches(&suffix));
-            prop_assert!(p.matches(&many));
-            prop_assert!(p.matches(&one));
+            prop_assert!(!p.matches_text(&suffix));
+            prop_assert!(p.matches_text(&many));
+            prop_assert!(p.matches_text(&one));
         }
 
         #[test]
@@ -424,7 +547,7 @@ mod tests {
             } else {
                 format!("{}.{suffix}", front.join("."))
             };
-            prop_assert_eq!(p.matches(&candidate), front.len() == 1);
+            prop_assert_eq!(p.matches_text(&candidate), front.len() == 1);
         }
 
         #[test]
@@ -432,8 +555,8 @@ mod tests {
             let n = n.join(".");
             let p = pat(&n);
             let dotted = format!("{}.", n);
-            prop_assert!(p.matches(&n.to_ascii_uppercase()));
-            prop_assert!(p.matches(&dotted));
+            prop_assert!(p.matches_text(&n.to_ascii_uppercase()));
+            prop_assert!(p.matches_text(&dotted));
             prop_assert_eq!(p.to_string(), n.to_ascii_lowercase());
         }
     }

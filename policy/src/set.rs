@@ -15,6 +15,7 @@ use smallvec::SmallVec;
 
 use crate::index::{rules_in_order, CidrRules, NameIndex, SelectionIndex};
 use crate::model::{EgressRule, Mode, Peer, Policy, PolicyRef, PortRange, Protocol, Transport};
+use crate::name::DnsName;
 use crate::parse::LoadError;
 
 /// A validated, compiled set of policies. Cheap to share behind an `Arc` and swap whole.
@@ -85,7 +86,7 @@ pub enum GrantPeer {
     /// The most specific of the rule's `cidr` peers containing the destination.
     Cidr(IpNet),
     /// The resolved names (deduplicated, in the caller's order) that matched a `dnsName` peer.
-    Names(Vec<String>),
+    Names(Vec<DnsName>),
 }
 
 /// A rule's `cidr` peers and ports; its `dnsName` peers live in the set's [`NameIndex`].
@@ -203,10 +204,10 @@ fn selects(p: &Policy, pod: &PodIdentity<'_>) -> bool {
 
 /// Each name once, in order: a scan while there are few, a hash set past that, so that an
 /// address thousands of names share costs linear time, not quadratic.
-fn distinct<'n>(names: impl Iterator<Item = &'n str>) -> Vec<String> {
+fn distinct<'n>(names: impl Iterator<Item = &'n DnsName>) -> Vec<DnsName> {
     const SCAN_UP_TO: usize = 16;
-    let mut kept: Vec<&str> = Vec::new();
-    let mut seen: Option<foldhash::HashSet<&str>> = None;
+    let mut kept: Vec<&DnsName> = Vec::new();
+    let mut seen: Option<foldhash::HashSet<&DnsName>> = None;
     for name in names {
         let new = match &mut seen {
             Some(seen) => seen.insert(name),
@@ -219,7 +220,7 @@ fn distinct<'n>(names: impl Iterator<Item = &'n str>) -> Vec<String> {
             }
         }
     }
-    kept.into_iter().map(str::to_owned).collect()
+    kept.into_iter().cloned().collect()
 }
 
 // === impl CompiledRule ===
@@ -312,14 +313,13 @@ impl<'a> Selection<'a> {
 
     /// The TCP grants of a connection: [`grants_for`](Self::grants_for) with
     /// [`Transport::Tcp`], so a `udp` entry never allows a connection.
-    pub fn grants(&self, dst: IpAddr, port: u16, resolved_names: &[&str]) -> Vec<Grant<'a>> {
+    pub fn grants(&self, dst: IpAddr, port: u16, resolved_names: &[DnsName]) -> Vec<Grant<'a>> {
         self.grants_for(Transport::Tcp, dst, port, resolved_names)
     }
 
     /// Every (policy, rule, port entry) of `transport` whose port range contains `port` and whose
     /// peers match: a `cidr` peer containing `dst`, or a `dnsName` peer matching at least one of
-    /// `resolved_names` (names this pod resolved to `dst`: fastest lowercase without a trailing
-    /// dot, as the name table keeps them; other spellings match as in `DnsNamePattern::matches`).
+    /// `resolved_names` (names this pod resolved to `dst`).
     /// Grants come by policy (sorted by reference), then rule, then port entry. A `cidr` match
     /// wins over names: the rule then allows the address whatever the name.
     pub fn grants_for(
@@ -327,7 +327,7 @@ impl<'a> Selection<'a> {
         transport: Transport,
         dst: IpAddr,
         port: u16,
-        resolved_names: &[&str],
+        resolved_names: &[DnsName],
     ) -> Vec<Grant<'a>> {
         // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; IPv4 rules must still match.
         let dst = dst.to_canonical();
@@ -362,7 +362,7 @@ impl<'a> Selection<'a> {
                 Some(net) => GrantPeer::Cidr(net),
                 None => {
                     let names = rule_hits.iter().filter_map(|&(_, n)| n);
-                    GrantPeer::Names(distinct(names.map(|n| resolved_names[n])))
+                    GrantPeer::Names(distinct(names.map(|n| &resolved_names[n])))
                 }
             };
             let protocols: SmallVec<[&Protocol; 2]> = rule
@@ -403,6 +403,10 @@ impl fmt::Debug for Selection<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(names: &[&str]) -> Vec<DnsName> {
+        names.iter().map(|n| n.parse().expect(n)).collect()
+    }
     use crate::parse::parse_policies;
 
     const POLICIES: &str = r#"
@@ -598,11 +602,11 @@ spec:
         let grants = selection.grants(
             ip("203.0.113.9"),
             443,
-            &[
+            &names(&[
                 "storage.googleapis.com",
                 "x.example",
                 "storage.googleapis.com",
-            ],
+            ]),
         );
         assert_eq!(grants.len(), 2);
         assert!(grants
@@ -612,37 +616,34 @@ spec:
         assert_eq!(grants[1].protocol, &Protocol::Tcp);
         assert_eq!(
             grants[0].peer,
-            GrantPeer::Names(vec!["storage.googleapis.com".into()])
+            GrantPeer::Names(names(&["storage.googleapis.com"]))
         );
         assert_eq!(grants[0].mode, Mode::Enforce);
 
         // Port range edges: 8443 only matches the tls entry, 8444 nothing.
-        let grants = selection.grants(ip("203.0.113.9"), 8443, &["a.googleapis.com"]);
+        let grants = selection.grants(ip("203.0.113.9"), 8443, &names(&["a.googleapis.com"]));
         assert_eq!(grants.len(), 1);
         assert!(selection
-            .grants(ip("203.0.113.9"), 8444, &["a.googleapis.com"])
+            .grants(ip("203.0.113.9"), 8444, &names(&["a.googleapis.com"]))
             .is_empty());
         assert!(selection
-            .grants(ip("203.0.113.9"), 443, &["googleapis.com"])
+            .grants(ip("203.0.113.9"), 443, &names(&["googleapis.com"]))
             .is_empty());
 
         let grants = selection.grants(
             ip("198.51.100.1"),
             5432,
-            &["replica.db.corp.example", "db.corp.example"],
+            &names(&["replica.db.corp.example", "db.corp.example"]),
         );
         assert_eq!(grants.len(), 1);
         assert_eq!(grants[0].rule, 0);
         assert_eq!(
             grants[0].peer,
-            GrantPeer::Names(vec![
-                "replica.db.corp.example".into(),
-                "db.corp.example".into()
-            ])
+            GrantPeer::Names(names(&["replica.db.corp.example", "db.corp.example"]))
         );
         assert!(matches!(grants[0].protocol, Protocol::Postgresql(pg) if pg.allows("orders", "u")));
         assert!(selection
-            .grants(ip("198.51.100.1"), 5432, &["a.b.db.corp.example"])
+            .grants(ip("198.51.100.1"), 5432, &names(&["a.b.db.corp.example"]))
             .is_empty());
     }
 
@@ -657,7 +658,7 @@ spec:
             namespace_labels: &none,
         };
         let selection = set.select(&pod);
-        let grants = selection.grants(ip("192.0.2.200"), 443, &["x.googleapis.com"]);
+        let grants = selection.grants(ip("192.0.2.200"), 443, &names(&["x.googleapis.com"]));
         assert_eq!(
             grants[0].peer,
             GrantPeer::Cidr("192.0.2.128/25".parse().expect("net"))
@@ -699,7 +700,7 @@ spec:
         assert!(selection.grants(ip("2001:db9::5"), 80, &[]).is_empty());
         assert_eq!(
             selection
-                .grants(ip("2001:db9::5"), 80, &["API.example."])
+                .grants(ip("2001:db9::5"), 80, &names(&["API.example."]))
                 .len(),
             1
         );
@@ -728,20 +729,30 @@ spec:
             namespace_labels: &none,
         };
         let selection = set.select(&pod);
-        let udp = selection.grants_for(Transport::Udp, ip("203.0.113.5"), 51820, &["wg.example"]);
+        let udp = selection.grants_for(
+            Transport::Udp,
+            ip("203.0.113.5"),
+            51820,
+            &names(&["wg.example"]),
+        );
         assert_eq!(udp.len(), 1);
         assert_eq!(udp[0].protocol, &Protocol::Udp);
-        assert_eq!(udp[0].peer, GrantPeer::Names(vec!["wg.example".into()]));
+        assert_eq!(udp[0].peer, GrantPeer::Names(names(&["wg.example"])));
         // The same destination over TCP: the udp entry grants nothing.
         assert!(selection
-            .grants(ip("203.0.113.5"), 51820, &["wg.example"])
+            .grants(ip("203.0.113.5"), 51820, &names(&["wg.example"]))
             .is_empty());
         // And the tls entry grants no datagram to 443.
         assert!(selection
-            .grants_for(Transport::Udp, ip("203.0.113.5"), 443, &["wg.example"])
+            .grants_for(
+                Transport::Udp,
+                ip("203.0.113.5"),
+                443,
+                &names(&["wg.example"])
+            )
             .is_empty());
         assert_eq!(
-            selection.grants(ip("203.0.113.5"), 443, &["wg.example"])[0].protocol,
+            selection.grants(ip("203.0.113.5"), 443, &names(&["wg.example"]))[0].protocol,
             &Protocol::Tls
         );
         let by_cidr = selection.grants_for(Transport::Udp, ip("198.18.9.7"), 51820, &[]);

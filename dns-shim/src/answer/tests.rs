@@ -254,3 +254,34 @@ proptest! {
         }
     }
 }
+
+/// A name hickory reads but the one DNS-name rule refuses (a label ending in `-`): the answer is
+/// relayed like any other, but nothing is recorded, since no rule could ever use the name.
+#[test]
+fn an_answer_for_a_name_outside_the_rule_records_nothing() {
+    use hickory_proto::op::{Message, MessageType, Query};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::Record;
+
+    let exchange = |name: &str| {
+        let name = Name::from_ascii(name).expect("hickory reads it");
+        let mut query = Message::new();
+        query
+            .set_id(7)
+            .add_query(Query::query(name.clone(), RecordType::A));
+        let mut response = query.clone();
+        response
+            .set_message_type(MessageType::Response)
+            .add_answer(Record::from_rdata(
+                name,
+                60,
+                RData::A(A::new(198, 19, 0, 10)),
+            ));
+        let (query, response) = (query.to_vec(), response.to_vec());
+        read_exchange(&query.expect("encodes"), &response.expect("encodes"))
+    };
+    let recorded = exchange("api-.example.test.").map(|answer| answer.name);
+    assert_eq!(recorded, None);
+    let recorded = exchange("API.example.test.").map(|answer| answer.name.to_string());
+    assert_eq!(recorded.as_deref(), Some("api.example.test"));
+}

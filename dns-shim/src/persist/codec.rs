@@ -9,7 +9,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::table::{SavedName, SavedTouch};
+use crate::table::{DestIp, PodIp, SavedName, SavedTouch};
 
 /// The first bytes of every state file.
 const FILE_MAGIC: &[u8; 8] = b"EGNAMES\n";
@@ -125,16 +125,16 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
 /// or CNAME chain too long for a frame is not encoded (no DNS answer has one).
 pub fn encode_name(
     out: &mut Vec<u8>,
-    pod: IpAddr,
-    dst: IpAddr,
+    pod: PodIp,
+    dst: DestIp,
     name: &str,
     cnames: &[impl AsRef<str>],
     fresh_until: SystemTime,
 ) {
     frame(out, |out| {
         out.push(TAG_NAME);
-        put_addr(out, pod);
-        put_addr(out, dst);
+        put_addr(out, pod.0);
+        put_addr(out, dst.0);
         out.extend_from_slice(&unix_ms(fresh_until).to_le_bytes());
         let Ok(count) = u8::try_from(cnames.len()) else {
             return false;
@@ -147,11 +147,11 @@ pub fn encode_name(
 }
 
 /// Appends a [`Record::Touch`] frame.
-pub fn encode_touch(out: &mut Vec<u8>, pod: IpAddr, dst: IpAddr, name: &str, at: SystemTime) {
+pub fn encode_touch(out: &mut Vec<u8>, pod: PodIp, dst: DestIp, name: &str, at: SystemTime) {
     frame(out, |out| {
         out.push(TAG_TOUCH);
-        put_addr(out, pod);
-        put_addr(out, dst);
+        put_addr(out, pod.0);
+        put_addr(out, dst.0);
         out.extend_from_slice(&unix_ms(at).to_le_bytes());
         put_str(out, name)
     });
@@ -247,8 +247,8 @@ impl Iterator for Frames<'_> {
 fn decode_payload(payload: &[u8]) -> Option<Record> {
     let mut r = Cursor::new(payload);
     let tag = r.u8()?;
-    let pod = r.addr()?;
-    let dst = r.addr()?;
+    let pod = PodIp(r.addr()?);
+    let dst = DestIp(r.addr()?);
     let at = UNIX_EPOCH.checked_add(Duration::from_millis(r.u64()?))?;
     let name = r.str()?;
     let record = match tag {

@@ -6,8 +6,8 @@ use super::*;
 
 fn name_record() -> Record {
     Record::Name(SavedName {
-        pod: IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2)),
-        dst: IpAddr::V6(Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10)),
+        pod: PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2))),
+        dst: DestIp(IpAddr::V6(Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10))),
         name: "api.example.test".to_owned(),
         cnames: vec!["lb.cdn.example.test".to_owned()],
         fresh_until: UNIX_EPOCH + Duration::from_millis(1_800_000_123_456),
@@ -16,8 +16,8 @@ fn name_record() -> Record {
 
 fn touch_record() -> Record {
     Record::Touch(SavedTouch {
-        pod: IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2)),
-        dst: IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10)),
+        pod: PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2))),
+        dst: DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10))),
         name: "api.example.test".to_owned(),
         at: UNIX_EPOCH + Duration::from_millis(1_800_000_000_000),
     })

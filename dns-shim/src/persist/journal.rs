@@ -3,7 +3,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +14,7 @@ use prometheus::{IntGauge, PullingGauge, Registry};
 use super::codec::{self, FileKind, Header};
 use super::{encode_table, journal_path, journals, PersistMetrics, Scope, SNAPSHOT};
 use crate::answer::Answer;
-use crate::table::NameTable;
+use crate::table::{DestIp, NameTable, PodIp};
 
 /// See the module docs.
 #[derive(Debug)]
@@ -41,13 +40,13 @@ pub struct Unsaved {
 
 impl Unsaved {
     /// Adds the entries `table.record` just made for `pod` from `answer` with `ttl`.
-    pub fn add(&mut self, pod: IpAddr, answer: &Answer, ttl: Duration) {
+    pub fn add(&mut self, pod: PodIp, answer: &Answer, ttl: Duration) {
         let fresh_until = SystemTime::now() + ttl;
         for &dst in &answer.addresses {
             codec::encode_name(
                 &mut self.frames,
                 pod,
-                dst,
+                DestIp(dst),
                 &answer.name,
                 &answer.cnames,
                 fresh_until,
@@ -114,7 +113,7 @@ impl Journal {
 
     /// Saves the entries `table.record` just made for `pod` from `answer` with `ttl`. Called
     /// before the reply is sent.
-    pub fn record(&self, pod: IpAddr, answer: &Answer, ttl: Duration) {
+    pub fn record(&self, pod: PodIp, answer: &Answer, ttl: Duration) {
         let mut unsaved = Unsaved::default();
         unsaved.add(pod, answer, ttl);
         self.save(&mut unsaved);

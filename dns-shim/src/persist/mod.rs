@@ -17,13 +17,12 @@
 
 use std::fs;
 use std::io;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use prometheus::{IntCounterVec, Opts, Registry};
 
-use crate::table::{NameTable, Restored};
+use crate::table::{NameTable, PodIp, Restored};
 use codec::{FileKind, Frames, Header, Record};
 
 pub mod codec;
@@ -155,7 +154,7 @@ pub struct RestoreReport {
     /// The generation a new journal must take: above every file present.
     pub next_generation: u64,
     /// Pods that got records back (to drop those that no longer exist once identities are known).
-    pub pods: Vec<IpAddr>,
+    pub pods: Vec<PodIp>,
 }
 
 /// Puts every record of the files in `dir` back into `table`: the snapshot, then the journals
@@ -281,7 +280,8 @@ pub fn apply(bytes: &[u8], table: &NameTable, now: Instant, wall_now: SystemTime
         match record {
             Record::Name(name) => match table.restore(&name, now, wall_now) {
                 Restored::Kept => applied.names += 1,
-                Restored::Expired => applied.expired += 1,
+                // Counted with the expired: dropped either way.
+                Restored::Expired | Restored::NotADnsName => applied.expired += 1,
             },
             Record::Touch(touch) => {
                 table.restore_touch(&touch, now, wall_now);

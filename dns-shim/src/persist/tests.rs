@@ -8,12 +8,12 @@ use prometheus::Registry;
 
 use super::*;
 use crate::answer::Answer;
-use crate::table::{SavedName, TableLimits};
+use crate::table::{DestIp, PodIp, SavedName, TableLimits};
 
-const POD_A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2));
-const POD_B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 2, 2));
-const WEB: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
-const DB: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 20));
+const POD_A: PodIp = PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2)));
+const POD_B: PodIp = PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 2, 2)));
+const WEB: DestIp = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10)));
+const DB: DestIp = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 20)));
 
 fn table() -> NameTable {
     NameTable::new(TableLimits {
@@ -25,14 +25,18 @@ fn table() -> NameTable {
     .log_touches()
 }
 
+fn dns_name(name: &str) -> egressgate_policy::DnsName {
+    name.parse().expect(name)
+}
+
 fn scope() -> Scope {
     Scope::new("node-1", &["198.18.0.0/15".to_owned()])
 }
 
-fn answer(name: &str, address: IpAddr, ttl: u32) -> Answer {
+fn answer(name: &str, address: DestIp, ttl: u32) -> Answer {
     Answer {
-        name: name.to_owned(),
-        addresses: vec![address],
+        name: dns_name(name),
+        addresses: vec![address.0],
         cnames: vec![],
         ttl,
     }
@@ -56,12 +60,12 @@ impl Kept {
         (Kept { table, journal }, report)
     }
 
-    fn record(&self, pod: IpAddr, answer: &Answer) {
+    fn record(&self, pod: PodIp, answer: &Answer) {
         let ttl = self.table.record(pod, answer, Instant::now());
         self.journal.record(pod, answer, ttl);
     }
 
-    fn names(&self, pod: IpAddr, dst: IpAddr) -> Vec<String> {
+    fn names(&self, pod: PodIp, dst: DestIp) -> Vec<String> {
         let mut names: Vec<String> = self
             .table
             .lookup(pod, dst, Instant::now())
@@ -209,9 +213,14 @@ fn uses_of_entries_are_journaled() {
     let resolved = Instant::now();
     kept.table
         .record(POD_A, &answer("api.example.test", WEB, 0), resolved);
-    kept.table.touch(POD_A, WEB, "api.example.test", resolved);
     kept.table
-        .touch(POD_A, WEB, "never-resolved.example.test", resolved);
+        .touch(POD_A, WEB, &dns_name("api.example.test"), resolved);
+    kept.table.touch(
+        POD_A,
+        WEB,
+        &dns_name("never-resolved.example.test"),
+        resolved,
+    );
     kept.journal.save_touches(&kept.table);
     let bytes = std::fs::read(journal_path(dir.path(), kept.journal_generation())).expect("read");
     let (_, len) = Header::decode(&bytes).expect("header");

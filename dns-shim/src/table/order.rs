@@ -4,13 +4,14 @@
 //! to scan or compact, whatever the table's size.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+
+use super::keys::{DestIp, PodIp};
 
 /// Where an entry lives in the table: the pod that resolved it and the address it resolved to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct Route {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
+    pub pod: PodIp,
+    pub dst: DestIp,
 }
 
 /// A node's index in the slab; the table's entries keep theirs.
@@ -25,7 +26,7 @@ pub(super) struct Order {
     /// Slots of removed nodes, reused before the slab grows.
     free: Vec<NodeId>,
     table: List,
-    pods: HashMap<IpAddr, List>,
+    pods: HashMap<PodIp, List>,
 }
 
 #[derive(Debug)]
@@ -115,7 +116,7 @@ impl Order {
     }
 
     /// The oldest node of `pod`.
-    pub(super) fn oldest_of(&self, pod: IpAddr) -> Option<NodeId> {
+    pub(super) fn oldest_of(&self, pod: PodIp) -> Option<NodeId> {
         self.pods.get(&pod).map(|list| list.head)
     }
 
@@ -124,7 +125,7 @@ impl Order {
     }
 
     /// How many entries `pod` has.
-    pub(super) fn len_of(&self, pod: IpAddr) -> usize {
+    pub(super) fn len_of(&self, pod: PodIp) -> usize {
         self.pods.get(&pod).map_or(0, |list| list.len)
     }
 
@@ -134,7 +135,7 @@ impl Order {
     }
 
     /// `pod`'s nodes, oldest first.
-    pub(super) fn nodes_of(&self, pod: IpAddr) -> Vec<NodeId> {
+    pub(super) fn nodes_of(&self, pod: PodIp) -> Vec<NodeId> {
         let mut ids = Vec::with_capacity(self.len_of(pod));
         let mut id = self.pods.get(&pod).map_or(NONE, |list| list.head);
         while id != NONE {

@@ -3,20 +3,22 @@
 //! leaves as the wall-clock time its TTL (or its last use) ends, and comes back against the
 //! wall clock of the new process.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::keys::{DestIp, PodIp};
 use super::order::Route;
-use super::{nanos, Entry, NameTable, StoredName};
+use egressgate_policy::DnsName;
+
+use super::{nanos, Entry, NameTable};
 
 /// One entry as data: `pod` resolved `name` (through `cnames`) to `dst`. It is fresh until
 /// `fresh_until` and valid for the table's idle grace after that.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedName {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
+    pub pod: PodIp,
+    pub dst: DestIp,
     pub name: String,
     pub cnames: Vec<String>,
     pub fresh_until: SystemTime,
@@ -25,8 +27,8 @@ pub struct SavedName {
 /// A connection used a record at `at`: its idle grace starts again from there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedTouch {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
+    pub pod: PodIp,
+    pub dst: DestIp,
     pub name: String,
     pub at: SystemTime,
 }
@@ -38,14 +40,16 @@ pub enum Restored {
     Kept,
     /// Its idle grace had passed: dropped.
     Expired,
+    /// Its name breaks the one DNS-name rule ([`DnsName`]), so no rule could use it: dropped.
+    NotADnsName,
 }
 
 /// An entry seen through [`NameTable::export_each`], borrowed from the table.
 #[derive(Debug)]
 pub struct ExportedName<'a> {
-    pub pod: IpAddr,
-    pub dst: IpAddr,
-    pub name: &'a str,
+    pub pod: PodIp,
+    pub dst: DestIp,
+    pub name: &'a DnsName,
     pub cnames: &'a [Arc<str>],
     pub fresh_until: SystemTime,
 }
@@ -65,7 +69,7 @@ impl NameTable {
                 visit(ExportedName {
                     pod: route.pod,
                     dst: route.dst,
-                    name: entry.name.as_str(),
+                    name: &entry.name,
                     cnames: entry.cnames.as_deref().unwrap_or_default(),
                     fresh_until: to_wall(entry.fresh_until(), now, wall_now),
                 });
@@ -79,7 +83,10 @@ impl NameTable {
         let Some((resolved_at, ttl)) = self.since_wall(saved.fresh_until, now, wall_now) else {
             return Restored::Expired;
         };
-        let name = StoredName::new(super::normalize(&saved.name));
+        // The file is outside input: its names pass the rule again on the way in.
+        let Ok(name) = DnsName::parse(&saved.name) else {
+            return Restored::NotADnsName;
+        };
         let cnames: Option<Arc<[Arc<str>]>> = (!saved.cnames.is_empty())
             .then(|| saved.cnames.iter().map(|c| Arc::from(c.as_str())).collect());
         let fresh_until = resolved_at.checked_add(ttl);
@@ -90,7 +97,7 @@ impl NameTable {
         let mut guard = self.write();
         let inner = &mut *guard;
         let entries = inner.routes.entry(route).or_default();
-        match entries.find_mut(name.as_str()) {
+        match entries.find_mut(&name) {
             Some(entry) => {
                 if fresh_until > entry.fresh_until() {
                     entry.resolved_at = resolved_at;
@@ -137,7 +144,7 @@ impl NameTable {
     }
 
     /// Drops every entry of `pod` (a pod that no longer exists); returns how many.
-    pub fn forget_pod(&self, pod: IpAddr) -> usize {
+    pub fn forget_pod(&self, pod: PodIp) -> usize {
         let mut inner = self.write();
         let nodes = inner.order.nodes_of(pod);
         for &node in &nodes {
@@ -148,9 +155,9 @@ impl NameTable {
     }
 
     /// The pods that have entries.
-    pub fn pods(&self) -> Vec<IpAddr> {
+    pub fn pods(&self) -> Vec<PodIp> {
         let inner = self.read();
-        let mut pods: Vec<IpAddr> = inner.routes.keys().map(|route| route.pod).collect();
+        let mut pods: Vec<PodIp> = inner.routes.keys().map(|route| route.pod).collect();
         pods.sort_unstable();
         pods.dedup();
         pods

@@ -2,10 +2,12 @@ use std::net::Ipv4Addr;
 
 use super::*;
 
-const POD_A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2));
-const POD_B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3));
-const DST: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
-const DST2: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 11));
+use std::net::IpAddr;
+
+const POD_A: PodIp = PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2)));
+const POD_B: PodIp = PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 3)));
+const DST: DestIp = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10)));
+const DST2: DestIp = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 11)));
 
 fn limits() -> TableLimits {
     TableLimits {
@@ -16,10 +18,10 @@ fn limits() -> TableLimits {
     }
 }
 
-fn answer(name: &str, addresses: &[IpAddr], ttl: u32) -> Answer {
+fn answer(name: &str, addresses: &[DestIp], ttl: u32) -> Answer {
     Answer {
-        name: name.to_owned(),
-        addresses: addresses.to_vec(),
+        name: dns_name(name),
+        addresses: addresses.iter().map(|dst| dst.0).collect(),
         cnames: vec!["lb.cdn.example.test".to_owned()],
         ttl,
     }
@@ -29,6 +31,10 @@ fn names(found: &[ResolvedName]) -> Vec<&str> {
     let mut v: Vec<&str> = found.iter().map(|r| &*r.name).collect();
     v.sort_unstable();
     v
+}
+
+fn dns_name(name: &str) -> DnsName {
+    name.parse().expect(name)
 }
 
 fn secs(s: u64) -> Duration {
@@ -55,7 +61,7 @@ fn lifetimes_say_what_is_left_of_the_ttl_and_the_grace() {
     let mut seen = Vec::new();
     table.lifetimes_each(POD_A, DST, t0 + secs(20), |life| {
         seen.push((
-            life.name.to_owned(),
+            life.name.to_string(),
             life.cnames.len(),
             life.fresh_left,
             life.live_left,
@@ -90,10 +96,10 @@ fn touch_renews_the_idle_grace() {
     let t0 = Instant::now();
     table.record(POD_A, &answer("api.example.test", &[DST], 10), t0);
     // Connections at 30s and 55s keep it alive to 85s; without them it ends at 40s.
-    table.touch(POD_A, DST, "api.example.test", t0 + secs(30));
-    table.touch(POD_A, DST, "api.example.test", t0 + secs(55));
+    table.touch(POD_A, DST, &dns_name("api.example.test"), t0 + secs(30));
+    table.touch(POD_A, DST, &dns_name("api.example.test"), t0 + secs(55));
     // An older touch arriving late does not shorten it.
-    table.touch(POD_A, DST, "api.example.test", t0 + secs(20));
+    table.touch(POD_A, DST, &dns_name("api.example.test"), t0 + secs(20));
     assert_eq!(table.lookup(POD_A, DST, t0 + secs(84)).len(), 1);
     assert!(table.lookup(POD_A, DST, t0 + secs(85)).is_empty());
 }
@@ -105,7 +111,7 @@ fn touches_within_a_second_of_the_last_saved_one_are_not_saved_again() {
     table.record(POD_A, &answer("api.example.test", &[DST], 10), t0);
     let at = |ms: u64| t0 + Duration::from_millis(ms);
     for ms in [5_000, 5_001, 5_500, 5_999, 6_000, 6_400, 9_000] {
-        table.touch(POD_A, DST, "api.example.test", at(ms));
+        table.touch(POD_A, DST, &dns_name("api.example.test"), at(ms));
     }
     let saved: Vec<Instant> = table.take_touches().iter().map(|t| t.at).collect();
     assert_eq!(saved, [at(5_000), at(6_000), at(9_000)]);
@@ -114,12 +120,23 @@ fn touches_within_a_second_of_the_last_saved_one_are_not_saved_again() {
 }
 
 #[test]
+fn touch_does_not_revive_an_expired_record() {
+    let table = NameTable::new(limits());
+    let t0 = Instant::now();
+    table.record(POD_A, &answer("api.example.test", &[DST], 10), t0);
+    assert!(table.touch(POD_A, DST, &dns_name("api.example.test"), t0 + secs(39)));
+    // Live until 69s now; a touch after that finds nothing to renew.
+    assert!(!table.touch(POD_A, DST, &dns_name("api.example.test"), t0 + secs(69)));
+    assert!(table.lookup(POD_A, DST, t0 + secs(69)).is_empty());
+}
+
+#[test]
 fn touch_of_another_pod_or_name_changes_nothing() {
     let table = NameTable::new(limits());
     let t0 = Instant::now();
     table.record(POD_A, &answer("api.example.test", &[DST], 10), t0);
-    table.touch(POD_B, DST, "api.example.test", t0 + secs(35));
-    table.touch(POD_A, DST, "other.example.test", t0 + secs(35));
+    table.touch(POD_B, DST, &dns_name("api.example.test"), t0 + secs(35));
+    table.touch(POD_A, DST, &dns_name("other.example.test"), t0 + secs(35));
     assert!(table.lookup(POD_A, DST, t0 + secs(40)).is_empty());
 }
 
@@ -273,8 +290,18 @@ fn names_of_every_length_come_back_whole() {
     let table = NameTable::new(limits());
     let t0 = Instant::now();
     // Around the inline limit, and the longest a DNS name can be.
-    let label = |n: usize| "a".repeat(n);
-    let lengths = [INLINE_NAME - 1, INLINE_NAME, INLINE_NAME + 1, 253];
+    // `n` bytes of 60-letter labels (a label may not exceed 63).
+    let label = |n: usize| -> String {
+        (0..n)
+            .map(|i| if i % 61 == 60 { '.' } else { 'a' })
+            .collect()
+    };
+    let lengths = [
+        DnsName::INLINE - 1,
+        DnsName::INLINE,
+        DnsName::INLINE + 1,
+        253,
+    ];
     let recorded: Vec<String> = lengths
         .iter()
         .map(|&len| format!("{}.test", label(len - 5)))
@@ -294,7 +321,7 @@ fn names_of_every_length_come_back_whole() {
     seen.sort_unstable();
     assert_eq!(seen, want);
     // Touch finds them by name too: only the touched one outlives the others.
-    table.touch(POD_A, DST, &recorded[3], t0 + secs(30));
+    table.touch(POD_A, DST, &dns_name(&recorded[3]), t0 + secs(30));
     assert_eq!(
         names(&table.lookup(POD_A, DST, t0 + secs(50))),
         [&*recorded[3]]
@@ -308,8 +335,12 @@ mod model {
 
     use super::*;
 
-    const PODS: [IpAddr; 3] = [POD_A, POD_B, IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4))];
-    const DSTS: [IpAddr; 3] = [DST, DST2, IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12))];
+    const PODS: [PodIp; 3] = [
+        POD_A,
+        POD_B,
+        PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4))),
+    ];
+    const DSTS: [DestIp; 3] = [DST, DST2, DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12)))];
     const NAMES: [&str; 4] = ["a.test", "b.test", "c.test", "d.test"];
     const LIMITS: TableLimits = TableLimits {
         min_ttl: Duration::from_secs(5),
@@ -389,14 +420,17 @@ mod model {
             }
         }
 
-        fn touch(&mut self, pod: usize, dst: usize, name: usize, now: u64) {
-            if let Some(row) = self
+        /// A touch renews a live record only: an expired one stays expired.
+        fn touch(&mut self, pod: usize, dst: usize, name: usize, now: u64) -> bool {
+            let row = self
                 .rows
                 .iter_mut()
-                .find(|r| (r.0, r.1, r.2) == (pod, dst, name))
-            {
+                .find(|r| (r.0, r.1, r.2) == (pod, dst, name) && live(r, now));
+            let found = row.is_some();
+            if let Some(row) = row {
                 row.5 = row.5.max(now);
             }
+            found
         }
     }
 
@@ -411,9 +445,9 @@ mod model {
                 let at = t0 + secs(now);
                 match op {
                     Op::Record { pod, name, dsts, ttl } => {
-                        let addresses: Vec<IpAddr> = dsts.iter().map(|&d| DSTS[d]).collect();
+                        let addresses: Vec<IpAddr> = dsts.iter().map(|&d| DSTS[d].0).collect();
                         let answer = Answer {
-                            name: NAMES[name].to_owned(),
+                            name: dns_name(NAMES[name]),
                             addresses,
                             cnames: Vec::new(),
                             ttl,
@@ -422,8 +456,8 @@ mod model {
                         model.record(pod, name, &dsts, ttl, now);
                     }
                     Op::Touch { pod, dst, name } => {
-                        table.touch(PODS[pod], DSTS[dst], NAMES[name], at);
-                        model.touch(pod, dst, name, now);
+                        let live = table.touch(PODS[pod], DSTS[dst], &dns_name(NAMES[name]), at);
+                        prop_assert_eq!(live, model.touch(pod, dst, name, now));
                     }
                     Op::Purge => {
                         let before = model.rows.len();
@@ -477,7 +511,7 @@ fn export_and_restore_keep_what_stays_fresh_longest() {
         saved.push(SavedName {
             pod: e.pod,
             dst: e.dst,
-            name: e.name.to_owned(),
+            name: e.name.to_string(),
             cnames: e.cnames.iter().map(|c| c.to_string()).collect(),
             fresh_until: e.fresh_until,
         });
@@ -506,7 +540,7 @@ fn many_names_on_one_address_are_each_found_by_name_as_they_come_and_go() {
         ..limits()
     });
     let t0 = Instant::now();
-    let name = |i: usize| format!("site-{i}.cdn.example.test");
+    let name = |i: usize| dns_name(&format!("site-{i}.cdn.example.test"));
     for i in 0..200 {
         // Short-lived odd names, so a purge leaves holes all over the route.
         let ttl = if i % 2 == 0 { 600 } else { 5 };
@@ -515,7 +549,7 @@ fn many_names_on_one_address_are_each_found_by_name_as_they_come_and_go() {
     for i in 0..200 {
         assert!(table.is_resolved(POD_A, DST, &name(i), t0), "{i}");
     }
-    assert!(!table.is_resolved(POD_A, DST, "site-200.cdn.example.test", t0));
+    assert!(!table.is_resolved(POD_A, DST, &dns_name("site-200.cdn.example.test"), t0));
     assert!(!table.is_resolved(POD_B, DST, &name(0), t0));
     // Re-recording finds the existing entry: still one per name.
     table.record(POD_A, &answer(&name(7), &[DST], 600), t0);
@@ -552,4 +586,22 @@ fn lookup_some_lends_a_bounded_sample_and_counts_the_rest() {
         table.lookup_some(POD_B, DST, t0, 8, |_, _| panic!("none")),
         0
     );
+}
+
+#[test]
+fn a_saved_name_outside_the_rule_is_not_restored() {
+    let table = NameTable::new(limits());
+    let wall = std::time::SystemTime::now();
+    let saved = SavedName {
+        pod: POD_A,
+        dst: DST,
+        name: "a b.example.test".into(),
+        cnames: Vec::new(),
+        fresh_until: wall + secs(60),
+    };
+    assert_eq!(
+        table.restore(&saved, Instant::now(), wall),
+        Restored::NotADnsName
+    );
+    assert!(table.is_empty());
 }

@@ -3,6 +3,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use egressgate_dns_shim::DestIp;
+
 /// The pod's end: the accepted socket's peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub SocketAddr);
@@ -23,6 +25,11 @@ impl OrigDstAddr {
     /// IPv4).
     pub fn ip(self) -> IpAddr {
         self.0.ip().to_canonical()
+    }
+
+    /// The address as the name table files the pod's records for it.
+    pub fn table_ip(self) -> DestIp {
+        DestIp(self.ip())
     }
 
     pub fn port(self) -> u16 {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use egressgate_policy::{Grant, GrantPeer, Selection};
+use egressgate_policy::{DnsName, Grant, GrantPeer, Selection};
 use tokio::time::Instant;
 
 use super::addr::{ClientAddr, OrigDstAddr};
@@ -40,7 +40,7 @@ pub struct Context<'s> {
 #[derive(Debug)]
 pub struct ResolvedNames {
     /// Each once; the name the first message asked for first once it is known to be resolved.
-    pub names: Vec<String>,
+    pub names: Vec<DnsName>,
     /// The CNAME targets on the way (recorded for the log, never granting).
     pub cnames: Vec<String>,
     /// The names the pod holds for the destination (expired ones not yet purged included).
@@ -70,7 +70,7 @@ impl ResolvedNames {
     pub const LOGGED: usize = 8;
 
     /// The names a decision line lists.
-    pub fn logged(&self) -> &[String] {
+    pub fn logged(&self) -> &[DnsName] {
         &self.names[..self.names.len().min(Self::LOGGED)]
     }
 
@@ -80,10 +80,10 @@ impl ResolvedNames {
     }
 
     /// Puts `name` first (adding it if it is not carried).
-    pub fn put_first(&mut self, name: &str) {
+    pub fn put_first(&mut self, name: &DnsName) {
         match self.names.iter().position(|n| n == name) {
             Some(at) => self.names[..=at].rotate_right(1),
-            None => self.names.insert(0, name.to_owned()),
+            None => self.names.insert(0, name.clone()),
         }
     }
 }
@@ -93,7 +93,7 @@ impl ResolvedNames {
 pub struct Granted {
     pub policy: String,
     pub rule: usize,
-    pub names: Vec<String>,
+    pub names: Vec<DnsName>,
 }
 
 /// The connection's sockets and the client bytes read while deciding.
@@ -125,13 +125,10 @@ impl<'s> Context<'s> {
 
 impl Granted {
     /// The grant that allowed a first message asking for `requested`: of a `dnsName` grant,
-    /// that name is the one used (lowercase, no trailing dot, as the name table keeps it); a
-    /// message naming nothing used all the grant's names.
-    pub fn used(grant: &Grant<'_>, requested: Option<&str>) -> Self {
+    /// that name is the one used; a message naming nothing used all the grant's names.
+    pub fn used(grant: &Grant<'_>, requested: Option<&DnsName>) -> Self {
         let names = match (&grant.peer, requested) {
-            (GrantPeer::Names(_), Some(name)) => {
-                vec![name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()]
-            }
+            (GrantPeer::Names(_), Some(name)) => vec![name.clone()],
             (GrantPeer::Names(names), None) => names.clone(),
             (GrantPeer::Cidr(_), _) => Vec::new(),
         };

@@ -1,11 +1,14 @@
 //! The end of every decision, whatever the stages concluded: the decision line and the decision
 //! metrics, both read from the context. A new log field is added here, never in a stage.
 
+use egressgate_policy::DnsName;
+
 use super::context::{Context, Granted, ResolvedNames};
 use super::stop::Stop;
 use crate::decision::{Reason, Verdict};
 use crate::events::{DecisionLine, LoggedNames, PodName};
 use crate::metrics::Metrics;
+use crate::peek::http::RequestHead;
 use crate::peek::{Peeked, PgEncryption, PgFirst};
 use crate::protocol::Protocol;
 
@@ -101,7 +104,7 @@ fn decision_line<'a>(
         sni: hello.and_then(|hello| hello.server_name.as_deref()),
         alpn: hello.map_or(&[], |hello| &hello.alpn),
         ech: hello.map(|hello| hello.ech_offered),
-        host: head.and_then(|head| head.host.as_deref()),
+        host: head.and_then(|head| head.host.as_ref()),
         database: startup.map(|startup| startup.database.as_str()),
         user: startup.map(|startup| startup.user.as_str()),
         replication: startup.and_then(|startup| startup.replication.as_deref()),
@@ -114,24 +117,26 @@ fn decision_line<'a>(
 
 /// Where the name the first message asked for is among the names the pod resolved, so that
 /// the line lists it first (`egressgate suggest` and people read the first name as the one
-/// used). The names are few: the table keeps them lowercase, without the trailing dot.
+/// used). The names are few.
 fn requested_position(cx: &Context<'_>) -> Option<usize> {
     let requested = cx.peeked.as_ref().and_then(Peeked::requested_name)?;
-    let requested = requested.strip_suffix('.').unwrap_or(requested);
-    cx.resolved
-        .names
-        .iter()
-        .position(|name| name.eq_ignore_ascii_case(requested))
+    cx.resolved.names.iter().position(|name| name == requested)
 }
 
-/// What the pod tried to reach, for the denied-destinations metric: the name it sent, else the
-/// name it resolved, else the address.
+/// What the pod tried to reach, for the denied-destinations metric: the name (or HTTP host
+/// address) it sent, else the name it resolved, else the address.
 fn wanted_destination(cx: &Context<'_>) -> String {
+    if let Some(Peeked::Http(RequestHead {
+        host: Some(host), ..
+    })) = &cx.peeked
+    {
+        return host.to_string();
+    }
     cx.peeked
         .as_ref()
         .and_then(Peeked::requested_name)
-        .or_else(|| cx.resolved.names.first().map(String::as_str))
-        .map_or_else(|| cx.destination.ip().to_string(), str::to_owned)
+        .or_else(|| cx.resolved.names.first())
+        .map_or_else(|| cx.destination.ip().to_string(), DnsName::to_string)
 }
 
 #[cfg(test)]
@@ -167,7 +172,7 @@ mod tests {
         );
         cx.pod = Some(pod);
         cx.resolved = ResolvedNames {
-            names: vec!["api.example.test".into()],
+            names: vec!["api.example.test".parse().expect("valid")],
             cnames: vec!["lb.cdn.example.test".into()],
             ..ResolvedNames::default()
         };
@@ -194,12 +199,33 @@ mod tests {
         let granted = Granted {
             policy: "shop/web".into(),
             rule: 0,
-            names: vec!["api.example.test".into()],
+            names: vec!["api.example.test".parse().expect("valid")],
         };
         assert_eq!(
             json(&cx, &Ok(granted), Verdict::Allow),
             r#"{"time":"","event":"decision","connection":7,"verdict":"allow","reason":"allowed","pod":{"namespace":"shop","name":"app-1","labels":{}},"source":"192.0.2.2:40000","destination":"192.0.2.10:443","names":["api.example.test"],"cnames":["lb.cdn.example.test"],"protocol":"tls","sni":"api.example.test","alpn":["h2","http/1.1"],"ech":false,"policy":"shop/web","rule":0,"decisionUs":0}"#
         );
+    }
+
+    /// A Host that is an IP literal is typed apart from a name, yet the line writes it as it
+    /// always did, and the denied-destinations metric names it.
+    #[test]
+    fn an_ip_literal_host_is_written_as_text_and_is_the_wanted_destination() {
+        let capture = include_bytes!("../peek/testdata/http/curl-7.88.1-ipv6-literal-host.bin");
+        let Peek::Complete(head) = crate::peek::http::peek_request_head(capture) else {
+            panic!("capture is a whole request head");
+        };
+        let pod = pod();
+        let mut cx = context(&pod, 80);
+        cx.protocol = Some(Protocol::Http);
+        cx.peeked = Some(Peeked::Http(head));
+        let line = json(
+            &cx,
+            &Err(Stop::new(PolicyDenial::HostMismatch)),
+            Verdict::Deny,
+        );
+        assert!(line.contains(r#""host":"::1""#), "{line}");
+        assert_eq!(wanted_destination(&cx), "::1");
     }
 
     /// The name the ClientHello asked for leads `names`, even past the eighth.
@@ -213,8 +239,10 @@ mod tests {
         };
         let pod = pod();
         let mut cx = context(&pod, 443);
-        let mut names: Vec<String> = (0..10).map(|n| format!("n{n}.example.test")).collect();
-        names.push("api.example.test".into());
+        let mut names: Vec<DnsName> = (0..10)
+            .map(|n| format!("n{n}.example.test").parse().expect("valid"))
+            .collect();
+        names.push("api.example.test".parse().expect("valid"));
         cx.resolved = ResolvedNames {
             total: names.len(),
             names,

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use egressgate_dns_shim::NameTable;
+use egressgate_dns_shim::{NameTable, PodIp};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -44,6 +44,7 @@ use crate::decision::{self, Limit, PodFault, Reason, Verdict};
 use crate::events::CloseLine;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::peek::http::Host;
 use crate::peek::{self, Peek, Peeked};
 use crate::pipes::PIPES;
 use crate::protocol::Protocol;
@@ -51,7 +52,7 @@ use crate::relay::{self, Next, Seen};
 use crate::store::{Snapshot, Store};
 pub use addr::{ClientAddr, OrigDstAddr};
 use context::{Context, Granted, Streams};
-use egressgate_policy::Selection;
+use egressgate_policy::{DnsName, Selection};
 use reader::PeekReader;
 use stop::Stop;
 use upstream::{Dial, TcpDial};
@@ -135,11 +136,46 @@ impl Proxy {
         self.metrics.connections_active.inc();
         let _active = ActiveGuard(self.metrics.connections_active.clone());
         let id = self.next_id();
+        // Held until the connection closes: `connections.max` counts open connections.
+        let permit = self.limits.connection();
+        // Each phase's future is boxed: the task itself stays small, so what an idle relayed
+        // connection holds is the relay's state, not the largest stage's (the peek's).
+        let open = self.open(id, client, source, accepted, permit.is_some());
+        let Some(opened) = Box::pin(open).await else {
+            return;
+        };
+        let Opened {
+            streams,
+            upstream,
+            destination,
+            http,
+            moved,
+        } = opened;
+        if http {
+            let relay = self.relay_http(id, (source, destination), streams, upstream, accepted);
+            Box::pin(relay).await;
+        } else {
+            Box::pin(self.relay(id, streams, upstream, accepted, moved)).await;
+        }
+        drop(permit);
+    }
+
+    /// Everything before the relay: examine (the stages and the verdict), connect upstream
+    /// and the retry stage. `None` when the connection ended here (denied, or the upstream
+    /// unreachable or refused by the retry stage).
+    async fn open(
+        &self,
+        id: u64,
+        client: TcpStream,
+        source: ClientAddr,
+        accepted: Instant,
+        admitted: bool,
+    ) -> Option<Opened> {
         let destination = match client.local_addr() {
             Ok(addr) => OrigDstAddr(addr),
             Err(e) => {
                 tracing::debug!(error = %e, "connection gone before it was examined");
-                return;
+                return None;
             }
         };
         let mut streams = Streams {
@@ -147,9 +183,6 @@ impl Proxy {
             upstream: None,
             reader: PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes),
         };
-        // Held until the connection closes: `connections.max` counts open connections.
-        let permit = self.limits.connection();
-        let admitted = permit.is_some();
         // No waiting over the limit, but the log names the pod if it is known.
         let snapshot = if admitted {
             self.wait_for_pod(source, accepted).await
@@ -162,7 +195,7 @@ impl Proxy {
             .await;
         if verdict == Verdict::Deny {
             reset(streams.client);
-            return;
+            return None;
         }
         let dialled = match streams.upstream.take() {
             Some(upstream) => Ok(upstream),
@@ -175,7 +208,7 @@ impl Proxy {
                 reset(streams.client);
                 let error = Some(format!("connect: {e}"));
                 CloseLine::print(id, (0, 0), elapsed_ms(accepted), error);
-                return;
+                return None;
             }
         };
         // Only a ClientHello a rule allowed is held to its second one; audit lets anything on.
@@ -184,7 +217,7 @@ impl Proxy {
                 Some(moved) => moved,
                 None => {
                     reset(streams.client);
-                    return;
+                    return None;
                 }
             }
         } else {
@@ -192,15 +225,13 @@ impl Proxy {
         };
         // An allowed HTTP/1 connection goes on request by request (every Host checked).
         let http = verdict == Verdict::Allow && matches!(cx.peeked, Some(Peeked::Http(_)));
-        // A long relay holds neither the context nor the snapshot it borrows.
-        drop(cx);
-        drop(snapshot);
-        if http {
-            self.relay_http(id, (source, destination), streams, upstream, accepted)
-                .await;
-        } else {
-            self.relay(id, streams, upstream, accepted, moved).await;
-        }
+        Some(Opened {
+            streams,
+            upstream,
+            destination,
+            http,
+            moved,
+        })
     }
 
     /// Everything up to the verdict, which it returns after printing the decision line. `cx`
@@ -341,7 +372,8 @@ impl Proxy {
         }
         let Streams { client, reader, .. } = streams;
         let buffered = reader.into_unforwarded();
-        let gate = |seen: Seen<'_>| self.gate(id, source, destination, seen);
+        let mut allowed = None;
+        let gate = |seen: Seen<'_>| self.gate(id, (source, destination), seen, &mut allowed);
         let relayed = relay::relay_http(
             client,
             upstream,
@@ -358,7 +390,23 @@ impl Proxy {
     /// A later request on an HTTP/1 connection (or bytes that are none), decided like the first
     /// with the policies, identities and names of now. A refused one gets its decision line;
     /// an allowed one keeps its names alive, as the first did, and gets none.
-    fn gate(&self, id: u64, source: ClientAddr, destination: OrigDstAddr, seen: Seen<'_>) -> Next {
+    ///
+    /// `allowed` remembers the last allowed request's host: the next request for the same host,
+    /// while no reload changed policies or identities, is allowed again once the names it used
+    /// are found live (the probe that also keeps them alive), without the whole decision.
+    fn gate(
+        &self,
+        id: u64,
+        (source, destination): (ClientAddr, OrigDstAddr),
+        seen: Seen<'_>,
+        allowed: &mut Option<AllowedHost>,
+    ) -> Next {
+        if let (Seen::Request(request), Some(last)) = (&seen, &*allowed) {
+            if last.allows_again(self, destination, request) {
+                self.metrics.http_later_allowed.inc();
+                return Next::Pass;
+            }
+        }
         let snapshot = self.store.current();
         let mut cx = Context::new(id, Instant::now(), source, destination);
         cx.protocol = Some(Protocol::Http);
@@ -368,10 +416,23 @@ impl Proxy {
             let requests = &self.metrics.http_later_requests;
             requests.with_label_values(&[verdict.as_str()]).inc();
         };
-        let Err(stop) = outcome else {
-            count(Verdict::Allow);
-            return Next::Pass;
+        let stop = match outcome {
+            Ok(granted) => {
+                self.metrics.http_later_allowed.inc();
+                *allowed = match (&seen, cx.pod) {
+                    (Seen::Request(request), Some(pod)) => Some(AllowedHost {
+                        host: request.head.host.clone(),
+                        pod_ips: pod.table_ips().collect(),
+                        names: granted.names,
+                        snapshot: snapshot.clone(),
+                    }),
+                    _ => None,
+                };
+                return Next::Pass;
+            }
+            Err(stop) => stop,
         };
+        *allowed = None;
         let outcome = Err(stop);
         let verdict = self.verdict(&cx, &outcome);
         finish::finish(&cx, &outcome, verdict, &self.metrics);
@@ -440,6 +501,49 @@ impl Proxy {
             elapsed_ms(accepted),
             relayed.error.map(|e| e.to_string()),
         );
+    }
+}
+
+/// A connection [`Proxy::open`] allowed and connected: what its relay needs.
+struct Opened {
+    streams: Streams<TcpStream, TcpStream>,
+    upstream: TcpStream,
+    destination: OrigDstAddr,
+    /// An allowed HTTP/1 connection, relayed request by request.
+    http: bool,
+    /// What the retry stage already carried.
+    moved: retry::Moved,
+}
+
+/// The last later request an HTTP/1 connection was allowed, and what allowed it.
+struct AllowedHost {
+    /// The policies and identities it was decided with.
+    snapshot: Snapshot,
+    host: Option<Host>,
+    pod_ips: Vec<PodIp>,
+    /// The names the grant used; none for a `cidr` grant, which needs no name.
+    names: Vec<DnsName>,
+}
+
+impl AllowedHost {
+    /// Whether `request` is decided as the last one was: same host, same policies and
+    /// identities, and each name used still live for the pod (every live one is kept alive,
+    /// as [`stages::keep_names_alive`] does).
+    fn allows_again(
+        &self,
+        proxy: &Proxy,
+        destination: OrigDstAddr,
+        request: &peek::http_framing::Request,
+    ) -> bool {
+        if request.head.host != self.host || !proxy.store.is_current(&self.snapshot) {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        self.names.iter().all(|name| {
+            self.pod_ips.iter().fold(false, |live, &ip| {
+                proxy.table.touch(ip, destination.table_ip(), name, now) | live
+            })
+        })
     }
 }
 

@@ -3,7 +3,9 @@
 //! Each returns the next stage's input or a [`Stop`].
 
 use egressgate_dns_shim::NameTable;
-use egressgate_policy::{Grant, PolicySet, Protocol as RuleProtocol, Selection, Transport};
+use egressgate_policy::{
+    DnsName, Grant, PolicySet, Protocol as RuleProtocol, Selection, Transport,
+};
 
 use super::addr::{ClientAddr, OrigDstAddr};
 use super::context::{Context, Granted, ResolvedNames};
@@ -46,14 +48,15 @@ pub fn collect_names(
 ) -> ResolvedNames {
     let mut resolved = ResolvedNames::default();
     let now = std::time::Instant::now();
-    for &ip in &pod.ips {
+    for pod_ip in pod.table_ips() {
         let room = max.saturating_sub(resolved.names.len());
-        resolved.total += table.lookup_some(ip, destination.ip(), now, room, |name, chain| {
+        let dst = destination.table_ip();
+        resolved.total += table.lookup_some(pod_ip, dst, now, room, |name, chain| {
             // Several pod addresses: the same name may come under each.
-            if pod.ips.len() > 1 && resolved.names.iter().any(|n| n == name) {
+            if pod.ips.len() > 1 && resolved.names.contains(name) {
                 return;
             }
-            resolved.names.push(name.to_owned());
+            resolved.names.push(name.clone());
             for cname in chain {
                 if !resolved.cnames.iter().any(|c| **c == **cname) {
                     resolved.cnames.push(cname.to_string());
@@ -112,7 +115,7 @@ pub fn complete_names(
     cx: &mut Context<'_>,
     table: &NameTable,
     pod: &Pod,
-    requested: Option<&str>,
+    requested: Option<&DnsName>,
     scope: Completion,
 ) {
     if cx.resolved.complete {
@@ -121,27 +124,25 @@ pub fn complete_names(
     let Some(selection) = &cx.selection else {
         return;
     };
-    if let (Some(name), Completion::ProbeFirst) = (requested.map(lookup_form), scope) {
+    if let (Some(name), Completion::ProbeFirst) = (requested, scope) {
         let now = std::time::Instant::now();
-        let dst = cx.destination.ip();
+        let dst = cx.destination.table_ip();
         if pod
-            .ips
-            .iter()
-            .any(|&ip| table.is_resolved(ip, dst, &name, now))
+            .table_ips()
+            .any(|pod_ip| table.is_resolved(pod_ip, dst, name, now))
         {
-            cx.resolved.put_first(&name);
-            cx.grants = grants_for(selection, cx.destination, &[name.as_str()]);
+            cx.resolved.put_first(name);
+            cx.grants = grants_for(selection, cx.destination, std::slice::from_ref(name));
             return;
         }
     }
     let mut all = collect_names(table, pod, cx.destination, usize::MAX);
-    if let Some(name) = requested.map(lookup_form) {
-        if all.names.contains(&name) {
-            all.put_first(&name);
+    if let Some(name) = requested {
+        if all.names.contains(name) {
+            all.put_first(name);
         }
     }
-    let names: Vec<&str> = all.names.iter().map(String::as_str).collect();
-    cx.grants = grants_for(selection, cx.destination, &names);
+    cx.grants = grants_for(selection, cx.destination, &all.names);
     cx.resolved = all;
 }
 
@@ -154,11 +155,6 @@ pub enum Completion {
     All,
 }
 
-/// The table's form of a name from a first message: lowercase, no trailing dot.
-fn lookup_form(name: &str) -> String {
-    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
-}
-
 /// Grants: the rules that allow this destination and port for these names, enforce-mode ones
 /// only when any enforce-mode policy selects the pod.
 pub fn grants<'s>(
@@ -166,14 +162,13 @@ pub fn grants<'s>(
     destination: OrigDstAddr,
     resolved: &ResolvedNames,
 ) -> Vec<Grant<'s>> {
-    let names: Vec<&str> = resolved.names.iter().map(String::as_str).collect();
-    grants_for(selection, destination, &names)
+    grants_for(selection, destination, &resolved.names)
 }
 
 pub fn grants_for<'s>(
     selection: &Selection<'s>,
     destination: OrigDstAddr,
-    names: &[&str],
+    names: &[DnsName],
 ) -> Vec<Grant<'s>> {
     let grants = selection.grants(destination.ip(), destination.port(), names);
     decision::effective_grants(selection, grants)
@@ -190,9 +185,8 @@ pub fn udp_grants<'s>(
 ) -> Vec<Grant<'s>> {
     let destination = cx.destination;
     let grant = |resolved: &ResolvedNames| {
-        let names: Vec<&str> = resolved.names.iter().map(String::as_str).collect();
         let (dst, port) = (destination.ip(), destination.port());
-        let grants = selection.grants_for(Transport::Udp, dst, port, &names);
+        let grants = selection.grants_for(Transport::Udp, dst, port, &resolved.names);
         decision::effective_grants(selection, grants)
     };
     let grants = grant(&cx.resolved);
@@ -259,9 +253,9 @@ fn authorize_with(
 /// attempt must not.
 pub fn keep_names_alive(table: &NameTable, pod: &Pod, destination: OrigDstAddr, granted: &Granted) {
     let now = std::time::Instant::now();
-    for &ip in &pod.ips {
+    for pod_ip in pod.table_ips() {
         for name in &granted.names {
-            table.touch(ip, destination.ip(), name, now);
+            table.touch(pod_ip, destination.table_ip(), name, now);
         }
     }
 }

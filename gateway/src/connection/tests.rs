@@ -200,7 +200,10 @@ async fn http_heads_and_the_http2_preface_are_told_apart() {
     let Ok(Peeked::Http(head)) = peeked else {
         panic!("not HTTP/1: {peeked:?}");
     };
-    assert_eq!(head.host.as_deref(), Some("api.example.test"));
+    assert_eq!(
+        head.host.map(|host| host.to_string()).as_deref(),
+        Some("api.example.test")
+    );
     assert_eq!(cx.protocol, Some(Protocol::Http));
 
     let (mut streams, mut pod) = accepted(MAX_BYTES);
@@ -263,7 +266,7 @@ async fn without_grants_the_peek_is_only_for_the_log_whatever_it_found() {
     let (mut streams, mut pod) = accepted(MAX_BYTES);
     pod.write_all(TLS_HELLO).await.expect("writes");
     let mut cx = Context::new(1, Instant::now(), client(), destination());
-    cx.resolved.names = vec!["evil.example.test".into()];
+    cx.resolved.names = vec!["evil.example.test".parse().expect("valid")];
     let peeked = peeking::peek(&mut cx, &mut streams, &Scripted::refusing()).await;
     let table = NameTable::new(TableLimits {
         min_ttl: Duration::ZERO,
@@ -275,7 +278,7 @@ async fn without_grants_the_peek_is_only_for_the_log_whatever_it_found() {
     let stop = stages::authorize(&mut cx, &table, &pod, peeked, true).expect_err("no grant");
     assert_eq!(stop, Stop::new(PolicyDenial::NotAllowed));
     let sni = cx.peeked.as_ref().and_then(Peeked::requested_name);
-    assert_eq!(sni, Some("api.example.test"));
+    assert_eq!(sni.map(|sni| sni.as_str()), Some("api.example.test"));
 
     // A peek that failed changes nothing: no names at all is `no_dns_record`, without detail.
     let mut cx = Context::new(2, Instant::now(), client(), destination());
@@ -511,7 +514,7 @@ async fn a_second_client_hello_naming_another_server_is_refused_before_it_reache
     assert_eq!(stop.detail.map(|d| d.code()), Some("tls_retry_sni_changed"));
     // The log names what the second ClientHello asked for.
     let sni = cx.peeked.as_ref().and_then(Peeked::requested_name);
-    assert_eq!(sni, Some("web.example.test"));
+    assert_eq!(sni.map(|sni| sni.as_str()), Some("web.example.test"));
     // The server got the first ClientHello and nothing more.
     drop(streams);
     let mut received = Vec::new();
@@ -786,12 +789,12 @@ fn resolve(table: &NameTable, names: impl IntoIterator<Item = String>) {
     let now = std::time::Instant::now();
     for name in names {
         let answer = egressgate_dns_shim::Answer {
-            name,
+            name: name.parse().expect("a valid name"),
             addresses: vec![destination().ip()],
             cnames: Vec::new(),
             ttl: 300,
         };
-        table.record(client().ip(), &answer, now);
+        table.record(egressgate_dns_shim::PodIp(client().ip()), &answer, now);
     }
 }
 
@@ -876,4 +879,86 @@ async fn a_tcp_rule_for_a_name_past_the_carried_ones_allows_without_a_peek() {
     let granted = outcome.expect("granted by api.example.test");
     assert_eq!(granted.names, ["api.example.test"]);
     assert_eq!(cx.protocol, Some(Protocol::Tcp));
+}
+
+// === later requests on an allowed HTTP/1 connection ===
+
+/// The policy of the names tests, with an `http` rule instead.
+fn http_by_name() -> String {
+    TLS_BY_NAME.replace("protocol: tls", "protocol: http")
+}
+
+fn later_request(host: &str) -> peek::http_framing::Request {
+    let head = format!("GET /next HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    match peek::http_framing::peek_request(head.as_bytes()) {
+        Peek::Complete(request) => request,
+        other => panic!("a whole request head, got {other:?}"),
+    }
+}
+
+fn gate(gateway: &Gateway, host: &str, allowed: &mut Option<AllowedHost>) -> Next {
+    let request = later_request(host);
+    let ends = (client(), destination());
+    gateway
+        .proxy
+        .gate(7, ends, Seen::Request(&request), allowed)
+}
+
+fn later_allowed(gateway: &Gateway) -> u64 {
+    gateway.proxy.metrics.http_later_allowed.get()
+}
+
+#[tokio::test]
+async fn a_later_request_for_the_host_allowed_last_needs_its_name_still_live() {
+    let gateway = gateway_with(&http_by_name(), POD, 4);
+    resolve(&gateway.table, ["api.example.test".to_owned()]);
+    let mut allowed = None;
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+    assert!(allowed.is_some(), "an allowed request is remembered");
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+    assert_eq!(later_allowed(&gateway), 2);
+
+    // The pod's name table is full of newer names: the one the requests used is gone.
+    resolve(
+        &gateway.table,
+        (0..4).map(|i| format!("site-{i}.example.test")),
+    );
+    assert!(gateway
+        .table
+        .lookup(
+            egressgate_dns_shim::PodIp(client().ip()),
+            egressgate_dns_shim::DestIp(destination().ip()),
+            std::time::Instant::now(),
+        )
+        .iter()
+        .all(|resolved| &*resolved.name != "api.example.test"));
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Stop);
+    assert!(allowed.is_none(), "a refusal forgets the allowed host");
+    assert_eq!(later_allowed(&gateway), 2);
+}
+
+#[tokio::test]
+async fn a_later_request_for_another_host_is_decided_whole() {
+    let gateway = gateway_with(&http_by_name(), POD, 16);
+    resolve(&gateway.table, ["api.example.test".to_owned()]);
+    let mut allowed = None;
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+    assert_eq!(
+        gate(&gateway, "evil.example.test", &mut allowed),
+        Next::Stop
+    );
+}
+
+#[tokio::test]
+async fn a_later_request_after_the_pods_identity_changed_is_decided_whole() {
+    let gateway = gateway_with(&http_by_name(), POD, 16);
+    resolve(&gateway.table, ["api.example.test".to_owned()]);
+    let mut allowed = None;
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Pass);
+
+    // The address now belongs to no pod: `unknownSources` (deny) decides.
+    let gone = Identities::parse("pods.yaml", NO_POD).expect("identities");
+    gateway.store.set_identities(gone);
+    assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Stop);
+    assert_eq!(later_allowed(&gateway), 1);
 }

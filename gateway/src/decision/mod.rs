@@ -5,9 +5,10 @@
 
 mod reason;
 
-use egressgate_policy::{Grant, GrantPeer, Mode, Protocol, Selection};
+use egressgate_policy::{DnsName, Grant, GrantPeer, Mode, Protocol, Selection};
 use serde::{Deserialize, Serialize};
 
+use crate::peek::http::Host;
 use crate::peek::{Peeked, PgEncryption, PgFirst};
 
 pub use reason::{Limit, PodFault, PolicyDenial, Reason, UpstreamFault};
@@ -86,8 +87,8 @@ pub fn authorize<'g, 'a>(
     require_sni: bool,
 ) -> Authorization<'g, 'a> {
     match peeked {
-        Peeked::Tls(hello) => authorize_tls(grants, hello.server_name.as_deref(), require_sni),
-        Peeked::Http(head) => authorize_http(grants, head.host.as_deref()),
+        Peeked::Tls(hello) => authorize_tls(grants, hello.server_name.as_ref(), require_sni),
+        Peeked::Http(head) => authorize_http(grants, head.host.as_ref()),
         Peeked::Postgres(PgFirst::Startup(startup)) => authorize_startup(
             grants,
             &startup.database,
@@ -98,7 +99,7 @@ pub fn authorize<'g, 'a>(
         Peeked::Postgres(PgFirst::Encrypted(encryption)) => {
             let encrypted = match encryption {
                 PgEncryption::Tls(hello) => EncryptedPostgres::Tls {
-                    sni: hello.server_name.as_deref(),
+                    sni: hello.server_name.as_ref(),
                 },
                 PgEncryption::Gssapi => EncryptedPostgres::Gssapi,
             };
@@ -113,7 +114,7 @@ pub fn authorize<'g, 'a>(
 /// TLS: a `tls` grant whose names include the SNI (a `cidr` grant needs no name).
 pub fn authorize_tls<'g, 'a>(
     grants: &'g [Grant<'a>],
-    sni: Option<&str>,
+    sni: Option<&DnsName>,
     require_sni: bool,
 ) -> Authorization<'g, 'a> {
     let tls = grants
@@ -121,7 +122,7 @@ pub fn authorize_tls<'g, 'a>(
         .filter(|g| matches!(g.protocol, Protocol::Tls));
     authorize_name(
         tls,
-        sni,
+        Asked::from(sni),
         require_sni,
         PolicyDenial::SniMissing,
         PolicyDenial::SniMismatch,
@@ -129,17 +130,23 @@ pub fn authorize_tls<'g, 'a>(
 }
 
 /// HTTP/1: an `http` grant whose names include the request's host (always required: an
-/// HTTP/1.1 request without one is malformed, an HTTP/1.0 one is `host_missing`).
+/// HTTP/1.1 request without one is malformed, an HTTP/1.0 one is `host_missing`). A host that is
+/// an IP literal is named, but only a `cidr` grant admits it.
 pub fn authorize_http<'g, 'a>(
     grants: &'g [Grant<'a>],
-    host: Option<&str>,
+    host: Option<&Host>,
 ) -> Authorization<'g, 'a> {
     let http = grants
         .iter()
         .filter(|g| matches!(g.protocol, Protocol::Http));
+    let asked = match host {
+        None => Asked::Nothing,
+        Some(Host::Name(name)) => Asked::Name(name),
+        Some(Host::Ip(_)) => Asked::Address,
+    };
     authorize_name(
         http,
-        host,
+        asked,
         true,
         PolicyDenial::HostMissing,
         PolicyDenial::HostMismatch,
@@ -194,7 +201,7 @@ pub fn authorize_cancel<'g, 'a>(grants: &'g [Grant<'a>]) -> Authorization<'g, 'a
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EncryptedPostgres<'a> {
     /// TLS, after `S` or direct (ALPN `postgresql`): the ClientHello's SNI, if it has one.
-    Tls { sni: Option<&'a str> },
+    Tls { sni: Option<&'a DnsName> },
     /// GSSAPI after `G`: no name to see.
     Gssapi,
 }
@@ -218,7 +225,7 @@ pub fn authorize_encrypted_postgres<'g, 'a>(
         EncryptedPostgres::Tls { sni } => postgres
             .iter()
             .copied()
-            .filter(|g| name_allowed(g, sni, require_sni))
+            .filter(|g| name_allowed(g, Asked::from(sni), require_sni))
             .collect(),
         EncryptedPostgres::Gssapi => postgres,
     };
@@ -245,10 +252,27 @@ fn postgres_rule<'a>(grant: &Grant<'a>) -> Option<&'a egressgate_policy::Postgre
     }
 }
 
-/// The first candidate whose peer admits `name`; `ProtocolMismatch` when there is no candidate.
+/// What a first message named, as a grant's peer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked<'a> {
+    /// No SNI, no Host.
+    Nothing,
+    Name(&'a DnsName),
+    /// An HTTP Host that is an IP literal: named, but no `dnsName` rule's.
+    Address,
+}
+
+impl<'a> From<Option<&'a DnsName>> for Asked<'a> {
+    fn from(name: Option<&'a DnsName>) -> Self {
+        name.map_or(Asked::Nothing, Asked::Name)
+    }
+}
+
+/// The first candidate whose peer admits what was asked; `ProtocolMismatch` when there is no
+/// candidate.
 fn authorize_name<'g, 'a>(
     candidates: impl Iterator<Item = &'g Grant<'a>>,
-    name: Option<&str>,
+    asked: Asked<'_>,
     require_name: bool,
     missing: PolicyDenial,
     mismatch: PolicyDenial,
@@ -258,22 +282,22 @@ fn authorize_name<'g, 'a>(
         return Err(PolicyDenial::ProtocolMismatch);
     }
     candidates
-        .find(|g| name_allowed(g, name, require_name))
-        .ok_or(if name.is_none() { missing } else { mismatch })
+        .find(|g| name_allowed(g, asked, require_name))
+        .ok_or(if asked == Asked::Nothing {
+            missing
+        } else {
+            mismatch
+        })
 }
 
-/// `cidr` peers admit any name; `dnsName` peers admit the names this pod resolved to the
+/// `cidr` peers admit anything; `dnsName` peers admit the names this pod resolved to the
 /// destination that match the rule (`GrantPeer::Names`), and no name only if not required.
-fn name_allowed(grant: &Grant<'_>, name: Option<&str>, require_name: bool) -> bool {
-    match (&grant.peer, name) {
+fn name_allowed(grant: &Grant<'_>, asked: Asked<'_>, require_name: bool) -> bool {
+    match (&grant.peer, asked) {
         (GrantPeer::Cidr(_), _) => true,
-        (GrantPeer::Names(names), Some(name)) => {
-            let name = name.strip_suffix('.').unwrap_or(name);
-            names
-                .iter()
-                .any(|allowed| allowed.eq_ignore_ascii_case(name))
-        }
-        (GrantPeer::Names(_), None) => !require_name,
+        (GrantPeer::Names(names), Asked::Name(name)) => names.contains(name),
+        (GrantPeer::Names(_), Asked::Address) => false,
+        (GrantPeer::Names(_), Asked::Nothing) => !require_name,
     }
 }
 
@@ -334,6 +358,10 @@ spec:
         s.parse().expect("ip")
     }
 
+    fn name(s: &str) -> DnsName {
+        s.parse().expect(s)
+    }
+
     /// Effective grants for a pod with `role` to `dst:port` having resolved `names`.
     fn with_grants<R>(
         role: &str,
@@ -352,7 +380,8 @@ spec:
             namespace_labels: &no_labels,
         };
         let selection = set.select(&pod);
-        let grants = effective_grants(&selection, selection.grants(ip(dst), port, names));
+        let names: Vec<DnsName> = names.iter().map(|n| name(n)).collect();
+        let grants = effective_grants(&selection, selection.grants(ip(dst), port, &names));
         f(&selection, &grants)
     }
 
@@ -369,16 +398,20 @@ spec:
             &["api.example.test"],
             |_, grants| {
                 assert_eq!(
-                    policy_of(authorize_tls(grants, Some("api.example.test"), true)),
+                    policy_of(authorize_tls(grants, Some(&name("api.example.test")), true)),
                     Ok("shop/web#0".into())
                 );
                 assert_eq!(
-                    policy_of(authorize_tls(grants, Some("API.example.test."), true)),
+                    policy_of(authorize_tls(
+                        grants,
+                        Some(&name("API.example.test.")),
+                        true
+                    )),
                     Ok("shop/web#0".into())
                 );
                 // Same shared IP, another name: the pod never resolved it here.
                 assert_eq!(
-                    authorize_tls(grants, Some("evil.example.test"), true).err(),
+                    authorize_tls(grants, Some(&name("evil.example.test")), true).err(),
                     Some(PolicyDenial::SniMismatch)
                 );
                 assert_eq!(
@@ -387,7 +420,7 @@ spec:
                 );
                 assert!(authorize_tls(grants, None, false).is_ok());
                 assert_eq!(
-                    authorize_http(grants, Some("api.example.test")).err(),
+                    authorize_http(grants, Some(&Host::Name(name("api.example.test")))).err(),
                     Some(PolicyDenial::ProtocolMismatch)
                 );
                 assert_eq!(
@@ -403,19 +436,25 @@ spec:
             &["api.example.test"],
             |_, grants| {
                 assert_eq!(
-                    authorize_http(grants, Some("api.example.test")).map(|g| g.rule),
+                    authorize_http(grants, Some(&Host::Name(name("api.example.test"))))
+                        .map(|g| g.rule),
                     Ok(0)
                 );
                 assert_eq!(
-                    authorize_http(grants, Some("evil.example.test")).err(),
+                    authorize_http(grants, Some(&Host::Name(name("evil.example.test")))).err(),
                     Some(PolicyDenial::HostMismatch)
                 );
                 assert_eq!(
                     authorize_http(grants, None).err(),
                     Some(PolicyDenial::HostMissing)
                 );
+                // An IP literal host names no `dnsName` rule's name.
                 assert_eq!(
-                    authorize_tls(grants, Some("api.example.test"), true).err(),
+                    authorize_http(grants, Some(&Host::Ip(ip("198.19.0.10")))).err(),
+                    Some(PolicyDenial::HostMismatch)
+                );
+                assert_eq!(
+                    authorize_tls(grants, Some(&name("api.example.test")), true).err(),
                     Some(PolicyDenial::ProtocolMismatch)
                 );
             },
@@ -465,7 +504,7 @@ spec:
             443,
             &["api.example.test"],
             |_, grants| {
-                let auth = authorize_tls(grants, Some("api.example.test"), true);
+                let auth = authorize_tls(grants, Some(&name("api.example.test")), true);
                 assert_eq!(policy_of(auth), Ok("shop/watch#0".into()));
             },
         );
@@ -475,13 +514,14 @@ spec:
     fn cidr_rules_need_no_name_and_tcp_needs_no_peek() {
         with_grants("app", "192.0.2.7", 443, &[], |_, grants| {
             assert!(authorize_tls(grants, None, true).is_ok());
-            assert!(authorize_tls(grants, Some("anything.example"), true).is_ok());
+            assert!(authorize_tls(grants, Some(&name("anything.example")), true).is_ok());
             assert!(tcp_grant(grants).is_none());
             assert_eq!(
-                authorize_http(grants, Some("x.example")).err(),
+                authorize_http(grants, Some(&Host::Name(name("x.example")))).err(),
                 Some(PolicyDenial::ProtocolMismatch)
             );
         });
+
         with_grants("app", "192.0.2.7", 22, &[], |_, grants| {
             assert_eq!(tcp_grant(grants).map(|g| g.rule), Some(1));
         });
@@ -587,13 +627,13 @@ spec:
                 assert!(authorize_startup(grants, "orders", "app", Some("database")).is_ok());
                 assert!(authorize_startup(grants, "orders", "app", Some("false")).is_ok());
                 let tls = |sni| EncryptedPostgres::Tls { sni };
+                let (db, evil) = (name("db.example.test"), name("evil.example.test"));
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, tls(Some("db.example.test")), true).err(),
+                    authorize_encrypted_postgres(grants, tls(Some(&db)), true).err(),
                     Some(PolicyDenial::PostgresqlEncrypted)
                 );
                 assert_eq!(
-                    authorize_encrypted_postgres(grants, tls(Some("evil.example.test")), true)
-                        .err(),
+                    authorize_encrypted_postgres(grants, tls(Some(&evil)), true).err(),
                     Some(PolicyDenial::SniMismatch)
                 );
                 assert_eq!(
@@ -605,7 +645,7 @@ spec:
                     Some(PolicyDenial::PostgresqlEncrypted)
                 );
                 assert_eq!(
-                    authorize_tls(grants, Some("db.example.test"), true).err(),
+                    authorize_tls(grants, Some(&name("db.example.test")), true).err(),
                     Some(PolicyDenial::ProtocolMismatch)
                 );
             },
@@ -616,8 +656,8 @@ spec:
             5432,
             &["open-db.example.test"],
             |_, grants| {
-                let sni = Some("open-db.example.test");
-                let tls = EncryptedPostgres::Tls { sni };
+                let sni = name("open-db.example.test");
+                let tls = EncryptedPostgres::Tls { sni: Some(&sni) };
                 assert!(authorize_encrypted_postgres(grants, tls, true).is_ok());
                 let gssapi = EncryptedPostgres::Gssapi;
                 assert!(authorize_encrypted_postgres(grants, gssapi, true).is_ok());

@@ -8,7 +8,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use egressgate_dns_shim::{NameTable, SavedName, TableLimits};
+use egressgate_dns_shim::{DestIp, NameTable, SavedName, TableLimits};
+use egressgate_policy::DnsName;
 
 use super::query::Query;
 use super::trace::{self, Explanation, Records, Settings};
@@ -19,7 +20,7 @@ use crate::store::{load_policy_dir, Snapshot};
 
 /// `NAME=IP[,NAME=IP…]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Resolved(pub Vec<(String, IpAddr)>);
+pub struct Resolved(pub Vec<(DnsName, IpAddr)>);
 
 /// A given record outlives any explanation.
 const GIVEN_RECORD_LIFE: Duration = Duration::from_secs(24 * 3600);
@@ -33,8 +34,8 @@ impl FromStr for Resolved {
             let (name, ip) = pair
                 .split_once('=')
                 .ok_or_else(|| format!("{pair:?}: expected NAME=IP"))?;
-            let name = egressgate_policy::parse_name(name)
-                .map_err(|e| format!("{name:?} is not a DNS name: {e}"))?;
+            let name =
+                DnsName::parse(name).map_err(|e| format!("{name:?} is not a DNS name: {e}"))?;
             let ip: IpAddr = ip
                 .parse()
                 .map_err(|_| format!("{ip:?} is not an IP address"))?;
@@ -78,13 +79,13 @@ pub fn table_for(pod: &Pod, resolved: &Resolved) -> NameTable {
         max_names: usize::MAX,
     });
     let (now, wall_now) = (Instant::now(), SystemTime::now());
-    for &pod_ip in &pod.ips {
+    for pod_ip in pod.table_ips() {
         for (name, dst) in &resolved.0 {
             table.restore(
                 &SavedName {
                     pod: pod_ip,
-                    dst: *dst,
-                    name: name.clone(),
+                    dst: DestIp(*dst),
+                    name: name.to_string(),
                     cnames: Vec::new(),
                     fresh_until: wall_now + GIVEN_RECORD_LIFE,
                 },
@@ -135,11 +136,11 @@ mod tests {
             parsed.0,
             [
                 (
-                    "api.example.test".to_owned(),
+                    "api.example.test".parse().expect("name"),
                     "198.19.0.10".parse().expect("ip")
                 ),
                 (
-                    "db.example.test".to_owned(),
+                    "db.example.test".parse().expect("name"),
                     "fd00:99::20".parse().expect("ip")
                 ),
             ]

@@ -6,9 +6,10 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
+use egressgate_policy::DnsName;
 use serde::{Deserialize, Serialize};
 
-use crate::peek::http::RequestHead;
+use crate::peek::http::{Host, RequestHead};
 use crate::peek::postgres::Startup;
 use crate::peek::tls::ClientHello;
 use crate::peek::{Peeked, PgFirst};
@@ -62,18 +63,18 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetHost {
     Ip(IpAddr),
-    /// A DNS name (lowercase, no trailing dot): its addresses are those the pod resolved it to.
-    Name(String),
+    /// A DNS name: its addresses are those the pod resolved it to.
+    Name(DnsName),
 }
 
 /// The first message the trace authorizes, as the peekers would have found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstMessage {
     Tls {
-        sni: Option<String>,
+        sni: Option<DnsName>,
     },
     Http {
-        host: String,
+        host: Host,
     },
     Postgresql {
         database: String,
@@ -150,9 +151,9 @@ impl Query {
             AskedProtocol::Http if pg_flags => return refuse("database/--user"),
             AskedProtocol::Http => FirstMessage::Http {
                 host: match (&self.host, &to.host) {
-                    (Some(host), _) => checked_name("--host", host)?,
-                    (None, TargetHost::Name(name)) => name.clone(),
-                    (None, TargetHost::Ip(ip)) => ip.to_string(),
+                    (Some(host), _) => Host::Name(checked_name("--host", host)?),
+                    (None, TargetHost::Name(name)) => Host::Name(name.clone()),
+                    (None, TargetHost::Ip(ip)) => Host::Ip(*ip),
                 },
             },
             AskedProtocol::Postgresql if self.sni.is_some() => return refuse("sni"),
@@ -193,9 +194,9 @@ impl Query {
     }
 }
 
-/// A name from the operator, in the form the peekers give (lowercase, no trailing dot).
-fn checked_name(what: &'static str, value: &str) -> Result<String, QueryError> {
-    egressgate_policy::parse_name(value).map_err(|e| QueryError::Name {
+/// A name from the operator, by the rule the peekers apply.
+fn checked_name(what: &'static str, value: &str) -> Result<DnsName, QueryError> {
+    DnsName::parse(value).map_err(|e| QueryError::Name {
         what,
         value: value.to_owned(),
         why: e.to_string(),
@@ -256,7 +257,7 @@ impl FromStr for Target {
         }
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().ok().filter(|&p| p != 0).ok_or_else(bad)?;
-        let name = egressgate_policy::parse_name(host).map_err(|_| bad())?;
+        let name = DnsName::parse(host).map_err(|_| bad())?;
         Ok(Target {
             host: TargetHost::Name(name),
             port,
@@ -266,7 +267,7 @@ impl FromStr for Target {
 
 impl Target {
     /// The name, when the destination was given by name.
-    pub fn host_name(&self) -> Option<&str> {
+    pub fn host_name(&self) -> Option<&DnsName> {
         match &self.host {
             TargetHost::Name(name) => Some(name),
             TargetHost::Ip(_) => None,
@@ -350,6 +351,10 @@ impl FirstMessage {
 mod tests {
     use super::*;
 
+    fn dns_name(name: &str) -> DnsName {
+        name.parse().expect(name)
+    }
+
     fn query(pod: &str, to: &str) -> Query {
         Query {
             pod: pod.to_owned(),
@@ -365,7 +370,7 @@ mod tests {
         let v6: Target = "[fd00:99::10]:80".parse().expect("v6");
         assert_eq!(v6.port, 80);
         let name: Target = "API.Example.test.:443".parse().expect("name");
-        assert_eq!(name.host, TargetHost::Name("api.example.test".into()));
+        assert_eq!(name.host, TargetHost::Name(dns_name("api.example.test")));
         for bad in [
             "api.example.test",
             "api.example.test:0",
@@ -389,7 +394,7 @@ mod tests {
         assert_eq!(
             tls.first,
             FirstMessage::Tls {
-                sni: Some("api.example.test".into())
+                sni: Some(dns_name("api.example.test"))
             }
         );
         let by_ip = query("shop/a", "198.19.0.10:443").check().expect("ok");
@@ -398,7 +403,7 @@ mod tests {
         assert_eq!(
             http.first,
             FirstMessage::Http {
-                host: "198.19.0.10".into()
+                host: Host::Ip("198.19.0.10".parse().expect("ip"))
             }
         );
         let mut pg = query("shop/a", "db.example.test:5432");
@@ -415,7 +420,7 @@ mod tests {
         assert_eq!(
             sni.check().expect("ok").first,
             FirstMessage::Tls {
-                sni: Some("evil.example.test".into())
+                sni: Some(dns_name("evil.example.test"))
             }
         );
         assert_eq!(

@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use egressgate_dns_shim::NameTable;
-use egressgate_policy::{Grant, GrantPeer, Mode, PolicyKind, PolicySet, Protocol as RuleProtocol};
+use egressgate_dns_shim::{DestIp, NameTable};
+use egressgate_policy::{
+    DnsName, Grant, GrantPeer, Mode, PolicyKind, PolicySet, Protocol as RuleProtocol,
+};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -185,7 +187,11 @@ pub fn explain(
     let Some(strictest) = traces.iter().max_by_key(|trace| strictness(trace.verdict)) else {
         return Err(ExplainError::NotResolved {
             pod: asked.pod.to_string(),
-            name: asked.to.host_name().unwrap_or_default().to_owned(),
+            name: asked
+                .to
+                .host_name()
+                .map(DnsName::to_string)
+                .unwrap_or_default(),
         });
     };
     let (verdict, reason, detail) = (
@@ -219,12 +225,13 @@ pub fn find_pod<'s>(snapshot: &'s Snapshot, pod: &PodRef) -> Result<&'s Pod, Exp
 
 /// The addresses this pod resolved `name` to (under any of its own addresses), from the
 /// table: a walk over every record under the read lock, fine for an operator's question.
-fn resolved_addresses(table: &NameTable, pod: &Pod, name: &str) -> Vec<IpAddr> {
+fn resolved_addresses(table: &NameTable, pod: &Pod, name: &DnsName) -> Vec<IpAddr> {
     let now = std::time::Instant::now();
     let mut found = Vec::new();
     table.export_each(now, std::time::SystemTime::now(), |record| {
-        if record.name == name && pod.ips.contains(&record.pod) && !found.contains(&record.dst) {
-            found.push(record.dst);
+        let (pod_ip, dst) = (record.pod.0, record.dst.0);
+        if record.name == name && pod.ips.contains(&pod_ip) && !found.contains(&dst) {
+            found.push(dst);
         }
     });
     found.sort();
@@ -373,7 +380,8 @@ fn record_steps(
             says: modes.to_owned(),
         });
 
-        let (listed, total) = record_names(table, pod, destination.ip(), records);
+        let (listed, listed_names, total) =
+            record_names(table, pod, DestIp(destination.ip()), records);
         names = listed;
         if total > names.len() {
             names_total = Some(total);
@@ -401,9 +409,8 @@ fn record_steps(
 
         grants = cx.grants.iter().map(grant_view).collect();
         if selection.has_enforce() {
-            let all: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
             ignored_grants = selection
-                .grants(destination.ip(), destination.port(), &all)
+                .grants(destination.ip(), destination.port(), &listed_names)
                 .iter()
                 .filter(|grant| grant.mode == Mode::Audit)
                 .map(grant_view)
@@ -454,7 +461,7 @@ fn record_steps(
             .peeked
             .as_ref()
             .and_then(|p| p.requested_name())
-            .map(str::to_owned),
+            .map(DnsName::to_string),
         first_message: peeked.then(|| first.describe()),
         policy: granted.map(|g| g.policy.clone()),
         rule: granted.map(|g| g.rule),
@@ -481,26 +488,28 @@ fn record_steps(
 }
 
 /// The live names of the pod's records for `dst`, under any of its addresses, at most
-/// [`NAMES_SHOWN`], and how many there are.
+/// [`NAMES_SHOWN`] (as shown, and as names), and how many there are.
 fn record_names(
     table: &NameTable,
     pod: &Pod,
-    dst: IpAddr,
+    dst: DestIp,
     records: Records,
-) -> (Vec<NameView>, usize) {
+) -> (Vec<NameView>, Vec<DnsName>, usize) {
     let now = std::time::Instant::now();
     let mut names: Vec<NameView> = Vec::new();
+    let mut listed: Vec<DnsName> = Vec::new();
     let mut total = 0;
-    for &ip in &pod.ips {
-        table.lifetimes_each(ip, dst, now, |life| {
-            if names.iter().any(|n| n.name == life.name) {
+    for pod_ip in pod.table_ips() {
+        table.lifetimes_each(pod_ip, dst, now, |life| {
+            if names.iter().any(|n| n.name == life.name.as_str()) {
                 return;
             }
             total += 1;
             if names.len() < NAMES_SHOWN {
+                listed.push(life.name.clone());
                 let seconds = |d: Duration| (records == Records::Live).then_some(d.as_secs());
                 names.push(NameView {
-                    name: life.name.to_owned(),
+                    name: life.name.to_string(),
                     cnames: life.cnames.iter().map(|c| c.to_string()).collect(),
                     ttl_seconds: seconds(life.fresh_left),
                     live_seconds: seconds(life.live_left),
@@ -508,7 +517,7 @@ fn record_names(
             }
         });
     }
-    (names, total)
+    (names, listed, total)
 }
 
 fn name_text(name: &NameView) -> String {
@@ -521,7 +530,7 @@ fn name_text(name: &NameView) -> String {
 fn grant_view(grant: &Grant<'_>) -> GrantView {
     let (cidr, names) = match &grant.peer {
         GrantPeer::Cidr(net) => (Some(net.to_string()), Vec::new()),
-        GrantPeer::Names(names) => (None, names.clone()),
+        GrantPeer::Names(names) => (None, names.iter().map(DnsName::to_string).collect()),
     };
     GrantView {
         policy: grant.policy.to_string(),
@@ -616,7 +625,7 @@ fn selecting_policies(pod: &Pod, policies: &PolicySet) -> Vec<PolicyView> {
 mod tests {
     use std::sync::Arc;
 
-    use egressgate_dns_shim::{Answer, TableLimits};
+    use egressgate_dns_shim::{Answer, PodIp, TableLimits};
 
     use super::super::query::Query;
     use super::*;
@@ -668,12 +677,12 @@ spec:
 
     fn record(table: &NameTable, name: &str, ttl: u32) {
         let answer = Answer {
-            name: name.to_owned(),
+            name: name.parse().expect(name),
             addresses: vec![DST],
             cnames: Vec::new(),
             ttl,
         };
-        table.record(POD, &answer, std::time::Instant::now());
+        table.record(PodIp(POD), &answer, std::time::Instant::now());
     }
 
     fn ask(to: &str, sni: Option<&str>) -> Asked {

@@ -123,12 +123,12 @@ impl ObserveRequest {
                     Some(suffix) => (suffix, true),
                     None => (name, false),
                 };
-                let normal = egressgate_policy::normalize_name(pattern)
-                    .ok_or_else(|| format!("name: {name:?} is not a DNS name"))?;
+                let normal = egressgate_policy::DnsName::parse(pattern)
+                    .map_err(|_| format!("name: {name:?} is not a DNS name"))?;
                 Some(if under {
                     NameMatch::Under(format!(".{normal}"))
                 } else {
-                    NameMatch::Exact(normal)
+                    NameMatch::Exact(normal.to_string())
                 })
             }
         };

@@ -10,7 +10,10 @@
 //! Known limits: no leading empty lines before the request line (RFC 9112 §2.2 SHOULD ignore them;
 //! no client sends them first on a new connection); percent-encoded or non-ASCII hosts are refused.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use egressgate_policy::DnsName;
 
 use super::{dns_name, is_tchar, Invalid, Peek};
 
@@ -27,20 +30,27 @@ pub struct RequestHead {
     pub target: String,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version_minor: u8,
-    /// The host the request names: absolute-form authority, else the Host header. Lowercased,
-    /// port and trailing dot removed, IPv6 literals without brackets (`[::1]:80` → `::1`).
-    /// `None` for HTTP/1.0 without Host, or an empty Host (RFC 9112 §3.2).
-    pub host: Option<String>,
+    /// The host the request names: absolute-form authority, else the Host header, without its
+    /// port. `None` for HTTP/1.0 without Host, or an empty Host (RFC 9112 §3.2).
+    pub host: Option<Host>,
     /// The port next to that host, if one was written.
     pub host_port: Option<u16>,
     /// Bytes of the head through the blank line; a body, if any, follows.
     pub consumed: usize,
 }
 
+/// The host part of an authority: a DNS name, or an IP literal, which no `dnsName` rule
+/// matches (only a `cidr` rule allows a request naming one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Name(DnsName),
+    Ip(IpAddr),
+}
+
 /// An authority (RFC 9110 §7.2 `uri-host [ ":" port ]`) reduced to what a policy matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Authority {
-    host: String,
+    host: Host,
     port: Option<u16>,
 }
 
@@ -273,7 +283,7 @@ fn authority(value: &[u8]) -> Result<Option<Authority>, Invalid> {
             [b':', port @ ..] => Some(port),
             _ => return Err(bad("bytes after IPv6 literal")),
         };
-        (addr.to_string(), port)
+        (Host::Ip(addr.into()), port)
     } else {
         let (host, port) = match value.iter().position(|&b| b == b':') {
             Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
@@ -281,8 +291,8 @@ fn authority(value: &[u8]) -> Result<Option<Authority>, Invalid> {
         };
         let text = std::str::from_utf8(host).unwrap_or_default();
         let host = match text.parse::<Ipv4Addr>() {
-            Ok(addr) => addr.to_string(),
-            Err(_) => dns_name(host).map_err(bad)?,
+            Ok(addr) => Host::Ip(addr.into()),
+            Err(_) => Host::Name(dns_name(host).map_err(bad)?),
         };
         (host, port)
     };
@@ -291,6 +301,38 @@ fn authority(value: &[u8]) -> Result<Option<Authority>, Invalid> {
         Some(digits) => Some(port_number(digits).ok_or(bad("invalid port"))?),
     };
     Ok(Some(Authority { host, port }))
+}
+
+// === impl Host ===
+
+impl Host {
+    /// The DNS name, unless the host is an IP literal.
+    pub fn name(&self) -> Option<&DnsName> {
+        match self {
+            Host::Name(name) => Some(name),
+            Host::Ip(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    /// The name, or the address as Rust prints it (IPv6 without brackets: `[::1]:80` → `::1`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(name) => f.write_str(name),
+            Host::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+impl serde::Serialize for Host {
+    /// As the text the decision line's `host` field has always carried.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Host::Name(name) => name.serialize(serializer),
+            Host::Ip(ip) => serializer.collect_str(ip),
+        }
+    }
 }
 
 /// `port = *DIGIT` (RFC 3986 §3.2.3), here 1 to 5 digits within u16; empty is refused.

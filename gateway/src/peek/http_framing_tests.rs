@@ -23,7 +23,7 @@ fn hosts(frames: &[(usize, Frame)]) -> Vec<String> {
     frames
         .iter()
         .filter_map(|(_, frame)| match frame {
-            Frame::Head(request) => request.head.host.clone(),
+            Frame::Head(request) => request.head.host.as_ref().map(ToString::to_string),
             _ => None,
         })
         .collect()
@@ -393,7 +393,7 @@ proptest! {
         let heads: Vec<&str> = frames
             .iter()
             .filter_map(|(_, f)| match f {
-                Frame::Head(r) => r.head.host.as_deref(),
+                Frame::Head(r) => r.head.host.as_ref()?.name().map(|name| name.as_str()),
                 _ => None,
             })
             .collect();

@@ -16,9 +16,10 @@ fn complete(head: &str) -> RequestHead {
     }
 }
 
+/// The host as text (as the decision line writes it) and the port.
 fn host(head: &str) -> (Option<String>, Option<u16>) {
     let parsed = complete(head);
-    (parsed.host, parsed.host_port)
+    (parsed.host.map(|host| host.to_string()), parsed.host_port)
 }
 
 #[test]

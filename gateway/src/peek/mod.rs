@@ -29,7 +29,7 @@ mod peeked;
 pub use invalid::Invalid;
 pub use peeked::{Peeked, PgEncryption, PgFirst};
 
-use egressgate_policy::{parse_name, NameError};
+use egressgate_policy::{DnsName, NameError};
 
 /// The answer of a peeker for the bytes received so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,12 +118,11 @@ pub(crate) fn is_tchar(b: u8) -> bool {
 }
 
 /// Checks that `raw` is a DNS host name a policy can match, by the policy crate's one rule
-/// ([`parse_name`]: what a peeker accepts is exactly what a pattern can match), and returns it
-/// lowercased without its trailing dot. The error is a short static reason: peer bytes never
-/// reach an [`Invalid`].
-pub(crate) fn dns_name(raw: &[u8]) -> Result<String, &'static str> {
+/// ([`DnsName::parse`]: what a peeker accepts is exactly what a pattern can match). The error
+/// is a short static reason: peer bytes never reach an [`Invalid`].
+pub(crate) fn dns_name(raw: &[u8]) -> Result<DnsName, &'static str> {
     // A byte that is not UTF-8 is outside every label's alphabet; the lossy text fails on it.
-    parse_name(&String::from_utf8_lossy(raw)).map_err(|error| match error {
+    DnsName::parse(&String::from_utf8_lossy(raw)).map_err(|error| match error {
         NameError::Empty => "empty name",
         NameError::TooLong { .. } => "name longer than 253 bytes",
         NameError::EmptyLabel => "empty label",

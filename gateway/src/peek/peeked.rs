@@ -1,6 +1,8 @@
 //! What the peekers found in a connection's first messages, once the connection path has run
 //! them: the one value the authorization and the decision line read.
 
+use egressgate_policy::DnsName;
+
 use super::http::RequestHead;
 use super::postgres::Startup;
 use super::tls::ClientHello;
@@ -61,11 +63,12 @@ impl Peeked {
         }
     }
 
-    /// The name the client asked for in its first message: the SNI or the HTTP host.
-    pub fn requested_name(&self) -> Option<&str> {
+    /// The name the client asked for in its first message: the SNI or the HTTP host (unless
+    /// that is an IP literal).
+    pub fn requested_name(&self) -> Option<&DnsName> {
         match self {
-            Peeked::Http(head) => head.host.as_deref(),
-            _ => self.client_hello()?.server_name.as_deref(),
+            Peeked::Http(head) => head.host.as_ref()?.name(),
+            _ => self.client_hello()?.server_name.as_ref(),
         }
     }
 }

@@ -153,7 +153,7 @@ fn expected_hello(parsed: &Value) -> ClientHello {
         .as_u64()
         .expect("trailing");
     ClientHello {
-        server_name: parsed["sni"].as_str().map(str::to_owned),
+        server_name: parsed["sni"].as_str().map(|sni| sni.parse().expect(sni)),
         alpn: strings(&parsed["alpn"]),
         ech_offered: !parsed["ech"].is_null(),
         legacy_version: 0x0303,
@@ -196,7 +196,7 @@ fn every_tls_fixture_parses_to_the_manifest() {
 #[test]
 fn chromium_hello_has_sni_alpn_and_grease_ech() {
     let expected = ClientHello {
-        server_name: Some("api.example.test".into()),
+        server_name: Some("api.example.test".parse().expect("valid")),
         alpn: vec!["h2".into(), "http/1.1".into()],
         ech_offered: true,
         legacy_version: 0x0303,
@@ -328,7 +328,10 @@ fn every_http_fixture_parses_to_the_manifest() {
             method: parsed["method"].as_str().expect("method").to_owned(),
             target: parsed["target"].as_str().expect("target").to_owned(),
             version_minor: if version == "HTTP/1.1" { 1 } else { 0 },
-            host: Some(host.to_owned()),
+            host: Some(match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => http::Host::Ip(ip),
+                Err(_) => http::Host::Name(host.parse().expect(host)),
+            }),
             host_port: port,
             consumed: parsed["head_bytes"].as_u64().expect("head_bytes") as usize,
         };

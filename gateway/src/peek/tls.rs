@@ -12,6 +12,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use egressgate_policy::DnsName;
+
 use super::{dns_name, Invalid, Peek, Reader};
 
 /// ContentType.handshake (RFC 8446 §5.1).
@@ -46,9 +48,9 @@ const RANDOM_LEN: usize = 32;
 /// What a policy needs from a ClientHello.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientHello {
-    /// The SNI host_name: a validated DNS name, lowercased, trailing dot removed. `None` when there
-    /// is no server_name extension or it holds no host_name.
-    pub server_name: Option<String>,
+    /// The SNI host_name. `None` when there is no server_name extension or it holds no
+    /// host_name.
+    pub server_name: Option<DnsName>,
     /// ALPN protocol names in the client's order; non-UTF-8 bytes replaced (lossy).
     pub alpn: Vec<String>,
     /// An `encrypted_client_hello` (0xfe0d) extension is present; GREASE looks the same.
@@ -189,7 +191,7 @@ fn client_hello(body: &[u8], consumed: usize) -> Result<ClientHello, Invalid> {
 
 /// `ServerNameList` of RFC 6066 §3. Names of unknown types are skipped, assuming the
 /// `opaque<1..2^16-1>` shape of `HostName` (as rustls does); no host_name gives `None`.
-fn server_name(mut data: Reader<'_>) -> Result<Option<String>, Invalid> {
+fn server_name(mut data: Reader<'_>) -> Result<Option<DnsName>, Invalid> {
     let malformed = Invalid::TlsMalformed {
         field: "server_name",
     };
@@ -214,7 +216,7 @@ fn server_name(mut data: Reader<'_>) -> Result<Option<String>, Invalid> {
 }
 
 /// A `HostName`: RFC 6066 §3 forbids IP literals and wants a DNS name in ASCII (A-labels).
-fn host_name(raw: &[u8]) -> Result<String, Invalid> {
+fn host_name(raw: &[u8]) -> Result<DnsName, Invalid> {
     let text = std::str::from_utf8(raw).unwrap_or_default();
     let text = text.strip_suffix('.').unwrap_or(text);
     if text.parse::<IpAddr>().is_ok() {

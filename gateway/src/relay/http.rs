@@ -67,26 +67,25 @@ pub async fn relay_http(
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let activity = Activity::new();
-    let result = async {
-        let upward = async {
-            let mut framed = Framed {
-                client: &client,
-                upstream: &upstream,
-                buf: buffered,
-                total: &up,
-                activity: &activity,
-            };
-            framed.run(first_decided, max_head, gate).await
-        };
-        // Each direction half-closes on its own here: the upward one ends in several ways.
-        let unshared = Ended::default();
-        let downward = pump(&upstream, &client, &down, &activity, Side::Upstream, &unshared);
-        tokio::select! {
-            result = async { tokio::try_join!(upward, downward) } => result.map(|(upward, ())| upward),
-            () = activity.idle(idle_timeout) => Err(RelayError::Idle(idle_timeout)),
-        }
-    }
-    .await;
+    let mut framed = Framed {
+        client: &client,
+        upstream: &upstream,
+        buf: buffered,
+        total: &up,
+        activity: &activity,
+    };
+    // Each direction half-closes on its own here: the upward one ends in several ways.
+    let unshared = Ended::default();
+    // Both directions are built inside the join (see `relay`).
+    let result = tokio::select! {
+        result = async {
+            tokio::try_join!(
+                framed.run(first_decided, max_head, gate),
+                pump(&upstream, &client, &down, &activity, Side::Upstream, &unshared),
+            )
+        } => result.map(|(upward, ())| upward),
+        () = activity.idle(idle_timeout) => Err(RelayError::Idle(idle_timeout)),
+    };
     match &result {
         Err(error) => {
             if !matches!(error, RelayError::Client(_)) {

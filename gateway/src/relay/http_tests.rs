@@ -34,7 +34,12 @@ async fn start(
     let gate = move |what: Seen<'_>| {
         let (entry, next) = match what {
             Seen::Request(request) => {
-                let host = request.head.host.clone().unwrap_or_default();
+                let host = request
+                    .head
+                    .host
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
                 let next = if host.starts_with("evil") {
                     Next::Stop
                 } else {

@@ -205,13 +205,21 @@ fn usage(line: &Line) -> Use {
     }
 }
 
+/// A name from a line, in the form a policy writes it; `None` for one that breaks the DNS-name
+/// rule (an HTTP host that is an IP literal, say).
+fn normal_name(name: &str) -> Option<String> {
+    egressgate_policy::DnsName::parse(name)
+        .ok()
+        .map(|name| name.to_string())
+}
+
 /// An unselected pod's connection, allowed unread: every name it resolved to the address, else
 /// the address.
 fn unread(line: &Line, ip: IpAddr) -> Vec<Destination> {
     let names: Vec<Destination> = line
         .names
         .iter()
-        .filter_map(|name| egressgate_policy::normalize_name(name))
+        .filter_map(|name| normal_name(name))
         .map(Destination::Name)
         .collect();
     if names.is_empty() {
@@ -227,11 +235,11 @@ fn destination(line: &Line, ip: IpAddr, used: &Use) -> Destination {
     let resolved: Vec<String> = line
         .names
         .iter()
-        .filter_map(|name| egressgate_policy::normalize_name(name))
+        .filter_map(|name| normal_name(name))
         .collect();
     let requested = line.sni.as_deref().or(line.host.as_deref());
     if let Some(requested) = requested {
-        return match egressgate_policy::normalize_name(requested) {
+        return match normal_name(requested) {
             Some(name) if resolved.contains(&name) => Destination::Name(name),
             _ => Destination::Address(ip, WhyAddress::UnresolvedName),
         };

@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use egressgate_policy::{parse_policies, Mode, PodIdentity, PolicySet, Protocol};
+use egressgate_policy::{parse_policies, DnsName, Mode, PodIdentity, PolicySet, Protocol};
 use serde_json::{json, Value};
 
 use super::*;
@@ -71,8 +71,9 @@ fn granted(
         namespace_labels: &namespace_labels,
     };
     let destination: std::net::SocketAddr = destination.parse().expect("address");
+    let names: Vec<DnsName> = names.iter().map(|n| n.parse().expect(n)).collect();
     set.select(&pod)
-        .grants(destination.ip(), destination.port(), names)
+        .grants(destination.ip(), destination.port(), &names)
         .iter()
         .map(|grant| grant.protocol.to_string())
         .collect()
@@ -395,7 +396,7 @@ fn postgresql_rules_list_the_databases_and_users_seen() {
     );
     assert!(!yaml.contains("allowEncrypted"), "{yaml}");
     let set = compiled(&yaml);
-    let names = ["db.example.test"];
+    let names: [DnsName; 1] = ["db.example.test".parse().expect("valid")];
     let destination: std::net::SocketAddr = "198.19.0.20:5432".parse().expect("address");
     let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
     let none = BTreeMap::new();

@@ -98,17 +98,7 @@ impl RestartLab {
         let exe = std::env::current_exe()?;
         let options = GatewayOptions::default().policy("restart.yaml", &policy());
         progress("restart: starting its lab (4 intercepted pods, node, upstream)");
-        let mut lab = Lab::builder().pods(4).gateway(options).start()?;
-        for ns in lab
-            .pods()
-            .iter()
-            .map(|p| &**p)
-            .chain([lab.node(), lab.up()])
-        {
-            env::tune(ns)?;
-        }
-        let certs = Certs::generate(&lab.dir().join("loadtest-certs"))?;
-        let server = env::start_server(&lab, &exe, &certs, Placement::detect().load_cpu)?;
+        let (mut lab, server, certs) = env::served_lab(4, options, Placement::detect().load_cpu)?;
         let first = lab
             .take_gateway()
             .ok_or_else(|| Error::msg("the lab started no gateway"))?;
