@@ -74,7 +74,7 @@ pub(crate) trait Handler: Send + Sync + 'static {
 /// successor: waiting longer would hold up the hand-over, during which nothing is served.
 pub(crate) const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Waits for `tasks` (queries or connections already taken) up to [`DRAIN_LIMIT`], then aborts
+/// Waits for `tasks` (the TCP connections already taken) up to [`DRAIN_LIMIT`], then aborts
 /// the rest.
 pub(crate) async fn drain(tasks: &mut tokio::task::JoinSet<()>) {
     let finished = tokio::time::timeout(DRAIN_LIMIT, async {

@@ -11,7 +11,8 @@
 //! - `answer`: reading a response against its query: question match, CNAME chain, min TTL (pure).
 //! - `table`: [`NameTable`], the per-pod record of resolved names.
 //! - `persist`: the table on disk (journal, snapshot, restore), so restarts forget nothing.
-//! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts.
+//! - `forward`: the exchange with trusted upstreams: random IDs and ports, TC→TCP, timeouts;
+//!   over UDP, every query of a listener in its one task (`UdpExchanges`), none with a task.
 //! - `shim`: [`DnsShim`], its config and the one pipeline every query takes.
 //! - `udp` / `tcp`: transparent serving (original destination in, reply as that server); they
 //!   reach the pipeline only through `client::Handler`.
