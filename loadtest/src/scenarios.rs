@@ -1146,6 +1146,9 @@ fn dns_sample(
                 "1",
                 "-T",
                 "1",
+                // Socket buffers in KiB: the default (~32 KiB) overflowed at 120k q/s.
+                "-b",
+                "4096",
                 "-q",
                 "256",
                 "-t",

@@ -60,8 +60,21 @@ pub struct ServeArgs {
 
 static ZEROS: [u8; 256 * 1024] = [0; 256 * 1024];
 
+/// Receive buffer of the DNS responder: a few thousand queries.
+const DNS_RECEIVE_BUFFER: usize = 4 << 20;
+
+fn deep_receive_buffer(socket: &UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &DNS_RECEIVE_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &DNS_RECEIVE_BUFFER);
+    }
+}
+
 pub fn main(args: ServeArgs) -> Result<(), Error> {
     let dns_socket = UdpSocket::bind(SocketAddr::from((args.dns, 53)))?;
+    // The shim answers bursts of a batch at a time now: a default-sized buffer here overflowed
+    // (lost queries the shim never saw).
+    deep_receive_buffer(&dns_socket);
     let web = args.web;
     std::thread::Builder::new()
         .name("dns".into())
