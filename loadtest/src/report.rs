@@ -724,6 +724,7 @@ pub fn write(
     }
 
     let estimates = criterion_estimates(target_dir);
+    md.push_str(SCALING);
     md.push_str("\n## Micro-benchmarks\n\n");
     md.push_str(
         "criterion benches in `loadtest/benches/` (`cargo bench -p loadtest`): the matcher \
@@ -764,3 +765,32 @@ fn relative(from: &Path, to: &Path) -> String {
     );
     parts.join("/")
 }
+
+/// How egressgate should scale past the one proxy CPU these runs give it, and why: what the
+/// code does today, not a measurement (this machine has 2 CPUs, one of them the load's).
+const SCALING: &str = "
+## Scaling across cores
+
+Not measured here: with 2 CPUs, one runs the load generator and the upstream, so every
+figure above is for one proxy core (`TOKIO_WORKER_THREADS=1`). What more cores do, from the
+code as it is:
+
+- **New connections and relays** run on tokio's multi-threaded runtime, one worker per core.
+  Each TPROXY address has one listener and one accept task; every connection is a task of its
+  own (376 bytes, plus the relay's state once allowed), spread over the workers by work
+  stealing. A decision reads the policies and identities through `ArcSwap` (no lock) and the
+  name table under a read lock (`RwLock`: decisions on different cores do not wait for each
+  other; only recording a DNS answer takes the write lock, briefly). Splicing is per
+  connection and shares nothing. So CPU per connection should stay flat and connections/s grow
+  with cores until the one accept task (an `accept4` and a spawn per connection, a few µs)
+  or the kernel's single accept queue per listener becomes the limit: tens of thousands of
+  connections/s, well above what a node's pods open. One listener per worker with
+  SO_REUSEPORT (issue 17) would remove that limit; it is not built yet.
+- **DNS through the shim** is served by one task per listener address (batches in with
+  `recvmmsg`, out with `sendmmsg`): that is what gives one core its 130k queries/s, and it is
+  also the ceiling per listener address, whatever the core count. Several listeners with
+  SO_REUSEPORT, one per worker, would scale it with cores (the kernel spreads pods' queries by
+  flow hash; the table's write lock is held only while recording an answer); not built yet.
+- **Memory** per connection does not depend on the core count; the name table is one per
+  process, shared by all workers.
+";
