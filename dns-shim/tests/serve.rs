@@ -82,6 +82,12 @@ struct Running {
 
 /// Starts a shim on `bind`. Transparent sockets need CAP_NET_ADMIN: without it the test fails
 /// (a skipped test would pass without testing anything).
+/// A shim on `bind` that forwards to `upstream` whatever server the pod asked.
+async fn start_forwarding(bind: &str, upstream: SocketAddr) -> Running {
+    let bind = bind.parse().expect("addr");
+    start(bind, vec![upstream], ForeignServerPolicy::Forward).await
+}
+
 async fn start(
     bind: SocketAddr,
     upstreams: Vec<SocketAddr>,
@@ -159,12 +165,7 @@ async fn udp_exchange(from: &str, to: SocketAddr, query: &[u8]) -> Option<Vec<u8
 #[tokio::test]
 async fn udp_query_is_answered_by_the_trusted_upstream_and_recorded() {
     let upstream = fake_upstream().await;
-    let shim = start(
-        "127.0.0.1:0".parse().expect("addr"),
-        vec![upstream],
-        ForeignServerPolicy::Forward,
-    )
-    .await;
+    let shim = start_forwarding("127.0.0.1:0", upstream).await;
     let reply = udp_exchange("127.0.0.1:0", shim.addr, DIG_A)
         .await
         .expect("answer");
@@ -193,12 +194,7 @@ async fn udp_query_is_answered_by_the_trusted_upstream_and_recorded() {
 #[tokio::test]
 async fn tcp_connection_carries_several_queries() {
     let upstream = fake_upstream().await;
-    let shim = start(
-        "127.0.0.1:0".parse().expect("addr"),
-        vec![upstream],
-        ForeignServerPolicy::Forward,
-    )
-    .await;
+    let shim = start_forwarding("127.0.0.1:0", upstream).await;
     let mut stream = TcpStream::connect(shim.addr).await.expect("connect");
     for (query, expected) in [(DIG_A, DNSMASQ_A), (DIG_AAAA, DNSMASQ_AAAA)] {
         let len = u16::try_from(query.len()).expect("small");
@@ -229,12 +225,7 @@ async fn tcp_connection_carries_several_queries() {
 #[tokio::test]
 async fn ipv6_listener_answers_from_the_server_address() {
     let upstream = fake_upstream().await;
-    let shim = start(
-        "[::1]:0".parse().expect("addr"),
-        vec![upstream],
-        ForeignServerPolicy::Forward,
-    )
-    .await;
+    let shim = start_forwarding("[::1]:0", upstream).await;
     let reply = udp_exchange("[::1]:0", shim.addr, DIG_AAAA)
         .await
         .expect("answer");
@@ -441,12 +432,7 @@ async fn a_burst_of_outstanding_queries_from_one_socket_is_all_answered() {
     const QUERIES: u16 = 4096;
     const OUTSTANDING: u16 = 256;
     let upstream = fake_upstream().await;
-    let shim = start(
-        "127.0.0.1:0".parse().expect("addr"),
-        vec![upstream],
-        ForeignServerPolicy::Forward,
-    )
-    .await;
+    let shim = start_forwarding("127.0.0.1:0", upstream).await;
     let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
     let mut answered = std::collections::BTreeSet::new();
     let mut sent = 0u16;

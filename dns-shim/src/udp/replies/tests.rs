@@ -9,10 +9,11 @@ use tokio::net::UdpSocket;
 use super::*;
 use crate::client::Transport;
 
-async fn pod() -> UdpSocket {
+/// A socket on 127.0.0.1, any port: a pod, or the listener.
+async fn loopback() -> UdpSocket {
     UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
         .await
-        .expect("pod socket")
+        .expect("loopback socket")
 }
 
 fn outgoing(pod: SocketAddr, server: SocketAddr, reply: &[u8]) -> Outgoing {
@@ -43,11 +44,9 @@ async fn receive(pod: &UdpSocket) -> (Vec<u8>, SocketAddr) {
 
 #[tokio::test]
 async fn each_pod_gets_its_replies_in_order() {
-    let listener = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("listener");
+    let listener = loopback().await;
     let local = listener.local_addr().expect("local");
-    let (a, b) = (pod().await, pod().await);
+    let (a, b) = (loopback().await, loopback().await);
     let (a_addr, b_addr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
     let batch = vec![
         outgoing(a_addr, local, b"a1"),
@@ -62,11 +61,9 @@ async fn each_pod_gets_its_replies_in_order() {
 
 #[tokio::test]
 async fn more_than_one_batch_all_arrive() {
-    let listener = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("listener");
+    let listener = loopback().await;
     let local = listener.local_addr().expect("local");
-    let a = pod().await;
+    let a = loopback().await;
     let a_addr = a.local_addr().expect("a");
     let count = MAX_BATCH * 2 + 3;
     let batch = (0..count)
@@ -93,7 +90,7 @@ async fn replies_leave_from_the_address_the_pod_asked() {
         .expect("listener");
     let port = listener.local_addr().expect("local").port();
     let server: SocketAddr = (Ipv4Addr::new(127, 0, 0, 2), port).into();
-    let a = pod().await;
+    let a = loopback().await;
     let batch = vec![
         outgoing(a.local_addr().expect("a"), server, b"one"),
         outgoing(a.local_addr().expect("a"), server, b"two"),
@@ -105,11 +102,9 @@ async fn replies_leave_from_the_address_the_pod_asked() {
 
 #[tokio::test]
 async fn a_refused_reply_does_not_hold_up_the_others() {
-    let listener = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .expect("listener");
+    let listener = loopback().await;
     let local = listener.local_addr().expect("local");
-    let a = pod().await;
+    let a = loopback().await;
     let a_addr = a.local_addr().expect("a");
     // The kernel refuses port 0 as a destination (EINVAL).
     let nowhere: SocketAddr = (Ipv4Addr::LOCALHOST, 0).into();
