@@ -4,6 +4,7 @@
 //! error names `file:line:column`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -70,6 +71,10 @@ pub struct Listen {
     /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`); loopback by default.
     #[serde(default = "Listen::default_admin")]
     pub admin: SocketAddr,
+    /// Worker threads of the data path, each with its own socket on every `tproxy` and `dns`
+    /// address and `udp.listen` (SO_REUSEPORT). Default: one per CPU the process may use.
+    #[serde(default)]
+    pub workers: Option<NonZeroUsize>,
 }
 
 impl Listen {
@@ -84,6 +89,15 @@ impl Listen {
     fn default_admin() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 15090))
     }
+
+    /// At most this many workers: more threads than any node has cores only cost memory.
+    const MAX_WORKERS: usize = 1024;
+
+    /// `workers`, or one per CPU this process may run on (its affinity mask and cgroup quota).
+    pub fn worker_count(&self) -> NonZeroUsize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
+    }
 }
 
 impl Default for Listen {
@@ -92,6 +106,7 @@ impl Default for Listen {
             tproxy: Self::default_tproxy(),
             dns: Self::default_dns(),
             admin: Self::default_admin(),
+            workers: None,
         }
     }
 }
@@ -709,6 +724,13 @@ impl Config {
         if self.listen.tproxy.is_empty() {
             return Err("listen.tproxy: at least one address is needed".into());
         }
+        if self
+            .listen
+            .workers
+            .is_some_and(|workers| workers.get() > Listen::MAX_WORKERS)
+        {
+            return Err(format!("listen.workers: at most {}", Listen::MAX_WORKERS));
+        }
         if self.peek.max_bytes < 64 {
             return Err("peek.maxBytes: must be at least 64".into());
         }
@@ -831,6 +853,21 @@ mod tests {
         assert_eq!(config.udp.denied_flow(), Duration::from_secs(10));
         assert_eq!(config.udp.max_flows, 65_536);
         assert_eq!(config.udp.flow_mark, 0x6568);
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_available_and_are_bounded() {
+        let config = Config::parse("c.yaml", MINIMAL).expect("valid");
+        let cpus = std::thread::available_parallelism().expect("cpus");
+        assert_eq!(config.listen.worker_count(), cpus);
+        let text = format!("{MINIMAL}listen: {{workers: 3}}\n");
+        let config = Config::parse("c.yaml", &text).expect("valid");
+        assert_eq!(config.listen.worker_count().get(), 3);
+        for bad in ["listen: {workers: 0}", "listen: {workers: 1025}"] {
+            let text = format!("{MINIMAL}{bad}\n");
+            let shown = Config::parse("c.yaml", &text).expect_err(bad).to_string();
+            assert!(shown.contains("listen.workers"), "{bad}: {shown}");
+        }
     }
 
     #[test]

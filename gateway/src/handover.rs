@@ -37,8 +37,11 @@ use tokio::net::{UnixListener, UnixStream};
 pub const SOCKET_NAME: &str = "handover.sock";
 /// Bumped when the exchange changes; a process meeting another version does not hand over.
 const PROTOCOL_VERSION: u16 = 1;
-/// The most sockets one gateway listens on (TPROXY and DNS, both families, with room).
+/// The most sockets one Sockets message carries (a gateway with more, one per worker on each
+/// TPROXY and DNS address, sends several in a row).
 const MAX_SOCKETS: usize = 32;
+/// The most sockets a successor accepts in all: 1024 workers on a few addresses each.
+const MAX_HANDED_SOCKETS: usize = 8192;
 /// The largest message; a dump is sent in chunks below it.
 const MAX_MESSAGE: usize = 4 << 20;
 /// How long one side waits for the other's next message before giving up the hand-over.
@@ -211,18 +214,28 @@ pub async fn connect(state_dir: &Path) -> Result<Option<Takeover>, HandoverError
     // names to pods through a planted socket.
     check_peer(&stream)?;
     send(&mut stream, Kind::Hello, &PROTOCOL_VERSION.to_le_bytes()).await?;
-    let (payload, fds) = step(receive_with_fds(&stream)).await??;
-    let sockets = read_sockets(&payload, fds)?;
+    let (kind, payload, fds) = step(receive_with_fds(&stream)).await??;
+    if kind != Kind::Sockets {
+        return Err(HandoverError::Unexpected {
+            got: kind,
+            expected: "Sockets",
+        });
+    }
+    let mut sockets = read_sockets(&payload, fds)?;
     let mut dump = Vec::new();
     loop {
-        let (kind, payload) = step(receive(&mut stream)).await??;
+        let (kind, payload, fds) = step(receive_with_fds(&stream)).await??;
         match kind {
-            Kind::Records => dump.extend_from_slice(&payload),
-            Kind::DumpEnd => break,
+            // More sockets: a predecessor with many workers sends several messages.
+            Kind::Sockets if sockets.len() < MAX_HANDED_SOCKETS && dump.is_empty() => {
+                sockets.extend(read_sockets(&payload, fds)?)
+            }
+            Kind::Records if fds.is_empty() => dump.extend_from_slice(&payload),
+            Kind::DumpEnd if fds.is_empty() => break,
             got => {
                 return Err(HandoverError::Unexpected {
                     got,
-                    expected: "Records or DumpEnd",
+                    expected: "Sockets, Records or DumpEnd",
                 })
             }
         }
@@ -353,16 +366,24 @@ impl Successor {
         &mut self,
         sockets: &[(Role, SocketAddr, BorrowedFd<'_>)],
     ) -> Result<(), HandoverError> {
-        let mut payload =
-            vec![u8::try_from(sockets.len()).map_err(|_| HandoverError::Malformed("Sockets"))?];
-        for (role, addr, _) in sockets {
-            payload.push(*role as u8);
-            put_socket_addr(&mut payload, *addr);
+        // At least one message, even with no socket: the successor waits for it.
+        let messages: Vec<&[(Role, SocketAddr, BorrowedFd<'_>)]> = if sockets.is_empty() {
+            vec![&[]]
+        } else {
+            sockets.chunks(MAX_SOCKETS).collect()
+        };
+        for sockets in messages {
+            let mut payload =
+                vec![u8::try_from(sockets.len()).map_err(|_| HandoverError::Malformed("Sockets"))?];
+            for (role, addr, _) in sockets {
+                payload.push(*role as u8);
+                put_socket_addr(&mut payload, *addr);
+            }
+            let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, _, fd)| *fd).collect();
+            let mut message = header(Kind::Sockets, payload.len())?;
+            message.extend_from_slice(&payload);
+            send_with_fds(&self.stream, &message, &fds).await?;
         }
-        let fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, _, fd)| *fd).collect();
-        let mut message = header(Kind::Sockets, payload.len())?;
-        message.extend_from_slice(&payload);
-        send_with_fds(&self.stream, &message, &fds).await?;
         Ok(())
     }
 
@@ -475,8 +496,10 @@ async fn send_with_fds(
     Ok(())
 }
 
-/// Receives one Sockets message and the fds that came with it.
-async fn receive_with_fds(stream: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoverError> {
+/// Receives one message and the fds that came with it (only Sockets should have any).
+async fn receive_with_fds(
+    stream: &UnixStream,
+) -> Result<(Kind, Vec<u8>, Vec<OwnedFd>), HandoverError> {
     let mut head = [0u8; 5];
     let mut fds = Vec::new();
     let mut got = 0;
@@ -505,17 +528,11 @@ async fn receive_with_fds(stream: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>)
         }
         got += n;
     }
-    match Kind::from_u8(head[0]) {
-        Some(Kind::Sockets) => {}
+    let kind = match Kind::from_u8(head[0]) {
         Some(Kind::Refused) => return Err(HandoverError::Version(0)),
-        Some(got) => {
-            return Err(HandoverError::Unexpected {
-                got,
-                expected: "Sockets",
-            })
-        }
+        Some(kind) => kind,
         None => return Err(HandoverError::Malformed("kind")),
-    }
+    };
     let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if len > MAX_MESSAGE {
         return Err(HandoverError::Malformed("length"));
@@ -535,7 +552,7 @@ async fn receive_with_fds(stream: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>)
         }
         filled += n;
     }
-    Ok((payload, fds))
+    Ok((kind, payload, fds))
 }
 
 fn read_sockets(payload: &[u8], fds: Vec<OwnedFd>) -> Result<Vec<HandedSocket>, HandoverError> {

@@ -61,4 +61,5 @@ mod pipes;
 mod protocol;
 mod relay;
 mod udp;
+mod workers;
 mod yaml_file;

@@ -16,6 +16,7 @@ use egressgate_log::{rfc3339_now, write_json_line};
 use hyper::Method;
 use prometheus::Registry;
 use serde::Serialize;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin_socket::{AdminSocket, Router};
@@ -30,6 +31,7 @@ use crate::state::{self, Inherited, Inventory};
 use crate::store::Store;
 use crate::udp::{self, UdpRelay};
 use crate::watch_metrics::WatchMetrics;
+use crate::workers::Workers;
 use crate::{admin, explain, listener, memory_budget, nft};
 
 /// A pod's DNS-over-TCP connection is closed after this long without a complete query.
@@ -65,6 +67,8 @@ pub enum RunError {
     NoNodeName,
     #[error("identity.kubernetes: {0}")]
     Kubernetes(#[from] kubernetes::WatchError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// The `listening` line: every address the gateway serves.
@@ -161,39 +165,53 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         takeover
     });
 
+    let workers = Workers::start(config.listen.worker_count()).map_err(RunError::Workers)?;
     let mut inventory = Inventory::default();
     let mut dns_listeners = Vec::new();
     for &addr in &config.listen.dns {
-        let bound = match (
-            inherited.take(Role::DnsUdp, addr),
-            inherited.take(Role::DnsTcp, addr),
-        ) {
-            (Some(udp), Some(tcp)) => DnsShim::adopt(udp, tcp),
-            _ => DnsShim::bind(addr),
-        }
+        let udp = inherited.take_all(Role::DnsUdp, addr);
+        let tcp = inherited.take_all(Role::DnsTcp, addr);
+        let adopted = udp.into_iter().zip(tcp);
+        let bound = per_worker(
+            &workers,
+            addr,
+            adopted,
+            |(udp, tcp)| DnsShim::adopt(udp, tcp),
+            DnsShim::bind,
+            |listeners| Ok(listeners.udp_local_addr()),
+        )
         .map_err(|source| RunError::Bind {
             what: "dns",
             addr,
             source,
         })?;
-        let (udp, tcp) = bound.fds();
-        inventory.add(Role::DnsUdp, addr, udp);
-        inventory.add(Role::DnsTcp, addr, tcp);
-        dns_listeners.push(bound);
+        for (worker, listeners) in bound {
+            let (udp, tcp) = listeners.fds();
+            inventory.add(Role::DnsUdp, addr, udp);
+            inventory.add(Role::DnsTcp, addr, tcp);
+            dns_listeners.push((worker, listeners));
+        }
     }
     let mut tproxy_listeners = Vec::new();
     for &addr in &config.listen.tproxy {
-        let bound = match inherited.take(Role::Tproxy, addr) {
-            Some(fd) => listener::adopt(fd),
-            None => listener::bind_transparent(addr),
-        }
+        let adopted = inherited.take_all(Role::Tproxy, addr);
+        let bound = per_worker(
+            &workers,
+            addr,
+            adopted,
+            listener::adopt,
+            listener::bind_transparent,
+            TcpListener::local_addr,
+        )
         .map_err(|source| RunError::Bind {
             what: "tproxy",
             addr,
             source,
         })?;
-        inventory.add(Role::Tproxy, addr, std::os::fd::AsFd::as_fd(&bound));
-        tproxy_listeners.push(bound);
+        for (worker, listener) in bound {
+            inventory.add(Role::Tproxy, addr, std::os::fd::AsFd::as_fd(&listener));
+            tproxy_listeners.push((worker, listener));
+        }
     }
     // Sockets of listen addresses this config no longer has close here.
     drop(inherited);
@@ -201,12 +219,20 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // both decide a flow the same way.
     let mut udp_sockets = Vec::new();
     for &addr in &config.udp.listen {
-        let bound = UdpRelay::bind(addr).map_err(|source| RunError::Bind {
+        let bound = per_worker(
+            &workers,
+            addr,
+            std::iter::empty(),
+            |never: std::convert::Infallible| match never {},
+            UdpRelay::bind,
+            tokio::net::UdpSocket::local_addr,
+        )
+        .map_err(|source| RunError::Bind {
             what: "udp",
             addr,
             source,
         })?;
-        udp_sockets.push(bound);
+        udp_sockets.extend(bound);
     }
     let admin_addr = config.listen.admin;
     let admin_listener = listener::bind_shared(admin_addr).map_err(|source| RunError::Bind {
@@ -291,8 +317,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let ready = Arc::new(AtomicBool::new(false));
     let mut serving = tokio::task::JoinSet::new();
     let mut tasks = tokio::task::JoinSet::new();
-    for listeners in dns_listeners {
-        serving.spawn(Arc::clone(&shim).serve(listeners, stop_serving_signal()));
+    for (worker, listeners) in dns_listeners {
+        let serve = Arc::clone(&shim).serve(listeners, stop_serving_signal());
+        serving.spawn_on(serve, workers.handle(worker));
     }
     let limits = Limits::new(Bounds {
         max_connections: config.connections.max,
@@ -317,11 +344,13 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         },
         &config.udp,
     ));
-    for listener in tproxy_listeners {
-        serving.spawn(Arc::clone(&proxy).serve(listener, stop_serving_signal()));
+    for (worker, listener) in tproxy_listeners {
+        let serve = Arc::clone(&proxy).serve(listener, stop_serving_signal());
+        serving.spawn_on(serve, workers.handle(worker));
     }
-    for socket in udp_sockets {
-        serving.spawn(Arc::clone(&udp_relay).serve(socket, stop_serving_signal()));
+    for (worker, socket) in udp_sockets {
+        let serve = Arc::clone(&udp_relay).serve(socket, stop_serving_signal());
+        serving.spawn_on(serve, workers.handle(worker));
     }
     if config.nftables.manage {
         tasks.spawn(udp::keep_unpoliced(
@@ -536,6 +565,35 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         remove_rules_if_uninstalled(&config, owner, seen_deleted).await;
     }
     Ok(())
+}
+
+/// One socket per worker on `addr`, each registered with its worker's runtime and paired with
+/// its worker's index: first every socket a predecessor `adopted` (all of them, even past the
+/// worker count, so that none closes with connections in its queue), then new ones `bind` makes
+/// for the workers still without one. A port of 0 becomes the first socket's.
+fn per_worker<Handed, Listener>(
+    workers: &Workers,
+    addr: SocketAddr,
+    adopted: impl IntoIterator<Item = Handed>,
+    adopt: impl Fn(Handed) -> std::io::Result<Listener>,
+    bind: impl Fn(SocketAddr) -> std::io::Result<Listener>,
+    local_addr: impl Fn(&Listener) -> std::io::Result<SocketAddr>,
+) -> std::io::Result<Vec<(usize, Listener)>> {
+    let mut listeners = Vec::with_capacity(workers.len());
+    for handed in adopted {
+        let _runtime = workers.handle(listeners.len()).enter();
+        listeners.push((listeners.len(), adopt(handed)?));
+    }
+    let mut addr = addr;
+    while listeners.len() < workers.len() {
+        let _runtime = workers.handle(listeners.len()).enter();
+        let listener = bind(addr)?;
+        if addr.port() == 0 {
+            addr.set_port(local_addr(&listener)?.port());
+        }
+        listeners.push((listeners.len(), listener));
+    }
+    Ok(listeners)
 }
 
 /// The endpoints of the admin socket (docs/operations.md lists them).

@@ -239,13 +239,14 @@ impl Inherited {
         Inherited { sockets }
     }
 
-    /// The socket the predecessor listened with for `role` on `addr`, if any.
-    pub fn take(&mut self, role: Role, addr: SocketAddr) -> Option<OwnedFd> {
-        let at = self
-            .sockets
-            .iter()
-            .position(|s| s.role == role && s.addr == addr)?;
-        Some(self.sockets.swap_remove(at).fd)
+    /// Every socket the predecessor listened with for `role` on `addr` (one per worker), in the
+    /// order it sent them.
+    pub fn take_all(&mut self, role: Role, addr: SocketAddr) -> Vec<OwnedFd> {
+        let (taken, kept) = std::mem::take(&mut self.sockets)
+            .into_iter()
+            .partition(|s| s.role == role && s.addr == addr);
+        self.sockets = kept;
+        taken.into_iter().map(|s: HandedSocket| s.fd).collect()
     }
 }
 

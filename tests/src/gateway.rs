@@ -29,6 +29,8 @@ pub struct GatewayOptions {
     pub tproxy: Vec<String>,
     pub dns_listen: Vec<String>,
     pub admin: String,
+    /// `listen.workers`; `None` leaves the default (one per CPU).
+    pub workers: Option<usize>,
     pub pod_cidrs: Vec<String>,
     pub interfaces: Vec<String>,
     pub bypass_cidrs: Vec<String>,
@@ -74,6 +76,7 @@ impl Default for GatewayOptions {
             tproxy: vec!["0.0.0.0:15001".to_owned(), "[::]:15001".to_owned()],
             dns_listen: vec!["0.0.0.0:15053".to_owned(), "[::]:15053".to_owned()],
             admin: "127.0.0.1:15090".to_owned(),
+            workers: None,
             pod_cidrs: Vec::new(),
             interfaces: vec!["egp*".to_owned()],
             bypass_cidrs: Vec::new(),
@@ -129,7 +132,7 @@ impl GatewayOptions {
         }
         Ok(format!(
             "# written by egressgate-lab\n\
-             listen:\n  tproxy: {tproxy}\n  dns: {dns}\n  admin: {admin}\n\
+             listen:\n  tproxy: {tproxy}\n  dns: {dns}\n  admin: {admin}\n{workers}\
              policyDir: {policy_dir}\n\
              identity:\n  {identity}\n\
              intercept:\n  podCidrs: {pod_cidrs}\n  interfaces: {interfaces}\n  bypassCidrs: {bypass}\n{intercept_extra}\
@@ -143,6 +146,7 @@ impl GatewayOptions {
             tproxy = flow(&self.tproxy),
             dns = flow(&self.dns_listen),
             admin = quote(&self.admin),
+            workers = optional("workers", self.workers),
             pod_cidrs = flow(&self.pod_cidrs),
             interfaces = flow(&self.interfaces),
             bypass = flow(&self.bypass_cidrs),

@@ -94,6 +94,45 @@ impl WriteAndClose for TcpStream {
 }
 
 #[tokio::test]
+async fn more_sockets_than_one_message_holds_reach_the_successor_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let offer = Offer::bind(dir.path()).expect("offer");
+    // Many workers: one socket each on one address, over two messages and a bit.
+    let count = MAX_SOCKETS * 2 + 3;
+    let sockets: Vec<UdpSocket> = (0..count)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").expect("udp"))
+        .collect();
+    let addrs: Vec<SocketAddr> = sockets
+        .iter()
+        .map(|s| s.local_addr().expect("addr"))
+        .collect();
+    let expected = addrs.clone();
+    let old = tokio::spawn(async move {
+        let mut successor = offer.next().await;
+        let handed: Vec<(Role, SocketAddr, BorrowedFd<'_>)> = sockets
+            .iter()
+            .zip(&addrs)
+            .map(|(socket, addr)| (Role::DnsUdp, *addr, socket.as_fd()))
+            .collect();
+        successor.send_sockets(&handed).await.expect("sockets");
+        successor.send_dump(b"dump").await.expect("dump");
+    });
+    let takeover = connect(dir.path())
+        .await
+        .expect("connect")
+        .expect("an old gateway");
+    old.await.expect("old side");
+    assert_eq!(takeover.dump, b"dump");
+    let got: Vec<SocketAddr> = takeover.sockets.iter().map(|s| s.addr).collect();
+    assert_eq!(got, expected);
+    // Each fd is the socket named with it.
+    for socket in takeover.sockets {
+        let fd = UdpSocket::from(socket.fd);
+        assert_eq!(fd.local_addr().expect("addr"), socket.addr);
+    }
+}
+
+#[tokio::test]
 async fn no_old_gateway_means_nothing_to_take_over() {
     let dir = tempfile::tempdir().expect("tempdir");
     assert!(connect(dir.path()).await.expect("connect").is_none());

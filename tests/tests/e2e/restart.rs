@@ -275,6 +275,54 @@ fn a_second_gateway_takes_over_under_load_without_losing_anything() {
     assert_clean_hand_over(&lab, old);
 }
 
+/// Sockets listening on `port` in the node namespace (`proto`: "t" TCP, "u" UDP).
+fn listening(lab: &Lab, proto: &str, port: u16) -> usize {
+    let out = lab
+        .node()
+        .run(&["ss", &format!("-Hl{proto}n"), &format!("sport = :{port}")]);
+    assert!(out.success(), "{out}");
+    out.stdout.lines().count()
+}
+
+#[test]
+fn a_successor_with_fewer_workers_serves_every_socket_its_predecessor_listened_with() {
+    let mut lab = Lab::builder()
+        .pods(2)
+        .dns()
+        .web()
+        .gateway(GatewayOptions {
+            workers: Some(3),
+            ..GatewayOptions::default().policy("shop.yaml", SHOP_POLICY)
+        })
+        .start()
+        .expect("lab starts");
+    // One socket per worker on each address (IPv4 and IPv6).
+    let sockets = [("t", 15001), ("u", 15053), ("t", 15053)];
+    for (proto, port) in sockets {
+        assert_eq!(listening(&lab, proto, port), 6, "{proto} {port}");
+    }
+    let config = lab.gateway_config_path();
+    let text = std::fs::read_to_string(&config).expect("config");
+    assert!(text.contains("  workers: 3\n"), "{text}");
+    std::fs::write(&config, text.replace("  workers: 3\n", "  workers: 1\n")).expect("config");
+    let load = under_load(&lab, || {
+        lab.start_gateway_process("egressgate-2")
+            .expect("successor starts")
+    });
+    load.assert_nothing_lost();
+    let old = lab.replace_gateway(load.event).expect("old gateway");
+    assert_clean_hand_over(&lab, old);
+    // The predecessor is gone: the successor, with one worker, serves all of its sockets, so
+    // none closed with connections or queries in its queue.
+    for (proto, port) in sockets {
+        assert_eq!(listening(&lab, proto, port), 6, "{proto} {port}");
+    }
+    let out = lab
+        .pod("a")
+        .run(&curl(&lab.ca(), &["https://api.example.test/"]));
+    assert!(out.stdout.contains("hello from api.example.test"), "{out}");
+}
+
 #[test]
 fn after_sigterm_the_gateway_serves_until_its_replacement_takes_over() {
     let mut lab = Lab::builder()

@@ -71,8 +71,12 @@ as 1e+06, which the gateway rejects.
 */}}
 {{- define "egressgate.config" -}}
 {{- $v := .Values }}
+{{- $listen := dict "tproxy" $v.listen.tproxy "dns" $v.listen.dns "admin" $v.listen.admin }}
+{{- if $v.listen.workers }}
+{{- $_ := set $listen "workers" (int64 $v.listen.workers) }}
+{{- end }}
 {{- $config := dict
-  "listen" (dict "tproxy" $v.listen.tproxy "dns" $v.listen.dns "admin" $v.listen.admin)
+  "listen" $listen
   "policyDir" "/etc/egressgate/policies"
   "identity" (dict "kubernetes" (dict))
   "intercept" (dict
