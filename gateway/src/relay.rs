@@ -1,5 +1,9 @@
-//! Splicing an allowed connection: bytes move socket → pipe → socket inside the kernel
-//! (splice(2)), never through user space, in both directions at once.
+//! Relaying an allowed connection, both directions at once. Each direction starts by copying
+//! (recv into a buffer on the worker's stack, send at once): for handshakes, requests and
+//! replies that is cheaper than splice(2), which costs two calls and a pipe per chunk. The first
+//! read that fills the whole buffer means bulk data: from then on that direction splices,
+//! socket → pipe → socket inside the kernel, never through user space. Either way an idle
+//! direction holds no buffer and no pipe.
 //!
 //! Each direction ends on its own: EOF from one side half-closes the other (`shutdown(Write)`),
 //! so request/response protocols that half-close keep working. The relay ends when both
@@ -25,6 +29,9 @@ pub use http::{relay_http, Next, Seen};
 
 /// Most bytes one splice call moves: the default pipe capacity.
 const CHUNK: usize = 64 * 1024;
+/// Most bytes one copy moves, through the worker's stack. A read that fills it switches its
+/// direction to splice.
+const COPY_CHUNK: usize = 16 * 1024;
 
 /// How a relay ended.
 #[derive(Debug)]
@@ -134,9 +141,10 @@ impl Ended {
     }
 }
 
-/// Moves bytes `from` → `to` through a pipe until `from` ends, then half-closes `to` (unless
-/// `ended` says the other direction is done too). The pipe is borrowed per chunk (see
-/// `pipes`): a direction waiting for bytes holds none.
+/// Moves bytes `from` → `to` until `from` ends, then half-closes `to` (unless `ended` says the
+/// other direction is done too): copied while chunks are small, spliced once one fills the copy
+/// buffer (see the module docs). A pipe is borrowed per chunk (see `pipes`): a direction
+/// waiting for bytes holds none.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
@@ -145,15 +153,112 @@ async fn pump(
     side: Side,
     ended: &Ended,
 ) -> Result<(), RelayError> {
+    let mut splicing = false;
     loop {
-        if splice_some(from, to, CHUNK, total, activity, side).await? == 0 {
+        let moved = if splicing {
+            splice_some(from, to, CHUNK, total, activity, side).await?
+        } else {
+            copy_some(from, to, total, activity, side).await?
+        };
+        if moved == 0 {
             if !ended.half_close_needed() {
                 return Ok(());
             }
             // EOF: pass the half-close on; the other direction may still be talking.
             return shutdown_write(to).map_err(|e| side.other().error(e));
         }
+        splicing |= moved == COPY_CHUNK;
     }
+}
+
+/// Moves what `from` has (at most [`COPY_CHUNK`] bytes, once it has any) to `to` by copy; 0
+/// when `from` ended. What `to` does not take at once (its send buffer is full) waits on the
+/// heap until it does.
+async fn copy_some(
+    from: &TcpStream,
+    to: &TcpStream,
+    total: &AtomicU64,
+    activity: &Activity,
+    side: Side,
+) -> Result<usize, RelayError> {
+    let (read, rest) = loop {
+        from.readable().await.map_err(|e| side.error(e))?;
+        match copy_now(from, to) {
+            Ok(Copied::Nothing) => continue,
+            Ok(Copied::All(read)) => break (read, Vec::new()),
+            Ok(Copied::Part { read, rest }) => break (read, rest),
+            Err(Fault::Read(e)) => return Err(side.error(e)),
+            Err(Fault::Write(e)) => return Err(side.other().error(e)),
+        }
+    };
+    let mut sent = 0;
+    while sent < rest.len() {
+        to.writable().await.map_err(|e| side.other().error(e))?;
+        match to.try_write(&rest[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(side.other().error(e)),
+        }
+    }
+    if read > 0 {
+        total.fetch_add(read as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+    Ok(read)
+}
+
+/// What one [`copy_now`] did.
+#[derive(Debug)]
+enum Copied {
+    /// `from` had nothing after all (tokio's readiness was stale).
+    Nothing,
+    /// `read` bytes (0: `from` ended), all written.
+    All(usize),
+    /// `read` bytes, of which `to` did not take `rest` yet.
+    Part { read: usize, rest: Vec<u8> },
+}
+
+#[derive(Debug)]
+enum Fault {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One recv into a buffer on the worker's stack and one send of what came. Nothing is awaited
+/// in between, so the buffer is never part of the connection's state.
+fn copy_now(from: &TcpStream, to: &TcpStream) -> Result<Copied, Fault> {
+    let mut buf = [0u8; COPY_CHUNK];
+    let mut drained = None;
+    let received = from.try_io(Interest::READABLE, || {
+        let (n, _) = rustix::net::recv(from.as_fd(), &mut buf, rustix::net::RecvFlags::empty())?;
+        if n > 0 && n < COPY_CHUNK {
+            // A short read emptied the socket: WouldBlock makes tokio forget its readiness
+            // (as its own poll_read does after a short read), so the next read waits for
+            // epoll's next edge instead of one more recv that finds nothing.
+            drained = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    let read = match (received, drained) {
+        (_, Some(n)) => n,
+        (Ok(n), None) => n,
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Copied::Nothing),
+        (Err(e), None) => return Err(Fault::Read(e)),
+    };
+    let mut written = 0;
+    while written < read {
+        match to.try_write(&buf[written..read]) {
+            Ok(0) => return Err(Fault::Write(io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let rest = buf[written..read].to_vec();
+                return Ok(Copied::Part { read, rest });
+            }
+            Err(e) => return Err(Fault::Write(e)),
+        }
+    }
+    Ok(Copied::All(read))
 }
 
 /// Moves exactly `len` bytes `from` → `to` through a pipe, unless `from` ends first; returns
@@ -313,6 +418,56 @@ mod tests {
         let relayed = relay.await.expect("joins");
         assert!(relayed.error.is_none(), "{:?}", relayed.error);
         assert_eq!((relayed.bytes_up, relayed.bytes_down), (14, 1 << 20));
+    }
+
+    #[tokio::test]
+    async fn a_small_chunk_is_copied_and_a_full_buffer_is_read_as_one_chunk() {
+        let (mut pod, client) = pair().await;
+        let (upstream, mut server) = pair().await;
+        let (total, activity) = (AtomicU64::new(0), Activity::new());
+        pod.write_all(b"hello").await.expect("write");
+        let moved = copy_some(&client, &upstream, &total, &activity, Side::Client).await;
+        assert_eq!(moved.expect("copied"), 5);
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"hello");
+        // More than the buffer waiting: one full chunk, which is what switches to splice.
+        pod.write_all(&[3u8; COPY_CHUNK * 2]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let moved = copy_some(&client, &upstream, &total, &activity, Side::Client).await;
+        assert_eq!(moved.expect("copied"), COPY_CHUNK);
+        assert_eq!(total.load(Ordering::Relaxed), 5 + COPY_CHUNK as u64);
+    }
+
+    #[tokio::test]
+    async fn what_the_destination_cannot_take_yet_waits_and_arrives_in_order() {
+        let (mut pod, client) = pair().await;
+        let (upstream, mut server) = pair().await;
+        socket2::SockRef::from(&upstream)
+            .set_send_buffer_size(4096)
+            .expect("sndbuf");
+        // The server reads nothing yet: fill what the kernel holds for it.
+        let mut queued = 0;
+        loop {
+            match upstream.try_write(&[1u8; 65536]) {
+                Ok(n) => queued += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("fill: {e}"),
+            }
+        }
+        pod.write_all(&[2u8; 4096]).await.expect("write");
+        let (total, activity) = (AtomicU64::new(0), Activity::new());
+        let copy = copy_some(&client, &upstream, &total, &activity, Side::Client);
+        let read = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut got = vec![0u8; queued + 4096];
+            server.read_exact(&mut got).await.expect("read");
+            got
+        };
+        let (moved, got) = tokio::join!(copy, read);
+        assert_eq!(moved.expect("copied"), 4096);
+        assert!(got[..queued].iter().all(|&b| b == 1));
+        assert!(got[queued..].iter().all(|&b| b == 2));
     }
 
     #[tokio::test]

@@ -111,8 +111,8 @@ impl Placement {
         let cpus = crate::cpus();
         let (load_cpu, proxy_cpu) = if cpus >= 2 { (0, 1) } else { (0, 0) };
         let text = format!(
-            "CPU {proxy_cpu}: the proxy under test (every egressgate thread via `taskset -a`, with one runtime \
-             worker: `TOKIO_WORKER_THREADS=1`; HAProxy nbthread 1; \
+            "CPU {proxy_cpu}: the proxy under test (every egressgate thread via `taskset -a`, with one \
+             worker: `listen.workers: 1`; HAProxy nbthread 1; \
              nginx one worker). CPU {load_cpu}: the load generator, the upstream server (TCP/TLS/DNS), dnsperf and \
              the harness. The direct path's forwarding runs in softirq on the sending CPU, i.e. CPU {load_cpu}; \
              a proxy's own work runs on CPU {proxy_cpu}."
@@ -388,23 +388,36 @@ fn policy() -> String {
 }
 
 impl Env {
-    pub fn start(wanted: &[PathKind], peers: Peers) -> Result<Env, Error> {
+    /// The lab with egressgate running `workers` workers (see `Settings::workers`).
+    pub fn start(wanted: &[PathKind], peers: Peers, workers: usize) -> Result<Env, Error> {
         let mut placement = Placement::detect();
+        let gateway_cpus = if workers >= 2 {
+            let cpus = workers.min(crate::cpus());
+            placement.text.push_str(&format!(
+                " Scaling run: egressgate runs {workers} workers on CPUs 0-{} (the load's CPU \
+                 included), HAProxy and nginx as above.",
+                cpus - 1
+            ));
+            format!("0-{}", cpus - 1)
+        } else {
+            placement.proxy_cpu.to_string()
+        };
         let cpu_awake = CpuAwake::hold();
         placement.text.push(' ');
         placement.text.push_str(&cpu_awake.describe());
         let exe = std::env::current_exe()?;
         let options = GatewayOptions {
             interfaces: vec!["egpb".to_owned()],
-            // It is pinned to one CPU after it starts: one runtime worker, as tokio would choose
-            // by itself for a process started on one CPU (two workers would take turns on it).
+            // It is pinned after it starts, so it cannot count its CPUs itself. A binary from
+            // before `listen.workers` sizes its runtime from this instead.
+            workers: (workers > 0).then_some(workers),
             env: vec![("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())],
             ..GatewayOptions::default()
         }
         .policy("loadtest.yaml", &policy());
         progress("starting the lab (4 pods, node with egressgate, upstream)");
         let (lab, server, certs) = served_lab(4, options, placement.load_cpu)?;
-        pin(lab.gateway().daemon().pid(), placement.proxy_cpu)?;
+        pin(lab.gateway().daemon().pid(), &gateway_cpus)?;
         let mut env = Env {
             haproxy: None,
             nginx: None,
@@ -752,9 +765,10 @@ fn tune(ns: &Netns) -> Result<(), Error> {
 }
 
 /// Pins every thread of `pid` to `cpu`.
-pub fn pin(pid: u32, cpu: usize) -> Result<(), Error> {
+/// Pins every thread of `pid` to `cpus` (a `taskset -c` list).
+pub fn pin(pid: u32, cpus: &str) -> Result<(), Error> {
     let out = Command::new("taskset")
-        .args(["-a", "-pc", &cpu.to_string(), &pid.to_string()])
+        .args(["-a", "-pc", cpus, &pid.to_string()])
         .stdout(Stdio::null())
         .output()?;
     if !out.status.success() {

@@ -69,6 +69,8 @@ impl HttpLab {
         let exe = std::env::current_exe()?;
         let options = GatewayOptions {
             interfaces: vec!["egpb".to_owned()],
+            // Pinned to one CPU after it starts, so it cannot count its CPUs itself.
+            workers: Some(1),
             env: vec![("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())],
             ..GatewayOptions::default()
         }
@@ -102,17 +104,26 @@ impl HttpLab {
         if let Some((_, mut old)) = self.gateway.take() {
             old.daemon_mut().stop();
         }
-        let bin = match (&self.base_bin, variant) {
-            (Some(base), BASE) => base.clone(),
-            _ => egressgate_lab::gateway::egressgate_bin()?,
+        let (bin, options) = match (&self.base_bin, variant) {
+            // From before `listen.workers`: TOKIO_WORKER_THREADS sizes it.
+            (Some(base), BASE) => (
+                base.clone(),
+                GatewayOptions {
+                    workers: None,
+                    ..self.options.clone()
+                },
+            ),
+            _ => (
+                egressgate_lab::gateway::egressgate_bin()?,
+                self.options.clone(),
+            ),
         };
         // A state directory per variant: the builds need not share a journal format.
         let state = self.lab.dir().join(format!("state-{variant}"));
         let config = self.lab.dir().join(format!("gateway-{variant}.yaml"));
         std::fs::write(
             &config,
-            self.options
-                .config_yaml(&self.lab.policy_dir(), &self.lab.identity_file(), &state)?,
+            options.config_yaml(&self.lab.policy_dir(), &self.lab.identity_file(), &state)?,
         )?;
         self.started += 1;
         let gateway = Gateway::start_named(
@@ -124,7 +135,7 @@ impl HttpLab {
             &format!("egressgate-{variant}-{}", self.started),
         )?;
         let pid = gateway.daemon().pid();
-        env::pin(pid, self.placement.proxy_cpu)?;
+        env::pin(pid, &self.placement.proxy_cpu.to_string())?;
         self.gateway = Some((variant.to_owned(), gateway));
         let out = self.lab.pod("b").run_with(
             &["dig", "+short", "+time=2", "+tries=3", addr::API],

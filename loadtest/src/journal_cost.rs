@@ -60,6 +60,8 @@ impl JournalLab {
         let exe = std::env::current_exe()?;
         let options = GatewayOptions {
             interfaces: vec!["egpb".to_owned()],
+            // Pinned to one CPU after it starts, so it cannot count its CPUs itself.
+            workers: Some(1),
             env: vec![("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())],
             ..GatewayOptions::default()
         };
@@ -106,8 +108,9 @@ impl JournalLab {
                 .config_yaml(&self.lab.policy_dir(), &self.lab.identity_file(), &state)?;
         let bin = match (&self.base_bin, variant) {
             (Some(base), BASE) => {
-                // Its config knows no `state` (and rejects unknown keys).
+                // Its config knows no `state` nor `listen.workers` (and rejects unknown keys).
                 text = text.replace(&format!("state:\n  dir: {}\n", state.display()), "");
+                text = text.replace("  workers: 1\n", "");
                 base.clone()
             }
             _ => egressgate_lab::gateway::egressgate_bin()?,
@@ -123,7 +126,7 @@ impl JournalLab {
             &format!("egressgate-{variant}-{}", self.started),
         )?;
         let pid = gateway.daemon().pid();
-        env::pin(pid, self.placement.proxy_cpu)?;
+        env::pin(pid, &self.placement.proxy_cpu.to_string())?;
         if variant == "in-memory" {
             // The warning is logged at start; give stderr a moment.
             std::thread::sleep(Duration::from_millis(200));

@@ -152,6 +152,11 @@ struct Cli {
     /// Concurrent clients of conn_rate (default 32).
     #[arg(long)]
     conn_concurrency: Option<usize>,
+    /// egressgate's `listen.workers` (default 1). With 2 or more the gateway runs on that many
+    /// CPUs, the load's included (the scaling runs); 0 leaves the key out, for an
+    /// `EGRESSGATE_BIN` from before it.
+    #[arg(long)]
+    workers: Option<usize>,
     /// Where the JSON results go (default loadtest/results; smoke: a temporary directory).
     #[arg(long)]
     results: Option<PathBuf>,
@@ -275,6 +280,9 @@ fn harness(cli: Cli) -> Result<(), Error> {
     if let Some(seconds) = cli.soak_seconds {
         settings.soak.seconds = seconds.max(1.0);
     }
+    if let Some(workers) = cli.workers {
+        settings.workers = workers;
+    }
     if let Some(c) = cli.conn_concurrency {
         settings.conn_concurrency = c.max(1);
     }
@@ -300,7 +308,7 @@ fn harness(cli: Cli) -> Result<(), Error> {
     }
     let env = if names.iter().any(|n| scenarios::needs_lab(n)) {
         let peers = Peers::find(!cli.no_install);
-        Some(Env::start(&wanted, peers)?)
+        Some(Env::start(&wanted, peers, settings.workers)?)
     } else {
         None
     };

@@ -80,6 +80,9 @@ pub struct Settings {
     /// An egressgate binary from before the per-request HTTP relay, for `http_keepalive` and
     /// `http_bulk`.
     pub http_base_bin: Option<std::path::PathBuf>,
+    /// egressgate's `listen.workers` (0: the key left out, for binaries from before it). With 2
+    /// or more the gateway gets as many CPUs, the load's included: the scaling runs.
+    pub workers: usize,
     pub smoke: bool,
 }
 
@@ -90,6 +93,7 @@ impl Settings {
             seconds: 3.0,
             bulk_max_bytes: 64 << 30,
             conn_concurrency: 32,
+            workers: 1,
             memory_counts: vec![10_000, 50_000],
             memory_rounds: 2,
             dns_names: 5_000,
@@ -111,6 +115,7 @@ impl Settings {
             seconds: 0.3,
             bulk_max_bytes: 64 << 20,
             conn_concurrency: 4,
+            workers: 1,
             memory_counts: vec![200],
             memory_rounds: 1,
             dns_names: 100,
@@ -132,6 +137,7 @@ impl Settings {
             ("sample_seconds", json!(self.seconds)),
             ("bulk_max_bytes", json!(self.bulk_max_bytes)),
             ("conn_concurrency", json!(self.conn_concurrency)),
+            ("workers", json!(self.workers)),
             ("memory_counts", json!(self.memory_counts)),
             ("memory_rounds", json!(self.memory_rounds)),
             ("dns_names", json!(self.dns_names)),
