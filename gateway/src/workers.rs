@@ -37,7 +37,12 @@ impl Workers {
     pub(crate) fn start(count: NonZeroUsize) -> io::Result<Self> {
         let mut workers = Vec::with_capacity(count.get());
         for index in 0..count.get() {
-            let runtime = Builder::new_current_thread().enable_all().build()?;
+            // No signal or process driver: pod traffic needs neither, and each would be
+            // checked on every park.
+            let runtime = Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()?;
             let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new()
