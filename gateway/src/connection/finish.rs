@@ -21,9 +21,9 @@ pub fn finish(
     cx: &Context<'_>,
     outcome: &Result<Granted, Stop>,
     verdict: Verdict,
+    elapsed: std::time::Duration,
     metrics: &Metrics,
 ) {
-    let elapsed = cx.accepted.elapsed();
     let mut line = decision_line(cx, outcome, verdict);
     line.decision_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
 

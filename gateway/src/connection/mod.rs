@@ -57,6 +57,13 @@ use reader::PeekReader;
 use stop::Stop;
 use upstream::{Dial, TcpDial};
 
+/// The upstream connection of an allowed connection, once the verdict is known.
+enum Started {
+    /// Opened by the peek stage (the PostgreSQL SSLRequest negotiation).
+    Open(TcpStream),
+    Connecting(upstream::Connecting),
+}
+
 /// Shared by every connection.
 #[derive(Debug)]
 pub struct Proxy {
@@ -190,16 +197,26 @@ impl Proxy {
             self.store.current()
         };
         let mut cx = Context::new(id, accepted, source, destination);
-        let verdict = self
+        let (verdict, outcome) = self
             .examine(&mut cx, &snapshot, admitted, &mut streams)
             .await;
+        let decided = accepted.elapsed();
         if verdict == Verdict::Deny {
+            finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
             reset(streams.client);
             return None;
         }
-        let dialled = match streams.upstream.take() {
-            Some(upstream) => Ok(upstream),
-            None => TcpDial.dial(destination).await,
+        // The connect starts before the decision line is written, so the line's formatting
+        // overlaps the upstream handshake instead of delaying its SYN.
+        let started = match streams.upstream.take() {
+            Some(upstream) => Ok(Started::Open(upstream)),
+            None => TcpDial::start(destination).map(Started::Connecting),
+        };
+        finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
+        let dialled = match started {
+            Ok(Started::Open(upstream)) => Ok(upstream),
+            Ok(Started::Connecting(connecting)) => connecting.connected().await,
+            Err(e) => Err(e),
         };
         let mut upstream = match dialled {
             Ok(upstream) => upstream,
@@ -234,24 +251,22 @@ impl Proxy {
         })
     }
 
-    /// Everything up to the verdict, which it returns after printing the decision line. `cx`
-    /// arrives empty and from here borrows `snapshot`.
+    /// Everything up to the verdict, which it returns with the outcome it came from (for the
+    /// decision line). `cx` arrives empty and from here borrows `snapshot`.
     async fn examine<'s>(
         &self,
         cx: &mut Context<'s>,
         snapshot: &'s Snapshot,
         admitted: bool,
         streams: &mut Streams<TcpStream, TcpStream>,
-    ) -> Verdict {
+    ) -> (Verdict, Result<Granted, Stop>) {
         let outcome = if admitted {
             self.decide(cx, snapshot, streams, &TcpDial).await
         } else {
             cx.pod = stages::identify(&snapshot.identities, cx.client).ok();
             Err(Stop::new(Limit::ConnectionLimit))
         };
-        let verdict = self.verdict(cx, &outcome);
-        finish::finish(cx, &outcome, verdict, &self.metrics);
-        verdict
+        (self.verdict(cx, &outcome), outcome)
     }
 
     /// The policies and identities to decide with, once they know the client's address or
@@ -318,7 +333,7 @@ impl Proxy {
             Err(stop) => {
                 let outcome = Err(stop);
                 let verdict = self.verdict(cx, &outcome);
-                finish::finish(cx, &outcome, verdict, &self.metrics);
+                finish::finish(cx, &outcome, verdict, cx.accepted.elapsed(), &self.metrics);
                 (verdict != Verdict::Deny).then(retry::Moved::default)
             }
         }
@@ -435,7 +450,7 @@ impl Proxy {
         *allowed = None;
         let outcome = Err(stop);
         let verdict = self.verdict(&cx, &outcome);
-        finish::finish(&cx, &outcome, verdict, &self.metrics);
+        finish::finish(&cx, &outcome, verdict, cx.accepted.elapsed(), &self.metrics);
         count(verdict);
         match verdict {
             Verdict::Deny => Next::Stop,

@@ -40,7 +40,7 @@ impl Decider {
         cx.protocol = Some(Protocol::Udp);
         let outcome = flow_stages(&mut cx, &snapshot, &self.table);
         let verdict = self.verdict(&cx, &outcome);
-        finish::finish(&cx, &outcome, verdict, &self.metrics);
+        finish::finish(&cx, &outcome, verdict, accepted.elapsed(), &self.metrics);
         self.metrics
             .udp_flows
             .with_label_values(&[verdict.as_str()])
