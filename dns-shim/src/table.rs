@@ -474,11 +474,17 @@ impl NameTable {
     }
 
     /// Moves the total by what a shard went from `before` to `after`, under that shard's lock.
+    /// Nothing when they are equal (a refresh, the common record): an atomic add would still
+    /// take the shared line exclusive.
     fn count(&self, before: usize, after: usize) {
-        if after >= before {
-            self.len.fetch_add(after - before, Ordering::Relaxed);
-        } else {
-            self.len.fetch_sub(before - after, Ordering::Relaxed);
+        match after.cmp(&before) {
+            std::cmp::Ordering::Greater => {
+                self.len.fetch_add(after - before, Ordering::Relaxed);
+            }
+            std::cmp::Ordering::Less => {
+                self.len.fetch_sub(before - after, Ordering::Relaxed);
+            }
+            std::cmp::Ordering::Equal => {}
         }
     }
 }
