@@ -491,12 +491,14 @@ impl NameTable {
 
 /// How many entries of `pod`'s answer for `name` (one per distinct address) the shard holds:
 /// the newest of its order, since recording made each the newest and nothing since added any.
+/// Sorted to drop repeats: an answer may carry thousands of addresses.
 fn kept_of_answer(inner: &Inner, pod: PodIp, addresses: &[IpAddr], name: &DnsName) -> usize {
-    addresses
-        .iter()
-        .enumerate()
-        .filter(|&(at, dst)| !addresses[..at].contains(dst))
-        .filter(|&(_, &dst)| {
+    let mut distinct = addresses.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    distinct
+        .into_iter()
+        .filter(|&dst| {
             inner
                 .routes
                 .get(&Route {
