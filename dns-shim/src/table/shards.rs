@@ -45,7 +45,7 @@ pub(super) struct Inner {
 /// The shard of `pod`. Pod addresses come in runs (a node's pod CIDR hands them out in order),
 /// so a Fibonacci multiply folds every bit of the address into the top bits it keeps, rather
 /// than taking the low bits as they are. Not seeded: a pod does not choose its address, and an
-/// uneven spread would cost only some contention.
+/// uneven spread would cost only some contention and crowd some pods' evictions.
 pub(super) fn shard_index(pod: PodIp) -> usize {
     let bits = match pod.0 {
         IpAddr::V4(v4) => u64::from(v4.to_bits()),
