@@ -1,34 +1,51 @@
 //! The per-pod name table: which names a pod resolved to which address, recorded before the pod
 //! sees the answer, read by the gateway for every new connection.
 //!
-//! Design: one `RwLock` over a map keyed by (pod, destination address) whose slot holds the
-//! entries themselves, with room inline for one entry (most addresses carry one name) and, in
-//! the entry, for a name of up to [`DnsName::INLINE`] bytes (most names). In a table of a million
-//! names every probe misses the cache, so a lookup costs what it touches: the hash probe and
-//! that slot. [`NameTable::lookup_each`] lends the names out under the read lock, so the hot
-//! path neither allocates nor touches a reference count. `touch` renews an entry through an
-//! atomic under the read lock; only `record` and `purge_expired` write. Oldest-first eviction follows [`order`]: linked
-//! lists in a slab, O(1) to keep in order and to pick a victim from.
+//! Design: the table is split by pod into [`shards`] (32), each one `RwLock` over a map keyed by
+//! (pod, destination address), so that workers recording answers for some pods do not hold up
+//! lookups and records of the others. A map slot holds the entries themselves, with room inline
+//! for one entry (most addresses carry one name) and, in the entry, for a name of up to
+//! [`DnsName::INLINE`] bytes (most names). In a table of a million names every probe misses the
+//! cache, so a lookup costs what it touches: a multiply to pick the shard, the hash probe and
+//! that slot. [`NameTable::lookup_each`] lends the names out under the shard's read lock, so the
+//! hot path neither allocates nor touches a reference count. `touch` renews an entry through an
+//! atomic under the read lock; only `record`, `restore`, `forget_pod` and `purge_expired`
+//! write. Oldest-first eviction follows each shard's [`order`]: linked lists in a slab, O(1) to
+//! keep in order and to pick a victim from.
 //!
 //! An entry is keyed by (pod, destination address, name); its count is what the limits and the
-//! `len` gauge measure. A pod's entries live under that pod's key only, so no lookup can reach
-//! another pod's names.
+//! `len` gauge measure. A pod's entries live under that pod's key only, all in one shard, so no
+//! lookup can reach another pod's names.
+//!
+//! Limits, when a record goes over them (expired entries go first and are not evictions):
+//! - `max_names_per_pod`: the pod's own oldest entries go.
+//! - `max_names`, the table's exact total: oldest first *within the shard of the pod recording*.
+//!   That shard's expired entries are swept (at most once a second), then its oldest entries
+//!   go, whichever pods they belong to, but never the ones this record just wrote. If the shard
+//!   holds nothing else, the next shards in turn give up their oldest; only when the table holds
+//!   nothing but this record (an answer larger than the limit) does it lose its own oldest. So a
+//!   full table evicts among the few pods sharing the recorder's shard rather than the oldest
+//!   entries on the node. Each step holds one shard's lock at a time, so two workers never wait
+//!   on each other in a cycle; workers recording at the same moment may each go over the limit
+//!   by their answer until they have evicted, and at rest the table holds at most `max_names`.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use egressgate_policy::DnsName;
 use prometheus::IntCounter;
 
 use crate::answer::Answer;
-use names::Names;
-use order::{NodeId, Order, Route};
+use order::{NodeId, Route};
+use shards::{shard_index, Inner, Shards, SHARDS};
 
 mod keys;
 mod names;
 mod order;
 mod saved;
+mod shards;
 
 pub use keys::{DestIp, PodIp};
 pub use saved::{ExportedName, Restored, SavedName, SavedTouch};
@@ -68,7 +85,9 @@ pub struct RecordLife<'a> {
 #[derive(Debug)]
 pub struct NameTable {
     limits: TableLimits,
-    inner: RwLock<Inner>,
+    shards: Shards,
+    /// Entries in all shards: each shard adds what it gains and takes off what it loses under
+    /// its own lock, so the count is exact whenever no record is half-done.
     len: AtomicUsize,
     evictions: IntCounter,
     /// Uses of entries not yet saved, when the table is persisted ([`NameTable::log_touches`]).
@@ -94,18 +113,6 @@ const MAX_UNSAVED_TOUCHES: usize = 65_536;
 /// (a slightly shorter idle grace).
 const TOUCH_SAVE_STEP_NS: u64 = 1_000_000_000;
 
-#[derive(Debug, Default)]
-struct Inner {
-    /// foldhash rather than SipHash (with the policy name index, a fifth off the decision
-    /// benchmark's p99). Keys carry addresses from DNS answers, which a pod's own zone can
-    /// choose; foldhash's per-map random seed and the per-pod limit keep that from degrading
-    /// the map.
-    routes: foldhash::HashMap<Route, Names>,
-    order: Order,
-    /// When expired entries were last swept to make room under the global limit.
-    last_sweep: Option<Instant>,
-}
-
 #[derive(Debug)]
 struct Entry {
     /// Inline when short (most names), else shared by the entries of one answer.
@@ -122,11 +129,12 @@ struct Entry {
     node: NodeId,
 }
 
-/// Sweeping the whole table for expired entries when it is full is O(n); once a second is
-/// enough, since entries only expire as time passes. In between, the oldest are evicted.
+/// Sweeping a shard for expired entries when the table is full is O(n); once a second per shard
+/// is enough, since entries only expire as time passes. In between, the oldest are evicted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// `max_names` is clamped to this: the order's node ids are 32 bits.
+/// `max_names` is clamped to this: each shard's order has 32-bit node ids, and no shard holds
+/// more than the whole table (plus what workers recording at once add before they evict).
 const MAX_ENTRIES: usize = 1 << 31;
 
 // === impl NameTable ===
@@ -142,7 +150,7 @@ impl NameTable {
         .unwrap_or_else(|_| unreachable!("static metric options are valid"));
         NameTable {
             limits,
-            inner: RwLock::new(Inner::default()),
+            shards: Shards::new(),
             len: AtomicUsize::new(0),
             evictions,
             touches: None,
@@ -179,8 +187,10 @@ impl NameTable {
                 .collect()
         });
 
-        let mut guard = self.write();
+        let home = shard_index(pod);
+        let mut guard = self.shards.at(home).write();
         let inner = &mut *guard;
+        let before = inner.order.len();
         for &dst in &answer.addresses {
             let route = Route {
                 pod,
@@ -208,8 +218,12 @@ impl NameTable {
                 }),
             }
         }
-        self.enforce_limits(inner, pod, now);
-        self.len.store(inner.order.len(), Ordering::Relaxed);
+        self.enforce_pod_limit(inner, pod, now);
+        self.count(before, inner.order.len());
+        if self.over_limit() {
+            let kept = kept_of_answer(inner, pod, &answer.addresses, name);
+            self.enforce_table_limit(home, guard, kept, now);
+        }
         ttl
     }
 
@@ -223,7 +237,7 @@ impl NameTable {
         now: Instant,
         mut visit: impl FnMut(&DnsName, &[Arc<str>]),
     ) {
-        let inner = self.read();
+        let inner = self.shards.of(pod).read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
             return;
         };
@@ -241,7 +255,7 @@ impl NameTable {
         now: Instant,
         mut visit: impl FnMut(RecordLife<'_>),
     ) {
-        let inner = self.read();
+        let inner = self.shards.of(pod).read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
             return;
         };
@@ -277,7 +291,7 @@ impl NameTable {
         max: usize,
         mut visit: impl FnMut(&DnsName, &[Arc<str>]),
     ) -> usize {
-        let inner = self.read();
+        let inner = self.shards.of(pod).read();
         let Some(entries) = inner.routes.get(&Route { pod, dst }) else {
             return 0;
         };
@@ -291,7 +305,7 @@ impl NameTable {
     /// Whether `pod` resolved `name` to `dst` and the record is live: one hash probe for the
     /// route, one for the name.
     pub fn is_resolved(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) -> bool {
-        let inner = self.read();
+        let inner = self.shards.of(pod).read();
         inner
             .routes
             .get(&Route { pod, dst })
@@ -314,7 +328,7 @@ impl NameTable {
     /// A connection was allowed through this record: extends its idle grace. False when the
     /// pod holds no live record of the name (nothing is extended).
     pub fn touch(&self, pod: PodIp, dst: DestIp, name: &DnsName, now: Instant) -> bool {
-        let inner = self.read();
+        let inner = self.shards.of(pod).read();
         let entry = inner
             .routes
             .get(&Route { pod, dst })
@@ -347,11 +361,16 @@ impl NameTable {
         }
     }
 
-    /// Drops every entry no longer live at `now`; returns how many.
+    /// Drops every entry no longer live at `now`; returns how many. Shard by shard, so
+    /// recording waits for at most one shard's sweep.
     pub fn purge_expired(&self, now: Instant) -> usize {
-        let mut inner = self.write();
-        let removed = self.sweep(&mut inner, now);
-        self.len.store(inner.order.len(), Ordering::Relaxed);
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut inner = shard.write();
+            let swept = inner.sweep(now, &self.limits);
+            self.len.fetch_sub(swept, Ordering::Relaxed);
+            removed += swept;
+        }
         removed
     }
 
@@ -374,92 +393,121 @@ impl NameTable {
         &self.evictions
     }
 
-    /// Over a limit, expired entries go first (not counted as evictions), then the oldest.
-    fn enforce_limits(&self, inner: &mut Inner, pod: PodIp, now: Instant) {
-        if inner.order.len_of(pod) > self.limits.max_names_per_pod {
-            for node in inner.order.nodes_of(pod) {
-                if !inner
-                    .entry(node)
-                    .is_some_and(|e| e.is_live(now, &self.limits))
-                {
-                    inner.remove(node);
-                }
-            }
-            while inner.order.len_of(pod) > self.limits.max_names_per_pod {
-                let Some(node) = inner.order.oldest_of(pod) else {
-                    break;
-                };
-                inner.remove(node);
-                self.evictions.inc();
-            }
+    /// Over the per-pod limit, the pod's expired entries go first (not counted as evictions),
+    /// then its oldest.
+    fn enforce_pod_limit(&self, inner: &mut Inner, pod: PodIp, now: Instant) {
+        if inner.order.len_of(pod) <= self.limits.max_names_per_pod {
+            return;
         }
-        if inner.order.len() > self.limits.max_names {
-            if inner
-                .last_sweep
-                .is_none_or(|last| now.saturating_duration_since(last) >= SWEEP_INTERVAL)
+        for node in inner.order.nodes_of(pod) {
+            if !inner
+                .entry(node)
+                .is_some_and(|e| e.is_live(now, &self.limits))
             {
-                self.sweep(inner, now);
-                inner.last_sweep = Some(now);
-            }
-            while inner.order.len() > self.limits.max_names {
-                let Some(node) = inner.order.oldest() else {
-                    break;
-                };
                 inner.remove(node);
-                self.evictions.inc();
             }
+        }
+        while inner.order.len_of(pod) > self.limits.max_names_per_pod {
+            let Some(node) = inner.order.oldest_of(pod) else {
+                break;
+            };
+            inner.remove(node);
+            self.evictions.inc();
         }
     }
 
-    /// Drops every expired entry; returns how many.
-    fn sweep(&self, inner: &mut Inner, now: Instant) -> usize {
-        let Inner { routes, order, .. } = inner;
-        let before = order.len();
-        routes.retain(|_, entries| {
-            entries.retain(|e| {
-                let live = e.is_live(now, &self.limits);
-                if !live {
-                    order.remove(e.node);
-                }
-                live
-            });
-            !entries.is_empty()
-        });
-        before - order.len()
+    /// Over the table's limit: the steps in the module docs. `home` is the recording pod's shard,
+    /// still locked, whose newest `kept` entries are the record's own. One shard is locked at a
+    /// time, and each is visited once, so this ends even while other workers record.
+    fn enforce_table_limit(
+        &self,
+        home: usize,
+        mut inner: RwLockWriteGuard<'_, Inner>,
+        kept: usize,
+        now: Instant,
+    ) {
+        self.sweep_if_due(&mut inner, now);
+        while self.over_limit() && inner.order.len() > kept {
+            self.evict_oldest(&mut inner);
+        }
+        drop(inner);
+        for step in 1..SHARDS {
+            if !self.over_limit() {
+                return;
+            }
+            let mut inner = self.shards.at(home + step).write();
+            self.sweep_if_due(&mut inner, now);
+            while self.over_limit() && self.evict_oldest(&mut inner) {}
+        }
+        if self.over_limit() {
+            // Nothing else is left: the answer alone is larger than the limit.
+            let mut inner = self.shards.at(home).write();
+            while self.over_limit() && self.evict_oldest(&mut inner) {}
+        }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        // A panic elsewhere while writing leaves indexes that are still memory-safe; serving
-        // stale names beats taking the node's egress down.
-        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    fn over_limit(&self) -> bool {
+        self.len() > self.limits.max_names
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    /// Drops the shard's expired entries, at most once per [`SWEEP_INTERVAL`].
+    fn sweep_if_due(&self, inner: &mut Inner, now: Instant) {
+        let due = inner
+            .last_sweep
+            .is_none_or(|last| now.saturating_duration_since(last) >= SWEEP_INTERVAL);
+        if due {
+            let swept = inner.sweep(now, &self.limits);
+            self.len.fetch_sub(swept, Ordering::Relaxed);
+            inner.last_sweep = Some(now);
+        }
+    }
+
+    /// Evicts the shard's oldest entry; false when it has none.
+    fn evict_oldest(&self, inner: &mut Inner) -> bool {
+        let Some(node) = inner.order.oldest() else {
+            return false;
+        };
+        inner.remove(node);
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.evictions.inc();
+        true
+    }
+
+    /// Moves the total by what a shard went from `before` to `after`, under that shard's lock.
+    /// Nothing when they are equal (a refresh, the common record): an atomic add would still
+    /// take the shared line exclusive.
+    fn count(&self, before: usize, after: usize) {
+        match after.cmp(&before) {
+            std::cmp::Ordering::Greater => {
+                self.len.fetch_add(after - before, Ordering::Relaxed);
+            }
+            std::cmp::Ordering::Less => {
+                self.len.fetch_sub(before - after, Ordering::Relaxed);
+            }
+            std::cmp::Ordering::Equal => {}
+        }
     }
 }
 
-// === impl Inner ===
-
-impl Inner {
-    /// The entry of an ordered node (every node has one).
-    fn entry(&self, node: NodeId) -> Option<&Entry> {
-        let route = self.order.route(node);
-        self.routes
-            .get(&route)
-            .and_then(|entries| entries.iter().find(|e| e.node == node))
-    }
-
-    /// Removes the entry of `node` from the routes and the order.
-    fn remove(&mut self, node: NodeId) {
-        let route = self.order.remove(node);
-        if let Some(entries) = self.routes.get_mut(&route) {
-            entries.retain(|e| e.node != node);
-            if entries.is_empty() {
-                self.routes.remove(&route);
-            }
-        }
-    }
+/// How many entries of `pod`'s answer for `name` (one per distinct address) the shard holds:
+/// the newest of its order, since recording made each the newest and nothing since added any.
+/// Sorted to drop repeats: an answer may carry thousands of addresses.
+fn kept_of_answer(inner: &Inner, pod: PodIp, addresses: &[IpAddr], name: &DnsName) -> usize {
+    let mut distinct = addresses.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    distinct
+        .into_iter()
+        .filter(|&dst| {
+            inner
+                .routes
+                .get(&Route {
+                    pod,
+                    dst: DestIp(dst),
+                })
+                .is_some_and(|entries| entries.find(name).is_some())
+        })
+        .count()
 }
 
 // === impl Entry ===

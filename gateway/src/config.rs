@@ -332,7 +332,8 @@ pub struct Dns {
     /// Most (destination, name) records kept per pod; the oldest is evicted first.
     #[serde(default = "Dns::default_max_names_per_pod")]
     pub max_names_per_pod: usize,
-    /// Most records kept in all; the oldest is evicted first.
+    /// Most records kept in all; past it, the oldest among the pods sharing the recording pod's
+    /// shard of the table (1 of 32) are evicted first.
     #[serde(default = "Dns::default_max_names")]
     pub max_names: usize,
 }

@@ -1,9 +1,11 @@
-//! The name table: `lookup` in a table of 1M names (1k pods × 1k names), `lookup` when one
-//! address carries many names (a CDN), and `record` (refreshing an existing name, and adding new
-//! ones at the per-pod limit, which evicts).
+//! The name table: `lookup` in a table of 1M names (1k pods × 1k names), alone and while another
+//! thread keeps recording answers (as a DNS worker does beside the connection workers), `lookup`
+//! when one address carries many names (a CDN), and `record` (refreshing an existing name, and
+//! adding new ones at the per-pod limit, which evicts).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -57,6 +59,28 @@ fn name_table(c: &mut Criterion) {
     group.bench_function("lookup_miss_1M_names", |b| {
         let miss = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 99));
         b.iter(|| black_box(big.lookup(PodIp(pod_ip(3)), DestIp(black_box(miss)), now)))
+    });
+    group.bench_function("lookup_1M_names_while_recording", |b| {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // Re-resolutions of every pod's names in turn, as long as the measurement runs.
+            scope.spawn(|| {
+                let mut k = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    k = k.wrapping_add(104_729);
+                    let (i, n) = (k % PODS, (k / PODS) % NAMES_PER_POD);
+                    let a = answer(format!("h{n}.p{i}.corp.test"), dst_ip(n));
+                    big.record(PodIp(pod_ip(i)), &a, now);
+                }
+            });
+            let mut k = 0usize;
+            b.iter(|| {
+                k = k.wrapping_add(7919);
+                let (i, n) = (k % PODS, (k / PODS) % NAMES_PER_POD);
+                black_box(big.lookup(PodIp(pod_ip(i)), DestIp(dst_ip(n)), now))
+            });
+            stop.store(true, Ordering::Relaxed);
+        });
     });
     group.bench_function("record_refresh_1M_names", |b| {
         let a = answer("h5.p3.corp.test".to_owned(), dst_ip(5));

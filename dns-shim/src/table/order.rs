@@ -1,9 +1,7 @@
-//! Oldest-first order of the name table's entries, for eviction: a slab of nodes, each threaded
-//! on two doubly-linked lists, the table's and its pod's. Adding, renewing (moving to the
-//! back) and removing are O(1) and never leave stale records behind, so no operation ever has
-//! to scan or compact, whatever the table's size.
-
-use std::collections::HashMap;
+//! Oldest-first order of one shard's entries, for eviction: a slab of nodes, each threaded on
+//! two doubly-linked lists, the shard's and its pod's. Adding, renewing (moving to the back)
+//! and removing are O(1) and never leave stale records behind, so no operation ever has to scan
+//! or compact, whatever the shard's size.
 
 use super::keys::{DestIp, PodIp};
 
@@ -25,14 +23,16 @@ pub(super) struct Order {
     nodes: Vec<Node>,
     /// Slots of removed nodes, reused before the slab grows.
     free: Vec<NodeId>,
-    table: List,
-    pods: HashMap<PodIp, List>,
+    shard: List,
+    /// foldhash rather than SipHash: three probes per record (the pod's count, unlink, link),
+    /// SipHash was a third of a refresh's instructions. A pod does not choose its address.
+    pods: foldhash::HashMap<PodIp, List>,
 }
 
 #[derive(Debug)]
 struct Node {
     route: Route,
-    table: Links,
+    shard: Links,
     pod: Links,
 }
 
@@ -52,7 +52,7 @@ struct List {
 /// Which of a node's two lists an operation walks.
 #[derive(Debug, Clone, Copy)]
 enum Chain {
-    Table,
+    Shard,
     Pod,
 }
 
@@ -74,11 +74,11 @@ const UNLINKED: Links = Links {
 // === impl Order ===
 
 impl Order {
-    /// Appends a node for `route` as the newest, in the table and in its pod.
+    /// Appends a node for `route` as the newest, in the shard and in its pod.
     pub(super) fn push(&mut self, route: Route) -> NodeId {
         let node = Node {
             route,
-            table: UNLINKED,
+            shard: UNLINKED,
             pod: UNLINKED,
         };
         let id = match self.free.pop() {
@@ -110,9 +110,9 @@ impl Order {
         self.nodes[id as usize].route
     }
 
-    /// The oldest node of the table.
+    /// The oldest node of the shard.
     pub(super) fn oldest(&self) -> Option<NodeId> {
-        (self.table.head != NONE).then_some(self.table.head)
+        (self.shard.head != NONE).then_some(self.shard.head)
     }
 
     /// The oldest node of `pod`.
@@ -129,9 +129,9 @@ impl Order {
         self.pods.get(&pod).map_or(0, |list| list.len)
     }
 
-    /// How many entries the table has.
+    /// How many entries the shard has.
     pub(super) fn len(&self) -> usize {
-        self.table.len
+        self.shard.len
     }
 
     /// `pod`'s nodes, oldest first.
@@ -147,7 +147,7 @@ impl Order {
 
     fn link_back(&mut self, id: NodeId) {
         let pod = self.nodes[id as usize].route.pod;
-        link(&mut self.nodes, id, Chain::Table, &mut self.table);
+        link(&mut self.nodes, id, Chain::Shard, &mut self.shard);
         link(
             &mut self.nodes,
             id,
@@ -158,7 +158,7 @@ impl Order {
 
     fn unlink(&mut self, id: NodeId) {
         let pod = self.nodes[id as usize].route.pod;
-        detach(&mut self.nodes, id, Chain::Table, &mut self.table);
+        detach(&mut self.nodes, id, Chain::Shard, &mut self.shard);
         if let Some(list) = self.pods.get_mut(&pod) {
             detach(&mut self.nodes, id, Chain::Pod, list);
             if list.len == 0 {
@@ -171,7 +171,7 @@ impl Order {
 fn links(nodes: &mut [Node], id: NodeId, chain: Chain) -> &mut Links {
     let node = &mut nodes[id as usize];
     match chain {
-        Chain::Table => &mut node.table,
+        Chain::Shard => &mut node.shard,
         Chain::Pod => &mut node.pod,
     }
 }

@@ -205,19 +205,166 @@ fn per_pod_limit_evicts_that_pods_oldest_first() {
     assert_eq!(table.len(), 3);
 }
 
+/// The first address of 198.18.2.0/24 at or after `.from` whose pod is (or is not, if `same`
+/// is false) in the shard of `of`.
+fn pod_where(of: PodIp, same: bool, from: u8) -> PodIp {
+    (from..=u8::MAX)
+        .map(|last| PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 2, last))))
+        .find(|&pod| pod != of && (shard_index(pod) == shard_index(of)) == same)
+        .expect("256 addresses reach every shard")
+}
+
 #[test]
-fn global_limit_evicts_the_oldest_across_pods() {
+fn global_limit_evicts_the_oldest_of_the_recording_pods_shard() {
+    let table = NameTable::new(TableLimits {
+        max_names: 3,
+        ..limits()
+    });
+    let neighbour = pod_where(POD_A, true, 0);
+    let elsewhere = pod_where(POD_A, false, 0);
+    let t0 = Instant::now();
+    table.record(elsewhere, &answer("oldest.example.test", &[DST], 60), t0);
+    table.record(POD_A, &answer("one.example.test", &[DST], 60), t0 + secs(1));
+    table.record(
+        neighbour,
+        &answer("two.example.test", &[DST], 60),
+        t0 + secs(2),
+    );
+    table.record(
+        neighbour,
+        &answer("three.example.test", &[DST], 60),
+        t0 + secs(3),
+    );
+    let now = t0 + secs(3);
+    assert!(table.lookup(POD_A, DST, now).is_empty());
+    assert_eq!(table.lookup(elsewhere, DST, now).len(), 1, "another shard");
+    assert_eq!(
+        names(&table.lookup(neighbour, DST, now)),
+        ["three.example.test", "two.example.test"]
+    );
+    assert_eq!((table.len(), table.evictions()), (3, 1));
+}
+
+#[test]
+fn a_pod_alone_in_its_shard_takes_room_from_the_next_shards() {
     let table = NameTable::new(TableLimits {
         max_names: 2,
         ..limits()
     });
+    let newcomer = pod_where(POD_A, false, 0);
     let t0 = Instant::now();
     table.record(POD_A, &answer("one.example.test", &[DST], 60), t0);
-    table.record(POD_B, &answer("two.example.test", &[DST], 60), t0);
-    table.record(POD_B, &answer("three.example.test", &[DST], 60), t0);
+    table.record(POD_A, &answer("two.example.test", &[DST], 60), t0);
+    table.record(newcomer, &answer("new.example.test", &[DST], 60), t0);
+    assert_eq!(
+        names(&table.lookup(newcomer, DST, t0)),
+        ["new.example.test"]
+    );
+    assert_eq!(names(&table.lookup(POD_A, DST, t0)), ["two.example.test"]);
+    assert_eq!((table.len(), table.evictions()), (2, 1));
+}
+
+#[test]
+fn an_answer_larger_than_the_limit_keeps_its_newest_addresses() {
+    let table = NameTable::new(TableLimits {
+        max_names: 2,
+        ..limits()
+    });
+    let dst3 = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12)));
+    let t0 = Instant::now();
+    table.record(POD_B, &answer("other.example.test", &[DST], 60), t0);
+    table.record(
+        POD_A,
+        &answer("big.example.test", &[DST, DST2, dst3], 60),
+        t0,
+    );
     assert!(table.lookup(POD_A, DST, t0).is_empty());
-    assert_eq!(table.len(), 2);
-    assert_eq!(table.evictions(), 1);
+    assert_eq!(table.lookup(POD_A, DST2, t0).len(), 1);
+    assert_eq!(table.lookup(POD_A, dst3, t0).len(), 1);
+    assert!(table.lookup(POD_B, DST, t0).is_empty());
+    assert_eq!((table.len(), table.evictions()), (2, 2));
+}
+
+#[test]
+fn pod_addresses_in_runs_spread_evenly_over_the_shards() {
+    // Consecutive, as a node's pod CIDR hands them out, and strided (every 32nd, or one per
+    // /64), where the low bits alone would put them all in one shard.
+    let v4 = |step: u32| -> Vec<IpAddr> {
+        (0..256)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i * step)))
+            .collect()
+    };
+    let v6 = |step: u128| -> Vec<IpAddr> {
+        (0..256)
+            .map(|i| IpAddr::V6(std::net::Ipv6Addr::from((0xfd00 << 112) + i * step)))
+            .collect()
+    };
+    for run in [v4(1), v4(32), v6(1), v6(1 << 64)] {
+        let mut per_shard = [0usize; SHARDS];
+        for ip in run {
+            per_shard[shard_index(PodIp(ip))] += 1;
+        }
+        // 8 each on average.
+        let (least, most) = (per_shard.iter().min(), per_shard.iter().max());
+        assert!(least >= Some(&4) && most <= Some(&12), "{per_shard:?}");
+    }
+}
+
+#[test]
+fn many_pods_across_shards_never_hold_more_than_the_limit() {
+    const MAX: usize = 40;
+    let table = NameTable::new(TableLimits {
+        max_names: MAX,
+        max_names_per_pod: 5,
+        ..limits()
+    });
+    let pods: Vec<PodIp> = (0..=255u8)
+        .map(|last| PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 3, last))))
+        .collect();
+    let t0 = Instant::now();
+    let mut recorded = 0u64;
+    for round in 0..3u8 {
+        for (i, &pod) in pods.iter().enumerate() {
+            let dst = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, round, 1)));
+            let name = format!("n{round}-{i}.example.test");
+            table.record(pod, &answer(&name, &[dst, DST], 600), t0);
+            recorded += 2;
+            assert!(table.len() <= MAX, "{} after pod {i}", table.len());
+        }
+    }
+    let mut held = 0;
+    table.export_each(t0, std::time::SystemTime::now(), |_| held += 1);
+    assert_eq!(table.len(), held, "the count is exact");
+    assert_eq!(table.len(), MAX);
+    assert_eq!(table.evictions(), recorded - MAX as u64);
+    // A record is kept whole (other entries make room): the last one is all there.
+    let last = dns_name("n2-255.example.test");
+    let dst = DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 2, 1)));
+    assert!(table.is_resolved(pods[255], DST, &last, t0));
+    assert!(table.is_resolved(pods[255], dst, &last, t0));
+}
+
+#[test]
+fn a_lookup_does_not_wait_for_another_shards_writer() {
+    let table = Arc::new(NameTable::new(limits()));
+    let elsewhere = pod_where(POD_A, false, 0);
+    let t0 = Instant::now();
+    table.record(elsewhere, &answer("api.example.test", &[DST], 60), t0);
+    // As a worker recording for POD_A's shard would.
+    let writing = table.shards.of(POD_A).write();
+    let (done, finished) = std::sync::mpsc::channel();
+    let other = Arc::clone(&table);
+    let worker = std::thread::spawn(move || {
+        let found = other.lookup(elsewhere, DST, t0).len();
+        other.record(elsewhere, &answer("db.example.test", &[DST2], 60), t0);
+        let _ = done.send(found);
+    });
+    // Only a bound on failure (a blocked lookup never answers), not a timing of success.
+    let found = finished.recv_timeout(secs(60));
+    drop(writing);
+    worker.join().expect("the worker does not panic");
+    assert_eq!(found, Ok(1));
+    assert_eq!(table.lookup(elsewhere, DST2, t0).len(), 1);
 }
 
 #[test]
@@ -331,15 +478,16 @@ fn names_of_every_length_come_back_whole() {
 /// A plain list, oldest first, that follows the documented rules step by step: the table (its
 /// maps, slab and linked lists) must agree with it after every operation.
 mod model {
+    use std::collections::HashMap;
+
     use proptest::prelude::*;
 
     use super::*;
 
-    const PODS: [PodIp; 3] = [
-        POD_A,
-        POD_B,
-        PodIp(IpAddr::V4(Ipv4Addr::new(198, 18, 1, 4))),
-    ];
+    /// Two pods sharing a shard and one in another: eviction within a shard and across.
+    fn pods() -> [PodIp; 3] {
+        [POD_A, pod_where(POD_A, true, 0), pod_where(POD_A, false, 0)]
+    }
     const DSTS: [DestIp; 3] = [DST, DST2, DestIp(IpAddr::V4(Ipv4Addr::new(198, 19, 0, 12)))];
     const NAMES: [&str; 4] = ["a.test", "b.test", "c.test", "d.test"];
     const LIMITS: TableLimits = TableLimits {
@@ -384,11 +532,12 @@ mod model {
         now < (row.3 + row.4).max(row.5) + LIMITS.idle_grace.as_secs()
     }
 
-    #[derive(Default)]
     struct Model {
+        pods: [PodIp; 3],
         rows: Vec<Row>,
         evictions: u64,
-        last_sweep: Option<u64>,
+        /// Per shard.
+        last_sweep: HashMap<usize, u64>,
     }
 
     impl Model {
@@ -408,16 +557,59 @@ mod model {
                     self.evictions += 1;
                 }
             }
-            if self.rows.len() > LIMITS.max_names {
-                if self.last_sweep.is_none_or(|last| now > last) {
-                    self.rows.retain(|r| live(r, now));
-                    self.last_sweep = Some(now);
-                }
-                while self.rows.len() > LIMITS.max_names {
-                    self.rows.remove(0);
-                    self.evictions += 1;
-                }
+            if self.rows.len() <= LIMITS.max_names {
+                return;
             }
+            // The recording pod's shard, sparing this answer's rows (its newest); then every
+            // other shard in turn; then, if need be, this answer's own.
+            let home = shard_index(self.pods[pod]);
+            let kept = self
+                .rows
+                .iter()
+                .filter(|r| r.0 == pod && r.2 == name && dsts.contains(&r.1))
+                .count();
+            self.sweep_if_due(home, now);
+            while self.rows.len() > LIMITS.max_names && self.rows_in(home) > kept {
+                self.evict_oldest(home);
+            }
+            for step in 1..SHARDS {
+                if self.rows.len() <= LIMITS.max_names {
+                    return;
+                }
+                let shard = (home + step) % SHARDS;
+                self.sweep_if_due(shard, now);
+                while self.rows.len() > LIMITS.max_names && self.evict_oldest(shard) {}
+            }
+            while self.rows.len() > LIMITS.max_names && self.evict_oldest(home) {}
+        }
+
+        fn shard_of(&self, row: &Row) -> usize {
+            shard_index(self.pods[row.0])
+        }
+
+        fn rows_in(&self, shard: usize) -> usize {
+            self.rows
+                .iter()
+                .filter(|r| self.shard_of(r) == shard)
+                .count()
+        }
+
+        fn sweep_if_due(&mut self, shard: usize, now: u64) {
+            if self.last_sweep.get(&shard).is_none_or(|&last| now > last) {
+                let pods = self.pods;
+                self.rows
+                    .retain(|r| shard_index(pods[r.0]) != shard || live(r, now));
+                self.last_sweep.insert(shard, now);
+            }
+        }
+
+        fn evict_oldest(&mut self, shard: usize) -> bool {
+            let Some(oldest) = self.rows.iter().position(|r| self.shard_of(r) == shard) else {
+                return false;
+            };
+            self.rows.remove(oldest);
+            self.evictions += 1;
+            true
         }
 
         /// A touch renews a live record only: an expired one stays expired.
@@ -438,7 +630,13 @@ mod model {
         #[test]
         fn the_table_agrees_with_a_plain_list(ops in proptest::collection::vec(op(), 1..60)) {
             let table = NameTable::new(LIMITS);
-            let mut model = Model::default();
+            let pods = pods();
+            let mut model = Model {
+                pods,
+                rows: Vec::new(),
+                evictions: 0,
+                last_sweep: HashMap::new(),
+            };
             let t0 = Instant::now();
             let mut now = 0u64;
             for op in ops {
@@ -452,11 +650,11 @@ mod model {
                             cnames: Vec::new(),
                             ttl,
                         };
-                        table.record(PODS[pod], &answer, at);
+                        table.record(pods[pod], &answer, at);
                         model.record(pod, name, &dsts, ttl, now);
                     }
                     Op::Touch { pod, dst, name } => {
-                        let live = table.touch(PODS[pod], DSTS[dst], &dns_name(NAMES[name]), at);
+                        let live = table.touch(pods[pod], DSTS[dst], &dns_name(NAMES[name]), at);
                         prop_assert_eq!(live, model.touch(pod, dst, name, now));
                     }
                     Op::Purge => {
@@ -469,7 +667,7 @@ mod model {
                 let at = t0 + secs(now);
                 prop_assert_eq!(table.len(), model.rows.len());
                 prop_assert_eq!(table.evictions(), model.evictions);
-                for (p, &pod) in PODS.iter().enumerate() {
+                for (p, &pod) in pods.iter().enumerate() {
                     for (d, &dst) in DSTS.iter().enumerate() {
                         let mut want: Vec<&str> = model
                             .rows
