@@ -194,6 +194,15 @@ impl DnsName {
         }
     }
 
+    /// The name's bytes, without the UTF-8 check [`DnsName::as_str`] makes: comparisons use
+    /// these (the hot path compares names on every connection and answer).
+    fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
+            Repr::Shared(name) => name.as_bytes(),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match &self.0 {
             // Copied from a checked name, whole: ASCII, so always valid UTF-8.
@@ -228,7 +237,7 @@ impl std::borrow::Borrow<str> for DnsName {
 
 impl PartialEq for DnsName {
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        self.as_bytes() == other.as_bytes()
     }
 }
 
@@ -236,13 +245,13 @@ impl Eq for DnsName {}
 
 impl PartialEq<str> for DnsName {
     fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
+        self.as_bytes() == other.as_bytes()
     }
 }
 
 impl PartialEq<&str> for DnsName {
     fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
+        self.as_bytes() == other.as_bytes()
     }
 }
 
@@ -261,7 +270,8 @@ impl PartialOrd for DnsName {
 
 impl Ord for DnsName {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
+        // Byte order is `str` order.
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 
