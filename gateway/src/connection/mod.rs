@@ -190,6 +190,7 @@ impl Proxy {
             upstream: None,
             reader: PeekReader::new(accepted + self.peek.timeout(), self.peek.max_bytes),
         };
+        streams.reader.read_ready(&streams.client);
         // No waiting over the limit, but the log names the pod if it is known.
         let snapshot = if admitted {
             self.wait_for_pod(source, accepted).await

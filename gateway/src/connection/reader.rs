@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::stop::Stop;
@@ -117,9 +118,64 @@ impl PeekReader {
         .await
     }
 
+    /// Takes what a just-accepted client has already sent, without waiting. A client that
+    /// speaks first has usually sent its first message by the time it is accepted, but tokio
+    /// knows no readiness yet for the new socket, so the first read would wait a turn of the
+    /// event loop for epoll to say so. Nothing there yet (or an error, or the end) is left to
+    /// the next read, which meets it again.
+    pub fn read_ready(&mut self, client: &TcpStream) {
+        let room = self
+            .max_bytes
+            .saturating_sub(self.buf.len())
+            .min(READ_CHUNK);
+        let mut chunk = [0u8; READ_CHUNK];
+        let Some(chunk) = chunk.get_mut(..room) else {
+            return;
+        };
+        if let Ok((read, _)) =
+            rustix::net::recv(client, &mut *chunk, rustix::net::RecvFlags::DONTWAIT)
+        {
+            self.buf
+                .extend_from_slice(chunk.get(..read).unwrap_or_default());
+        }
+    }
+
     /// The bytes read but not yet sent upstream, owned: the relay frees them once written.
     pub fn into_unforwarded(mut self) -> Vec<u8> {
         self.buf.drain(..self.forwarded.min(self.buf.len()));
         self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn what_a_client_sent_before_accept_is_taken_at_once_and_nothing_else_waits() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (quiet, _) = listener.accept().await.expect("accept");
+        let mut reader = PeekReader::new(Instant::now() + Duration::from_secs(5), 16);
+        // Nothing sent: nothing read, and no wait.
+        reader.read_ready(&quiet);
+        assert!(reader.buf.is_empty());
+
+        let mut speaker = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        speaker
+            .write_all(b"first message, longer than the cap")
+            .await
+            .expect("write");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        reader.read_ready(&accepted);
+        assert_eq!(reader.buf, b"first message, l", "up to the byte cap");
+        silent.shutdown().await.expect("close");
     }
 }
