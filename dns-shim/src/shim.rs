@@ -6,15 +6,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use egressgate_log::write_observed_source;
+use egressgate_log::{rfc3339_now, write_observed_line};
 use prometheus::Registry;
 
 use crate::answer::{read_answer, Answer, Reading};
 use crate::client::{Begin, Client, Handler, Transport};
 use crate::forward::{Done, Exchange, ForwardError, Forwarder, UdpExchanges};
-use crate::log::DnsRecord;
+use crate::log::DnsLine;
 use crate::metrics::{Metrics, QueryResult};
 use crate::persist::{Journal, Unsaved};
 use crate::query::{self, error_reply, read_head, truncated_reply, MessageHead, Rcode};
@@ -192,8 +192,7 @@ impl DnsShim {
         }
     }
 
-    /// Every query ends here: one metric, one log line if the pod gets an answer. The line is
-    /// queued as a [`DnsRecord`] and serialized by the log's writer thread.
+    /// Every query ends here: one metric, one log line if the pod gets an answer.
     fn finish(&self, client: Client, outcome: Outcome<'_>) -> Option<Vec<u8>> {
         self.metrics.query(client.transport, outcome.result);
         if outcome.reply.is_none() {
@@ -201,23 +200,28 @@ impl DnsShim {
             return None;
         }
         let question = outcome.head.and_then(|h| h.question.as_ref());
-        let (addresses, cnames, ttl) = match outcome.answer {
-            Some(a) => (a.addresses, a.cnames, Some(a.ttl)),
-            None => (Vec::new(), Vec::new(), None),
+        let name = question.map(|q| q.normalized_name());
+        let (addresses, cnames, ttl) = match &outcome.answer {
+            Some(a) => (&a.addresses[..], &a.cnames[..], Some(a.ttl)),
+            None => (&[][..], &[][..], None),
         };
-        write_observed_source(Box::new(DnsRecord {
-            time: SystemTime::now(),
+        write_observed_line(&DnsLine {
+            time: rfc3339_now(),
+            event: "dns",
             pod: client.pod.ip(),
             server: client.server,
             transport: client.transport.as_str(),
-            name: question.map(|q| q.name.clone()),
-            qtype: question.map(|q| q.qtype),
-            rcode: outcome.rcode,
+            name: name.as_deref(),
+            qtype: question.map(|q| q.qtype.to_string()),
+            rcode: outcome.rcode.map_or_else(String::new, |r| r.to_string()),
             addresses,
             cnames,
             ttl,
-            upstream: outcome.upstream,
-        }));
+            upstream: outcome.upstream.map(|(addr, _)| addr),
+            upstream_ms: outcome
+                .upstream
+                .map(|(_, elapsed)| (elapsed.as_secs_f64() * 1e4).round() / 10.0),
+        });
         outcome.reply
     }
 

@@ -7,15 +7,12 @@
 //! - [`write_json_line`], [`flush`]: queue a line; wait until every queued line is written.
 //! - [`write_observed_line`], [`set_tap`]: the same, and the line's bytes also to a [`LineTap`]
 //!   (the gateway's `observe` bus), serialized once for both.
-//! - [`write_observed_source`], [`LineSource`]: an observed line queued as what it needs, owned,
-//!   and serialized by the writer thread, off the data path; the writer gives the tap its bytes.
-//! - [`rfc3339_now`], [`rfc3339`]: the `time` field of every line.
+//! - [`rfc3339_now`]: the `time` field of every line.
 //! - `output`: the `json-log` thread that writes queued lines to stdout in batches.
 #![forbid(unsafe_code)]
 
 mod output;
 
-use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,18 +23,6 @@ pub use output::flush;
 /// Queues `line` for stdout (see [`output`]): one whole line, never interleaved with another.
 pub fn write_json_line(line: &impl Serialize) {
     output::push(line, None);
-}
-
-/// A line queued before it is serialized: what the line needs, owned, and how to write it. The
-/// `json-log` thread serializes it with the batch it belongs to, so the producer (the DNS
-/// shim's round) spends no time on JSON.
-pub trait LineSource: Send + fmt::Debug {
-    /// Appends the line's JSON object (no newline), the bytes a [`write_json_line`] of the same
-    /// line would have queued.
-    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
-    /// About how many bytes [`LineSource::write_json`] appends: counted against the queue's
-    /// limit while the line waits, so producers still wait rather than queue without bound.
-    fn estimated_len(&self) -> usize;
 }
 
 /// Where observed lines go besides stdout: the gateway's `observe` bus.
@@ -63,20 +48,12 @@ pub fn write_observed_line(line: &impl Serialize) {
     output::push(line, TAP.get().map(|tap| &**tap).filter(|tap| tap.wanted()));
 }
 
-/// [`write_observed_line`] for a line serialized later, by the writer thread, which then gives
-/// the tap (when it wanted the line as it was queued) the same bytes as stdout. So the tap sees
-/// it up to one batch (about 10 ms) later, possibly after lines queued after it as bytes.
-pub fn write_observed_source(line: Box<dyn LineSource>) {
-    output::push_source(line, TAP.get().map(|tap| &**tap).filter(|tap| tap.wanted()));
-}
-
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T10:00:00.123Z`.
 pub fn rfc3339_now() -> String {
     rfc3339(SystemTime::now())
 }
 
-/// [`rfc3339_now`] for a time taken earlier (a line serialized later keeps its own time).
-pub fn rfc3339(t: SystemTime) -> String {
+fn rfc3339(t: SystemTime) -> String {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

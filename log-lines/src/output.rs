@@ -4,15 +4,13 @@
 //! `json-log` thread writes whatever has queued with one `write`, at most 10 ms later.
 //! So the data path never waits on stdout (a file, or a pipe to the container runtime that may be
 //! slow) until `MAX_QUEUED` bytes are waiting, and then it waits rather than drop a line; under
-//! load many lines share one system call. A [`LineSource`] waits unserialized, in its place among
-//! the others, and the writer serializes it with its batch.
+//! load many lines share one system call.
 
-use std::fmt;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use crate::{LineSource, LineTap};
+use crate::LineTap;
 
 /// Queued bytes beyond which producers wait for the writer.
 const MAX_QUEUED: usize = 4 << 20;
@@ -34,21 +32,10 @@ type StdoutSink = fn() -> io::StdoutLock<'static>;
 
 static STDOUT: OnceLock<Output<StdoutSink>> = OnceLock::new();
 
-/// How a line's JSON object (no newline) is appended to a buffer.
-type Serialize<'a> = &'a dyn Fn(&mut Vec<u8>) -> serde_json::Result<()>;
-
-fn stdout() -> &'static Output<StdoutSink> {
-    STDOUT.get_or_init(|| Output::start(|| io::stdout().lock()))
-}
-
 /// Queues `line` (one JSON object, no newline yet) for stdout, and gives its bytes to `tap`.
 pub(super) fn push(line: &impl serde::Serialize, tap: Option<&dyn LineTap>) {
-    stdout().push(line, tap);
-}
-
-/// Queues `line` for the writer to serialize with its batch, and then give its bytes to `tap`.
-pub(super) fn push_source(line: Box<dyn LineSource>, tap: Option<&'static dyn LineTap>) {
-    stdout().push_source(line, tap);
+    let output = STDOUT.get_or_init(|| Output::start(|| io::stdout().lock()));
+    output.push(line, tap);
 }
 
 /// Waits until every line queued so far is written. Call before the process exits.
@@ -80,45 +67,12 @@ struct Shared<S> {
 #[derive(Debug, Default)]
 struct Queue {
     lines: Vec<u8>,
-    /// Lines to serialize, in the order they came.
-    sources: Vec<Deferred>,
-    /// The sources' estimated lengths, counted with `lines` against `MAX_QUEUED`.
-    sources_len: usize,
     /// The writer sleeps on `queued` until notified (it polls otherwise).
     writer_idle: bool,
     /// The writer holds a batch it has not finished writing.
     writing: bool,
     /// Threads sleeping on `progressed`.
     waiters: usize,
-}
-
-/// A line the writer serializes.
-struct Deferred {
-    /// The length `lines` had when it came: its place among them.
-    place: usize,
-    line: Box<dyn LineSource>,
-    /// Where its bytes go too.
-    tap: Option<&'static dyn LineTap>,
-}
-
-impl fmt::Debug for Deferred {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Deferred")
-            .field("place", &self.place)
-            .field("line", &self.line)
-            .field("tapped", &self.tap.is_some())
-            .finish()
-    }
-}
-
-impl Queue {
-    fn is_empty(&self) -> bool {
-        self.lines.is_empty() && self.sources.is_empty()
-    }
-
-    fn is_full(&self) -> bool {
-        self.lines.len() + self.sources_len >= MAX_QUEUED
-    }
 }
 
 impl<S, W> Output<S>
@@ -138,13 +92,8 @@ where
     }
 
     fn push(&self, line: &impl serde::Serialize, tap: Option<&dyn LineTap>) {
-        self.push_with(&|out| serde_json::to_writer(out, line), tap);
-    }
-
-    fn push_with(&self, line: Serialize<'_>, tap: Option<&dyn LineTap>) {
         if !self.threaded {
-            let mut text = Vec::new();
-            if line(&mut text).is_ok() {
+            if let Ok(mut text) = serde_json::to_vec(line) {
                 text.push(b'\n');
                 self.shared.write(&text);
                 if let Some(tap) = tap {
@@ -155,11 +104,11 @@ where
         }
         let shared = &*self.shared;
         let mut queue = shared.lock();
-        while queue.is_full() {
+        while queue.lines.len() >= MAX_QUEUED {
             queue = shared.wait_for_progress(queue);
         }
         let start = queue.lines.len();
-        if line(&mut queue.lines).is_err() {
+        if serde_json::to_writer(&mut queue.lines, line).is_err() {
             queue.lines.truncate(start);
             return;
         }
@@ -176,29 +125,10 @@ where
         }
     }
 
-    fn push_source(&self, line: Box<dyn LineSource>, tap: Option<&'static dyn LineTap>) {
-        if !self.threaded {
-            self.push_with(&|out| line.write_json(out), tap);
-            return;
-        }
-        let shared = &*self.shared;
-        let mut queue = shared.lock();
-        while queue.is_full() {
-            queue = shared.wait_for_progress(queue);
-        }
-        queue.sources_len += line.estimated_len();
-        let place = queue.lines.len();
-        queue.sources.push(Deferred { place, line, tap });
-        if queue.writer_idle {
-            queue.writer_idle = false;
-            shared.queued.notify_one();
-        }
-    }
-
     fn flush(&self) {
         let shared = &*self.shared;
         let mut queue = shared.lock();
-        while self.threaded && (!queue.is_empty() || queue.writing) {
+        while self.threaded && (!queue.lines.is_empty() || queue.writing) {
             queue = shared.wait_for_progress(queue);
         }
     }
@@ -244,12 +174,10 @@ where
 
     fn write_batches(&self) {
         let mut batch = Vec::new();
-        let mut sources = Vec::new();
-        let mut serialized = Vec::new();
         let mut queue = self.lock();
         loop {
             let mut empty_polls = 0;
-            while queue.is_empty() {
+            while queue.lines.is_empty() {
                 if empty_polls < IDLE_POLLS {
                     empty_polls += 1;
                     queue = self
@@ -267,20 +195,11 @@ where
             }
             queue.writer_idle = false;
             std::mem::swap(&mut queue.lines, &mut batch);
-            std::mem::swap(&mut queue.sources, &mut sources);
-            queue.sources_len = 0;
             queue.writing = true;
             self.notify_waiters(&queue);
             drop(queue);
 
-            if sources.is_empty() {
-                self.write(&batch);
-            } else {
-                serialize_in_place(&batch, sources.drain(..), &mut serialized);
-                self.write(&serialized);
-                serialized.clear();
-                serialized.shrink_to(KEPT_CAPACITY);
-            }
+            self.write(&batch);
             batch.clear();
             batch.shrink_to(KEPT_CAPACITY);
 
@@ -295,27 +214,6 @@ where
             self.progressed.notify_all();
         }
     }
-}
-
-/// `lines` with each source's line serialized at its place among them, into `out`, and its
-/// bytes given to its tap. A source that fails to serialize is left out, as [`Output::push`]
-/// leaves out such a line.
-fn serialize_in_place(lines: &[u8], sources: impl Iterator<Item = Deferred>, out: &mut Vec<u8>) {
-    let mut written = 0;
-    for Deferred { place, line, tap } in sources {
-        out.extend_from_slice(&lines[written..place]);
-        written = place;
-        let start = out.len();
-        if line.write_json(out).is_err() {
-            out.truncate(start);
-            continue;
-        }
-        out.push(b'\n');
-        if let Some(tap) = tap {
-            tap.publish(out[start..].to_vec());
-        }
-    }
-    out.extend_from_slice(&lines[written..]);
 }
 
 #[cfg(test)]
@@ -339,20 +237,6 @@ mod tests {
         }
     }
 
-    /// A line serialized by the writer: the one `Output::push` would queue for `json!(value)`.
-    #[derive(Debug)]
-    struct Later(serde_json::Value);
-
-    impl LineSource for Later {
-        fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-            serde_json::to_writer(out, &self.0)
-        }
-
-        fn estimated_len(&self) -> usize {
-            64
-        }
-    }
-
     #[test]
     fn every_line_from_every_thread_is_written_whole_and_in_order_per_thread() {
         let kept = Kept::default();
@@ -366,13 +250,10 @@ mod tests {
                 let output = &output;
                 scope.spawn(move || {
                     for i in 0..lines {
-                        let line = serde_json::json!({"t": t, "i": i, "pad": "x".repeat(64)});
-                        // Every third line serialized by the writer: it keeps its place.
-                        if i % 3 == 0 {
-                            output.push_source(Box::new(Later(line)), None);
-                        } else {
-                            output.push(&line, None);
-                        }
+                        output.push(
+                            &serde_json::json!({"t": t, "i": i, "pad": "x".repeat(64)}),
+                            None,
+                        );
                     }
                 });
             }
@@ -456,76 +337,6 @@ mod tests {
         };
         fallback.push(&serde_json::json!({"event": "dns"}), Some(&tap));
         assert_eq!(tap.0.lock().expect("lock").len(), 2);
-    }
-
-    #[test]
-    fn a_line_serialized_later_is_written_as_pushed_lines_are_and_in_its_place() {
-        let line = serde_json::json!({"event": "dns", "ttl": 60, "upstreamMs": 1.2});
-        let now = Kept::default();
-        let sink = now.clone();
-        let output = Output::start(move || sink.clone());
-        output.push(&serde_json::json!({"event": "a"}), None);
-        output.push(&line, None);
-        output.push(&serde_json::json!({"event": "b"}), None);
-        output.flush();
-
-        let later = Kept::default();
-        let sink = later.clone();
-        let output = Output::start(move || sink.clone());
-        let tap: &'static Tapped = Box::leak(Box::default());
-        output.push(&serde_json::json!({"event": "a"}), None);
-        output.push_source(Box::new(Later(line.clone())), Some(tap));
-        output.push(&serde_json::json!({"event": "b"}), None);
-        output.flush();
-        assert_eq!(
-            later.0.lock().expect("lock").0,
-            now.0.lock().expect("lock").0,
-            "the same bytes"
-        );
-        let expected = format!("{line}\n").into_bytes();
-        assert_eq!(
-            tap.0.lock().expect("lock").clone(),
-            vec![expected.clone()],
-            "the tap gets the bytes written to stdout"
-        );
-
-        // By the producer when there is no writer thread.
-        let fallback = Kept::default();
-        let sink = fallback.clone();
-        let output = Output {
-            shared: Arc::new(Shared::new(move || sink.clone())),
-            threaded: false,
-        };
-        output.push_source(Box::new(Later(line.clone())), Some(tap));
-        assert_eq!(fallback.0.lock().expect("lock").0, expected);
-        assert_eq!(tap.0.lock().expect("lock").len(), 2);
-    }
-
-    #[test]
-    fn lines_waiting_to_be_serialized_count_against_the_queue_limit() {
-        let mut queue = Queue::default();
-        assert!(!queue.is_full());
-        #[derive(Debug)]
-        struct Large;
-        impl LineSource for Large {
-            fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-                out.extend_from_slice(b"{}");
-                Ok(())
-            }
-            fn estimated_len(&self) -> usize {
-                MAX_QUEUED / 2
-            }
-        }
-        for _ in 0..2 {
-            queue.sources_len += Large.estimated_len();
-            queue.sources.push(Deferred {
-                place: 0,
-                line: Box::new(Large),
-                tap: None,
-            });
-        }
-        assert!(queue.is_full(), "two half-limit lines fill the queue");
-        assert!(!queue.is_empty());
     }
 
     #[test]
