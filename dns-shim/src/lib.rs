@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 mod answer;
+mod batch;
 mod client;
 mod forward;
 mod log;

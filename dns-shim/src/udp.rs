@@ -101,10 +101,11 @@ impl AsFd for UdpListener {
 /// Answers queries until `stopped` turns true, then those already read (for up to
 /// [`DRAIN_LIMIT`]).
 ///
-/// One task does it all, in rounds: read a batch of queries and send each upstream (or settle it
-/// at once), read the upstreams' answers and what timed out, complete each finished query (its
-/// answer recorded in the table, its journal records gathered), save the round's journal
-/// records in one write, and only then send the round's replies together.
+/// One task does it all, in rounds: read a batch of queries and queue each for the upstream (or
+/// settle it at once), read the upstreams' answers and what timed out, send the queued queries
+/// (one `sendmmsg` per upstream socket), complete each finished query (its answer recorded in
+/// the table, its journal records gathered), save the round's journal records in one write, and
+/// only then send the round's replies together.
 pub(crate) async fn serve<H: Handler>(
     shim: Arc<H>,
     listener: UdpListener,

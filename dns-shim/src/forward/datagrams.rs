@@ -5,7 +5,9 @@
 //! Each upstream has a few connected sockets, each on a port the kernel picks at random, used
 //! for [`SOCKET_LIFETIME`] and then replaced (as CoreDNS's forward plugin does); a retired
 //! socket is closed once nothing waits on it. A query goes out under a fresh random ID, unique
-//! on its socket while it waits ([`Pending`]). A connected socket only receives datagrams from
+//! on its socket while it waits ([`Pending`]). Queries started (or moved on) in a round are
+//! queued and leave together at the end of [`UdpExchanges::collect`], one `sendmmsg` per socket
+//! ([`batch::send_many`]); one the kernel refuses moves on alone. A connected socket only receives datagrams from
 //! the upstream's address (and the node's rpf rule stops pods from forging it); an answer must
 //! still come from the address the query went to, under its ID, and answer its question
 //! ([`check_response`]). A query whose upstream times out or fails moves on to the next
@@ -20,7 +22,6 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use nix::sys::socket::{send, MsgFlags};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
@@ -29,6 +30,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use super::pending::{Pending, SocketId, Waiting};
 use super::{Exchange, ForwardError, Forwarder};
 use crate::answer::check_response;
+use crate::batch;
 use crate::metrics::UpstreamError;
 use crate::query::{set_id, MessageHead};
 use crate::transparent;
@@ -71,6 +73,15 @@ struct Attempt<T> {
     started: Instant,
 }
 
+/// A query registered in [`Pending`] and waiting for its socket's next `sendmmsg`.
+#[derive(Debug)]
+struct Queued {
+    socket: SocketId,
+    id: u16,
+    /// The query under `id`.
+    message: Vec<u8>,
+}
+
 #[derive(Debug)]
 struct UpstreamSocket {
     id: SocketId,
@@ -90,6 +101,8 @@ pub(crate) struct UdpExchanges<T> {
     next_socket: SocketId,
     turn: usize,
     pending: Pending<Attempt<T>>,
+    /// Registered, not sent yet: sent at the end of [`UdpExchanges::collect`].
+    queued: Vec<Queued>,
     timer: Pin<Box<Sleep>>,
     tcp_retries: JoinSet<Done<T>>,
     /// TCP retries that finished while [`UdpExchanges::ready`] polled them.
@@ -108,6 +121,7 @@ impl<T: Send + 'static> UdpExchanges<T> {
             next_socket: 0,
             turn: 0,
             pending: Pending::default(),
+            queued: Vec::new(),
             timer: Box::pin(sleep_until(Instant::now())),
             tcp_retries: JoinSet::new(),
             tcp_done: Vec::new(),
@@ -120,8 +134,9 @@ impl<T: Send + 'static> UdpExchanges<T> {
         self.pending.len() + self.tcp_retries.len() + self.tcp_done.len()
     }
 
-    /// Sends `query` (whose head is `head`) to the first upstream. A query no upstream can even
-    /// be sent to ends at once, in `done`.
+    /// Queues `query` (whose head is `head`) for the first upstream; the next
+    /// [`UdpExchanges::collect`] sends it. A query no upstream has a socket for ends at once, in
+    /// `done`.
     pub(crate) fn start(
         &mut self,
         context: T,
@@ -136,14 +151,14 @@ impl<T: Send + 'static> UdpExchanges<T> {
             upstream: 0,
             started: Instant::now(),
         };
-        self.send(attempt, done);
+        self.queue(attempt, done);
     }
 
     /// Completes when [`UdpExchanges::collect`] may find something: a datagram on an upstream
-    /// socket, a deadline passed, a TCP retry done. Cancel-safe.
+    /// socket, a deadline passed, a TCP retry done, queries to send. Cancel-safe.
     pub(crate) async fn ready(&mut self) {
         poll_fn(|cx| {
-            let mut ready = !self.tcp_done.is_empty();
+            let mut ready = !self.tcp_done.is_empty() || !self.queued.is_empty();
             for socket in self.live.iter().flatten().chain(&self.retired) {
                 ready |= socket.socket.poll_recv_ready(cx).is_ready();
             }
@@ -171,7 +186,7 @@ impl<T: Send + 'static> UdpExchanges<T> {
     }
 
     /// Reads what the upstreams sent, expires what timed out (moving it to the next upstream),
-    /// and appends every query that finished to `done`.
+    /// sends what is queued, and appends every query that finished to `done`.
     pub(crate) fn collect(&mut self, done: &mut Vec<Done<T>>) {
         done.append(&mut self.tcp_done);
         while let Some(Ok(finished)) = self.tcp_retries.try_join_next() {
@@ -201,6 +216,7 @@ impl<T: Send + 'static> UdpExchanges<T> {
                 .upstream_error(UpstreamError::Timeout);
             self.next_upstream(waiting.query, done);
         }
+        self.send_queued(done);
         let pending = &self.pending;
         self.retired.retain(|s| pending.on_socket(s.id) > 0);
     }
@@ -209,13 +225,13 @@ impl<T: Send + 'static> UdpExchanges<T> {
     fn next_upstream(&mut self, mut attempt: Attempt<T>, done: &mut Vec<Done<T>>) {
         attempt.upstream += 1;
         attempt.started = Instant::now();
-        self.send(attempt, done);
+        self.queue(attempt, done);
     }
 
-    /// Sends `attempt` to its upstream, or the next one that a send does not fail at once.
-    fn send(&mut self, mut attempt: Attempt<T>, done: &mut Vec<Done<T>>) {
+    /// Queues `attempt` for its upstream, or the next one that has a socket.
+    fn queue(&mut self, mut attempt: Attempt<T>, done: &mut Vec<Done<T>>) {
         while let Some(&upstream) = self.forwarder.upstreams.get(attempt.upstream) {
-            match self.send_to(attempt, upstream) {
+            match self.queue_to(attempt, upstream) {
                 Ok(()) => return,
                 Err((failed, e)) => {
                     tracing::debug!(%upstream, error = %e, "upstream failed");
@@ -234,10 +250,10 @@ impl<T: Send + 'static> UdpExchanges<T> {
         });
     }
 
-    /// Registers `attempt` and sends it to `upstream` under its fresh ID. Registered before
-    /// sending, so that no answer can arrive unclaimed.
+    /// Registers `attempt` under a fresh ID and queues it for `upstream`. Registered before it
+    /// is sent, so that no answer can arrive unclaimed.
     #[allow(clippy::result_large_err)] // the attempt comes back to move on; it is not boxed
-    fn send_to(
+    fn queue_to(
         &mut self,
         attempt: Attempt<T>,
         upstream: SocketAddr,
@@ -254,18 +270,44 @@ impl<T: Send + 'static> UdpExchanges<T> {
             .pending
             .insert(socket.id, upstream, now, self.forwarder.timeout, attempt);
         set_id(&mut message, id);
-        // Straight to the kernel: tokio's `try_send` refuses until the reactor has seen the
-        // socket writable, which a new socket has not yet.
-        let sent = send(socket.socket.as_raw_fd(), &message, MsgFlags::empty());
-        let Err(e) = sent else {
-            return Ok(());
-        };
-        let e = io::Error::from(e);
-        match self.pending.remove(socket.id, id) {
-            Some(waiting) => Err((waiting.query, e)),
-            // Cannot happen (nothing ran in between); were it to, the query would be lost, not
-            // sent twice.
-            None => Ok(()),
+        self.queued.push(Queued {
+            socket: socket.id,
+            id,
+            message,
+        });
+        Ok(())
+    }
+
+    /// Sends the queued queries, one `sendmmsg` per socket (more past [`batch::MAX_BATCH`]). A
+    /// query the kernel refuses moves on to the next upstream (queued and sent in turn), or ends
+    /// in `done` after the last.
+    fn send_queued(&mut self, done: &mut Vec<Done<T>>) {
+        while !self.queued.is_empty() {
+            let mut queued = std::mem::take(&mut self.queued);
+            // Stable: each socket's queries leave in the order they came.
+            queued.sort_by_key(|q| q.socket);
+            let mut refused = Vec::new();
+            for group in queued.chunk_by(|a, b| a.socket == b.socket) {
+                let socket = self
+                    .live
+                    .iter()
+                    .flatten()
+                    .chain(&self.retired)
+                    .find(|s| s.id == group[0].socket);
+                // A queued query waits on its socket, so a retired one is still kept.
+                if let Some(socket) = socket {
+                    send_group(socket, group, &mut refused);
+                }
+            }
+            for (socket, id, e) in refused {
+                let Some(waiting) = self.pending.remove(socket, id) else {
+                    continue;
+                };
+                let upstream = waiting.upstream;
+                tracing::debug!(%upstream, error = %e, "upstream failed");
+                self.forwarder.metrics.upstream_error(UpstreamError::Io);
+                self.next_upstream(waiting.query, done);
+            }
         }
     }
 
@@ -300,6 +342,31 @@ impl<T: Send + 'static> UdpExchanges<T> {
             sockets.push(replacement);
         }
         Ok(turn)
+    }
+}
+
+/// Sends `group` (queries for `socket`), `sendmmsg` after `sendmmsg`. The kernel stops at a
+/// datagram it refuses: that one goes into `refused` with the error, and the rest continue.
+fn send_group(
+    socket: &UpstreamSocket,
+    group: &[Queued],
+    refused: &mut Vec<(SocketId, u16, io::Error)>,
+) {
+    let mut rest = group;
+    while let Some(first) = rest.first() {
+        let datagrams = rest.iter().map(|q| (&q.message[..], None));
+        // Straight to the kernel: tokio's `try_io` refuses until the reactor has seen the
+        // socket writable, which a new socket has not yet.
+        match batch::send_many(socket.socket.as_raw_fd(), datagrams, None) {
+            Ok(sent) if sent > 0 => rest = &rest[sent.min(rest.len())..],
+            failed => {
+                let e = failed
+                    .err()
+                    .unwrap_or_else(|| io::ErrorKind::WriteZero.into());
+                refused.push((first.socket, first.id, e));
+                rest = &rest[1..];
+            }
+        }
     }
 }
 
@@ -478,3 +545,6 @@ fn connected(upstream: SocketAddr) -> io::Result<UdpSocket> {
     transparent::grow_receive_buffer(&socket, UPSTREAM_RECEIVE_BUFFER);
     UdpSocket::from_std(socket)
 }
+
+#[cfg(test)]
+mod tests;

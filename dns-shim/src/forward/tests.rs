@@ -27,12 +27,16 @@ fn metrics() -> (Metrics, Registry) {
 }
 
 fn mismatches(registry: &Registry) -> u64 {
+    upstream_errors(registry, "mismatch")
+}
+
+fn upstream_errors(registry: &Registry, kind: &str) -> u64 {
     registry
         .gather()
         .iter()
         .filter(|f| f.name() == "egressgate_dns_upstream_errors_total")
         .flat_map(|f| f.get_metric())
-        .filter(|m| m.get_label().iter().any(|l| l.value() == "mismatch"))
+        .filter(|m| m.get_label().iter().any(|l| l.value() == kind))
         .map(|m| m.get_counter().get_value() as u64)
         .sum()
 }
@@ -142,6 +146,54 @@ async fn next_upstream_is_tried_when_the_first_fails() {
         .await
         .expect("second upstream answers");
     assert_eq!(exchange.upstream, addr);
+}
+
+/// A fake upstream that answers every query it receives with [`DNSMASQ_A`] under the query's ID.
+async fn answering_upstream() -> SocketAddr {
+    let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        loop {
+            let (_, client) = upstream.recv_from(&mut buf).await.expect("query");
+            let id = u16::from_be_bytes([buf[0], buf[1]]);
+            upstream
+                .send_to(&with_id(DNSMASQ_A, id), client)
+                .await
+                .expect("send");
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_query_the_kernel_refuses_moves_on_alone_and_its_batch_is_answered() {
+    let (first, second) = (answering_upstream().await, answering_upstream().await);
+    // Past the largest IPv4 UDP payload (65,507 bytes): every upstream's send refuses it
+    // (EMSGSIZE), in the middle of the batch the others leave in.
+    let mut too_big = DIG_A.to_vec();
+    too_big.resize(65_520, 0);
+    let (metrics, registry) = metrics();
+    let forwarder = Forwarder::new(vec![first, second], Duration::from_secs(5), metrics);
+    let queries = [DIG_A, DIG_A, &too_big[..], DIG_A, DIG_A];
+    let mut finished = exchange_all(&forwarder, &queries).await;
+    finished.sort_by_key(|(i, _)| *i);
+    for (i, result) in finished {
+        if i == 2 {
+            assert_eq!(result.err(), Some(ForwardError::AllUpstreamsFailed));
+        } else {
+            let exchange = result.expect("answered");
+            assert_eq!(
+                exchange.upstream, first,
+                "query {i} stays on the first upstream"
+            );
+        }
+    }
+    assert_eq!(
+        upstream_errors(&registry, "io"),
+        2,
+        "refused once per upstream"
+    );
 }
 
 #[tokio::test]

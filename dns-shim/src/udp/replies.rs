@@ -3,21 +3,15 @@
 //! of one per reply. Batches form on their own under load: a round holds whatever the upstreams
 //! answered since the last; a lone query's reply leaves at once.
 
-use std::io::{self, IoSlice};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
-use nix::libc;
-use nix::sys::socket::{sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::{send_reply, ReplySockets};
+use crate::batch::send_many;
 use crate::client::Client;
-
-/// Replies sent by one `sendmmsg` at most (the kernel's UIO_MAXIOV is 1024); enough to empty
-/// the queue of a busy runtime tick, small enough to keep the batch's buffers light.
-const MAX_BATCH: usize = 64;
 
 /// One answer for a pod, ready to send.
 #[derive(Debug)]
@@ -104,7 +98,8 @@ async fn send_group(
     while !rest.is_empty() {
         let sent = socket
             .async_io(Interest::WRITABLE, || {
-                send_many(socket.as_raw_fd(), rest, source)
+                let datagrams = rest.iter().map(|o| (&o.reply[..], Some(o.client.pod)));
+                send_many(socket.as_raw_fd(), datagrams, source)
             })
             .await;
         match sent {
@@ -129,61 +124,6 @@ async fn send_group(
             }
         }
     }
-}
-
-/// One `sendmmsg` of up to [`MAX_BATCH`] of `replies`, each to its pod, from `source` when
-/// given (IP_PKTINFO / IPV6_PKTINFO, the same for all). Returns how many were sent (at least 1).
-fn send_many(fd: RawFd, replies: &[Outgoing], source: Option<IpAddr>) -> io::Result<usize> {
-    let replies = &replies[..replies.len().min(MAX_BATCH)];
-    let iovs: Vec<[IoSlice<'_>; 1]> = replies.iter().map(|o| [IoSlice::new(&o.reply)]).collect();
-    let pods: Vec<Option<SockaddrStorage>> = replies
-        .iter()
-        .map(|o| Some(SockaddrStorage::from(o.client.pod)))
-        .collect();
-    let v4_info;
-    let v6_info;
-    let (cmsgs, cmsg_space) = match source {
-        None => (Vec::new(), None),
-        Some(IpAddr::V4(source)) => {
-            v4_info = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                // Network byte order: the octets as they are in memory.
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(source.octets()),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            (
-                vec![ControlMessage::Ipv4PacketInfo(&v4_info)],
-                Some(nix::cmsg_space!(libc::in_pktinfo)),
-            )
-        }
-        Some(IpAddr::V6(source)) => {
-            v6_info = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr {
-                    s6_addr: source.octets(),
-                },
-                ipi6_ifindex: 0,
-            };
-            (
-                vec![ControlMessage::Ipv6PacketInfo(&v6_info)],
-                Some(nix::cmsg_space!(libc::in6_pktinfo)),
-            )
-        }
-    };
-    if source.is_some_and(|s| {
-        replies
-            .iter()
-            .any(|o| o.client.pod.is_ipv4() != s.is_ipv4())
-    }) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "pod and server address families differ",
-        ));
-    }
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(replies.len(), cmsg_space);
-    let sent = sendmmsg(fd, &mut headers, &iovs, &pods, &cmsgs, MsgFlags::empty())?;
-    Ok(sent.count())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 
 use super::*;
+use crate::batch::MAX_BATCH;
 use crate::client::Transport;
 
 /// A socket on 127.0.0.1, any port: a pod, or the listener.
