@@ -247,6 +247,115 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
             "≥ 0.9×",
         );
     }
+    // Issue 17: at least as good as the best of HAProxy and nginx, measured in the same run.
+    // `added`: the figure minus the direct path's (latencies).
+    let mut vs_best_peer = |what: &str, s: &str, k: &str, lower_is_better: bool, added: bool| {
+        let value = |path: &str| {
+            let v = m(s, k, path)?;
+            if added {
+                Some(v - m(s, k, "direct")?)
+            } else {
+                Some(v)
+            }
+        };
+        let ours = value("egressgate");
+        let best = ["haproxy", "nginx"]
+            .into_iter()
+            .filter_map(|peer| Some((peer, value(peer)?)))
+            .min_by(|a, b| {
+                let order = a.1.total_cmp(&b.1);
+                if lower_is_better {
+                    order
+                } else {
+                    order.reverse()
+                }
+            });
+        let shown = |v: f64| {
+            if added {
+                format!("{v:+.1}")
+            } else {
+                fmt_value(v)
+            }
+        };
+        out.push(Target {
+            what: what.to_owned(),
+            measured: match (ours, best) {
+                (Some(ours), Some((peer, best))) => {
+                    format!("{} vs {} ({peer})", shown(ours), shown(best))
+                }
+                _ => "not measured".to_owned(),
+            },
+            target: if lower_is_better {
+                "≤ best peer".to_owned()
+            } else {
+                "≥ best peer".to_owned()
+            },
+            met: match (ours, best) {
+                (Some(ours), Some((_, best))) => Some(if lower_is_better {
+                    ours <= best
+                } else {
+                    ours >= best
+                }),
+                _ => None,
+            },
+        });
+    };
+    vs_best_peer(
+        "proxy CPU per new TLS connection (µs)",
+        "tls_connect",
+        "cpu_per_op",
+        true,
+        false,
+    );
+    vs_best_peer(
+        "proxy CPU per new TLS connection, 32 clients (µs)",
+        "conn_rate",
+        "cpu_per_op",
+        true,
+        false,
+    );
+    vs_best_peer(
+        "new TLS connection, added p50 (µs)",
+        "tls_connect",
+        "p50",
+        true,
+        true,
+    );
+    vs_best_peer(
+        "new TLS connection, added p99 (µs)",
+        "tls_connect",
+        "p99",
+        true,
+        true,
+    );
+    vs_best_peer(
+        "new TLS connections/s, 32 clients",
+        "conn_rate",
+        "rate",
+        false,
+        false,
+    );
+    vs_best_peer(
+        "keep-alive request, added p50 (µs)",
+        "keepalive",
+        "p50",
+        true,
+        true,
+    );
+    vs_best_peer(
+        "proxy CPU per keep-alive request (µs)",
+        "keepalive",
+        "cpu_per_op",
+        true,
+        false,
+    );
+    vs_best_peer(
+        "RSS per idle spliced connection, 10k (KiB)",
+        "memory",
+        "rss_per_conn_10000",
+        true,
+        false,
+    );
     let mut added = |what: &str, s: &str, k: &str, max: f64| {
         let (a, b) = (m(s, k, "egressgate"), m(s, k, "direct"));
         out.push(Target {
@@ -327,16 +436,24 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
         "≥ 100k q/s",
         &|v| v >= 100_000.0,
     );
-    let held = m("memory", "conns_50000", "egressgate").map_or_else(String::new, |n| {
-        if n < 50_000.0 {
+    // The largest count measured (a run may ask for fewer).
+    let count = [50_000, 10_000]
+        .into_iter()
+        .find(|count| m("memory", &format!("rss_per_conn_{count}"), "egressgate").is_some())
+        .unwrap_or(50_000);
+    let held = m("memory", &format!("conns_{count}"), "egressgate").map_or_else(String::new, |n| {
+        if n < f64::from(count) {
             format!(" (measured with {n:.0} connections: fd limit)")
         } else {
             String::new()
         }
     });
     absolute(
-        &format!("gateway RSS per idle spliced connection at 50k{held}"),
-        m("memory", "rss_per_conn_50000", "egressgate"),
+        &format!(
+            "gateway RSS per idle spliced connection at {}k{held}",
+            count / 1000
+        ),
+        m("memory", &format!("rss_per_conn_{count}"), "egressgate"),
         "KiB",
         "≤ 10 KiB",
         &|v| v <= 10.0,
@@ -617,7 +734,7 @@ pub fn write(
         );
     }
 
-    md.push_str("\n## Targets (issues 4 and 13)\n\n| target | measured (egressgate) | goal | |\n|---|---|---|---|\n");
+    md.push_str("\n## Targets (issues 4, 13 and 17)\n\n| target | measured (egressgate) | goal | |\n|---|---|---|---|\n");
     for t in targets(results) {
         let mark = match t.met {
             Some(true) => "met",

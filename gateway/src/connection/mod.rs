@@ -198,22 +198,27 @@ impl Proxy {
             self.store.current()
         };
         let mut cx = Context::new(id, accepted, source, destination);
-        let (verdict, outcome) = self
-            .examine(&mut cx, &snapshot, admitted, &mut streams)
-            .await;
-        let decided = accepted.elapsed();
-        if verdict == Verdict::Deny {
+        // The outcome lives only until the decision line: a connection waiting for its upstream
+        // (or, later, for the server's first answer) does not hold it.
+        let (verdict, started) = {
+            // Boxed: the peek's state is the largest of the stages, and is gone once decided.
+            let examine = self.examine(&mut cx, &snapshot, admitted, &mut streams);
+            let (verdict, outcome) = Box::pin(examine).await;
+            let decided = accepted.elapsed();
+            if verdict == Verdict::Deny {
+                finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
+                reset(streams.client);
+                return None;
+            }
+            // The connect starts before the decision line is written, so the line's
+            // formatting overlaps the upstream handshake instead of delaying its SYN.
+            let started = match streams.upstream.take() {
+                Some(upstream) => Ok(Started::Open(upstream)),
+                None => TcpDial::start(destination).map(Started::Connecting),
+            };
             finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
-            reset(streams.client);
-            return None;
-        }
-        // The connect starts before the decision line is written, so the line's formatting
-        // overlaps the upstream handshake instead of delaying its SYN.
-        let started = match streams.upstream.take() {
-            Some(upstream) => Ok(Started::Open(upstream)),
-            None => TcpDial::start(destination).map(Started::Connecting),
+            (verdict, started)
         };
-        finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
         let dialled = match started {
             Ok(Started::Open(upstream)) => Ok(upstream),
             Ok(Started::Connecting(connecting)) => connecting.connected().await,
