@@ -186,8 +186,7 @@ async fn copy_some(
         from.readable().await.map_err(|e| side.error(e))?;
         match copy_now(from, to) {
             Ok(Copied::Nothing) => continue,
-            Ok(Copied::All(read)) => break (read, Vec::new()),
-            Ok(Copied::Part { read, rest }) => break (read, rest),
+            Ok(Copied::Read { read, rest }) => break (read, rest),
             Err(Fault::Read(e)) => return Err(side.error(e)),
             Err(Fault::Write(e)) => return Err(side.other().error(e)),
         }
@@ -213,10 +212,8 @@ async fn copy_some(
 enum Copied {
     /// `from` had nothing after all (tokio's readiness was stale).
     Nothing,
-    /// `read` bytes (0: `from` ended), all written.
-    All(usize),
-    /// `read` bytes, of which `to` did not take `rest` yet.
-    Part { read: usize, rest: Vec<u8> },
+    /// `read` bytes (0: `from` ended), of which `to` did not take `rest` yet (usually none).
+    Read { read: usize, rest: Vec<u8> },
 }
 
 #[derive(Debug)]
@@ -268,12 +265,15 @@ fn copy_through(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> Result<Copi
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let rest = buf[written..read].to_vec();
-                return Ok(Copied::Part { read, rest });
+                return Ok(Copied::Read { read, rest });
             }
             Err(e) => return Err(Fault::Write(e)),
         }
     }
-    Ok(Copied::All(read))
+    Ok(Copied::Read {
+        read,
+        rest: Vec::new(),
+    })
 }
 
 /// Moves exactly `len` bytes `from` → `to` through a pipe, unless `from` ends first; returns

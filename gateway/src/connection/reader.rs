@@ -129,9 +129,7 @@ impl PeekReader {
             .saturating_sub(self.buf.len())
             .min(READ_CHUNK);
         let mut chunk = [0u8; READ_CHUNK];
-        let Some(chunk) = chunk.get_mut(..room) else {
-            return;
-        };
+        let chunk = chunk.get_mut(..room).unwrap_or_default();
         if let Ok((read, _)) =
             rustix::net::recv(client, &mut *chunk, rustix::net::RecvFlags::DONTWAIT)
         {
