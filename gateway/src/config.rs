@@ -65,6 +65,12 @@ pub struct Listen {
     /// Transparent TCP listeners that TPROXY sends pod connections to.
     #[serde(default = "Listen::default_tproxy")]
     pub tproxy: Vec<SocketAddr>,
+    /// Transparent TCP listeners for connections to `intercept.clientFirstPorts`: the kernel
+    /// hands each over with its first bytes (TCP_DEFER_ACCEPT), one wake-up instead of two.
+    /// Default: each `tproxy` address on port 15002. Empty: those ports go to `tproxy` as
+    /// every other.
+    #[serde(default, rename = "clientFirstTproxy")]
+    pub client_first_tproxy_set: Option<Vec<SocketAddr>>,
     /// Transparent DNS listeners (UDP and TCP) that TPROXY sends pod DNS to.
     #[serde(default = "Listen::default_dns")]
     pub dns: Vec<SocketAddr>,
@@ -80,6 +86,16 @@ pub struct Listen {
 impl Listen {
     fn default_tproxy() -> Vec<SocketAddr> {
         both_families(15001)
+    }
+
+    const CLIENT_FIRST_PORT: u16 = 15002;
+
+    /// `clientFirstTproxy`, or its default: each `tproxy` address on port 15002.
+    pub fn client_first_tproxy(&self) -> Vec<SocketAddr> {
+        self.client_first_tproxy_set.clone().unwrap_or_else(|| {
+            let on_port = |addr: &SocketAddr| SocketAddr::new(addr.ip(), Self::CLIENT_FIRST_PORT);
+            self.tproxy.iter().map(on_port).collect()
+        })
     }
 
     fn default_dns() -> Vec<SocketAddr> {
@@ -104,11 +120,19 @@ impl Default for Listen {
     fn default() -> Self {
         Self {
             tproxy: Self::default_tproxy(),
+            client_first_tproxy_set: None,
             dns: Self::default_dns(),
             admin: Self::default_admin(),
             workers: None,
         }
     }
+}
+
+/// Whether binding both would share one port of one family (a wildcard covers every address).
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv6() == b.is_ipv6()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn both_families(port: u16) -> Vec<SocketAddr> {
@@ -188,6 +212,17 @@ pub struct Intercept {
     /// which asks them: a loop). Requires `nftables.manage`.
     #[serde(default)]
     pub exclude_pods: Vec<ExcludedPods>,
+    /// Destination ports whose protocol has the client speak first (TLS, HTTP, PostgreSQL):
+    /// their connections go to `listen.clientFirstTproxy`. A server-first protocol (SMTP,
+    /// MySQL, FTP) on one of them would wait about a second for its greeting, so list none.
+    #[serde(default = "Intercept::default_client_first_ports")]
+    pub client_first_ports: Vec<u16>,
+}
+
+impl Intercept {
+    fn default_client_first_ports() -> Vec<u16> {
+        vec![80, 443, 5432, 8080, 8443]
+    }
 }
 
 /// Pods of one namespace with all of some labels.
@@ -217,6 +252,7 @@ impl Default for Intercept {
             bypass_cidrs: Vec::new(),
             block_quic: true,
             exclude_pods: Vec::new(),
+            client_first_ports: Self::default_client_first_ports(),
         }
     }
 }
@@ -725,6 +761,19 @@ impl Config {
         if self.listen.tproxy.is_empty() {
             return Err("listen.tproxy: at least one address is needed".into());
         }
+        // SO_REUSEPORT would let the two share a port, each taking some of the connections.
+        let taken = |addr: &&SocketAddr| {
+            let others = self.listen.tproxy.iter().chain(&self.listen.dns);
+            others.clone().any(|other| same_socket(*other, **addr))
+        };
+        if let Some(addr) = self.listen.client_first_tproxy().iter().find(taken) {
+            return Err(format!(
+                "listen.clientFirstTproxy: {addr} is also a tproxy or dns address"
+            ));
+        }
+        if self.intercept.client_first_ports.contains(&0) {
+            return Err("intercept.clientFirstPorts: 0 is no port".into());
+        }
         if self
             .listen
             .workers
@@ -869,6 +918,36 @@ mod tests {
             let shown = Config::parse("c.yaml", &text).expect_err(bad).to_string();
             assert!(shown.contains("listen.workers"), "{bad}: {shown}");
         }
+    }
+
+    #[test]
+    fn client_first_listeners_have_ports_of_their_own() {
+        let config = Config::parse("c.yaml", MINIMAL).expect("valid");
+        let client_first: Vec<String> = (config.listen.client_first_tproxy().iter())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(client_first, ["0.0.0.0:15002", "[::]:15002"]);
+        assert_eq!(
+            config.intercept.client_first_ports,
+            [80, 443, 5432, 8080, 8443]
+        );
+        let base = "policyDir: /p\nidentity: {staticFile: /i}\n";
+        for bad in [
+            "listen: {clientFirstTproxy: [\"127.0.0.1:15001\"]}\nintercept: {interfaces: [egp0]}",
+            "listen: {clientFirstTproxy: [\"[::]:15053\"]}\nintercept: {interfaces: [egp0]}",
+            "intercept: {interfaces: [egp0], clientFirstPorts: [443, 0]}",
+            "listen: {tproxy: [\"127.0.0.1:15002\"]}\nintercept: {interfaces: [egp0]}",
+        ] {
+            let text = format!("{base}{bad}\n");
+            let shown = Config::parse("c.yaml", &text).expect_err(bad).to_string();
+            assert!(shown.contains("clientFirst"), "{bad}: {shown}");
+        }
+        let text = format!(
+            "{base}listen: {{clientFirstTproxy: [\"127.0.0.1:15001\"], tproxy: [\"127.0.0.2:15001\"]}}\n\
+             intercept: {{interfaces: [egp0], clientFirstPorts: []}}\n"
+        );
+        let config = Config::parse("c.yaml", &text).expect("another address, same port");
+        assert!(config.intercept.client_first_ports.is_empty());
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //!   transparent 1`) are marked and accepted; DNS (UDP and TCP port 53, to any server) goes to
 //!   the DNS shim; then
 //!   destinations in `bypassCidrs` and local addresses are left alone; other UDP goes to
-//!   `udp_policy`; every other TCP connection goes to the TPROXY listener. The TPROXY rules set
+//!   `udp_policy`; TCP to `intercept.clientFirstPorts` goes to the client-first listener
+//!   (`listen.clientFirstTproxy`, handed over with its first bytes), every other TCP
+//!   connection to the TPROXY listener. The TPROXY rules set
 //!   the mark, so the `ip rule fwmark <mark> lookup <routeTable>` and the `local` default route
 //!   in that table deliver them to the local stack.
 //! - `udp_policy`: pods in `udp_unpoliced_v4/6` (no enforce policy selects them, kept current
@@ -182,8 +184,16 @@ pub fn render(config: &Config) -> String {
     out.push_str("        ip6 daddr @bypass_v6 return\n");
     out.push_str("        fib daddr type local return\n");
     out.push_str("        meta l4proto udp goto udp_policy\n");
+    let client_first = port_list(&config.intercept.client_first_ports);
     for family in [Family::V4, Family::V6] {
         let nfproto = family.nfproto();
+        let target = family.target(&config.listen.client_first_tproxy());
+        if let (Some(to), false) = (target, client_first.is_empty()) {
+            out.push_str(&format!(
+                "        meta nfproto {nfproto} tcp dport {{ {client_first} }} tproxy {} to {to} meta mark set {mark} accept\n",
+                family.tproxy()
+            ));
+        }
         match family.target(&config.listen.tproxy) {
             Some(to) => out.push_str(&format!(
                 "        meta nfproto {nfproto} meta l4proto tcp tproxy {} to {to} meta mark set {mark} accept\n",
@@ -529,15 +539,22 @@ impl Family {
 
 /// Every port the gateway listens on, for the rule that keeps pods off them.
 fn own_ports(config: &Config) -> String {
-    let mut ports: Vec<u16> = config
+    let ports: Vec<u16> = config
         .listen
         .tproxy
         .iter()
+        .chain(&config.listen.client_first_tproxy())
         .chain(&config.listen.dns)
         .chain(&config.udp.listen)
         .chain(std::iter::once(&config.listen.admin))
         .map(SocketAddr::port)
         .collect();
+    port_list(&ports)
+}
+
+/// `ports` sorted, once each, as the elements of an anonymous nft set.
+fn port_list(ports: &[u16]) -> String {
+    let mut ports = ports.to_vec();
     ports.sort_unstable();
     ports.dedup();
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
@@ -787,7 +804,11 @@ mod tests {
             Some(&"meta l4proto tcp reject with tcp reset")
         );
         assert!(position("fib daddr type local return") < position("goto udp_policy"));
-        assert!(!rules.iter().any(|rule| rule.contains("443")), "{rules:#?}");
+        assert!(position("fib daddr type local return") < position("tcp dport { 80, 443"));
+        assert!(
+            !rules.iter().any(|rule| rule.contains("udp dport 443")),
+            "{rules:#?}"
+        );
         assert_eq!(script.matches("reject").count(), 7, "{script}");
         assert_eq!(rules.first(), Some(&"fib saddr . iif oif missing drop"));
         assert_eq!(
@@ -800,7 +821,7 @@ mod tests {
         assert!(position("reject with tcp reset") < position("socket transparent 1"));
         assert!(position("socket transparent 1") < position("udp dport 53 tproxy"));
         assert!(
-            position("tcp dport { 15001, 15053, 15054, 15090 } reject")
+            position("tcp dport { 15001, 15002, 15053, 15054, 15090 } reject")
                 < position("fib daddr type local return")
         );
         assert!(position("tcp dport 53 tproxy ip6") < position("tcp dport 53 reject"));
@@ -839,7 +860,7 @@ mod tests {
             script.contains("    set udp_flows_v6 {\n        type ipv6_addr . ipv6_addr . inet_service\n        flags dynamic,timeout\n        timeout 60s\n        size 65536\n    }\n"),
             "{script}"
         );
-        assert!(script.contains("tcp dport { 15001, 15053, 15054, 15090 } reject"));
+        assert!(script.contains("tcp dport { 15001, 15002, 15053, 15054, 15090 } reject"));
         let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
         assert_eq!(chain_rules(&open, "udp_unpoliced"), ["accept"]);
         let v4 = render(&config(
@@ -864,6 +885,36 @@ mod tests {
         ] {
             assert!(script.contains(&format!("        {rule}\n")), "{rule}\n{script}");
         }
+    }
+
+    #[test]
+    fn client_first_ports_go_to_their_own_listener_before_the_rest() {
+        let script = render(&config(FULL));
+        let position = |rule: &str| {
+            let line = format!("        {rule}\n");
+            script
+                .find(&line)
+                .unwrap_or_else(|| panic!("{rule}\n{script}"))
+        };
+        for (family, tproxy) in [("ipv4", "ip"), ("ipv6", "ip6")] {
+            let client_first = position(&format!(
+                "meta nfproto {family} tcp dport {{ 80, 443, 5432, 8080, 8443 }} tproxy {tproxy} to :15002 meta mark set 0x00006567 accept"
+            ));
+            let rest = position(&format!(
+                "meta nfproto {family} meta l4proto tcp tproxy {tproxy} to :15001 meta mark set 0x00006567 accept"
+            ));
+            assert!(client_first < rest, "{script}");
+        }
+
+        let none = render(&config(
+            "intercept: {interfaces: [\"egp*\"], clientFirstPorts: []}\n",
+        ));
+        assert!(!none.contains("to :15002"), "{none}");
+        let no_listener = render(&config(
+            "listen: {clientFirstTproxy: []}\nintercept: {interfaces: [\"egp*\"]}\n",
+        ));
+        assert!(!no_listener.contains("to :15002"), "{no_listener}");
+        assert!(no_listener.contains("tcp dport { 15001, 15053, 15054, 15090 } reject"));
     }
 
     #[test]

@@ -78,6 +78,7 @@ struct ListeningLine {
     time: String,
     event: &'static str,
     tproxy: Vec<SocketAddr>,
+    client_first_tproxy: Vec<SocketAddr>,
     dns: Vec<SocketAddr>,
     /// The UDP relay's sockets.
     udp: Vec<SocketAddr>,
@@ -193,21 +194,33 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     }
     let mut tproxy_listeners = Vec::new();
-    for &addr in &config.listen.tproxy {
+    let client_first = config.listen.client_first_tproxy();
+    let tproxy = (config.listen.tproxy.iter()).map(|&addr| (addr, "tproxy", false));
+    let client_first_tproxy = client_first
+        .iter()
+        .map(|&addr| (addr, "clientFirstTproxy", true));
+    for (addr, what, defers) in tproxy.chain(client_first_tproxy) {
         let adopted = inherited.take_all(Role::Tproxy, addr);
-        let bound = per_worker(
-            &workers,
-            addr,
-            adopted,
-            listener::adopt,
-            listener::bind_transparent,
-            TcpListener::local_addr,
-        )
-        .map_err(|source| RunError::Bind {
-            what: "tproxy",
-            addr,
-            source,
-        })?;
+        let bound = if defers {
+            per_worker(
+                &workers,
+                addr,
+                adopted,
+                listener::adopt_client_first,
+                listener::bind_transparent_client_first,
+                TcpListener::local_addr,
+            )
+        } else {
+            per_worker(
+                &workers,
+                addr,
+                adopted,
+                listener::adopt,
+                listener::bind_transparent,
+                TcpListener::local_addr,
+            )
+        }
+        .map_err(|source| RunError::Bind { what, addr, source })?;
         for (worker, listener) in bound {
             inventory.add(Role::Tproxy, addr, std::os::fd::AsFd::as_fd(&listener));
             tproxy_listeners.push((worker, listener));
@@ -438,6 +451,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         time: rfc3339_now(),
         event: "listening",
         tproxy: config.listen.tproxy.clone(),
+        client_first_tproxy: client_first,
         dns: config.listen.dns.clone(),
         udp: config.udp.listen.clone(),
         admin: admin_addr,

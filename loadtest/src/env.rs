@@ -25,7 +25,7 @@ use egressgate_lab::daemon::Daemon;
 use egressgate_lab::{addr, GatewayOptions, Lab, Netns};
 use serde::{Deserialize, Serialize};
 
-use crate::server::{BULK_PORT, HOLD_PORTS, TLS_PORT, UDP_ECHO_PORT};
+use crate::server::{BULK_PORT, HOLD_PORTS, HTTP_PORT, TLS_PORT, UDP_ECHO_PORT};
 use crate::{progress, Error};
 
 /// A path under test.
@@ -93,7 +93,8 @@ impl fmt::Display for PathKind {
 
 /// The node's address on pod d's link: where nginx listens.
 const NGINX_LISTEN: &str = "198.18.4.1";
-const HAPROXY_PORT: u16 = 15002;
+/// Not 15002: egressgate's client-first listener has it.
+const HAPROXY_PORT: u16 = 15012;
 /// nftables mark and routing table of the HAProxy interception (the gateway uses its own).
 const HAPROXY_MARK: u32 = 0x4c54;
 const HAPROXY_TABLE: u32 = 204;
@@ -388,8 +389,14 @@ fn policy() -> String {
 }
 
 impl Env {
-    /// The lab with egressgate running `workers` workers (see `Settings::workers`).
-    pub fn start(wanted: &[PathKind], peers: Peers, workers: usize) -> Result<Env, Error> {
+    /// The lab with egressgate running `workers` workers (see `Settings::workers`), its
+    /// client-first listener taking the TLS and HTTP ports if `client_first`.
+    pub fn start(
+        wanted: &[PathKind],
+        peers: Peers,
+        workers: usize,
+        client_first: bool,
+    ) -> Result<Env, Error> {
         let mut placement = Placement::detect();
         let gateway_cpus = if workers >= 2 {
             let cpus = workers.min(crate::cpus());
@@ -412,6 +419,11 @@ impl Env {
             // before `listen.workers` sizes its runtime from this instead.
             workers: (workers > 0).then_some(workers),
             env: vec![("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned())],
+            intercept_extra: if client_first {
+                client_first_ports()
+            } else {
+                String::new()
+            },
             ..GatewayOptions::default()
         }
         .policy("loadtest.yaml", &policy());
@@ -727,6 +739,17 @@ impl Env {
     pub fn server_tail(&self) -> String {
         self.server.output_tail(20)
     }
+}
+
+/// The `intercept.clientFirstPorts` line for the ports whose clients speak first: TLS (the
+/// connect and hold scenarios) and HTTP.
+fn client_first_ports() -> String {
+    let ports: Vec<String> = [TLS_PORT, HTTP_PORT]
+        .into_iter()
+        .chain(HOLD_PORTS)
+        .map(|port| port.to_string())
+        .collect();
+    format!("  clientFirstPorts: [{}]\n", ports.join(", "))
 }
 
 /// A lab of `pods` pods and `options`' gateway, every namespace tuned for load, and the

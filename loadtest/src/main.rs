@@ -157,6 +157,10 @@ struct Cli {
     /// `EGRESSGATE_BIN` from before it.
     #[arg(long)]
     workers: Option<usize>,
+    /// Leave `intercept.clientFirstPorts` out of egressgate's config (every port to the one
+    /// TPROXY listener), for an `EGRESSGATE_BIN` from before it.
+    #[arg(long)]
+    no_client_first: bool,
     /// Where the JSON results go (default loadtest/results; smoke: a temporary directory).
     #[arg(long)]
     results: Option<PathBuf>,
@@ -283,6 +287,7 @@ fn harness(cli: Cli) -> Result<(), Error> {
     if let Some(workers) = cli.workers {
         settings.workers = workers;
     }
+    settings.client_first = !cli.no_client_first;
     if let Some(c) = cli.conn_concurrency {
         settings.conn_concurrency = c.max(1);
     }
@@ -308,7 +313,12 @@ fn harness(cli: Cli) -> Result<(), Error> {
     }
     let env = if names.iter().any(|n| scenarios::needs_lab(n)) {
         let peers = Peers::find(!cli.no_install);
-        Some(Env::start(&wanted, peers, settings.workers)?)
+        Some(Env::start(
+            &wanted,
+            peers,
+            settings.workers,
+            settings.client_first,
+        )?)
     } else {
         None
     };

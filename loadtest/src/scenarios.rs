@@ -83,6 +83,9 @@ pub struct Settings {
     /// egressgate's `listen.workers` (0: the key left out, for binaries from before it). With 2
     /// or more the gateway gets as many CPUs, the load's included: the scaling runs.
     pub workers: usize,
+    /// The TLS and HTTP ports go to egressgate's client-first listener
+    /// (`intercept.clientFirstPorts`); `false` leaves the key out, for binaries from before it.
+    pub client_first: bool,
     pub smoke: bool,
 }
 
@@ -94,6 +97,7 @@ impl Settings {
             bulk_max_bytes: 64 << 30,
             conn_concurrency: 32,
             workers: 1,
+            client_first: true,
             memory_counts: vec![10_000, 50_000],
             memory_rounds: 2,
             dns_names: 5_000,
@@ -116,6 +120,7 @@ impl Settings {
             bulk_max_bytes: 64 << 20,
             conn_concurrency: 4,
             workers: 1,
+            client_first: true,
             memory_counts: vec![200],
             memory_rounds: 1,
             dns_names: 100,
@@ -138,6 +143,7 @@ impl Settings {
             ("bulk_max_bytes", json!(self.bulk_max_bytes)),
             ("conn_concurrency", json!(self.conn_concurrency)),
             ("workers", json!(self.workers)),
+            ("client_first", json!(self.client_first)),
             ("memory_counts", json!(self.memory_counts)),
             ("memory_rounds", json!(self.memory_rounds)),
             ("dns_names", json!(self.dns_names)),

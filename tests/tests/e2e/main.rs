@@ -14,6 +14,7 @@ mod bypass_support;
 mod bypass_tls;
 mod bypass_udp;
 mod cli;
+mod client_first;
 mod configmap_reload;
 mod dashboards;
 mod dns;

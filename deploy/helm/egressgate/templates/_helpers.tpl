@@ -71,7 +71,7 @@ as 1e+06, which the gateway rejects.
 */}}
 {{- define "egressgate.config" -}}
 {{- $v := .Values }}
-{{- $listen := dict "tproxy" $v.listen.tproxy "dns" $v.listen.dns "admin" $v.listen.admin }}
+{{- $listen := dict "tproxy" $v.listen.tproxy "clientFirstTproxy" $v.listen.clientFirstTproxy "dns" $v.listen.dns "admin" $v.listen.admin }}
 {{- if $v.listen.workers }}
 {{- $_ := set $listen "workers" (int64 $v.listen.workers) }}
 {{- end }}
@@ -84,7 +84,8 @@ as 1e+06, which the gateway rejects.
     "interfaces" $v.intercept.interfaces
     "bypassCidrs" $v.intercept.bypassCidrs
     "blockQuic" $v.intercept.blockQuic
-    "excludePods" $v.intercept.excludePods)
+    "excludePods" $v.intercept.excludePods
+    "clientFirstPorts" $v.intercept.clientFirstPorts)
   "nftables" (dict
     "manage" $v.nftables.manage
     "table" $v.nftables.table
