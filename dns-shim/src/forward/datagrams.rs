@@ -19,6 +19,7 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -86,8 +87,75 @@ struct Queued {
 struct UpstreamSocket {
     id: SocketId,
     upstream: SocketAddr,
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     born: Instant,
+    error: ErrorSignal,
+}
+
+/// Fires when the socket has an error pending (ICMP port unreachable from an upstream that is
+/// down): tokio's receive readiness does not wake for an error alone, and without this the
+/// queries on the socket would wait for their timeout instead of moving on at once.
+struct ErrorSignal(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl ErrorSignal {
+    fn arm(socket: &Arc<UdpSocket>) -> Self {
+        let socket = Arc::clone(socket);
+        ErrorSignal(Some(Box::pin(async move {
+            // An error of `ready` itself means the socket is unusable: as good as fired.
+            let _ = socket.ready(Interest::ERROR).await;
+        })))
+    }
+
+    /// Whether it fired (and stays fired until [`UpstreamSocket::take_error`] re-arms it).
+    fn poll_fired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let Some(signal) = &mut self.0 else {
+            return true;
+        };
+        if signal.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.0 = None;
+        true
+    }
+
+    fn fired(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl std::fmt::Debug for ErrorSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.fired() { "fired" } else { "armed" })
+    }
+}
+
+impl UpstreamSocket {
+    fn new(id: SocketId, upstream: SocketAddr, born: Instant) -> io::Result<Self> {
+        let socket = Arc::new(connected(upstream)?);
+        let error = ErrorSignal::arm(&socket);
+        Ok(UpstreamSocket {
+            id,
+            upstream,
+            socket,
+            born,
+            error,
+        })
+    }
+
+    /// The error its signal fired for, if still pending (a receive may have taken it first);
+    /// the signal is re-armed for the next one.
+    fn take_error(&mut self) -> Option<io::Error> {
+        if !self.error.fired() {
+            return None;
+        }
+        let error = self.socket.take_error().unwrap_or_else(Some);
+        // Forget the error readiness tokio saw, or the new signal would fire at once.
+        let _ = (self.socket).try_io(Interest::ERROR, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        self.error = ErrorSignal::arm(&self.socket);
+        error
+    }
 }
 
 /// See the module docs.
@@ -159,8 +227,9 @@ impl<T: Send + 'static> UdpExchanges<T> {
     pub(crate) async fn ready(&mut self) {
         poll_fn(|cx| {
             let mut ready = !self.tcp_done.is_empty() || !self.queued.is_empty();
-            for socket in self.live.iter().flatten().chain(&self.retired) {
+            for socket in self.live.iter_mut().flatten().chain(&mut self.retired) {
                 ready |= socket.socket.poll_recv_ready(cx).is_ready();
+                ready |= socket.error.poll_fired(cx);
             }
             if let Some(deadline) = self.pending.next_deadline() {
                 if self.timer.deadline() != deadline {
@@ -193,7 +262,7 @@ impl<T: Send + 'static> UdpExchanges<T> {
             done.push(finished);
         }
         let mut failed = Vec::new();
-        let sockets = self.live.iter().flatten().chain(&self.retired);
+        let sockets = self.live.iter_mut().flatten().chain(&mut self.retired);
         for socket in sockets {
             read_socket(
                 socket,
@@ -204,6 +273,9 @@ impl<T: Send + 'static> UdpExchanges<T> {
                 done,
                 &mut failed,
             );
+            if let Some(e) = socket.take_error() {
+                fail_socket(socket, &e, &mut self.pending, &self.forwarder, &mut failed);
+            }
         }
         for waiting in failed {
             self.next_upstream(waiting.query, done);
@@ -328,12 +400,7 @@ impl<T: Send + 'static> UdpExchanges<T> {
         if fresh {
             return Ok(turn);
         }
-        let replacement = UpstreamSocket {
-            id: self.next_socket,
-            upstream,
-            socket: connected(upstream)?,
-            born: now,
-        };
+        let replacement = UpstreamSocket::new(self.next_socket, upstream, now)?;
         self.next_socket += 1;
         if turn < sockets.len() {
             let old = std::mem::replace(&mut sockets[turn], replacement);
@@ -391,12 +458,7 @@ fn read_socket<T: Send + 'static>(
             Ok(datagrams) => datagrams,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
-                let upstream = socket.upstream;
-                for waiting in pending.fail_socket(socket.id) {
-                    tracing::debug!(%upstream, error = %e, "upstream failed");
-                    forwarder.metrics.upstream_error(UpstreamError::Io);
-                    failed.push(waiting);
-                }
+                fail_socket(socket, &e, pending, forwarder, failed);
                 continue;
             }
         };
@@ -415,6 +477,22 @@ fn read_socket<T: Send + 'static>(
         if !full {
             return;
         }
+    }
+}
+
+/// Moves every query waiting on `socket` into `failed`, for its next upstream.
+fn fail_socket<T>(
+    socket: &UpstreamSocket,
+    error: &io::Error,
+    pending: &mut Pending<Attempt<T>>,
+    forwarder: &Forwarder,
+    failed: &mut Vec<Waiting<Attempt<T>>>,
+) {
+    let upstream = socket.upstream;
+    for waiting in pending.fail_socket(socket.id) {
+        tracing::debug!(%upstream, %error, "upstream failed");
+        forwarder.metrics.upstream_error(UpstreamError::Io);
+        failed.push(waiting);
     }
 }
 

@@ -123,8 +123,9 @@ async fn silent_upstream_times_out() {
 }
 
 #[tokio::test]
-async fn next_upstream_is_tried_when_the_first_fails() {
-    // A port nobody listens on: ICMP port unreachable fails the first attempt quickly.
+async fn next_upstream_is_tried_at_once_when_the_first_is_unreachable() {
+    // A port nobody listens on: ICMP port unreachable fails the first attempt at once, long
+    // before its timeout.
     let dead = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
     let dead_addr = dead.local_addr().expect("addr");
     drop(dead);
@@ -140,12 +141,15 @@ async fn next_upstream_is_tried_when_the_first_fails() {
             .await
             .expect("send");
     });
-    let (metrics, _registry) = metrics();
-    let forwarder = Forwarder::new(vec![dead_addr, addr], Duration::from_secs(5), metrics);
-    let exchange = exchange_udp(&forwarder, DIG_A)
+    let (metrics, registry) = metrics();
+    let forwarder = Forwarder::new(vec![dead_addr, addr], Duration::from_secs(60), metrics);
+    let exchange = tokio::time::timeout(Duration::from_secs(20), exchange_udp(&forwarder, DIG_A))
         .await
+        .expect("the unreachable upstream fails before its timeout")
         .expect("second upstream answers");
     assert_eq!(exchange.upstream, addr);
+    assert_eq!(upstream_errors(&registry, "io"), 1);
+    assert_eq!(upstream_errors(&registry, "timeout"), 0);
 }
 
 /// A fake upstream that answers every query it receives with [`DNSMASQ_A`] under the query's ID.

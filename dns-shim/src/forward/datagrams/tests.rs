@@ -17,12 +17,7 @@ async fn upstream_and_socket() -> (UdpSocket, UpstreamSocket) {
         .await
         .expect("upstream");
     let addr = upstream.local_addr().expect("addr");
-    let socket = UpstreamSocket {
-        id: SOCKET,
-        upstream: addr,
-        socket: connected(addr).expect("connected socket"),
-        born: Instant::now(),
-    };
+    let socket = UpstreamSocket::new(SOCKET, addr, Instant::now()).expect("connected socket");
     (upstream, socket)
 }
 
