@@ -201,25 +201,22 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         .map(|&addr| (addr, "clientFirstTproxy", true));
     for (addr, what, defers) in tproxy.chain(client_first_tproxy) {
         let adopted = inherited.take_all(Role::Tproxy, addr);
-        let bound = if defers {
-            per_worker(
-                &workers,
-                addr,
-                adopted,
-                listener::adopt_client_first,
-                listener::bind_transparent_client_first,
-                TcpListener::local_addr,
-            )
+        type Adopt = fn(std::os::fd::OwnedFd) -> std::io::Result<TcpListener>;
+        type Bind = fn(SocketAddr) -> std::io::Result<TcpListener>;
+        let (adopt, bind): (Adopt, Bind) = if defers {
+            let bind = listener::bind_transparent_client_first;
+            (listener::adopt_client_first, bind)
         } else {
-            per_worker(
-                &workers,
-                addr,
-                adopted,
-                listener::adopt,
-                listener::bind_transparent,
-                TcpListener::local_addr,
-            )
-        }
+            (listener::adopt, listener::bind_transparent)
+        };
+        let bound = per_worker(
+            &workers,
+            addr,
+            adopted,
+            adopt,
+            bind,
+            TcpListener::local_addr,
+        )
         .map_err(|source| RunError::Bind { what, addr, source })?;
         for (worker, listener) in bound {
             inventory.add(Role::Tproxy, addr, std::os::fd::AsFd::as_fd(&listener));
@@ -232,20 +229,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     // both decide a flow the same way.
     let mut udp_sockets = Vec::new();
     for &addr in &config.udp.listen {
-        let bound = per_worker(
-            &workers,
-            addr,
-            std::iter::empty(),
-            |never: std::convert::Infallible| match never {},
-            UdpRelay::bind,
-            tokio::net::UdpSocket::local_addr,
-        )
-        .map_err(|source| RunError::Bind {
-            what: "udp",
-            addr,
-            source,
+        let (mut bound, local_addr) = (Vec::new(), tokio::net::UdpSocket::local_addr);
+        bind_rest(&workers, addr, &mut bound, UdpRelay::bind, local_addr).map_err(|source| {
+            RunError::Bind {
+                what: "udp",
+                addr,
+                source,
+            }
         })?;
-        udp_sockets.extend(bound);
+        udp_sockets.append(&mut bound);
     }
     let admin_addr = config.listen.admin;
     let admin_listener = listener::bind_shared(admin_addr).map_err(|source| RunError::Bind {
@@ -584,7 +576,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 /// One socket per worker on `addr`, each registered with its worker's runtime and paired with
 /// its worker's index: first every socket a predecessor `adopted` (all of them, even past the
 /// worker count, so that none closes with connections in its queue), then new ones `bind` makes
-/// for the workers still without one. A port of 0 becomes the first socket's.
+/// for the workers still without one ([`bind_rest`]).
 fn per_worker<Handed, Listener>(
     workers: &Workers,
     addr: SocketAddr,
@@ -598,7 +590,19 @@ fn per_worker<Handed, Listener>(
         let _runtime = workers.handle(listeners.len()).enter();
         listeners.push((listeners.len(), adopt(handed)?));
     }
-    let mut addr = addr;
+    bind_rest(workers, addr, &mut listeners, bind, local_addr)?;
+    Ok(listeners)
+}
+
+/// Binds a socket on `addr` for each worker after those `listeners` already serve, on its
+/// worker's runtime. A port of 0 becomes the first new socket's.
+fn bind_rest<Listener>(
+    workers: &Workers,
+    mut addr: SocketAddr,
+    listeners: &mut Vec<(usize, Listener)>,
+    bind: impl Fn(SocketAddr) -> std::io::Result<Listener>,
+    local_addr: impl Fn(&Listener) -> std::io::Result<SocketAddr>,
+) -> std::io::Result<()> {
     while listeners.len() < workers.len() {
         let _runtime = workers.handle(listeners.len()).enter();
         let listener = bind(addr)?;
@@ -607,7 +611,7 @@ fn per_worker<Handed, Listener>(
         }
         listeners.push((listeners.len(), listener));
     }
-    Ok(listeners)
+    Ok(())
 }
 
 /// The endpoints of the admin socket (docs/operations.md lists them).
