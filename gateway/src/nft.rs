@@ -144,13 +144,14 @@ pub fn render(config: &Config) -> String {
     }
     // The gateway's own ports on node addresses are not for pods: a connection to the TPROXY
     // listener itself would be relayed to itself, again and again. Before the socket rule, which
-    // would match the (transparent) listener.
+    // would match the (transparent) listener. The port first: every packet of every intercepted
+    // flow passes here, and only those to these ports need the FIB lookup.
     let own_ports = own_ports(config);
     out.push_str(&format!(
-        "        fib daddr type local tcp dport {{ {own_ports} }} reject with tcp reset\n"
+        "        tcp dport {{ {own_ports} }} fib daddr type local reject with tcp reset\n"
     ));
     out.push_str(&format!(
-        "        fib daddr type local udp dport {{ {own_ports} }} reject\n"
+        "        udp dport {{ {own_ports} }} fib daddr type local reject\n"
     ));
     // TCP only: for UDP the lookup would also find the short-lived transparent socket the DNS
     // shim binds to the server's address to send a reply, and a query arriving meanwhile (glibc
@@ -821,7 +822,7 @@ mod tests {
         assert!(position("reject with tcp reset") < position("socket transparent 1"));
         assert!(position("socket transparent 1") < position("udp dport 53 tproxy"));
         assert!(
-            position("tcp dport { 15001, 15002, 15053, 15054, 15090 } reject")
+            position("tcp dport { 15001, 15002, 15053, 15054, 15090 } fib daddr type local reject")
                 < position("fib daddr type local return")
         );
         assert!(position("tcp dport 53 tproxy ip6") < position("tcp dport 53 reject"));
@@ -860,7 +861,9 @@ mod tests {
             script.contains("    set udp_flows_v6 {\n        type ipv6_addr . ipv6_addr . inet_service\n        flags dynamic,timeout\n        timeout 60s\n        size 65536\n    }\n"),
             "{script}"
         );
-        assert!(script.contains("tcp dport { 15001, 15002, 15053, 15054, 15090 } reject"));
+        assert!(script.contains(
+            "tcp dport { 15001, 15002, 15053, 15054, 15090 } fib daddr type local reject"
+        ));
         let open = render(&config(&format!("{FULL}  blockQuic: false\n")));
         assert_eq!(chain_rules(&open, "udp_unpoliced"), ["accept"]);
         let v4 = render(&config(
@@ -914,7 +917,7 @@ mod tests {
             "listen: {clientFirstTproxy: []}\nintercept: {interfaces: [\"egp*\"]}\n",
         ));
         assert!(!no_listener.contains("to :15002"), "{no_listener}");
-        assert!(no_listener.contains("tcp dport { 15001, 15053, 15054, 15090 } reject"));
+        assert!(no_listener.contains("tcp dport { 15001, 15053, 15054, 15090 } fib daddr"));
     }
 
     #[test]
