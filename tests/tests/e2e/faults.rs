@@ -75,12 +75,14 @@ fn an_upstream_that_refuses_resets_the_pod_and_logs_the_error() {
     );
 }
 
-/// Python in pod a: `count` connections held open (silent) for `hold_s` seconds.
+/// Python in pod a: `count` connections held open for `hold_s` seconds, each after the first
+/// byte of a ClientHello (so that the kernel hands them to the gateway at once: 443 is a
+/// client-first port).
 fn hold_connections(count: usize, hold_s: f64) -> String {
     format!(
         "import socket, time\n\
          held = []\n\
-         for _ in range({count}):\n    try:\n        held.append(socket.create_connection(('{web}', 443), timeout=2))\n    except Exception:\n        pass\n\
+         for _ in range({count}):\n    try:\n        s = socket.create_connection(('{web}', 443), timeout=2)\n        s.sendall(b'\\x16')\n        held.append(s)\n    except Exception:\n        pass\n\
          print('held', len(held), flush=True)\n\
          time.sleep({hold_s})\n",
         web = addr::WEB

@@ -74,12 +74,14 @@ fn silent_oversized_and_malformed_first_messages_are_denied() {
     );
 }
 
-/// Python in pod a: `held` silent connections to the web IP, then one more; prints how the last
-/// one ended.
+/// Python in pod a: `held` connections to the web IP that send the first byte of a ClientHello
+/// and no more, then one more; prints how the last one ended. (A connection to a client-first
+/// port that sends nothing is held by the kernel, not the gateway: it takes no slot.)
 fn one_too_many(held: usize) -> String {
     format!(
         "import socket, time\n\
          held = [socket.create_connection(('{web}', 443), timeout=5) for _ in range({held})]\n\
+         for h in held:\n    h.sendall(b'\\x16')\n\
          time.sleep(0.3)\n\
          try:\n    s = socket.create_connection(('{web}', 443), timeout=5)\n\
          \x20   s.sendall(b'x')\n    print('last', len(s.recv(10)))\n\
