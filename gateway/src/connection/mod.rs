@@ -55,12 +55,14 @@ use context::{Context, Granted, Streams};
 use egressgate_policy::{DnsName, Selection};
 use reader::PeekReader;
 use stop::Stop;
-use upstream::{Dial, TcpDial};
+use upstream::{Connecting, Dial, TcpDial};
 
 /// The upstream connection of an allowed connection, once the verdict is known.
-enum Started {
-    /// Opened by the peek stage (the PostgreSQL SSLRequest negotiation).
-    Open(TcpStream),
+enum Dialled {
+    /// Open, by the peek stage (the PostgreSQL SSLRequest negotiation) or within connect(2)
+    /// (a near upstream); or failed at once.
+    Done(std::io::Result<TcpStream>),
+    /// The handshake is under way.
     Connecting(upstream::Connecting),
 }
 
@@ -200,7 +202,7 @@ impl Proxy {
         let mut cx = Context::new(id, accepted, source, destination);
         // The outcome lives only until the decision line: a connection waiting for its upstream
         // (or, later, for the server's first answer) does not hold it.
-        let (verdict, started) = {
+        let (verdict, dialled, retries, sent) = {
             // Boxed: the peek's state is the largest of the stages, and is gone once decided.
             let examine = self.examine(&mut cx, &snapshot, admitted, &mut streams);
             let (verdict, outcome) = Box::pin(examine).await;
@@ -210,19 +212,31 @@ impl Proxy {
                 reset(streams.client);
                 return None;
             }
-            // The connect starts before the decision line is written, so the line's
-            // formatting overlaps the upstream handshake instead of delaying its SYN.
-            let started = match streams.upstream.take() {
-                Some(upstream) => Ok(Started::Open(upstream)),
-                None => TcpDial::start(destination).map(Started::Connecting),
+            // Only a ClientHello a rule allowed is held to its second one; audit lets anything on.
+            let hello = cx.peeked.as_ref().and_then(Peeked::client_hello);
+            let retries = verdict == Verdict::Allow && hello.is_some();
+            // The connect starts before the decision line is written. When it completes within
+            // connect(2), the first message goes up at once too: the line's formatting then
+            // overlaps the server's work instead of delaying its first byte; otherwise the
+            // upstream handshake.
+            let (dialled, sent) = match streams.upstream.take() {
+                Some(upstream) => (Dialled::Done(Ok(upstream)), 0),
+                None => match TcpDial::start(destination).map(Connecting::connected_now) {
+                    Ok(Ok(upstream)) => {
+                        let first = first_message(&cx, verdict, &streams.reader);
+                        let sent = upstream::send_now(&upstream, first);
+                        (Dialled::Done(Ok(upstream)), sent)
+                    }
+                    Ok(Err(connecting)) => (Dialled::Connecting(connecting), 0),
+                    Err(e) => (Dialled::Done(Err(e)), 0),
+                },
             };
             finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
-            (verdict, started)
+            (verdict, dialled, retries, sent)
         };
-        let dialled = match started {
-            Ok(Started::Open(upstream)) => Ok(upstream),
-            Ok(Started::Connecting(connecting)) => connecting.connected().await,
-            Err(e) => Err(e),
+        let dialled = match dialled {
+            Dialled::Done(result) => result,
+            Dialled::Connecting(connecting) => connecting.connected().await,
         };
         let mut upstream = match dialled {
             Ok(upstream) => upstream,
@@ -234,9 +248,8 @@ impl Proxy {
                 return None;
             }
         };
-        // Only a ClientHello a rule allowed is held to its second one; audit lets anything on.
-        let moved = if verdict == Verdict::Allow {
-            match self.retry(&mut cx, &mut streams, &mut upstream).await {
+        let moved = if retries {
+            match self.retry(&mut cx, &mut streams, &mut upstream, sent).await {
                 Some(moved) => moved,
                 None => {
                     reset(streams.client);
@@ -244,7 +257,11 @@ impl Proxy {
                 }
             }
         } else {
-            retry::Moved::default()
+            streams.reader.forwarded += sent;
+            retry::Moved {
+                up: sent as u64,
+                down: 0,
+            }
         };
         // An allowed HTTP/1 connection goes on request by request (every Host checked).
         let http = verdict == Verdict::Allow && matches!(cx.peeked, Some(Peeked::Http(_)));
@@ -327,13 +344,15 @@ impl Proxy {
         cx: &mut Context<'_>,
         streams: &mut Streams<C, U>,
         upstream: &mut U,
+        sent: usize,
     ) -> Option<retry::Moved>
     where
         C: AsyncRead + AsyncWrite + Unpin,
         U: AsyncRead + AsyncWrite + Unpin,
     {
         let Streams { client, reader, .. } = streams;
-        let outcome = retry::check(cx, client, upstream, reader, self.peek.timeout()).await;
+        let timeout = self.peek.timeout();
+        let outcome = retry::check(cx, client, upstream, reader, sent, timeout).await;
         match outcome {
             Ok((_, moved)) => Some(moved),
             Err(stop) => {
@@ -599,6 +618,20 @@ pub(crate) fn fallback(setting: UnselectedPods) -> Verdict {
     match setting {
         UnselectedPods::Allow => Verdict::Allow,
         UnselectedPods::Deny => Verdict::Deny,
+    }
+}
+
+/// What the stage after [`Proxy::open`] writes upstream first: an allowed TLS connection's first
+/// ClientHello (the retry stage), nothing for an allowed HTTP/1 connection (its relay frames each
+/// request), else every byte read so far (the relay's replay).
+fn first_message<'r>(cx: &Context<'_>, verdict: Verdict, reader: &'r PeekReader) -> &'r [u8] {
+    let unforwarded = reader.buf.get(reader.forwarded..).unwrap_or_default();
+    let hello = cx.peeked.as_ref().and_then(Peeked::client_hello);
+    match (&cx.peeked, hello) {
+        _ if verdict != Verdict::Allow => unforwarded,
+        (Some(Peeked::Http(_)), _) => &[],
+        (_, Some(hello)) => unforwarded.get(..hello.consumed).unwrap_or(unforwarded),
+        _ => unforwarded,
     }
 }
 

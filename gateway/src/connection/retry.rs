@@ -46,11 +46,14 @@ pub enum Retry {
 
 /// Runs the stage for a connection allowed on the ClientHello in `cx.peeked` (nothing to do for
 /// other connections). On a refused second ClientHello, `cx.peeked` holds it, for the log.
+/// The first `sent` bytes of the ClientHello are upstream already (written as the connection
+/// opened).
 pub async fn check<C, U>(
     cx: &mut Context<'_>,
     client: &mut C,
     upstream: &mut U,
     reader: &mut PeekReader,
+    sent: usize,
     timeout: Duration,
 ) -> Result<(Retry, Moved), Stop>
 where
@@ -66,7 +69,8 @@ where
     let end = (reader.forwarded + first.consumed).min(reader.buf.len());
     let hello = reader.buf.get(reader.forwarded..end).unwrap_or_default();
     let deadline = Instant::now() + timeout;
-    match tokio::time::timeout_at(deadline, upstream.write_all(hello)).await {
+    let rest = hello.get(sent..).unwrap_or_default();
+    match tokio::time::timeout_at(deadline, upstream.write_all(rest)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) | Err(_) => return Err(Stop::new(UpstreamFault::UpstreamUnreachable)),
     }

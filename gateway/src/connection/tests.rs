@@ -440,13 +440,23 @@ async fn run_retry(
     cx: &mut Context<'_>,
     streams: &mut Streams<DuplexStream, DuplexStream>,
 ) -> Result<(retry::Retry, retry::Moved), Stop> {
+    run_retry_after(cx, streams, 0).await
+}
+
+/// The retry stage when the first `sent` bytes of the ClientHello went up as the connection
+/// opened.
+async fn run_retry_after(
+    cx: &mut Context<'_>,
+    streams: &mut Streams<DuplexStream, DuplexStream>,
+    sent: usize,
+) -> Result<(retry::Retry, retry::Moved), Stop> {
     let Streams {
         client,
         upstream,
         reader,
     } = streams;
     let upstream = upstream.as_mut().expect("dialled");
-    retry::check(cx, client, upstream, reader, PEEK_TIMEOUT).await
+    retry::check(cx, client, upstream, reader, sent, PEEK_TIMEOUT).await
 }
 
 /// Reads exactly `len` bytes.
@@ -474,6 +484,35 @@ async fn without_a_retry_the_servers_first_read_reaches_the_client_and_nothing_e
             down: RETRY_SERVER_HELLO.len() as u64
         }
     );
+    assert!(streams.reader.into_unforwarded().is_empty());
+}
+
+/// What goes up as the connection opens is what the next stage would write first: only the
+/// ClientHello before the retry stage, everything read when the relay replays it.
+#[tokio::test]
+async fn the_first_message_is_what_the_next_stage_writes_first() {
+    let (cx, mut streams, _pod, _server) = allowed_hello(TLS_HELLO).await;
+    streams.reader.buf.extend_from_slice(b"early data");
+    let first = super::first_message(&cx, Verdict::Allow, &streams.reader);
+    assert_eq!(first, TLS_HELLO);
+    let audited = super::first_message(&cx, Verdict::Audit, &streams.reader);
+    assert_eq!(audited.len(), TLS_HELLO.len() + b"early data".len());
+}
+
+#[tokio::test]
+async fn bytes_of_the_client_hello_sent_as_the_connection_opened_are_not_sent_again() {
+    let (mut cx, mut streams, _pod, mut server) = allowed_hello(TLS_HELLO).await;
+    server.write_all(RETRY_SERVER_HELLO).await.expect("answers");
+    let (told, moved) = run_retry_after(&mut cx, &mut streams, 100)
+        .await
+        .expect("passes");
+    assert_eq!(told, retry::Retry::None);
+    assert_eq!(
+        read_n(&mut server, TLS_HELLO.len() - 100).await,
+        TLS_HELLO[100..]
+    );
+    // Counted once, as the ClientHello's bytes.
+    assert_eq!(moved.up, TLS_HELLO.len() as u64);
     assert!(streams.reader.into_unforwarded().is_empty());
 }
 

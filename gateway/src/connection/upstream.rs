@@ -67,6 +67,17 @@ pub struct Connecting {
 }
 
 impl Connecting {
+    /// The connection if it is established already: a near upstream (the same node, a veth
+    /// away) answers the SYN while connect(2) still runs. Then nothing waits for the event loop
+    /// to report it writable, and no timer is armed. Otherwise the caller awaits
+    /// [`Connecting::connected`].
+    pub fn connected_now(self) -> Result<TcpStream, Connecting> {
+        match self.stream.peer_addr() {
+            Ok(_) => Ok(self.stream),
+            Err(_) => Err(self),
+        }
+    }
+
     /// The connection once established, or why it failed (refused, unreachable, timed out).
     pub async fn connected(self) -> io::Result<TcpStream> {
         tokio::time::timeout(CONNECT_TIMEOUT, self.stream.writable())
@@ -76,5 +87,56 @@ impl Connecting {
             Some(e) => Err(e),
             None => Ok(self.stream),
         }
+    }
+}
+
+/// Writes what it can of `bytes` to the connected `stream` at once, without waiting for the
+/// event loop: tokio only writes to a socket it has seen writable, and a new one has not been
+/// seen yet. How much went; nothing on any error, which the next write through tokio reports.
+pub fn send_now(stream: &TcpStream, bytes: &[u8]) -> usize {
+    if bytes.is_empty() {
+        return 0;
+    }
+    let flags = nix::libc::MSG_DONTWAIT | nix::libc::MSG_NOSIGNAL;
+    socket2::SockRef::from(stream)
+        .send_with_flags(bytes, flags)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_established_within_connect_is_used_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let to = OrigDstAddr(listener.local_addr().expect("addr"));
+        // Loopback answers the SYN inside connect(2): connected before any await.
+        let stream = TcpDial::start(to)
+            .expect("start")
+            .connected_now()
+            .expect("connected within connect(2)");
+        assert_eq!(send_now(&stream, b"first bytes"), 11);
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        let mut got = [0u8; 11];
+        accepted.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"first bytes");
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_opening_is_awaited() {
+        // A closed port: refused, so not connected, and `connected` says why.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let refused = TcpDial::start(OrigDstAddr(addr)).expect("start");
+        let Err(connecting) = refused.connected_now() else {
+            panic!("a refused connection is not connected");
+        };
+        let error = connecting.connected().await.expect_err("refused");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 }
