@@ -139,6 +139,12 @@ impl Store {
     /// connection can race the watch event that announces its address, and must not be judged
     /// as an unknown source because of that.
     pub(crate) async fn pod_by_ip(&self, ip: IpAddr, deadline: tokio::time::Instant) -> Snapshot {
+        // Nearly always known: no subscription on the connection's path.
+        let snapshot = self.current();
+        if snapshot.identities.lookup(ip).is_some() {
+            return snapshot;
+        }
+        // Subscribed before looking again, so that no publication after that look is missed.
         let mut published = self.identities_published.subscribe();
         loop {
             let snapshot = self.current();
