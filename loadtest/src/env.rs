@@ -73,7 +73,7 @@ impl PathKind {
         match self {
             PathKind::Direct => "no interception: pod → node (forwarding) → upstream",
             PathKind::Egressgate => {
-                "egressgate via its own nftables TPROXY rules; peeks SNI, decides by the names the pod resolved (DNS through the shim), splices"
+                "egressgate via its own nftables TPROXY rules (the TLS and HTTP ports are `intercept.clientFirstPorts`: accepted with their first bytes); peeks SNI, decides by the names the pod resolved (DNS through the shim), splices"
             }
             PathKind::Haproxy => {
                 "HAProxy `mode tcp`, transparent (nftables TPROXY → `bind … transparent`, `server 0.0.0.0` = original destination), `req.ssl_sni` ACL, nbthread 1"
