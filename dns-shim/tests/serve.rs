@@ -43,11 +43,23 @@ fn canned(query: &[u8]) -> Vec<u8> {
     with_id(response, id_of(query))
 }
 
+/// A UDP socket and a TCP listener on the same loopback port. The kernel picks the UDP port
+/// alone, and a test running beside may hold the TCP one (a connection's local port): then try
+/// another.
+async fn udp_and_tcp_on_one_port() -> (UdpSocket, TcpListener, SocketAddr) {
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        if let Ok(tcp) = TcpListener::bind(addr).await {
+            return (udp, tcp, addr);
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP in 100 tries");
+}
+
 /// A fake trusted upstream answering the fixture queries over UDP and TCP on one port.
 async fn fake_upstream() -> SocketAddr {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-    let addr = udp.local_addr().expect("addr");
-    let tcp = TcpListener::bind(addr).await.expect("bind tcp");
+    let (udp, tcp, addr) = udp_and_tcp_on_one_port().await;
     tokio::spawn(async move {
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = udp.recv_from(&mut buf).await {

@@ -202,11 +202,17 @@ async fn a_query_the_kernel_refuses_moves_on_alone_and_its_batch_is_answered() {
 
 #[tokio::test]
 async fn truncated_udp_answer_is_retried_over_tcp() {
-    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-    let addr = udp.local_addr().expect("addr");
-    let tcp = TcpListener::bind(addr)
-        .await
-        .expect("bind tcp on the same port");
+    // The kernel picks the UDP port alone; a test beside may hold its TCP twin: try another.
+    let mut bound = None;
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = udp.local_addr().expect("addr");
+        if let Ok(tcp) = TcpListener::bind(addr).await {
+            bound = Some((udp, tcp, addr));
+            break;
+        }
+    }
+    let (udp, tcp, addr) = bound.expect("a loopback port free for both UDP and TCP");
     tokio::spawn(async move {
         let mut buf = [0u8; 512];
         let (_, client) = udp.recv_from(&mut buf).await.expect("query");
