@@ -61,7 +61,8 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut moved = Moved::default();
-    let Some(first) = cx.peeked.as_ref().and_then(Peeked::client_hello).cloned() else {
+    // Borrowed, not cloned: only a refusal at the end replaces it, after its last use.
+    let Some(first) = cx.peeked.as_ref().and_then(Peeked::client_hello) else {
         return Ok((Retry::None, moved));
     };
     // The first ClientHello ends `consumed` bytes after what was forwarded before it (the
@@ -105,7 +106,7 @@ where
 
     reader.restart(Instant::now() + timeout);
     let second = reader.until(client, 0, peek_second_client_hello).await?;
-    let checked = check_second_client_hello(&first, &second);
+    let checked = check_second_client_hello(first, &second);
     if checked.is_err() {
         if let Some(peeked) = cx.peeked.as_mut() {
             peeked.replace_client_hello(second);
