@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -41,6 +41,9 @@ pub const SOCKET_NAME: &str = "admin.sock";
 /// Request bodies are small JSON documents (an explain query is a few hundred bytes); the cap
 /// keeps a client from making the gateway buffer much.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// Most bytes of a refused body read (and dropped) before the `413`.
+const MAX_DRAINED: usize = 1 << 20;
 
 /// Connections served at once; more wait in the listen backlog. A long-lived stream holds one.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -277,7 +280,7 @@ async fn serve_connection(stream: UnixStream, router: Arc<Router>, own_uid: u32)
 }
 
 async fn dispatch(router: &Router, request: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = request.into_parts();
+    let (parts, mut body) = request.into_parts();
     let handler = match router.find(&parts.method, parts.uri.path()) {
         Ok(handler) => Arc::clone(handler),
         Err(refusal) => return *refusal,
@@ -287,12 +290,12 @@ async fn dispatch(router: &Router, request: Request<Incoming>) -> Response<Body>
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
-        return too_large();
+        return refuse_too_large(body).await;
     }
-    let read = tokio::time::timeout(READ_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await;
+    let read = tokio::time::timeout(READ_TIMEOUT, read_capped(&mut body)).await;
     let body = match read {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Ok(Ok(Some(whole))) => whole,
+        Ok(Ok(None)) => return refuse_too_large(body).await,
         Ok(Err(e)) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -315,7 +318,34 @@ async fn dispatch(router: &Router, request: Request<Incoming>) -> Response<Body>
     .await
 }
 
-fn too_large() -> Response<Body> {
+/// The whole body, or `None` past [`MAX_BODY`] (the rest left unread).
+async fn read_capped(body: &mut Incoming) -> Result<Option<Bytes>, hyper::Error> {
+    let mut whole = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            if whole.len() + data.len() > MAX_BODY {
+                return Ok(None);
+            }
+            whole.extend_from_slice(data);
+        }
+    }
+    Ok(Some(whole.into()))
+}
+
+/// `413`, once the rest of the body is read and dropped (up to [`MAX_DRAINED`] bytes, within
+/// [`READ_TIMEOUT`]): a client still sending when the socket closed would get a broken pipe
+/// instead of the answer.
+async fn refuse_too_large(mut body: Incoming) -> Response<Body> {
+    let drain = async {
+        let mut drained = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            drained += frame.data_ref().map_or(0, Bytes::len);
+            if drained > MAX_DRAINED {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(READ_TIMEOUT, drain).await;
     error(
         StatusCode::PAYLOAD_TOO_LARGE,
         format!("request bodies are limited to {MAX_BODY} bytes"),
@@ -482,6 +512,15 @@ mod tests {
         }
         chunked.extend_from_slice(b"0\r\n\r\n");
         let answer = raw(&path, &chunked).await;
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+        // A client that sends its whole (refused) body before reading, more than the socket
+        // buffers hold: the refusal waits for it, so the client reads a 413, not a broken pipe.
+        let len = 900 * 1024;
+        let mut whole =
+            format!("POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n")
+                .into_bytes();
+        whole.resize(whole.len() + len, b'z');
+        let answer = raw(&path, &whole).await;
         assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
         let exact = vec![b'x'; MAX_BODY];
         let (status, _) = client::call(&path, Method::POST, "/v1/echo", exact.into(), timeout)
