@@ -35,8 +35,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use egressgate_dns_shim::{NameTable, PodIp};
+use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::{self, UnselectedPods};
@@ -81,6 +83,14 @@ pub struct Proxy {
     next_id: AtomicU64,
 }
 
+/// A listener with what its acceptor needs; one task at a time holds it.
+struct Acceptor {
+    listener: TcpListener,
+    shutdown: BoxFuture<'static, ()>,
+    /// Dropped with the acceptor: tells `Proxy::serve` that accepting ended.
+    _done: oneshot::Sender<()>,
+}
+
 /// Decrements the active gauge however the connection ends.
 struct ActiveGuard(prometheus::IntGauge);
 
@@ -118,26 +128,51 @@ impl Proxy {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Accepts until `shutdown`; each connection runs in its own task.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future) {
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((client, source)) => {
-                        tokio::spawn(Arc::clone(&self).handle(client, ClientAddr(source)));
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: free the descriptors the pipe pool keeps, and back
-                        // off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        PIPES.release_kept();
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
+    /// Accepts until `shutdown`.
+    ///
+    /// The listener passes from task to task: the task that accepts a connection hands the
+    /// listener on to a new task and then serves its connection. The next `accept4` (which
+    /// mostly finds the queue empty) so runs once this connection waits, after its first bytes
+    /// went upstream, instead of before this connection's first poll.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let (done, ended) = oneshot::channel();
+        let acceptor = Acceptor {
+            listener,
+            shutdown: Box::pin(shutdown),
+            _done: done,
+        };
+        tokio::spawn(self.accept(acceptor));
+        // Err once the acceptor is dropped: it saw `shutdown`, or its runtime stopped.
+        let _ = ended.await;
+    }
+
+    /// Accepts one connection (or stops), hands `acceptor` on, and serves the connection.
+    /// Boxed: the task spawns its own kind.
+    fn accept(self: Arc<Self>, mut acceptor: Acceptor) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            loop {
+                tokio::select! {
+                    () = &mut acceptor.shutdown => return,
+                    accepted = acceptor.listener.accept() => match accepted {
+                        Ok((client, source)) => {
+                            tokio::spawn(Arc::clone(&self).accept(acceptor));
+                            return self.handle(client, ClientAddr(source)).await;
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: free the descriptors the pipe pool keeps, and
+                            // back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            PIPES.release_kept();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
             }
-        }
+        })
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, source: ClientAddr) {

@@ -1001,3 +1001,53 @@ async fn a_later_request_after_the_pods_identity_changed_is_decided_whole() {
     assert_eq!(gate(&gateway, "api.example.test", &mut allowed), Next::Stop);
     assert_eq!(later_allowed(&gateway), 1);
 }
+
+// === serve: the listener handed from task to task ===
+
+/// The pod the loopback clients of `serve` are.
+const LOOPBACK_POD: &str = "namespaces: [{name: shop}]
+pods: [{name: app-1, namespace: shop, ips: [127.0.0.1], labels: {role: app}}]
+";
+
+#[tokio::test]
+async fn serve_accepts_every_connection_and_stops_at_shutdown() {
+    let Gateway { proxy, _dir, .. } = gateway(LOOPBACK_POD);
+    let proxy = Arc::new(proxy);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let address = listener.local_addr().expect("bound");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(Arc::clone(&proxy).serve(listener, async {
+        let _ = stopped.await;
+    }));
+
+    // All open at once: each is accepted although the ones before it are still being served.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut client = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connects");
+        client.write_all(TLS_HELLO).await.expect("writes");
+        clients.push(client);
+    }
+    for mut client in clients {
+        // The destination (the listener's own address) is in no rule: denied, closed.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest));
+        let _ = read.await.expect("closed by the gateway");
+    }
+    let denied = ["deny", "no_dns_record", "tls", "shop"];
+    assert_eq!(
+        proxy.metrics.connections.with_label_values(&denied).get(),
+        3
+    );
+
+    stop.send(()).expect("serving");
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("serve returns at shutdown")
+        .expect("no panic");
+    let refused = tokio::net::TcpStream::connect(address).await;
+    assert!(refused.is_err(), "the listener is closed");
+}
