@@ -927,27 +927,41 @@ const HOPS: &str = "
 ## Where a new connection's time goes
 
 `loadtest/tools/latency_hops.py` reads a tcpdump of the lab's node namespace taken during
-`tls_connect` (one client) and times each hop through the proxy: a packet arriving on one side
-to its counterpart leaving on the other. Medians of about 3,700 connections each, 2026-12-07,
-one run per path:
+`tls_connect` (one client) and times each hop through the proxy (a packet arriving on one side
+to its counterpart leaving on the other), and the client's and the server's own turns between
+those packets. Medians of about 10,000 connections each, 2026-12-07 (commit 7e0ba646), one run
+per column:
 
-| hop (µs) | egressgate, client-first port | egressgate, other port | HAProxy |
+| µs (median) | egressgate, client-first port | egressgate, other port | HAProxy |
 |---|---|---|---|
-| ClientHello in → SYN to the server | 26.7 | 12.9 | 12.9 |
-| SYN → SYN-ACK | 2.9 | 2.9 | 2.9 |
-| SYN-ACK → ClientHello to the server | 7.2 | 6.9 | 8.6 |
-| server's first flight in → out | 11.2 | 10.7 | 10.5 |
-| client's Finished in → out | 13.8 | 13.1 | 12.6 |
-| ClientHello in → server's last byte to the client | 413.7 | 397.9 | 398.4 |
+| ClientHello in → SYN to the server | 19.6 | 12.4 | 10.5 |
+| SYN → SYN-ACK | 2.6 | 2.9 | 2.6 |
+| SYN-ACK → ClientHello to the server | 6.9 | 6.9 | 7.4 |
+| server's first flight in → out | 7.6 | 8.1 | 7.4 |
+| client's Finished in → out | 7.6 | 10.5 | 7.4 |
+| *server's turn*: ClientHello → its first flight | 113.7 | 115.2 | 105.1 |
+| *client's turn*: server's first flight → its Finished | 183.8 | 186.4 | 172.6 |
+| *client's turn*: last byte of the response → next SYN | 42.4 | 39.8 | 22.9 |
+| ClientHello in → server's last byte to the client | 395.8 | 398.9 | 354.5 |
 
-- On a port of `intercept.clientFirstPorts` the kernel hands the connection over with its
-  ClientHello (TCP_DEFER_ACCEPT): one wake-up instead of two, so less CPU per connection
-  (about 6 % in an A/B of the same binary, and with 32 clients `conn_rate` gives egressgate
-  the highest rate and lowest p50 of the three), but the accept itself (the kernel creating
-  the socket, `accept4`, registering it, spawning the task) then happens after the
-  ClientHello arrived instead of while the client was still computing it: about 14 µs more
-  before the SYN leaves. On other ports egressgate matches HAProxy hop for hop.
+- The proxy's own hops add about 10 µs over HAProxy's on a client-first port and 3 µs on
+  other ports. On a port of `intercept.clientFirstPorts` the kernel hands the connection over
+  with its ClientHello (TCP_DEFER_ACCEPT): one wake-up instead of two, but the accept (the
+  kernel creating the socket, `accept4`, registering it) then happens after the ClientHello
+  arrived instead of while the client was still computing it. In an A/B of the same binary
+  (10 runs each, alternated, 2026-12-07) the option cost nothing in the client's p50 (520.5
+  vs 519.5 µs) and saved about 3 % CPU (110 vs 114 µs per connection).
+- Most of the rest of HAProxy's lead is on the CPU the lab's client and server share: the
+  same server and client take longer turns behind egressgate (and behind nginx: its server
+  turn is 114.2 µs) than behind HAProxy. Counted from `/proc/<pid>/status` over 5 s of
+  `tls_connect`, per connection: behind egressgate the server sleeps and is woken 2.9 times
+  (2.4 behind HAProxy) and the client is preempted 0.6 times (0.3), and each spends about
+  9 µs more CPU. The packets are the same (count and kind, both sides); which of the proxy's
+  timings makes the server sleep once more is not found yet. On a machine with a CPU each for
+  client, server and proxy this part would go away; this one has two.
 - The SYN-ACK of a near server arrives while connect(2) still runs; the ClientHello goes up
   at once (before the decision line is formatted), without waiting for the event loop to
-  report the socket writable: that hop went from 24.3 to 7.2 µs.
+  report the socket writable (that hop went from 24.3 to 7.2 µs); the next connection's
+  `accept4` runs only after this connection's ClientHello went up (the listener passes from
+  task to task).
 ";

@@ -10,7 +10,9 @@ While `loadtest tls_connect --paths <one path>` runs (one client, one connection
 Pod-side packets are those to or from a pod address (198.18.0.0/16); upstream-side ones are
 the proxy's own connections to port 5443. The n-th pod connection is paired with the n-th
 upstream connection (the client is sequential), and each hop is the time between a packet
-arriving on one side and its counterpart leaving on the other. Medians and p90 in µs.
+arriving on one side and its counterpart leaving on the other. The `c`/`s` lines are the
+client's and the server's own turns between those packets (its CPU, shared in the lab): a proxy
+can lengthen them too, by what it makes that CPU do or by when it does it. Medians and p90 in µs.
 """
 import re
 import statistics
@@ -31,7 +33,8 @@ def connections(pcap):
         ["tcpdump", "-r", pcap, "-nn", "-tt", "--time-stamp-precision=nano"],
         capture_output=True, text=True, check=True,
     ).stdout
-    sides = {"pod": {}, "up": {}}
+    sides = {"pod": [], "up": []}
+    current = {"pod": {}, "up": {}}  # the latest connection of each address and port
     for line in text.splitlines():
         m = PACKET.match(line)
         if not m:
@@ -48,9 +51,14 @@ def connections(pcap):
         else:
             continue
         kind = {"S": "syn", "S.": "synack"}.get(flags, "data" if int(length) else "ack")
-        sides[side].setdefault(key, []).append((float(t), way, kind))
-    # dicts keep insertion order: connections in the order they started
-    return list(sides["pod"].values()), list(sides["up"].values())
+        conn = current[side].get(key)
+        # A SYN after data on the same address and port is a new connection (the port reused).
+        if conn is None or (kind == "syn" and any(k == "data" for _, _, k in conn)):
+            conn = current[side][key] = []
+            sides[side].append(conn)
+        conn.append((float(t), way, kind))
+    # in the order they started
+    return sides["pod"], sides["up"]
 
 
 def hops(pod_conns, up_conns):
@@ -78,6 +86,18 @@ def hops(pod_conns, up_conns):
             add(f"5 client data {k} in -> out", up_up[k] - pod_up[k])
         if pod_down:
             add("9 first byte in -> last server data out", pod_down[-1] - pod_up[0])
+        pod_syn = times(pod, "up", "syn")
+        if pod_syn:
+            add("c1 client: SYN -> first byte", pod_up[0] - pod_syn[0])
+        if pod_down and len(pod_up) > 1:
+            add("c2 client: server's first data -> its next data", pod_up[1] - pod_down[0])
+        if up_down:
+            add("s1 server: first byte -> its first data", up_down[0] - up_up[0])
+    # The client's turn from one connection's last byte to the next connection's SYN.
+    for pod, following in zip(pod_conns[2:-3], pod_conns[3:-2]):
+        last, syn = times(pod, "down", "data"), times(following, "up", "syn")
+        if last and syn:
+            add("c3 client: last server data -> next SYN", syn[0] - last[-1])
     return found
 
 
@@ -87,7 +107,7 @@ def main():
     for hop, values in sorted(hops(*connections(sys.argv[1])).items()):
         values.sort()
         p90 = values[int(len(values) * 0.9)]
-        print(f"{hop:42} n={len(values):5} p50={statistics.median(values):7.1f} p90={p90:7.1f}")
+        print(f"{hop:48} n={len(values):5} p50={statistics.median(values):7.1f} p90={p90:7.1f}")
 
 
 if __name__ == "__main__":
