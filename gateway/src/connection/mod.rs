@@ -57,7 +57,7 @@ use context::{Context, Granted, Streams};
 use egressgate_policy::{DnsName, Selection};
 use reader::PeekReader;
 use stop::Stop;
-use upstream::{Connecting, Dial, TcpDial};
+use upstream::{Dial, FirstSend, TcpDial};
 
 /// The upstream connection of an allowed connection, once the verdict is known.
 enum Dialled {
@@ -256,15 +256,16 @@ impl Proxy {
             // upstream handshake.
             let (dialled, sent) = match streams.upstream.take() {
                 Some(upstream) => (Dialled::Done(Ok(upstream)), 0),
-                None => match TcpDial::start(destination).map(Connecting::connected_now) {
-                    Ok(Ok(upstream)) => {
-                        let first = first_message(&cx, verdict, &streams.reader);
-                        let sent = upstream::send_now(&upstream, first);
-                        (Dialled::Done(Ok(upstream)), sent)
+                None => {
+                    let first = first_message(&cx, verdict, &streams.reader);
+                    let started = TcpDial::start(destination)
+                        .and_then(|connecting| connecting.send_if_connected(first));
+                    match started {
+                        Ok(FirstSend::Sent(upstream, sent)) => (Dialled::Done(Ok(upstream)), sent),
+                        Ok(FirstSend::Opening(connecting)) => (Dialled::Connecting(connecting), 0),
+                        Err(e) => (Dialled::Done(Err(e)), 0),
                     }
-                    Ok(Err(connecting)) => (Dialled::Connecting(connecting), 0),
-                    Err(e) => (Dialled::Done(Err(e)), 0),
-                },
+                }
             };
             finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
             (verdict, dialled, retries, sent)

@@ -55,52 +55,65 @@ impl TcpDial {
             Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
         }
-        let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-        Ok(Connecting { stream })
+        Ok(Connecting { socket })
     }
 }
 
-/// A connection [`TcpDial::start`] began.
+/// A connection [`TcpDial::start`] began, not yet in the event loop.
 #[derive(Debug)]
 pub struct Connecting {
-    stream: TcpStream,
+    socket: Socket,
+}
+
+/// What [`Connecting::send_if_connected`] found.
+#[derive(Debug)]
+pub enum FirstSend {
+    /// Established: the stream (now in the event loop) and how much of the first message
+    /// went.
+    Sent(TcpStream, usize),
+    /// Still opening: await [`Connecting::connected`].
+    Opening(Connecting),
 }
 
 impl Connecting {
-    /// The connection if it is established already: a near upstream (the same node, a veth
-    /// away) answers the SYN while connect(2) still runs. Then nothing waits for the event loop
-    /// to report it writable, and no timer is armed. Otherwise the caller awaits
-    /// [`Connecting::connected`].
-    pub fn connected_now(self) -> Result<TcpStream, Connecting> {
-        match self.stream.peer_addr() {
-            Ok(_) => Ok(self.stream),
-            Err(_) => Err(self),
-        }
+    /// Sends what it can of `first` at once if the connection is established already: a near
+    /// upstream (the same node, a veth away) answers the SYN while connect(2) still runs. The
+    /// send itself is the test (on a socket still opening it fails with `EAGAIN` and sends
+    /// nothing), and the socket joins the event loop only after it: between connect(2) and the
+    /// first bytes there is no other system call, and no timer is armed. An empty `first` is
+    /// tested with getpeername(2). A connection that failed already is an error.
+    pub fn send_if_connected(self, first: &[u8]) -> io::Result<FirstSend> {
+        let sent = if first.is_empty() {
+            match self.socket.peer_addr() {
+                Ok(_) => 0,
+                Err(_) => return Ok(FirstSend::Opening(self)),
+            }
+        } else {
+            let flags = nix::libc::MSG_DONTWAIT | nix::libc::MSG_NOSIGNAL;
+            match self.socket.send_with_flags(first, flags) {
+                Ok(sent) => sent,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(FirstSend::Opening(self))
+                }
+                // Refused or reset within connect(2): the send took the socket's error.
+                Err(e) => return Err(e),
+            }
+        };
+        let stream = TcpStream::from_std(std::net::TcpStream::from(self.socket))?;
+        Ok(FirstSend::Sent(stream, sent))
     }
 
     /// The connection once established, or why it failed (refused, unreachable, timed out).
     pub async fn connected(self) -> io::Result<TcpStream> {
-        tokio::time::timeout(CONNECT_TIMEOUT, self.stream.writable())
+        let stream = TcpStream::from_std(std::net::TcpStream::from(self.socket))?;
+        tokio::time::timeout(CONNECT_TIMEOUT, stream.writable())
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        match self.stream.take_error()? {
+        match stream.take_error()? {
             Some(e) => Err(e),
-            None => Ok(self.stream),
+            None => Ok(stream),
         }
     }
-}
-
-/// Writes what it can of `bytes` to the connected `stream` at once, without waiting for the
-/// event loop: tokio only writes to a socket it has seen writable, and a new one has not been
-/// seen yet. How much went; nothing on any error, which the next write through tokio reports.
-pub fn send_now(stream: &TcpStream, bytes: &[u8]) -> usize {
-    if bytes.is_empty() {
-        return 0;
-    }
-    let flags = nix::libc::MSG_DONTWAIT | nix::libc::MSG_NOSIGNAL;
-    socket2::SockRef::from(stream)
-        .send_with_flags(bytes, flags)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -110,31 +123,46 @@ mod tests {
 
     use super::*;
 
+    /// Connects to `to` and sends `first` at once; the stream and how much went.
+    fn sent_at_once(to: OrigDstAddr, first: &[u8]) -> (TcpStream, usize) {
+        let started = TcpDial::start(to).expect("start");
+        match started.send_if_connected(first).expect("no error") {
+            FirstSend::Sent(stream, sent) => (stream, sent),
+            FirstSend::Opening(_) => panic!("loopback answers the SYN inside connect(2)"),
+        }
+    }
+
     #[tokio::test]
-    async fn a_connection_established_within_connect_is_used_at_once() {
+    async fn a_connection_established_within_connect_gets_its_first_bytes_at_once() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let to = OrigDstAddr(listener.local_addr().expect("addr"));
-        // Loopback answers the SYN inside connect(2): connected before any await.
-        let stream = TcpDial::start(to)
-            .expect("start")
-            .connected_now()
-            .expect("connected within connect(2)");
-        assert_eq!(send_now(&stream, b"first bytes"), 11);
+        let (_stream, sent) = sent_at_once(to, b"first bytes");
+        assert_eq!(sent, 11);
         let (mut accepted, _) = listener.accept().await.expect("accept");
         let mut got = [0u8; 11];
         accepted.read_exact(&mut got).await.expect("read");
         assert_eq!(&got, b"first bytes");
+
+        // Nothing to send (a server-first protocol): established all the same.
+        let (stream, sent) = sent_at_once(to, b"");
+        assert_eq!(sent, 0);
+        assert!(stream.peer_addr().is_ok());
     }
 
     #[tokio::test]
-    async fn a_connection_still_opening_is_awaited() {
-        // A closed port: refused, so not connected, and `connected` says why.
+    async fn a_refused_connection_is_an_error_with_or_without_a_first_message() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        let to = OrigDstAddr(listener.local_addr().expect("addr"));
         drop(listener);
-        let refused = TcpDial::start(OrigDstAddr(addr)).expect("start");
-        let Err(connecting) = refused.connected_now() else {
-            panic!("a refused connection is not connected");
+        // With bytes to send, the send meets the refusal.
+        let refused = TcpDial::start(to).expect("start");
+        let error = refused.send_if_connected(b"hello").expect_err("refused");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+
+        // Without, it is not established, and awaiting it says why.
+        let refused = TcpDial::start(to).expect("start");
+        let Ok(FirstSend::Opening(connecting)) = refused.send_if_connected(b"") else {
+            panic!("a refused connection is not established");
         };
         let error = connecting.connected().await.expect_err("refused");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
