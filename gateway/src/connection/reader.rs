@@ -1,10 +1,11 @@
 //! Reading a client's first bytes until a pure peeker decides, within a deadline and a cap.
 
 use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
 use std::task::Poll;
 
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -118,11 +119,13 @@ impl PeekReader {
         .await
     }
 
-    /// Takes what a just-accepted client has already sent, without waiting. A client that
-    /// speaks first has usually sent its first message by the time it is accepted, but tokio
-    /// knows no readiness yet for the new socket, so the first read would wait a turn of the
-    /// event loop for epoll to say so. Nothing there yet (or an error, or the end) is left to
-    /// the next read, which meets it again.
+    /// Takes what a just-accepted client has already sent, without waiting: a client that
+    /// speaks first has usually sent its first message by the time it is accepted (always, on
+    /// a deferred-accept listener), and tokio takes an accepted socket as readable until a read
+    /// finds it empty. A read shorter than asked emptied the socket, so tokio is told so (a
+    /// `WouldBlock` from inside `try_io`): the next read then waits for the client's next bytes
+    /// instead of first calling recv(2) for nothing. Nothing there yet (or an error, or the
+    /// end) is left to the next read, which meets it again.
     pub fn read_ready(&mut self, client: &TcpStream) {
         let room = self
             .max_bytes
@@ -130,12 +133,19 @@ impl PeekReader {
             .min(READ_CHUNK);
         let mut chunk = [0u8; READ_CHUNK];
         let chunk = chunk.get_mut(..room).unwrap_or_default();
-        if let Ok((read, _)) =
-            rustix::net::recv(client, &mut *chunk, rustix::net::RecvFlags::DONTWAIT)
-        {
-            self.buf
-                .extend_from_slice(chunk.get(..read).unwrap_or_default());
-        }
+        let mut drained = 0;
+        let read = client.try_io(Interest::READABLE, || {
+            let (read, _) =
+                rustix::net::recv(client, &mut *chunk, rustix::net::RecvFlags::DONTWAIT)?;
+            if read > 0 && read < room {
+                drained = read;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(read)
+        });
+        let read = read.unwrap_or(drained);
+        self.buf
+            .extend_from_slice(chunk.get(..read).unwrap_or_default());
     }
 
     /// The bytes read but not yet sent upstream, owned: the relay frees them once written.
@@ -175,5 +185,50 @@ mod tests {
         reader.read_ready(&accepted);
         assert_eq!(reader.buf, b"first message, l", "up to the byte cap");
         silent.shutdown().await.expect("close");
+    }
+
+    /// Whether tokio would let a read of `stream` try the socket now.
+    async fn believed_readable(stream: &tokio::net::TcpStream) -> bool {
+        futures::poll!(Box::pin(stream.ready(Interest::READABLE))).is_ready()
+    }
+
+    #[tokio::test]
+    async fn a_first_message_taken_whole_leaves_no_readiness_behind() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client.write_all(b"hello").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (accepted, _) = listener.accept().await.expect("accept");
+        // tokio takes an accepted socket as readable...
+        assert!(believed_readable(&accepted).await);
+        let mut reader = PeekReader::new(Instant::now() + Duration::from_secs(5), 4096);
+        reader.read_ready(&accepted);
+        assert_eq!(reader.buf, b"hello");
+        // ...until a read empties it: the next read waits for the client's next bytes instead
+        // of calling recv(2) for nothing.
+        tokio::task::yield_now().await;
+        assert!(!believed_readable(&accepted).await, "drained");
+
+        client.write_all(b" again").await.expect("write");
+        let mut accepted = accepted;
+        let read = tokio::time::timeout(Duration::from_secs(5), reader.read_more(&mut accepted));
+        assert_eq!(read.await.expect("woken").expect("read"), 6);
+        assert_eq!(reader.buf, b"hello again");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_before_accept_is_met_by_the_next_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (mut accepted, _) = listener.accept().await.expect("accept");
+        let mut reader = PeekReader::new(Instant::now() + Duration::from_secs(5), 4096);
+        reader.read_ready(&accepted);
+        assert!(reader.buf.is_empty());
+        let read = tokio::time::timeout(Duration::from_secs(5), reader.read_more(&mut accepted));
+        assert_eq!(read.await.expect("no wait").expect("read"), 0, "the end");
     }
 }
