@@ -19,6 +19,10 @@ use tokio::sync::oneshot;
 /// How long a worker's blocking tasks may run on once the worker stops.
 const BLOCKING_SHUTDOWN: Duration = Duration::from_millis(100);
 
+/// The furthest ahead a worker's next planned wake-up ever is (see [`plan_a_wake`]): below the
+/// default `peek.timeoutMs` (5 s) and idle timeout, the deadlines every connection sets.
+const WAKE_HORIZON: Duration = Duration::from_secs(1);
+
 /// The running workers; dropping it stops them, cancelling what still runs on them.
 #[derive(Debug)]
 pub(crate) struct Workers {
@@ -48,8 +52,13 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("egressgate-worker-{index}"))
                 .spawn(move || {
-                    // Either a stop or the sender dropped: both end the worker.
-                    let _ = runtime.block_on(stopped);
+                    runtime.block_on(async {
+                        tokio::select! {
+                            // Either a stop or the sender dropped: both end the worker.
+                            _ = stopped => {}
+                            () = plan_a_wake() => {}
+                        }
+                    });
                     runtime.shutdown_timeout(BLOCKING_SHUTDOWN);
                 })?;
             workers.push(Worker {
@@ -69,6 +78,19 @@ impl Workers {
     /// wrap around, so sockets can be dealt to workers in turn.
     pub(crate) fn handle(&self, index: usize) -> &Handle {
         &self.workers[index % self.workers.len()].handle
+    }
+}
+
+/// Keeps a timer at most [`WAKE_HORIZON`] ahead on the worker's driver, waking it once a second.
+///
+/// tokio wakes its driver (an eventfd write, then one more turn of its loop) whenever a timer is
+/// set earlier than the driver's next planned wake-up, even from the driver's own thread; on a
+/// worker with no timer pending, that was every new connection's first deadline: a system call
+/// per connection. With this one pending, a deadline further ahead than `WAKE_HORIZON` is set
+/// without a wake-up.
+async fn plan_a_wake() {
+    loop {
+        tokio::time::sleep(WAKE_HORIZON).await;
     }
 }
 
@@ -132,6 +154,35 @@ mod tests {
         running.recv().expect("the task started");
         drop(workers);
         assert!(cancelled.load(Ordering::SeqCst));
+    }
+
+    /// A connection's deadlines, set one after another on a worker that parks between them (as
+    /// it does between a connection's reads), wake the worker's driver none of the times.
+    #[test]
+    fn a_connection_deadline_does_not_wake_the_worker_it_is_set_on() {
+        let workers = Workers::start(NonZeroUsize::MIN).expect("start");
+        let writes = workers.handle(0).spawn(async {
+            tokio::task::yield_now().await;
+            let before = write_calls();
+            for _ in 0..10 {
+                let deadline = tokio::time::sleep(Duration::from_secs(5));
+                tokio::pin!(deadline);
+                assert!(futures::poll!(&mut deadline).is_pending());
+                // The driver turns, and plans its next wake-up from the timers pending.
+                tokio::task::yield_now().await;
+            }
+            write_calls() - before
+        });
+        assert_eq!(wait_for(writes).expect("join"), 0);
+    }
+
+    /// This thread's write(2) calls so far; tokio's driver wakes itself with one (its eventfd).
+    fn write_calls() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("task I/O accounting");
+        io.lines()
+            .find_map(|line| line.strip_prefix("syscw:"))
+            .and_then(|count| count.trim().parse().ok())
+            .expect("syscw")
     }
 
     /// Waits for a task of another runtime from a plain thread.
