@@ -27,7 +27,11 @@ pub struct Metrics {
     denied_series: Arc<Mutex<HashSet<(String, String)>>>,
     pub connections_active: IntGauge,
     /// `direction`: `up` (pod → destination, peeked bytes included) or `down`.
-    pub bytes: IntCounterVec,
+    bytes: IntCounterVec,
+    /// `bytes{direction="up"}` and `{direction="down"}`, resolved once: every relayed
+    /// connection counts both, and a label lookup hashes the label and takes a lock.
+    pub bytes_up: IntCounter,
+    pub bytes_down: IntCounter,
     /// Accept to verdict, peeking and (PostgreSQL negotiation) upstream round trips included.
     pub decision_duration: Histogram,
     /// `protocol`: first byte to a complete (or refused) first message.
@@ -61,6 +65,13 @@ impl Metrics {
             ),
             &["verdict"],
         )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "egressgate_bytes_total",
+                "Bytes relayed, by direction (up: pod to destination).",
+            ),
+            &["direction"],
+        )?;
         let metrics = Metrics {
             connections: IntCounterVec::new(
                 Opts::new(
@@ -83,13 +94,9 @@ impl Metrics {
                 "egressgate_connections_active",
                 "Connections accepted and not yet closed.",
             )?,
-            bytes: IntCounterVec::new(
-                Opts::new(
-                    "egressgate_bytes_total",
-                    "Bytes relayed, by direction (up: pod to destination).",
-                ),
-                &["direction"],
-            )?,
+            bytes_up: bytes.with_label_values(&["up"]),
+            bytes_down: bytes.with_label_values(&["down"]),
+            bytes,
             decision_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "egressgate_decision_duration_seconds",
@@ -205,5 +212,24 @@ mod tests {
             .find(|m| m.get_label().iter().any(|l| l.value() == "other"))
             .expect("other series");
         assert_eq!(other.get_counter().get_value(), 5.0);
+    }
+
+    #[test]
+    fn bytes_counted_through_the_resolved_counters_are_the_direction_series() {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry).expect("registers");
+        metrics.bytes_up.inc_by(239);
+        metrics.bytes_down.inc_by(803);
+        let families = registry.gather();
+        let bytes = families
+            .iter()
+            .find(|f| f.name() == "egressgate_bytes_total")
+            .expect("family");
+        let by_direction: Vec<(&str, f64)> = bytes
+            .get_metric()
+            .iter()
+            .map(|m| (m.get_label()[0].value(), m.get_counter().get_value()))
+            .collect();
+        assert_eq!(by_direction, [("down", 803.0), ("up", 239.0)]);
     }
 }

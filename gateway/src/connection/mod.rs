@@ -569,8 +569,8 @@ impl Proxy {
         moved: retry::Moved,
     ) {
         let (up, down) = (relayed.bytes_up + moved.up, relayed.bytes_down + moved.down);
-        self.metrics.bytes.with_label_values(&["up"]).inc_by(up);
-        self.metrics.bytes.with_label_values(&["down"]).inc_by(down);
+        self.metrics.bytes_up.inc_by(up);
+        self.metrics.bytes_down.inc_by(down);
         CloseLine::print(
             id,
             (up, down),
