@@ -983,29 +983,37 @@ per column:
 
 ### Where the proxy's CPU goes
 
-Per new TLS connection during `tls_connect` (one client), on the proxy's CPU only: system calls
-from `perf record -e raw_syscalls:sys_enter -C 1` (divided by the `connect` calls: one per
-connection for every proxy), CPU from `perf record -C 1 -F 9999` (one 5 s sample each, so
-±10 %). 2026-12-07, commit ca241f07, on the AMD EPYC machine of the tls_connect run above:
+Per new TLS connection during `tls_connect` (one client), from
+`loadtest/tools/per_connection.py <path>`: the proxy's user and system time from /proc over
+4 s (the total exact, the split tick-sampled), divided by the connections the node opened
+upstream; then, in the next 4 s, the system calls on the proxy's CPU by name (perf on the
+syscall tracepoints, which slow every call, hence the separate window), divided by the
+`connect` calls. Three runs each (HAProxy one), 2026-12-07, commit 04b63c2b, on the AMD EPYC
+machine of the tls_connect run above:
 
 | per connection | egressgate | nginx | HAProxy |
 |---|---|---|---|
-| kernel CPU (µs) | 301 | 326 | 334 |
-| user CPU (µs) | 61 | 38 | 66 |
-| system calls (without `clock_gettime`) | 34 | 32 | 39 |
-| `epoll_wait` / `recvfrom` / send | 8.9 / 7.1 / 5.1 | 8.7 / 6.7 / 5.7 | 8.9 / 8.9 / 4.9 |
+| user CPU (µs) | 34–36 | 18 | 25 |
+| kernel CPU (µs) | 202–237 | 187–205 | 231 |
+| system calls | 36.1 | 32.9 | 61.4 (19.9 of them `clock_gettime`) |
+| `epoll_wait` / `recvfrom` / send | 9.1 / 7.9 / 5.9 | 9.0 / 6.9 / 5.9 | 9.9 / 9.8 / 5.8 |
 | `epoll_ctl` | 4 | 2 | 4 |
 | `accept4` | 2 | 1 | 2 |
+| `getsockname` / `shutdown` | 1 / 1 | 0 / 0 | 1 / 1 |
 
-- The kernel's part is the same for all three within the noise: it is TCP itself (the client's,
-  the upstream's and, since the server is a veth away, much of the server's side in our
-  softirq). The system calls egressgate makes and nginx does not are `getsockname` (the
-  original destination of a transparent connection), `shutdown` (half-close is passed on),
-  the second `epoll_ctl` per socket (tokio removes a socket from epoll before closing it)
-  and an `accept4` that finds the queue empty (the listener is edge-triggered).
-- The gap to nginx is user space: about 20 µs, spread thin: tokio's task and readiness
-  machinery, the decision and close lines (serde, the time stamp), the decision (pod,
-  selection, names, grants), `clock_gettime` (about 25 calls). Nothing above 2.5 µs.
+- The system calls egressgate makes and nginx does not: `getsockname` (the original
+  destination of a transparent connection), `shutdown` and one more `recvfrom` (half-close is
+  passed on: after the client's FIN the server's own FIN is read, where nginx closes both
+  sides at the client's), the `epoll_ctl` DEL tokio makes before it closes a socket (2), and
+  the `accept4` that finds the queue empty (tokio's listener is edge-triggered). None of the
+  recvs finds nothing (`perf trace --failure`: no EAGAIN). Removing the last three would mean
+  leaving tokio's sockets. A system call itself costs 0.2 µs here (`perf bench syscall`);
+  with their work these account for a few µs of the kernel-side difference, which varies
+  from 0 to 50 µs between runs.
+- User space is the steady part of the gap: about 17 µs. It is spread thin (`perf record
+  -C 1`): tokio's task and readiness machinery, the decision and close lines (serde, the time
+  stamp), the decision (pod, selection, names, grants), about 25 `clock_gettime` reads;
+  nothing above 2.5 µs.
   Since this section was first written: fat LTO with one codegen unit (about −5 % CPU), no
   eventfd write per connection (a worker keeps a timer within 1 s, so a connection's deadlines
   no longer wake tokio's driver), the byte counters resolved once.
