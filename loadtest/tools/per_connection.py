@@ -7,11 +7,13 @@ kernel, per connection.
     loadtest/tools/per_connection.py nginx
 
 Runs `loadtest tls_connect` for that one path (root, the lab; build with `cargo build --release
--p loadtest -p egressgate` first) and, mid-run, counts the system calls made on CPU 1 (where
-the loadtest pins the proxy and nothing else) with `perf stat` on the syscall tracepoints, and
-reads the proxy's user and system time from /proc over the same window. A connection is one
-`connect` (every proxy opens one upstream connection per client connection). The CPU split is
-the kernel's tick-sampled one: the total is exact, the split within a few percent.
+-p loadtest -p egressgate` first) and measures two windows mid-run: first the proxy's user and
+system time from /proc, divided by the TCP connections the lab's node opened (the proxy's
+upstream connections); then the system calls made on CPU 1 (where the loadtest pins the proxy
+and nothing else) by name, with `perf stat` on the syscall tracepoints, divided by the
+`connect` calls (every proxy opens one upstream connection per client connection). Not at
+once: the tracepoints slow every call. The CPU total is exact, its user/kernel split the
+kernel's tick-sampled one.
 """
 import argparse
 import os
