@@ -57,7 +57,7 @@ use context::{Context, Granted, Streams};
 use egressgate_policy::{DnsName, Selection};
 use reader::PeekReader;
 use stop::Stop;
-use upstream::{Dial, FirstSend, TcpDial};
+use upstream::{Dial, FirstSend, TcpDial, WritesFirst};
 
 /// The upstream connection of an allowed connection, once the verdict is known.
 enum Dialled {
@@ -253,12 +253,17 @@ impl Proxy {
             // The connect starts before the decision line is written. When it completes within
             // connect(2), the first message goes up at once too: the line's formatting then
             // overlaps the server's work instead of delaying its first byte; otherwise the
-            // upstream handshake.
+            // upstream handshake, and the first message goes once it is done.
             let (dialled, sent) = match streams.upstream.take() {
                 Some(upstream) => (Dialled::Done(Ok(upstream)), 0),
                 None => {
                     let first = first_message(&cx, verdict, &streams.reader);
-                    let started = TcpDial::start(destination)
+                    let writes_first = if first.is_empty() {
+                        WritesFirst::No
+                    } else {
+                        WritesFirst::AtOnce
+                    };
+                    let started = TcpDial::start(destination, writes_first)
                         .and_then(|connecting| connecting.send_if_connected(first));
                     match started {
                         Ok(FirstSend::Sent(upstream, sent)) => (Dialled::Done(Ok(upstream)), sent),
@@ -270,9 +275,15 @@ impl Proxy {
             finish::finish(&cx, &outcome, verdict, decided, &self.metrics);
             (verdict, dialled, retries, sent)
         };
-        let dialled = match dialled {
-            Dialled::Done(result) => result,
-            Dialled::Connecting(connecting) => connecting.connected().await,
+        let (dialled, sent) = match dialled {
+            Dialled::Done(result) => (result, sent),
+            Dialled::Connecting(connecting) => {
+                let first = first_message(&cx, verdict, &streams.reader);
+                match connecting.connected(first).await {
+                    Ok((upstream, sent)) => (Ok(upstream), sent),
+                    Err(e) => (Err(e), 0),
+                }
+            }
         };
         let mut upstream = match dialled {
             Ok(upstream) => upstream,

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -30,15 +30,30 @@ impl Dial for TcpDial {
     type Stream = TcpStream;
 
     async fn dial(&self, to: OrigDstAddr) -> io::Result<TcpStream> {
-        TcpDial::start(to)?.connected().await
+        let (stream, _) = TcpDial::start(to, WritesFirst::No)?.connected(&[]).await?;
+        Ok(stream)
     }
+}
+
+/// Whether the gateway has bytes to send the moment a new upstream connection is established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritesFirst {
+    /// It has (a replayed first message), and hands them to [`Connecting::send_if_connected`]
+    /// or [`Connecting::connected`]: the handshake's last ACK waits for them and leaves in
+    /// their segment, so the server receives one packet instead of two and wakes once for both
+    /// (HAProxy's `option tcp-smart-connect`).
+    AtOnce,
+    /// It has not (the server speaks first, or the bytes come later): the ACK leaves at once,
+    /// or the server would not accept the connection until the kernel's delayed-ACK timer
+    /// (200 ms).
+    No,
 }
 
 impl TcpDial {
     /// Starts connecting to `to`: the SYN leaves in this call, so what the caller does before
     /// awaiting [`Connecting::connected`] (the decision line) overlaps the handshake instead of
     /// delaying it.
-    pub fn start(to: OrigDstAddr) -> io::Result<Connecting> {
+    pub fn start(to: OrigDstAddr, writes_first: WritesFirst) -> io::Result<Connecting> {
         let destination = to.0;
         // The socket is made before connecting, so that running out of descriptors can free
         // the pipe pool's and try again.
@@ -50,12 +65,18 @@ impl TcpDial {
             )
         })?;
         socket.set_tcp_nodelay(true)?;
+        let ack_held = writes_first == WritesFirst::AtOnce;
+        if ack_held {
+            // Off before connect(2): Linux then holds the ACK of the server's SYN-ACK for the
+            // first data (at most its delayed-ACK timeout).
+            socket.set_tcp_quickack(false)?;
+        }
         match socket.connect(&destination.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
             Err(e) => return Err(e),
         }
-        Ok(Connecting { socket })
+        Ok(Connecting { socket, ack_held })
     }
 }
 
@@ -63,6 +84,8 @@ impl TcpDial {
 #[derive(Debug)]
 pub struct Connecting {
     socket: Socket,
+    /// Quick ACKs are off until the first bytes went (see [`WritesFirst::AtOnce`]).
+    ack_held: bool,
 }
 
 /// What [`Connecting::send_if_connected`] found.
@@ -99,20 +122,41 @@ impl Connecting {
                 Err(e) => return Err(e),
             }
         };
+        if self.ack_held {
+            ack_normally(SockRef::from(&self.socket));
+        }
         let stream = TcpStream::from_std(std::net::TcpStream::from(self.socket))?;
         Ok(FirstSend::Sent(stream, sent))
     }
 
-    /// The connection once established, or why it failed (refused, unreachable, timed out).
-    pub async fn connected(self) -> io::Result<TcpStream> {
+    /// The connection once established, with what could be sent of `first` at once; or why it
+    /// failed (refused, unreachable, timed out).
+    pub async fn connected(self, first: &[u8]) -> io::Result<(TcpStream, usize)> {
         let stream = TcpStream::from_std(std::net::TcpStream::from(self.socket))?;
         tokio::time::timeout(CONNECT_TIMEOUT, stream.writable())
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        match stream.take_error()? {
-            Some(e) => Err(e),
-            None => Ok(stream),
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
         }
+        let sent = match stream.try_write(first) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if self.ack_held {
+            ack_normally(SockRef::from(&stream));
+        }
+        Ok((stream, sent))
+    }
+}
+
+/// Quick ACKs back on once the first bytes carried the handshake's ACK: the rest of the
+/// connection acknowledges as any other does (a server that writes a response in pieces
+/// without TCP_NODELAY would otherwise wait for our delayed ACK between them).
+fn ack_normally(socket: SockRef<'_>) {
+    if let Err(e) = socket.set_tcp_quickack(true) {
+        tracing::debug!(error = %e, "cannot turn quick ACKs back on");
     }
 }
 
@@ -125,7 +169,12 @@ mod tests {
 
     /// Connects to `to` and sends `first` at once; the stream and how much went.
     fn sent_at_once(to: OrigDstAddr, first: &[u8]) -> (TcpStream, usize) {
-        let started = TcpDial::start(to).expect("start");
+        let writes_first = if first.is_empty() {
+            WritesFirst::No
+        } else {
+            WritesFirst::AtOnce
+        };
+        let started = TcpDial::start(to, writes_first).expect("start");
         match started.send_if_connected(first).expect("no error") {
             FirstSend::Sent(stream, sent) => (stream, sent),
             FirstSend::Opening(_) => panic!("loopback answers the SYN inside connect(2)"),
@@ -155,16 +204,68 @@ mod tests {
         let to = OrigDstAddr(listener.local_addr().expect("addr"));
         drop(listener);
         // With bytes to send, the send meets the refusal.
-        let refused = TcpDial::start(to).expect("start");
+        let refused = TcpDial::start(to, WritesFirst::AtOnce).expect("start");
         let error = refused.send_if_connected(b"hello").expect_err("refused");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
 
         // Without, it is not established, and awaiting it says why.
-        let refused = TcpDial::start(to).expect("start");
+        let refused = TcpDial::start(to, WritesFirst::No).expect("start");
         let Ok(FirstSend::Opening(connecting)) = refused.send_if_connected(b"") else {
             panic!("a refused connection is not established");
         };
-        let error = connecting.connected().await.expect_err("refused");
+        let error = connecting.connected(&[]).await.expect_err("refused");
         assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// Whether the server's kernel has finished the handshake: the connection waits in its
+    /// accept queue.
+    fn accepted_now(listener: &std::net::TcpListener) -> Option<std::net::TcpStream> {
+        match listener.accept() {
+            Ok((stream, _)) => Some(stream),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_handshake_ack_travels_with_the_first_bytes_when_the_gateway_writes_first() {
+        use std::io::Read as _;
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let to = OrigDstAddr(listener.local_addr().expect("addr"));
+
+        // Loopback answers the SYN within connect(2), and our side is established at once;
+        // the server's is not until the ACK arrives, which waits for the first bytes.
+        for send_at_once in [true, false] {
+            let started = TcpDial::start(to, WritesFirst::AtOnce).expect("start");
+            assert!(
+                accepted_now(&listener).is_none(),
+                "the ACK left before any data"
+            );
+            let stream = if send_at_once {
+                let Ok(FirstSend::Sent(stream, 5)) = started.send_if_connected(b"hello") else {
+                    panic!("established within connect(2), and all five bytes sent");
+                };
+                stream
+            } else {
+                let (stream, sent) = started.connected(b"hello").await.expect("connected");
+                assert_eq!(sent, 5);
+                stream
+            };
+            let mut accepted = accepted_now(&listener).expect("handshake done by the bytes");
+            let mut got = [0u8; 5];
+            accepted.read_exact(&mut got).expect("read");
+            assert_eq!(&got, b"hello");
+            // The rest of the connection acknowledges as usual.
+            assert!(SockRef::from(&stream).tcp_quickack().expect("quickack"));
+        }
+
+        // A server that speaks first gets its ACK at once.
+        let _started = TcpDial::start(to, WritesFirst::No).expect("start");
+        assert!(
+            accepted_now(&listener).is_some(),
+            "the handshake completes within connect(2)"
+        );
     }
 }
