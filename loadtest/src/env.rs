@@ -8,6 +8,7 @@
 //! | egressgate  | b   | the gateway's own nftables TPROXY rules (`interfaces: [egpb]`), DNS via its shim |
 //! | haproxy     | c   | this crate's nftables TPROXY table → HAProxy `bind … transparent`, `server 0.0.0.0` (original destination) |
 //! | nginx       | d   | explicit: the client connects to the node (198.18.4.1); nginx `stream` proxies to the fixed upstream |
+//! | baseline    | b   | another egressgate build (`--baseline-bin`), in egressgate's place: the two take turns, swapped before each sample |
 //!
 //! nginx cannot be transparent here: its `listen` has no IP_TRANSPARENT option, and TPROXY only
 //! delivers to transparent sockets. Everything is removed on drop (the lab deletes the
@@ -18,10 +19,11 @@ use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use egressgate_lab::daemon::Daemon;
+use egressgate_lab::gateway::Gateway;
 use egressgate_lab::{addr, GatewayOptions, Lab, Netns};
 use serde::{Deserialize, Serialize};
 
@@ -36,9 +38,12 @@ pub enum PathKind {
     Egressgate,
     Haproxy,
     Nginx,
+    /// Another egressgate build, for A/B runs against the current one.
+    Baseline,
 }
 
 impl PathKind {
+    /// The paths measured when none are named (the baseline too when it is given).
     pub const ALL: [PathKind; 4] = [
         PathKind::Direct,
         PathKind::Egressgate,
@@ -52,17 +57,26 @@ impl PathKind {
             PathKind::Egressgate => "egressgate",
             PathKind::Haproxy => "haproxy",
             PathKind::Nginx => "nginx",
+            PathKind::Baseline => "baseline",
         }
     }
 
     pub fn parse(s: &str) -> Option<PathKind> {
-        PathKind::ALL.into_iter().find(|p| p.name() == s)
+        PathKind::ALL
+            .into_iter()
+            .chain([PathKind::Baseline])
+            .find(|p| p.name() == s)
+    }
+
+    /// An egressgate build: served to pod b by [`Env::serve`].
+    pub fn is_egressgate(self) -> bool {
+        matches!(self, PathKind::Egressgate | PathKind::Baseline)
     }
 
     fn pod(self) -> &'static str {
         match self {
             PathKind::Direct => "a",
-            PathKind::Egressgate => "b",
+            PathKind::Egressgate | PathKind::Baseline => "b",
             PathKind::Haproxy => "c",
             PathKind::Nginx => "d",
         }
@@ -80,6 +94,9 @@ impl PathKind {
             }
             PathKind::Nginx => {
                 "nginx `stream` with `ssl_preread` (SNI map), one worker; explicit destination (the client connects to the node), since nginx cannot listen transparently"
+            }
+            PathKind::Baseline => {
+                "another egressgate build (`--baseline-bin`) in egressgate's place: same pod, config and policy (its own state directory); the harness stops one and starts the other before each sample"
             }
         }
     }
@@ -216,6 +233,12 @@ pub struct Env {
     haproxy: Option<Daemon>,
     nginx: Option<Daemon>,
     server: Daemon,
+    /// Before `lab`, so that it stops before the lab's namespaces go.
+    serving: Mutex<Serving>,
+    baseline: Option<Baseline>,
+    /// Where every gateway process is pinned, and what it has in its environment.
+    gateway_cpus: String,
+    gateway_env: Vec<(String, String)>,
     pub lab: Lab,
     pub exe: PathBuf,
     pub paths: Vec<PathKind>,
@@ -227,6 +250,22 @@ pub struct Env {
     /// RLIMIT_NOFILE every process of the lab has (hard limit; soft raised to it).
     pub nofile: u64,
     _cpu_awake: CpuAwake,
+}
+
+/// The egressgate process serving pod b, and which build it is.
+#[derive(Debug)]
+struct Serving {
+    path: PathKind,
+    gateway: Gateway,
+    /// Processes started so far (their log names).
+    started: usize,
+}
+
+/// The build of the `baseline` path and its config file.
+#[derive(Debug)]
+struct Baseline {
+    bin: PathBuf,
+    config: PathBuf,
 }
 
 /// Keeps idle CPUs out of sleep states while held, through the PM QoS interface
@@ -391,11 +430,13 @@ fn policy() -> String {
 impl Env {
     /// The lab with egressgate running `workers` workers (see `Settings::workers`), its
     /// client-first listener taking the TLS and HTTP ports if `client_first`.
+    /// With `baseline_bin`, that build is the `baseline` path (see [`Env::serve`]).
     pub fn start(
         wanted: &[PathKind],
         peers: Peers,
         workers: usize,
         client_first: bool,
+        baseline_bin: Option<PathBuf>,
     ) -> Result<Env, Error> {
         let mut placement = Placement::detect();
         let gateway_cpus = if workers >= 2 {
@@ -428,12 +469,36 @@ impl Env {
         }
         .policy("loadtest.yaml", &policy());
         progress("starting the lab (4 pods, node with egressgate, upstream)");
-        let (lab, server, certs) = served_lab(4, options, placement.load_cpu)?;
-        pin(lab.gateway().daemon().pid(), &gateway_cpus)?;
+        let (mut lab, server, certs) = served_lab(4, options.clone(), placement.load_cpu)?;
+        let gateway = lab
+            .take_gateway()
+            .ok_or_else(|| Error::msg("the lab started no gateway"))?;
+        pin(gateway.daemon().pid(), &gateway_cpus)?;
+        let baseline = match baseline_bin {
+            Some(bin) => {
+                // Its own state directory: the builds need not share a journal format.
+                let config = lab.dir().join("gateway-baseline.yaml");
+                let state = lab.dir().join("state-baseline");
+                std::fs::write(
+                    &config,
+                    options.config_yaml(&lab.policy_dir(), &lab.identity_file(), &state)?,
+                )?;
+                Some(Baseline { bin, config })
+            }
+            None => None,
+        };
         let mut env = Env {
             haproxy: None,
             nginx: None,
             server,
+            serving: Mutex::new(Serving {
+                path: PathKind::Egressgate,
+                gateway,
+                started: 1,
+            }),
+            baseline,
+            gateway_cpus,
+            gateway_env: options.env,
             lab,
             exe,
             paths: Vec::new(),
@@ -447,6 +512,10 @@ impl Env {
         for &path in wanted {
             let started = match path {
                 PathKind::Direct | PathKind::Egressgate => Ok(()),
+                PathKind::Baseline if env.baseline.is_none() => Err(Error::msg(
+                    "no --baseline-bin (the egressgate build to compare with)",
+                )),
+                PathKind::Baseline => Ok(()),
                 PathKind::Haproxy => env.start_haproxy(),
                 PathKind::Nginx => env.start_nginx(),
             };
@@ -495,7 +564,7 @@ impl Env {
         let per_conn = match path {
             PathKind::Direct => 1,
             // Two sockets; pipes are borrowed from a small pool only while bytes are in flight.
-            PathKind::Egressgate => 2,
+            PathKind::Egressgate | PathKind::Baseline => 2,
             PathKind::Haproxy | PathKind::Nginx => 2,
         };
         let room = usize::try_from(self.nofile)
@@ -508,10 +577,58 @@ impl Env {
     pub fn proxy_pid(&self, path: PathKind) -> Option<u32> {
         match path {
             PathKind::Direct => None,
-            PathKind::Egressgate => Some(self.lab.gateway().daemon().pid()),
+            PathKind::Egressgate | PathKind::Baseline => {
+                Some(self.serving().gateway.daemon().pid())
+            }
             PathKind::Haproxy => self.haproxy.as_ref().map(Daemon::pid),
             PathKind::Nginx => self.nginx.as_ref().map(Daemon::pid),
         }
+    }
+
+    fn serving(&self) -> MutexGuard<'_, Serving> {
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where the gateway serving pod b now writes its log lines (decisions, DNS answers).
+    pub fn gateway_log(&self) -> PathBuf {
+        self.serving().gateway.daemon().stdout_path().to_path_buf()
+    }
+
+    /// Makes `path`'s build (egressgate or baseline) the gateway of pod b: stops the other one
+    /// if it runs, and starts this one with its config and state directory, pinned as the first
+    /// was. Between samples, so that no connection of a sample spans the swap.
+    pub fn serve(&self, path: PathKind) -> Result<(), Error> {
+        let mut serving = self.serving();
+        if serving.path == path {
+            return Ok(());
+        }
+        let (bin, config) = match (path, &self.baseline) {
+            (PathKind::Baseline, Some(baseline)) => (baseline.bin.clone(), baseline.config.clone()),
+            (PathKind::Egressgate, _) => (
+                egressgate_lab::gateway::egressgate_bin()?,
+                self.lab.gateway_config_path(),
+            ),
+            _ => {
+                return Err(Error::msg(format!(
+                    "{path} is not an egressgate build here"
+                )))
+            }
+        };
+        serving.gateway.daemon_mut().stop();
+        serving.started += 1;
+        let name = format!("egressgate-{}-{}", path.name(), serving.started);
+        let gateway = Gateway::start_named(
+            self.lab.node(),
+            bin,
+            config,
+            &self.gateway_env,
+            self.lab.dir(),
+            &name,
+        )?;
+        pin(gateway.daemon().pid(), &self.gateway_cpus)?;
+        serving.gateway = gateway;
+        serving.path = path;
+        Ok(())
     }
 
     /// Pod b resolves the names the policy allows through the shim, so the gateway's name table
@@ -581,9 +698,7 @@ impl Env {
 
     /// Checks one request over a new TLS connection on `path`.
     fn check(&self, path: PathKind) -> Result<(), Error> {
-        if path == PathKind::Egressgate {
-            self.resolve_names()?;
-        }
+        crate::scenarios::prepare(self, path)?;
         let args = crate::scenarios::rr_args(self, path, true, 1, 2.0, 3, 0.0);
         let result: crate::client::RrResult = self.client(path, &args, Duration::from_secs(15))?;
         if result.ops == 0 {

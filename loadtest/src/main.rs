@@ -149,6 +149,13 @@ struct Cli {
     /// the per-request HTTP relay (e.g. built from 343d3021^), as the path `egressgate-base`.
     #[arg(long)]
     http_base_bin: Option<PathBuf>,
+    /// A/B: also measure this other egressgate build (e.g. one of the commit before a change)
+    /// as the path `baseline`, in egressgate's place (pod b, same config and policy), the two
+    /// swapped before each sample so that their rounds interleave; figures are then given as
+    /// ratios to it. Results go to a temporary directory unless --results names one, and no
+    /// report is written unless --report names one.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
     /// Concurrent clients of conn_rate (default 32).
     #[arg(long)]
     conn_concurrency: Option<usize>,
@@ -218,10 +225,18 @@ fn target_dir() -> PathBuf {
 fn harness(cli: Cli) -> Result<(), Error> {
     let smoke = cli.what.iter().any(|w| w == "smoke");
     let report_only = cli.what.iter().all(|w| w == "report");
-    let results_dir = match (&cli.results, smoke) {
-        (Some(dir), _) => dir.clone(),
-        (None, true) => std::env::temp_dir().join(format!("loadtest-smoke-{}", std::process::id())),
-        (None, false) => Path::new(env!("CARGO_MANIFEST_DIR")).join("results"),
+    // `smoke` measures the build under test as its own baseline, so that the A/B path keeps
+    // working.
+    let ab = cli.baseline_bin.is_some() || smoke;
+    let results_dir = match (&cli.results, smoke, ab) {
+        (Some(dir), _, _) => dir.clone(),
+        (None, true, _) => {
+            std::env::temp_dir().join(format!("loadtest-smoke-{}", std::process::id()))
+        }
+        (None, false, true) => {
+            std::env::temp_dir().join(format!("loadtest-ab-{}", std::process::id()))
+        }
+        (None, false, false) => Path::new(env!("CARGO_MANIFEST_DIR")).join("results"),
     };
     let report_path = cli
         .report
@@ -292,7 +307,11 @@ fn harness(cli: Cli) -> Result<(), Error> {
         settings.conn_concurrency = c.max(1);
     }
     let wanted: Vec<PathKind> = if cli.paths.is_empty() {
-        PathKind::ALL.to_vec()
+        let mut all = PathKind::ALL.to_vec();
+        if ab {
+            all.insert(2, PathKind::Baseline);
+        }
+        all
     } else {
         cli.paths
             .iter()
@@ -313,11 +332,17 @@ fn harness(cli: Cli) -> Result<(), Error> {
     }
     let env = if names.iter().any(|n| scenarios::needs_lab(n)) {
         let peers = Peers::find(!cli.no_install);
+        let baseline_bin = match &cli.baseline_bin {
+            Some(bin) => Some(bin.clone()),
+            None if smoke => Some(egressgate_lab::gateway::egressgate_bin()?),
+            None => None,
+        };
         Some(Env::start(
             &wanted,
             peers,
             settings.workers,
             settings.client_first,
+            baseline_bin,
         )?)
     } else {
         None
@@ -363,7 +388,8 @@ fn harness(cli: Cli) -> Result<(), Error> {
     if stopped() {
         return Err(Error::msg("interrupted; the lab was torn down"));
     }
-    if !smoke && !cli.no_report {
+    // An A/B run's results are not the published ones: no report unless one is named.
+    if !smoke && !cli.no_report && (!ab || cli.report.is_some()) {
         let all = results::load_all(&results_dir);
         let path = report::write(&all, &results_dir, &report_path, &target_dir())?;
         progress(&format!("wrote {}", path.display()));

@@ -730,7 +730,10 @@ pub fn write(
              harness's own generator (tokio, rustls, HDR histograms) and dnsperf. Every sample is \
              bounded in count and time. Each table cell is the median of the rounds, with min–max \
              below it; the last columns compare with the baseline (a ratio, or the added time for \
-             latencies).\n",
+             latencies). A change to the gateway is checked for regressions by an A/B run: \
+             `--baseline-bin` measures the build before it in egressgate's place, the two \
+             swapped before each sample so that their rounds interleave \
+             (loadtest/README.md).\n",
         );
     }
 

@@ -327,6 +327,11 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
         run.env
             .ok_or_else(|| Error::msg("this scenario needs the lab"))
     };
+    // Every scenario starts with the current build serving pod b (an A/B run's previous one
+    // may have ended with the baseline's).
+    if let Some(env) = run.env {
+        env.serve(PathKind::Egressgate)?;
+    }
     let mut samples = Samples::default();
     let (title, description, baseline, specs, paths): (
         &str,
@@ -488,7 +493,7 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
             let paths: Vec<String> = env
                 .paths
                 .iter()
-                .filter(|p| matches!(p, PathKind::Direct | PathKind::Egressgate))
+                .filter(|p| **p == PathKind::Direct || p.is_egressgate())
                 .map(|p| p.name().to_owned())
                 .collect();
             let query_file = env.lab.dir().join("dnsperf-queries.txt");
@@ -497,7 +502,9 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                 .collect();
             std::fs::write(&query_file, queries)?;
             interleave(name, s.rounds, &paths, &mut samples, |path, _| {
-                dns_sample(env, kind(path)?, s, &query_file)
+                let path = kind(path)?;
+                prepare(env, path)?;
+                dns_sample(env, path, s, &query_file)
             })?;
             let mut specs = vec![
                 spec("p50", "latency p50 (1 outstanding)", "µs", Better::Lower),
@@ -610,11 +617,13 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
             let paths: Vec<String> = env
                 .paths
                 .iter()
-                .filter(|p| matches!(p, PathKind::Direct | PathKind::Egressgate))
+                .filter(|p| **p == PathKind::Direct || p.is_egressgate())
                 .map(|p| p.name().to_owned())
                 .collect();
             interleave(name, s.rounds, &paths, &mut samples, |path, _| {
-                udp_flow_sample(env, kind(path)?, s)
+                let path = kind(path)?;
+                prepare(env, path)?;
+                udp_flow_sample(env, path, s)
             })?;
             (
                 "An allowed UDP flow vs direct",
@@ -938,6 +947,12 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
         }
         other => return Err(Error::msg(format!("unknown scenario {other:?}"))),
     };
+    // An A/B run: every figure also as a ratio to the other build.
+    let baseline = if paths.iter().any(|p| p == PathKind::Baseline.name()) {
+        Some(PathKind::Baseline.name())
+    } else {
+        baseline
+    };
     let metrics = specs
         .into_iter()
         .map(|spec| MetricResult {
@@ -1010,9 +1025,11 @@ fn kind(path: &str) -> Result<PathKind, Error> {
     PathKind::parse(path).ok_or_else(|| Error::msg(format!("unknown path {path}")))
 }
 
-/// Before a sample: the egressgate pod re-resolves the allowed names (see `Env::resolve_names`).
+/// Before a sample of an egressgate build: that build serves pod b (see `Env::serve`), and
+/// the pod re-resolves the allowed names (see `Env::resolve_names`).
 pub(crate) fn prepare(env: &Env, path: PathKind) -> Result<(), Error> {
-    if path == PathKind::Egressgate {
+    if path.is_egressgate() {
+        env.serve(path)?;
         env.resolve_names()?;
     }
     Ok(())
@@ -1439,7 +1456,7 @@ fn reload(env: &Env, s: &Settings, samples: &mut Samples) -> Result<(), Error> {
     std::fs::write(&big, &text)?;
     // Let the gateway load it before the first window.
     std::thread::sleep(Duration::from_millis(2500));
-    let stdout = env.lab.gateway().daemon().stdout_path().to_path_buf();
+    let stdout = env.gateway_log();
     let needle = "\"event\":\"policy_reload\"";
     let concurrency = s.conn_concurrency.min(8);
     let paths = ["steady".to_owned(), "reloading".to_owned()];

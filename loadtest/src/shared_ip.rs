@@ -76,7 +76,7 @@ pub fn dns(
 fn connection_sample(env: &Env, seconds: f64) -> Result<Vec<(String, f64)>, Error> {
     let path = PathKind::Egressgate;
     prepare(env, path)?;
-    let log = env.lab.gateway().daemon().stdout_path().to_owned();
+    let log = env.gateway_log();
     let from = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     let (r, cpu_used): (RrResult, _) = proxy_cpu_during(env, path, || {
         env.client(

@@ -163,7 +163,7 @@ pub fn sample(
     let pid = env
         .proxy_pid(path)
         .ok_or_else(|| Error::msg("soak needs the egressgate path"))?;
-    let stdout = env.lab.gateway().daemon().stdout_path().to_path_buf();
+    let stdout = env.gateway_log();
 
     progress(&format!("  soak: {capacity} concurrent idle connections"));
     let reported: Vec<&str> = specs().iter().map(|(key, ..)| *key).collect();
