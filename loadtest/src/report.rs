@@ -991,7 +991,10 @@ per column:
   tcpdump's own load on the machine, so every hop slower than above) the SYN-ACK → ClientHello
   hop went from 18.6 to 9.5 µs and the pure ACKs on the upstream side from 5.5 to 5.0 per
   connection (both directions counted; the server's first flight is still acknowledged at
-  once).
+  once). End to end it is below this machine's noise: an A/B against the build before it
+  (`--baseline-bin`, 15 interleaved rounds of `tls_connect`) gave proxy CPU 0.99× and p50
+  1.02× as medians of the paired rounds, where an A/A run of one binary against a copy of
+  itself spreads by ±4 % (single rounds 0.75–1.22×).
 
 ### Where the proxy's CPU goes
 
