@@ -419,11 +419,9 @@ fn print_summary(result: &results::ScenarioResult) {
     println!();
     for m in &result.metrics {
         print!("{:<44}", format!("{} ({})", m.label, m.unit));
-        let base = result
-            .baseline
-            .as_deref()
-            .and_then(|b| m.path(b))
-            .map(|b| b.median);
+        let base = result.baseline.as_deref().and_then(|b| m.path(b));
+        // An A/B run pairs its rounds (see `PathStats::paired_ratio`).
+        let ab = result.baseline.as_deref() == Some(PathKind::Baseline.name());
         for p in &paths {
             let cell = m.path(p).map_or_else(
                 || "—".to_owned(),
@@ -434,11 +432,17 @@ fn print_summary(result: &results::ScenarioResult) {
                         report::fmt_value(s.min),
                         report::fmt_value(s.max)
                     );
-                    if let Some(b) =
-                        base.filter(|b| *b != 0.0 && Some(*p) != result.baseline.as_deref())
-                    {
-                        cell.push_str(&format!(" {:.2}×", s.median / b));
-                    }
+                    let ratio = match base {
+                        Some(b) if Some(*p) != result.baseline.as_deref() => {
+                            match s.paired_ratio(b).filter(|_| ab) {
+                                Some(paired) => Some(format!(" {paired:.2}× paired")),
+                                None => (b.median != 0.0)
+                                    .then(|| format!(" {:.2}×", s.median / b.median)),
+                            }
+                        }
+                        _ => None,
+                    };
+                    cell.push_str(ratio.as_deref().unwrap_or_default());
                     cell
                 },
             );

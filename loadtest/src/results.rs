@@ -47,6 +47,26 @@ impl PathStats {
             max: sorted[n - 1],
         })
     }
+
+    /// The median of this path's samples divided by `base`'s of the same round: paired, the
+    /// machine's drift between rounds cancels out (an A/B run's ratio). `None` unless both
+    /// have a sample for every round.
+    pub fn paired_ratio(&self, base: &PathStats) -> Option<f64> {
+        if self.samples.len() != base.samples.len() {
+            return None;
+        }
+        let ratios: Vec<f64> = self
+            .samples
+            .iter()
+            .zip(&base.samples)
+            .map(|(value, base)| value / base)
+            .filter(|ratio| ratio.is_finite())
+            .collect();
+        if ratios.len() != base.samples.len() {
+            return None;
+        }
+        PathStats::new(&self.path, ratios).map(|stats| stats.median)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,4 +139,29 @@ pub fn load_all(dir: &Path) -> Vec<ScenarioResult> {
             .unwrap_or(usize::MAX)
     });
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paired_ratio_cancels_the_drift_between_rounds() {
+        // Both builds slow down together in round 2; the change is 10 % in every round.
+        let base = PathStats::new("baseline", vec![100.0, 200.0, 100.0]).expect("stats");
+        let new = PathStats::new("egressgate", vec![110.0, 220.0, 110.0]).expect("stats");
+        let paired = new.paired_ratio(&base).expect("same rounds");
+        assert!((paired - 1.1).abs() < 1e-9, "{paired}");
+        // The ratio of medians would say the same here, but not when the drift is uneven.
+        let base = PathStats::new("baseline", vec![100.0, 300.0, 90.0]).expect("stats");
+        let new = PathStats::new("egressgate", vec![110.0, 330.0, 99.0]).expect("stats");
+        assert!((new.paired_ratio(&base).expect("same rounds") - 1.1).abs() < 1e-9);
+        assert!((new.median / base.median - 1.1).abs() < 1e-9);
+
+        // A failed round leaves nothing to pair with.
+        let short = PathStats::new("egressgate", vec![110.0, 220.0]).expect("stats");
+        assert_eq!(short.paired_ratio(&base), None);
+        let zero = PathStats::new("baseline", vec![0.0, 1.0, 1.0]).expect("stats");
+        assert_eq!(new.paired_ratio(&zero), None);
+    }
 }
