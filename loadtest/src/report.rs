@@ -1003,20 +1003,25 @@ Per new TLS connection during `tls_connect` (one client), from
 4 s (the total exact, the split tick-sampled), divided by the connections the node opened
 upstream; then, in the next 4 s, the system calls on the proxy's CPU by name (perf on the
 syscall tracepoints, which slow every call, hence the separate window), divided by the
-`connect` calls. Three runs each (HAProxy one), 2026-12-07, commit 04b63c2b, on the AMD EPYC
-machine of the tls_connect run above:
+`connect` calls. Three or four runs each (HAProxy one), on the AMD EPYC machine of the tls_connect
+run above, 2026-12-07 18:30 UTC, egressgate at commit f3971092 (with the delayed handshake
+ACK):
 
 | per connection | egressgate | nginx | HAProxy |
 |---|---|---|---|
-| user CPU (µs) | 34–36 | 18 | 25 |
-| kernel CPU (µs) | 202–237 | 187–205 | 231 |
-| system calls | 36.1 | 32.9 | 61.4 (19.9 of them `clock_gettime`) |
-| `epoll_wait` / `recvfrom` / send | 9.1 / 7.9 / 5.9 | 9.0 / 6.9 / 5.9 | 9.9 / 9.8 / 5.8 |
+| user CPU (µs) | 34–45 | 16–20 | 39 |
+| kernel CPU (µs) | 231–251 | 212–239 | 266 |
+| system calls | 37.3–38.1 | 32.2–32.9 | 58.1 (18.5 of them `clock_gettime`) |
+| `epoll_wait` / `recvfrom` / send | 9.1 / 7.8 / 5.8 | 8.9 / 6.9 / 5.9 | 9.3 / 9.1 / 5.1 |
 | `epoll_ctl` | 4 | 2 | 4 |
 | `accept4` | 2 | 1 | 2 |
 | `getsockname` / `shutdown` | 1 / 1 | 0 / 0 | 1 / 1 |
+| `setsockopt` / `getsockopt` | 3 / 0 | 2 / 1 | 2 / 1 |
 
-- The system calls egressgate makes and nginx does not: `getsockname` (the original
+- The system calls egressgate makes and nginx does not: one more `setsockopt` (the two
+  `TCP_QUICKACK` around the first upstream send, for one packet less (see above); the pod's
+  socket inherits `TCP_NODELAY` from the listener, and no `getsockopt(SO_ERROR)` is needed
+  when the first send is the test), `getsockname` (the original
   destination of a transparent connection), `shutdown` and one more `recvfrom` (half-close is
   passed on: after the client's FIN the server's own FIN is read, where nginx closes both
   sides at the client's), the `epoll_ctl` DEL tokio makes before it closes a socket (2), and
@@ -1025,7 +1030,7 @@ machine of the tls_connect run above:
   leaving tokio's sockets. A system call itself costs 0.2 µs here (`perf bench syscall`);
   with their work these account for a few µs of the kernel-side difference, which varies
   from 0 to 50 µs between runs.
-- User space is the steady part of the gap: about 17 µs. It is spread thin (`perf record
+- User space is the steady part of the gap: 15–25 µs. It is spread thin (`perf record
   -C 1`): tokio's task and readiness machinery, the decision and close lines (serde, the time
   stamp), the decision (pod, selection, names, grants); nothing above 2.5 µs. A uprobe on
   the standard library's clock read counts 51 per connection (about 80 ns each in this VM):
