@@ -309,7 +309,9 @@ fn harness(cli: Cli) -> Result<(), Error> {
     let wanted: Vec<PathKind> = if cli.paths.is_empty() {
         let mut all = PathKind::ALL.to_vec();
         if ab {
-            all.insert(2, PathKind::Baseline);
+            // Right after egressgate, so that the two builds' samples are neighbours.
+            let after = all.iter().position(|p| *p == PathKind::Egressgate);
+            all.insert(after.map_or(all.len(), |i| i + 1), PathKind::Baseline);
         }
         all
     } else {

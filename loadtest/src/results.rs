@@ -152,11 +152,17 @@ mod tests {
         let new = PathStats::new("egressgate", vec![110.0, 220.0, 110.0]).expect("stats");
         let paired = new.paired_ratio(&base).expect("same rounds");
         assert!((paired - 1.1).abs() < 1e-9, "{paired}");
-        // The ratio of medians would say the same here, but not when the drift is uneven.
+        // Drift that is uneven between rounds but shared by both builds cancels too.
         let base = PathStats::new("baseline", vec![100.0, 300.0, 90.0]).expect("stats");
         let new = PathStats::new("egressgate", vec![110.0, 330.0, 99.0]).expect("stats");
         assert!((new.paired_ratio(&base).expect("same rounds") - 1.1).abs() < 1e-9);
         assert!((new.median / base.median - 1.1).abs() < 1e-9);
+        // Where pairing differs from the ratio of medians: a round disturbed for one build
+        // alone (round 2 here) moves the medians' ratio, not the paired one.
+        let base = PathStats::new("baseline", vec![100.0, 200.0, 300.0]).expect("stats");
+        let new = PathStats::new("egressgate", vec![110.0, 330.0, 330.0]).expect("stats");
+        assert!((new.paired_ratio(&base).expect("same rounds") - 1.1).abs() < 1e-9);
+        assert!((new.median / base.median - 1.65).abs() < 1e-9);
 
         // A failed round leaves nothing to pair with.
         let short = PathStats::new("egressgate", vec![110.0, 220.0]).expect("stats");

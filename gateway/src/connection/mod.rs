@@ -258,12 +258,7 @@ impl Proxy {
                 Some(upstream) => (Dialled::Done(Ok(upstream)), 0),
                 None => {
                     let first = first_message(&cx, verdict, &streams.reader);
-                    let writes_first = if first.is_empty() {
-                        WritesFirst::No
-                    } else {
-                        WritesFirst::AtOnce
-                    };
-                    let started = TcpDial::start(destination, writes_first)
+                    let started = TcpDial::start(destination, WritesFirst::with(first))
                         .and_then(|connecting| connecting.send_if_connected(first));
                     match started {
                         Ok(FirstSend::Sent(upstream, sent)) => (Dialled::Done(Ok(upstream)), sent),

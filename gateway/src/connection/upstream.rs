@@ -49,6 +49,17 @@ pub enum WritesFirst {
     No,
 }
 
+impl WritesFirst {
+    /// For a connection whose first message is `first` (empty: none yet).
+    pub fn with(first: &[u8]) -> WritesFirst {
+        if first.is_empty() {
+            WritesFirst::No
+        } else {
+            WritesFirst::AtOnce
+        }
+    }
+}
+
 impl TcpDial {
     /// Starts connecting to `to`: the SYN leaves in this call, so what the caller does before
     /// awaiting [`Connecting::connected`] (the decision line) overlaps the handshake instead of
@@ -169,12 +180,7 @@ mod tests {
 
     /// Connects to `to` and sends `first` at once; the stream and how much went.
     fn sent_at_once(to: OrigDstAddr, first: &[u8]) -> (TcpStream, usize) {
-        let writes_first = if first.is_empty() {
-            WritesFirst::No
-        } else {
-            WritesFirst::AtOnce
-        };
-        let started = TcpDial::start(to, writes_first).expect("start");
+        let started = TcpDial::start(to, WritesFirst::with(first)).expect("start");
         match started.send_if_connected(first).expect("no error") {
             FirstSend::Sent(stream, sent) => (stream, sent),
             FirstSend::Opening(_) => panic!("loopback answers the SYN inside connect(2)"),
