@@ -7,9 +7,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use egressgate_log::{rfc3339_now, write_json_line, write_observed_line};
+use egressgate_log::{write_json_object, write_observed_object, JsonObject};
 use egressgate_policy::DnsName;
-use serde::Serialize;
 
 use crate::decision::{Reason, Verdict};
 use crate::identity::Owner;
@@ -19,27 +18,22 @@ use crate::protocol::Protocol;
 /// Identifies the pod in a line. Of a pod no enforce-mode policy selects (audit mode, or
 /// unselected), also its labels and owner: what `egressgate suggest` groups by. Enforced pods
 /// leave them out, so their lines cost what they did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct PodName<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub labels: Option<&'a BTreeMap<String, String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<&'a Owner>,
 }
 
-/// One decision, printed once, borrowing what the connection learned.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// One decision, printed once, borrowing what the connection learned. Written field by field
+/// ([`JsonObject`]): one per connection.
+#[derive(Debug, Clone)]
 pub struct DecisionLine<'a> {
-    pub time: String,
-    pub event: &'static str,
     pub connection: u64,
     pub verdict: Verdict,
     pub reason: Reason,
     /// The peeker's precise code for `malformed` (e.g. `tls_sni_ip_literal`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'static str>,
     pub pod: Option<PodName<'a>>,
     pub source: SocketAddr,
@@ -48,37 +42,26 @@ pub struct DecisionLine<'a> {
     /// first, at most 8.
     pub names: LoggedNames<'a>,
     /// How many names the pod holds for the destination, when `names` lists only some.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub names_total: Option<usize>,
     /// CNAME targets on the way to the destination (recorded, never granting).
     pub cnames: &'a [String],
     /// `tls`, `http`, `http2`, `postgresql`, `tcp`, `unknown`, or `udp` for a UDP flow's first
     /// datagram; absent when nothing was read.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub sni: Option<&'a str>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    /// Left out when empty.
     pub alpn: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ech: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<&'a Host>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<&'a str>,
     /// The startup's `replication` parameter, when present.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub replication: Option<&'a str>,
     /// `tls` or `gssapi` when a PostgreSQL session turned encrypted.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub postgresql_encryption: Option<&'static str>,
     /// The policy (`namespace/name`, or `name` for a cluster policy) whose rule allowed it.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<&'a str>,
     /// Index of that rule in the policy's `spec.egress`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<usize>,
     /// Accept to verdict.
     pub decision_us: u64,
@@ -94,67 +77,93 @@ pub struct LoggedNames<'a> {
     pub max: usize,
 }
 
-impl LoggedNames<'_> {
-    pub fn len(&self) -> usize {
-        self.names.len().min(self.max)
-    }
-}
-
-impl Serialize for LoggedNames<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let first = self.first.filter(|&at| at < self.names.len());
-        let mut seq = serializer.serialize_seq(Some(self.len()))?;
-        let rest = self
-            .names
+impl<'a> LoggedNames<'a> {
+    /// The names in the order the line lists them.
+    fn iter(&self) -> impl Iterator<Item = &'a DnsName> + use<'a> {
+        let names = self.names;
+        let first = self.first.filter(|&at| at < names.len());
+        let rest = names
             .iter()
             .enumerate()
-            .filter(|&(at, _)| Some(at) != first)
+            .filter(move |&(at, _)| Some(at) != first)
             .map(|(_, name)| name);
-        for name in first
-            .map(|at| &self.names[at])
+        first
+            .map(|at| &names[at])
             .into_iter()
             .chain(rest)
             .take(self.max)
-        {
-            seq.serialize_element(name)?;
-        }
-        seq.end()
     }
 }
 
 impl DecisionLine<'_> {
-    pub fn print(&mut self) {
-        self.time = rfc3339_now();
-        write_observed_line(self);
-    }
-}
-
-/// The end of a relayed connection.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CloseLine {
-    pub time: String,
-    pub event: &'static str,
-    pub connection: u64,
-    pub bytes_up: u64,
-    pub bytes_down: u64,
-    pub duration_ms: u64,
-    /// Why the relay ended abnormally (upstream unreachable, reset…).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl CloseLine {
-    pub fn print(connection: u64, bytes: (u64, u64), duration_ms: u64, error: Option<String>) {
-        write_json_line(&CloseLine {
-            time: rfc3339_now(),
-            event: "close",
-            connection,
-            bytes_up: bytes.0,
-            bytes_down: bytes.1,
-            duration_ms,
-            error,
+    pub fn print(&self) {
+        write_observed_object(|line| {
+            line.time("time");
+            self.write_fields(line);
         });
     }
+
+    /// Every field after `time`, in the order of the README's "Logs" (a stable interface).
+    pub fn write_fields(&self, line: &mut JsonObject<'_>) {
+        line.str("event", "decision");
+        line.u64("connection", self.connection);
+        line.str("verdict", self.verdict.as_str());
+        line.str("reason", self.reason.as_str());
+        line.opt_str("detail", self.detail);
+        match &self.pod {
+            Some(pod) => line.object("pod", |fields| {
+                fields.str("namespace", pod.namespace);
+                fields.str("name", pod.name);
+                // Maps of strings: serializing them cannot fail.
+                if let Some(labels) = pod.labels {
+                    let _ = fields.value("labels", labels);
+                }
+                if let Some(owner) = pod.owner {
+                    let _ = fields.value("owner", owner);
+                }
+            }),
+            None => line.null("pod"),
+        }
+        line.socket_addr("source", self.source);
+        line.socket_addr("destination", self.destination);
+        line.strs("names", self.names.iter().map(DnsName::as_str));
+        if let Some(total) = self.names_total {
+            line.u64("namesTotal", total as u64);
+        }
+        line.strs("cnames", self.cnames.iter().map(String::as_str));
+        line.opt_str("protocol", self.protocol.map(Protocol::as_str));
+        line.opt_str("sni", self.sni);
+        if !self.alpn.is_empty() {
+            line.strs("alpn", self.alpn.iter().map(String::as_str));
+        }
+        if let Some(ech) = self.ech {
+            line.bool("ech", ech);
+        }
+        if let Some(host) = self.host {
+            line.display("host", host);
+        }
+        line.opt_str("database", self.database);
+        line.opt_str("user", self.user);
+        line.opt_str("replication", self.replication);
+        line.opt_str("postgresqlEncryption", self.postgresql_encryption);
+        line.opt_str("policy", self.policy);
+        if let Some(rule) = self.rule {
+            line.u64("rule", rule as u64);
+        }
+        line.u64("decisionUs", self.decision_us);
+    }
+}
+
+/// The end of a relayed connection: `connection`, `bytesUp`, `bytesDown`, `durationMs`, and
+/// `error` when the relay ended abnormally (upstream unreachable, reset…).
+pub fn print_close(connection: u64, bytes: (u64, u64), duration_ms: u64, error: Option<&str>) {
+    write_json_object(|line| {
+        line.time("time");
+        line.str("event", "close");
+        line.u64("connection", connection);
+        line.u64("bytesUp", bytes.0);
+        line.u64("bytesDown", bytes.1);
+        line.u64("durationMs", duration_ms);
+        line.opt_str("error", error);
+    });
 }

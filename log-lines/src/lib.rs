@@ -7,10 +7,13 @@
 //! - [`write_json_line`], [`flush`]: queue a line; wait until every queued line is written.
 //! - [`write_observed_line`], [`set_tap`]: the same, and the line's bytes also to a [`LineTap`]
 //!   (the gateway's `observe` bus), serialized once for both.
+//! - [`write_json_object`], [`write_observed_object`], `json`: the same for a line written
+//!   field by field, without serde's generic path (the lines of every connection).
 //! - [`rfc3339_now`]: the `time` field of every line.
 //! - `output`: the `json-log` thread that writes queued lines to stdout in batches.
 #![forbid(unsafe_code)]
 
+mod json;
 mod output;
 
 use std::sync::{Arc, OnceLock};
@@ -18,11 +21,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+pub use json::JsonObject;
 pub use output::flush;
 
 /// Queues `line` for stdout (see [`output`]): one whole line, never interleaved with another.
 pub fn write_json_line(line: &impl Serialize) {
-    output::push(line, None);
+    output::push(serialized(line), None);
+}
+
+/// [`write_json_line`] for a line written field by field (see [`JsonObject`]).
+pub fn write_json_object(write: impl FnOnce(&mut JsonObject<'_>)) {
+    output::push(object(write), None);
 }
 
 /// Where observed lines go besides stdout: the gateway's `observe` bus.
@@ -45,7 +54,30 @@ pub fn set_tap(tap: Arc<dyn LineTap>) -> bool {
 /// [`write_json_line`] for a line `observe` streams (decisions and DNS answers): its bytes also
 /// go to the tap, when one is set and wants them.
 pub fn write_observed_line(line: &impl Serialize) {
-    output::push(line, TAP.get().map(|tap| &**tap).filter(|tap| tap.wanted()));
+    output::push(serialized(line), tap());
+}
+
+/// [`write_observed_line`] for a line written field by field (see [`JsonObject`]).
+pub fn write_observed_object(write: impl FnOnce(&mut JsonObject<'_>)) {
+    output::push(object(write), tap());
+}
+
+fn tap() -> Option<&'static dyn LineTap> {
+    TAP.get().map(|tap| &**tap).filter(|tap| tap.wanted())
+}
+
+/// Appends `line` as serde_json writes it.
+fn serialized(line: &impl Serialize) -> impl FnOnce(&mut Vec<u8>) -> bool + '_ {
+    |out| serde_json::to_writer(out, line).is_ok()
+}
+
+fn object(write: impl FnOnce(&mut JsonObject<'_>)) -> impl FnOnce(&mut Vec<u8>) -> bool {
+    |out| {
+        let mut object = JsonObject::new(out);
+        write(&mut object);
+        object.end();
+        true
+    }
 }
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T10:00:00.123Z`.
@@ -54,33 +86,38 @@ pub fn rfc3339_now() -> String {
 }
 
 fn rfc3339(t: SystemTime) -> String {
+    let mut text = Vec::with_capacity(24);
+    push_rfc3339(&mut text, t);
+    String::from_utf8(text).unwrap_or_default()
+}
+
+/// Appends `t` as [`rfc3339_now`] writes it.
+fn push_rfc3339(out: &mut Vec<u8>, t: SystemTime) {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days);
     // Written digit by digit: two of these per connection and one per DNS answer, where
     // `format!` with its padding machinery cost most of a microsecond each.
-    let mut text = String::with_capacity(24);
     for (value, width, separator) in [
-        (y, 4, '-'),
-        (m, 2, '-'),
-        (d, 2, 'T'),
-        (rem / 3600, 2, ':'),
-        (rem % 3600 / 60, 2, ':'),
-        (rem % 60, 2, '.'),
-        (u64::from(since.subsec_millis()), 3, 'Z'),
+        (y, 4, b'-'),
+        (m, 2, b'-'),
+        (d, 2, b'T'),
+        (rem / 3600, 2, b':'),
+        (rem % 3600 / 60, 2, b':'),
+        (rem % 60, 2, b'.'),
+        (u64::from(since.subsec_millis()), 3, b'Z'),
     ] {
-        push_digits(&mut text, value, width);
-        text.push(separator);
+        push_digits(out, value, width);
+        out.push(separator);
     }
-    text
 }
 
 /// The last `width` decimal digits of `value`, zero-padded (years past 9999 need not apply).
-fn push_digits(text: &mut String, value: u64, width: u32) {
+fn push_digits(out: &mut Vec<u8>, value: u64, width: u32) {
     for place in (0..width).rev() {
         let digit = value / 10u64.pow(place) % 10;
-        text.push(char::from(b'0' + digit as u8));
+        out.push(b'0' + digit as u8);
     }
 }
 

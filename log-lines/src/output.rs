@@ -32,10 +32,11 @@ type StdoutSink = fn() -> io::StdoutLock<'static>;
 
 static STDOUT: OnceLock<Output<StdoutSink>> = OnceLock::new();
 
-/// Queues `line` (one JSON object, no newline yet) for stdout, and gives its bytes to `tap`.
-pub(super) fn push(line: &impl serde::Serialize, tap: Option<&dyn LineTap>) {
+/// Queues the line `write` appends (one JSON object, no newline yet; `false` if it failed) for
+/// stdout, and gives its bytes to `tap`.
+pub(super) fn push(write: impl FnOnce(&mut Vec<u8>) -> bool, tap: Option<&dyn LineTap>) {
     let output = STDOUT.get_or_init(|| Output::start(|| io::stdout().lock()));
-    output.push(line, tap);
+    output.push(write, tap);
 }
 
 /// Waits until every line queued so far is written. Call before the process exits.
@@ -91,9 +92,10 @@ where
         Output { shared, threaded }
     }
 
-    fn push(&self, line: &impl serde::Serialize, tap: Option<&dyn LineTap>) {
+    fn push(&self, write: impl FnOnce(&mut Vec<u8>) -> bool, tap: Option<&dyn LineTap>) {
         if !self.threaded {
-            if let Ok(mut text) = serde_json::to_vec(line) {
+            let mut text = Vec::new();
+            if write(&mut text) {
                 text.push(b'\n');
                 self.shared.write(&text);
                 if let Some(tap) = tap {
@@ -108,7 +110,7 @@ where
             queue = shared.wait_for_progress(queue);
         }
         let start = queue.lines.len();
-        if serde_json::to_writer(&mut queue.lines, line).is_err() {
+        if !write(&mut queue.lines) {
             queue.lines.truncate(start);
             return;
         }
@@ -251,7 +253,9 @@ mod tests {
                 scope.spawn(move || {
                     for i in 0..lines {
                         output.push(
-                            &serde_json::json!({"t": t, "i": i, "pad": "x".repeat(64)}),
+                            crate::serialized(
+                                &serde_json::json!({"t": t, "i": i, "pad": "x".repeat(64)}),
+                            ),
                             None,
                         );
                     }
@@ -287,8 +291,8 @@ mod tests {
             shared: Arc::new(Shared::new(move || sink.clone())),
             threaded: false,
         };
-        output.push(&serde_json::json!({"event": "a"}), None);
-        output.push(&serde_json::json!({"event": "b"}), None);
+        output.push(crate::serialized(&serde_json::json!({"event": "a"})), None);
+        output.push(crate::serialized(&serde_json::json!({"event": "b"})), None);
         let kept = kept.0.lock().expect("lock");
         assert_eq!(
             String::from_utf8_lossy(&kept.0),
@@ -320,10 +324,13 @@ mod tests {
         let output = Output::start(move || sink.clone());
         let tap = Tapped::default();
         output.push(
-            &serde_json::json!({"event": "decision", "n": 1}),
+            crate::serialized(&serde_json::json!({"event": "decision", "n": 1})),
             Some(&tap),
         );
-        output.push(&serde_json::json!({"event": "close"}), None);
+        output.push(
+            crate::serialized(&serde_json::json!({"event": "close"})),
+            None,
+        );
         output.flush();
         let written = kept.0.lock().expect("lock").0.clone();
         let tapped = tap.0.lock().expect("lock").clone();
@@ -335,7 +342,10 @@ mod tests {
             shared: Arc::new(Shared::new(Kept::default)),
             threaded: false,
         };
-        fallback.push(&serde_json::json!({"event": "dns"}), Some(&tap));
+        fallback.push(
+            crate::serialized(&serde_json::json!({"event": "dns"})),
+            Some(&tap),
+        );
         assert_eq!(tap.0.lock().expect("lock").len(), 2);
     }
 
@@ -343,7 +353,7 @@ mod tests {
     fn flush_returns_at_once_when_nothing_is_queued() {
         let output = Output::start(Kept::default);
         output.flush();
-        output.push(&serde_json::json!({"event": "x"}), None);
+        output.push(crate::serialized(&serde_json::json!({"event": "x"})), None);
         output.flush();
     }
 }

@@ -72,8 +72,6 @@ fn decision_line<'a>(
     // What a suggested policy needs, only where one may be wanted: no enforce policy selects.
     let learnable = !cx.selection.as_ref().is_some_and(|s| s.has_enforce());
     DecisionLine {
-        time: String::new(),
-        event: "decision",
         connection: cx.id,
         verdict,
         reason: match outcome {
@@ -179,8 +177,14 @@ mod tests {
         cx
     }
 
+    /// The line as printed, with an empty `time`.
     fn json(cx: &Context<'_>, outcome: &Result<Granted, Stop>, verdict: Verdict) -> String {
-        serde_json::to_string(&decision_line(cx, outcome, verdict)).expect("serialises")
+        let mut out = Vec::new();
+        let mut line = egressgate_log::JsonObject::new(&mut out);
+        line.str("time", "");
+        decision_line(cx, outcome, verdict).write_fields(&mut line);
+        line.end();
+        String::from_utf8(out).expect("UTF-8")
     }
 
     /// The fields, their order and their values are what logs, dashboards and alerts read.

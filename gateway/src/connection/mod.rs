@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use crate::config::{self, UnselectedPods};
 use crate::decision::{self, Limit, PodFault, Reason, Verdict};
-use crate::events::CloseLine;
+use crate::events;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::peek::http::Host;
@@ -285,8 +285,8 @@ impl Proxy {
             Err(e) => {
                 self.metrics.upstream_connect_errors.inc();
                 reset(streams.client);
-                let error = Some(format!("connect: {e}"));
-                CloseLine::print(id, (0, 0), elapsed_ms(accepted), error);
+                let error = format!("connect: {e}");
+                events::print_close(id, (0, 0), elapsed_ms(accepted), Some(&error));
                 return None;
             }
         };
@@ -445,8 +445,9 @@ impl Proxy {
                     Ok(false) => first_decided = false,
                     Err(e) => {
                         reset(streams.client);
-                        let error = Some(format!("upgrade: {e}"));
-                        CloseLine::print(id, (head as u64, 0), elapsed_ms(accepted), error);
+                        let error = format!("upgrade: {e}");
+                        let bytes = (head as u64, 0);
+                        events::print_close(id, bytes, elapsed_ms(accepted), Some(&error));
                         return;
                     }
                 }
@@ -577,12 +578,8 @@ impl Proxy {
         let (up, down) = (relayed.bytes_up + moved.up, relayed.bytes_down + moved.down);
         self.metrics.bytes_up.inc_by(up);
         self.metrics.bytes_down.inc_by(down);
-        CloseLine::print(
-            id,
-            (up, down),
-            elapsed_ms(accepted),
-            relayed.error.map(|e| e.to_string()),
-        );
+        let error = relayed.error.map(|e| e.to_string());
+        events::print_close(id, (up, down), elapsed_ms(accepted), error.as_deref());
     }
 }
 
