@@ -16,6 +16,7 @@
 mod json;
 mod output;
 
+use std::cell::Cell;
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -95,10 +96,32 @@ fn rfc3339(t: SystemTime) -> String {
 fn push_rfc3339(out: &mut Vec<u8>, t: SystemTime) {
     let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    let (last, mut prefix) = LAST_SECOND.get();
+    if last != secs {
+        prefix = second_prefix(secs);
+        LAST_SECOND.set((secs, prefix));
+    }
+    out.extend_from_slice(&prefix);
+    push_digits(out, u64::from(since.subsec_millis()), 3);
+    out.push(b'Z');
+}
+
+thread_local! {
+    /// The last second a time stamp was written for on this thread, and its text: the lines
+    /// of one second share it, and only their milliseconds are formatted.
+    static LAST_SECOND: Cell<(u64, [u8; SECOND_PREFIX])> =
+        const { Cell::new((u64::MAX, [0; SECOND_PREFIX])) };
+}
+
+/// `2026-11-26T10:00:00.`
+const SECOND_PREFIX: usize = 20;
+
+fn second_prefix(secs: u64) -> [u8; SECOND_PREFIX] {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days);
-    // Written digit by digit: two of these per connection and one per DNS answer, where
-    // `format!` with its padding machinery cost most of a microsecond each.
+    // Written digit by digit: `format!` with its padding machinery cost most of a
+    // microsecond.
+    let mut text = Vec::with_capacity(SECOND_PREFIX);
     for (value, width, separator) in [
         (y, 4, b'-'),
         (m, 2, b'-'),
@@ -106,11 +129,12 @@ fn push_rfc3339(out: &mut Vec<u8>, t: SystemTime) {
         (rem / 3600, 2, b':'),
         (rem % 3600 / 60, 2, b':'),
         (rem % 60, 2, b'.'),
-        (u64::from(since.subsec_millis()), 3, b'Z'),
     ] {
-        push_digits(out, value, width);
-        out.push(separator);
+        push_digits(&mut text, value, width);
+        text.push(separator);
     }
+    // Always 20 bytes: every field has its fixed width.
+    text.try_into().unwrap_or([b'0'; SECOND_PREFIX])
 }
 
 /// The last `width` decimal digits of `value`, zero-padded (years past 9999 need not apply).
@@ -150,5 +174,9 @@ mod tests {
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
         let last = UNIX_EPOCH + Duration::from_millis(4_102_444_799_999);
         assert_eq!(rfc3339(last), "2099-12-31T23:59:59.999Z");
+        // The same second again (its text is kept), then an earlier one.
+        let same_second = UNIX_EPOCH + Duration::from_millis(4_102_444_799_001);
+        assert_eq!(rfc3339(same_second), "2099-12-31T23:59:59.001Z");
+        assert_eq!(rfc3339(t), "2026-11-26T12:00:00.123Z");
     }
 }
