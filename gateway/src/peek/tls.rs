@@ -172,7 +172,7 @@ fn client_hello(body: &[u8], consumed: usize) -> Result<ClientHello, Invalid> {
     if !r.is_empty() {
         return Err(malformed("extensions"));
     }
-    let mut seen = BTreeSet::new();
+    let mut seen = SeenExtensions::default();
     while !extensions.is_empty() {
         let extension_type = extensions.u16().ok_or(malformed("extension_type"))?;
         let data = extensions.sub_u16().ok_or(malformed("extension_data"))?;
@@ -187,6 +187,37 @@ fn client_hello(body: &[u8], consumed: usize) -> Result<ClientHello, Invalid> {
         }
     }
     Ok(hello)
+}
+
+/// The extension types of one ClientHello so far, to refuse a repeated one (RFC 8446 §4.2).
+/// A real ClientHello has about 20: they stay in an array, scanned, with no allocation per
+/// connection; past [`SeenExtensions::FEW`] they move to a set, so a hostile ClientHello of
+/// thousands costs n log n, not n².
+#[derive(Debug, Default)]
+struct SeenExtensions {
+    few: [u16; SeenExtensions::FEW],
+    len: usize,
+    many: BTreeSet<u16>,
+}
+
+impl SeenExtensions {
+    const FEW: usize = 32;
+
+    /// `false` if `extension_type` was seen before.
+    fn insert(&mut self, extension_type: u16) -> bool {
+        if let Some((seen, [slot, ..])) = self.few.split_at_mut_checked(self.len) {
+            if seen.contains(&extension_type) {
+                return false;
+            }
+            *slot = extension_type;
+            self.len += 1;
+            return true;
+        }
+        if self.many.is_empty() {
+            self.many.extend(self.few);
+        }
+        self.many.insert(extension_type)
+    }
 }
 
 /// `ServerNameList` of RFC 6066 §3. Names of unknown types are skipped, assuming the

@@ -119,6 +119,27 @@ fn duplicate_extension_rejected() {
     );
 }
 
+/// Past the first `SeenExtensions::FEW` types the check goes on in a set: a repeat of an
+/// early type, and of a late one, are both found.
+#[test]
+fn duplicate_extension_after_many_rejected() {
+    let many: Vec<Vec<u8>> = (0x1000..0x1000 + 2 * SeenExtensions::FEW as u16)
+        .map(|extension_type| ext(extension_type, &[]))
+        .collect();
+    let accepted = hello(&many);
+    assert!(matches!(peek_client_hello(&accepted), Peek::Complete(_)));
+    for repeated in [0x1000, 0x1000 + 2 * SeenExtensions::FEW as u16 - 1] {
+        let mut extensions = many.clone();
+        extensions.push(ext(repeated, &[]));
+        assert_eq!(
+            invalid(&hello(&extensions)),
+            Invalid::TlsDuplicateExtension {
+                extension_type: repeated
+            }
+        );
+    }
+}
+
 #[test]
 fn duplicate_extension_in_real_hello_rejected() {
     // Turn OpenSSL's ec_point_formats (0x000b, 4 bytes) into a second supported_groups.
