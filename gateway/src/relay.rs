@@ -193,7 +193,7 @@ async fn copy_some(
     };
     let mut sent = 0;
     while sent < rest.len() {
-        to.writable().await.map_err(|e| side.other().error(e))?;
+        write_ready(to).await.map_err(|e| side.other().error(e))?;
         match to.try_write(&rest[sent..]) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -209,10 +209,17 @@ async fn copy_some(
 
 /// Waits until `from` may have bytes (or its end, or an error). Through the socket's own
 /// reader waker slot (`poll_read_ready`) rather than `readable()`, whose future joins a list of
-/// waiters under a lock on every wait: one direction has one waiting task, and this was a
-/// tenth of a keep-alive request's instructions.
+/// waiters under a lock on every wait, and holds that list's node in the relay's state: one
+/// direction has one waiting task, and this was a tenth of a keep-alive request's
+/// instructions.
 async fn read_ready(from: &TcpStream) -> io::Result<()> {
     std::future::poll_fn(|cx| from.poll_read_ready(cx)).await
+}
+
+/// [`read_ready`] for room to write, through the writer waker slot: each socket is written by
+/// one direction only.
+async fn write_ready(to: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| to.poll_write_ready(cx)).await
 }
 
 /// What one [`copy_now`] did.
@@ -341,13 +348,15 @@ async fn splice_some(
         // On error the pipe may hold bytes: it is dropped, not given back.
         let mut left = filled;
         while left > 0 {
-            let drained = to
-                .async_io(Interest::WRITABLE, || {
-                    splice(pipe.read.as_fd(), None, to.as_fd(), None, left, flags)
-                        .map_err(io::Error::from)
-                })
-                .await
-                .map_err(|e| side.other().error(e))?;
+            write_ready(to).await.map_err(|e| side.other().error(e))?;
+            let drained = match to.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_fd(), None, to.as_fd(), None, left, flags)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(drained) => drained,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(side.other().error(e)),
+            };
             left -= drained;
             total.fetch_add(drained as u64, Ordering::Relaxed);
             activity.touch();
