@@ -327,11 +327,38 @@ async fn echo<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// What a held connection answers to its ClientHello: a ServerHello (TLS 1.2 shape, no
+/// extensions, in one record), as a real server's first flight begins. A proxy that reads the
+/// server's first answer before relaying (egressgate's retry stage, looking for a
+/// HelloRetryRequest) then relays the connection: the `memory` scenario holds idle relayed
+/// connections on every path, not connections still waiting for their server.
+fn hold_answer() -> Vec<u8> {
+    let head = [
+        0x16, 0x03, 0x03, 0x00, 0x2c, // record: handshake, 44 bytes
+        0x02, 0x00, 0x00, 0x28, // server_hello, 40 bytes
+        0x03, 0x03, // legacy_version
+    ];
+    let tail = [
+        0x00, // legacy_session_id: empty
+        0x13, 0x01, // cipher_suite
+        0x00, // legacy_compression_method
+        0x00, 0x00, // extensions: none
+    ];
+    [&head[..], &[0x11; 32], &tail].concat()
+}
+
 async fn hold_stream(mut stream: tokio::net::TcpStream) {
     let mut buf = [0u8; 512];
+    let mut answered = false;
     while let Ok(n) = stream.read(&mut buf).await {
         if n == 0 {
             break;
+        }
+        if !answered {
+            answered = true;
+            if stream.write_all(&hold_answer()).await.is_err() {
+                break;
+            }
         }
     }
 }
