@@ -1030,7 +1030,8 @@ ACK):
   leaving tokio's sockets. A system call itself costs 0.2 µs here (`perf bench syscall`);
   with their work these account for a few µs of the kernel-side difference, which varies
   from 0 to 50 µs between runs.
-- User space is the steady part of the gap: 15–25 µs. It is spread thin (`perf record
+- User space is the steady part of the gap: 15–25 µs (measured before the instruction
+  cuts of the next section). It is spread thin (`perf record
   -C 1`): tokio's task and readiness machinery, the decision and close lines (serde, the time
   stamp), the decision (pod, selection, names, grants); nothing above 2.5 µs. A uprobe on
   the standard library's clock read counts 51 per connection (about 80 ns each in this VM):
@@ -1042,4 +1043,39 @@ ACK):
   the three proxies make the same system calls: per direction one `epoll_wait`, one
   `recvfrom` and one send (`sendto`; nginx `writev`), and HAProxy two `clock_gettime` more.
   What egressgate spends beyond nginx per request is user space.
+
+### Instructions per connection and per request
+
+CPU time here moves by ±5 % between runs, so user-space work is counted instead:
+`loadtest/tools/instructions.py <path> [--scenario tls_connect|keepalive]` runs the proxy
+under valgrind's callgrind, counts the instructions it executes (all threads, user space) in
+a window mid-run and divides by the connections it opened upstream or by its keep-alive
+requests. Exact to a few instructions between runs. 2026-12-07:
+
+| user-space instructions | egressgate before (322c851b) | egressgate now | nginx | HAProxy |
+|---|---|---|---|---|
+| per new TLS connection (`tls_connect`) | 65.6k | 45.3k | 20.5k | 34.4k |
+| per keep-alive request (`keepalive`) | 5.79k | 4.82k | 2.41k | 6.21k |
+
+- What went, per connection: 12.3k of zeroing a 4 KiB stack chunk on every peek read (now
+  uninitialized memory; a `rep stosb` that valgrind counts per byte, so less time than the
+  count says), 6.5k of serde_json's generic path for the decision and close lines (now
+  written field by field, the same bytes), 1.4k of time-stamp formatting (once per second,
+  then the milliseconds), 0.8k of a set of the ClientHello's extension types (an array now),
+  and per relayed chunk a clock read (the idle timeout now checks a flag every eighth of
+  itself) and a lock on the socket's list of waiters (now its own waker slot). The last two
+  are most of what went per keep-alive request.
+- What is left of a connection: tokio's scheduler, I/O driver and timer wheel (about 10k,
+  with some 16 clock reads around its parks), the allocator (about 5k for some 16
+  allocations, three of them tokio's cache-aligned ones through `posix_memalign`), the two
+  log lines (about 4k), the decision (about 6k: pod, selection, names, grants) and the
+  ClientHello peek (about 3k). Of a keep-alive request: mostly tokio's wake-up, poll and
+  park around the two copies.
+- The user/kernel split of `per_connection.py` (tick-sampled) cannot show it: two runs each
+  at 3cbfe769 gave egressgate 39 and 51 µs of user time per connection, nginx 21 and 34.
+- End to end the change is within this machine's noise: an A/B against 322c851b
+  (`--baseline-bin`, 15 interleaved rounds) gave proxy CPU per new connection 1.00× and per
+  keep-alive request 0.99× (medians of the paired rounds; an A/A run spreads ±4 %).
+- Tried and not kept: mimalloc as the global allocator took another 2.7k instructions off a
+  connection but grew RSS per idle connection by 13 % (4.18 vs 3.69 KiB in a memory A/B).
 ";

@@ -740,11 +740,14 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                     "Memory with idle connections",
                     format!(
                         "A client opens {} connections (spread over {} upstream ports), each sends \
-                         one TLS ClientHello (SNI {}) that the upstream never answers, and holds \
-                         them. Measured once all are open: the proxy's RSS (/proc/PID/status VmRSS) \
-                         and fds against its idle baseline, the kernel's slab (whole machine) and \
-                         how many connections the upstream has established (proof they were spliced, \
-                         not stuck in a peek).",
+                         one TLS ClientHello (SNI {}), which the upstream answers with a ServerHello \
+                         record and nothing more, and holds them: idle relayed connections on every \
+                         path (egressgate reads the server's first answer before it relays; before \
+                         2026-12-07 the upstream did not answer, and egressgate's connections were \
+                         measured still waiting for it). Measured once all are open: the proxy's RSS \
+                         (/proc/PID/status VmRSS) and fds against its idle baseline, the kernel's \
+                         slab (whole machine) and how many connections the upstream has established \
+                         (proof they were spliced, not stuck in a peek).",
                         s.memory_counts
                             .iter()
                             .map(|c| c.to_string())
