@@ -159,11 +159,50 @@ impl DecisionLine<'_> {
 pub fn print_close(connection: u64, bytes: (u64, u64), duration_ms: u64, error: Option<&str>) {
     write_json_object(|line| {
         line.time("time");
-        line.str("event", "close");
-        line.u64("connection", connection);
-        line.u64("bytesUp", bytes.0);
-        line.u64("bytesDown", bytes.1);
-        line.u64("durationMs", duration_ms);
-        line.opt_str("error", error);
+        close_fields(line, connection, bytes, duration_ms, error);
     });
+}
+
+/// Every field of a `close` line after `time`, in the README's order.
+fn close_fields(
+    line: &mut JsonObject<'_>,
+    connection: u64,
+    bytes: (u64, u64),
+    duration_ms: u64,
+    error: Option<&str>,
+) {
+    line.str("event", "close");
+    line.u64("connection", connection);
+    line.u64("bytesUp", bytes.0);
+    line.u64("bytesDown", bytes.1);
+    line.u64("durationMs", duration_ms);
+    line.opt_str("error", error);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fields, their order and their values are what logs, dashboards and alerts read.
+    #[test]
+    fn close_lines_keep_their_shape() {
+        let close = |error| {
+            let mut out = Vec::new();
+            let mut line = JsonObject::new(&mut out);
+            line.str("time", "");
+            close_fields(&mut line, 7, (517, 4096), 12, error);
+            line.end();
+            String::from_utf8(out).expect("UTF-8")
+        };
+        assert_eq!(
+            close(None),
+            r#"{"time":"","event":"close","connection":7,"bytesUp":517,"bytesDown":4096,"durationMs":12}"#
+        );
+        assert_eq!(
+            close(Some(
+                "destination side: Connection reset by peer (os error 104)"
+            )),
+            r#"{"time":"","event":"close","connection":7,"bytesUp":517,"bytesDown":4096,"durationMs":12,"error":"destination side: Connection reset by peer (os error 104)"}"#
+        );
+    }
 }
