@@ -397,7 +397,8 @@ impl Activity {
 
     /// Completes once nothing moved for `timeout` (and at most an eighth more).
     async fn idle(&self, timeout: Duration) {
-        let tick = timeout / IDLE_CHECKS;
+        // At least 1 ms: a zero tick would never add up to the timeout.
+        let tick = (timeout / IDLE_CHECKS).max(Duration::from_millis(1));
         let mut quiet = Duration::ZERO;
         while quiet < timeout {
             tokio::time::sleep(tick).await;
