@@ -179,6 +179,17 @@ fn close_fields(
     line.opt_str("error", error);
 }
 
+/// A line as printed, with an empty `time`: what the shape tests compare.
+#[cfg(test)]
+pub fn with_empty_time(fields: impl FnOnce(&mut JsonObject<'_>)) -> String {
+    let mut out = Vec::new();
+    let mut line = JsonObject::new(&mut out);
+    line.str("time", "");
+    fields(&mut line);
+    line.end();
+    String::from_utf8(out).expect("UTF-8")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,14 +197,7 @@ mod tests {
     /// The fields, their order and their values are what logs, dashboards and alerts read.
     #[test]
     fn close_lines_keep_their_shape() {
-        let close = |error| {
-            let mut out = Vec::new();
-            let mut line = JsonObject::new(&mut out);
-            line.str("time", "");
-            close_fields(&mut line, 7, (517, 4096), 12, error);
-            line.end();
-            String::from_utf8(out).expect("UTF-8")
-        };
+        let close = |error| with_empty_time(|line| close_fields(line, 7, (517, 4096), 12, error));
         assert_eq!(
             close(None),
             r#"{"time":"","event":"close","connection":7,"bytesUp":517,"bytesDown":4096,"durationMs":12}"#

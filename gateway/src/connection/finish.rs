@@ -179,12 +179,9 @@ mod tests {
 
     /// The line as printed, with an empty `time`.
     fn json(cx: &Context<'_>, outcome: &Result<Granted, Stop>, verdict: Verdict) -> String {
-        let mut out = Vec::new();
-        let mut line = egressgate_log::JsonObject::new(&mut out);
-        line.str("time", "");
-        decision_line(cx, outcome, verdict).write_fields(&mut line);
-        line.end();
-        String::from_utf8(out).expect("UTF-8")
+        crate::events::with_empty_time(|line| {
+            decision_line(cx, outcome, verdict).write_fields(line)
+        })
     }
 
     /// The fields, their order and their values are what logs, dashboards and alerts read.
