@@ -83,8 +83,12 @@ impl Pod {
 /// Every known pod by address.
 #[derive(Debug, Clone, Default)]
 pub struct Identities {
-    by_ip: HashMap<IpAddr, Arc<Pod>>,
+    by_ip: PodsByIp,
 }
+
+/// Looked up once per connection with the client's address, which a pod cannot forge (the
+/// nftables reverse-path check): foldhash, seeded per process, instead of SipHash.
+type PodsByIp = HashMap<IpAddr, Arc<Pod>, foldhash::fast::RandomState>;
 
 /// The static identity file (README, "Identity").
 #[derive(Debug, Deserialize)]
@@ -148,7 +152,7 @@ impl Identities {
             .iter()
             .map(|ns| (ns.name.as_str(), &ns.labels))
             .collect();
-        let mut by_ip: HashMap<IpAddr, Arc<Pod>> = HashMap::new();
+        let mut by_ip = PodsByIp::default();
         for entry in &parsed.pods {
             let pod = Arc::new(Pod {
                 namespace: entry.namespace.clone(),

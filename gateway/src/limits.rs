@@ -2,11 +2,15 @@
 //! waiting for their first message (a slowloris pod must not starve the others).
 //!
 //! Each admission is an RAII permit; dropping it (however the connection ends) gives it back.
+//! Every worker admits connections here, twice per connection: the totals are atomics and the
+//! per-source counts are in shards by address, so workers admitting different pods' connections
+//! never wait for one another.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
@@ -25,14 +29,18 @@ pub struct Limits {
     connections: AtomicUsize,
     /// Signalled when the last connection ends (graceful shutdown waits on it).
     idle: Notify,
-    peeking: Mutex<Peeking>,
+    peeking: AtomicUsize,
+    peeking_by_source: [Mutex<SourceCounts>; SOURCE_SHARDS],
 }
 
-#[derive(Debug, Default)]
-struct Peeking {
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
+/// Shards of the per-source peeking counts. Pods on a node differ mostly in their addresses'
+/// last bits, which pick the shard.
+const SOURCE_SHARDS: usize = 32;
+
+/// Connections waiting for their first message, by source address (only sources with some).
+/// foldhash, seeded per process: a pod can only send from its own address (the nftables
+/// reverse-path check), and SipHash was most of the cost of a permit.
+type SourceCounts = HashMap<IpAddr, usize, foldhash::fast::RandomState>;
 
 /// One admitted connection.
 #[derive(Debug)]
@@ -51,7 +59,8 @@ impl Limits {
             bounds,
             connections: AtomicUsize::new(0),
             idle: Notify::new(),
-            peeking: Mutex::default(),
+            peeking: AtomicUsize::new(0),
+            peeking_by_source: std::array::from_fn(|_| Mutex::default()),
         })
     }
 
@@ -84,19 +93,43 @@ impl Limits {
     /// Lets a connection from `source` wait for its first message, within the global and the
     /// per-source bounds.
     pub fn peek(self: &Arc<Self>, source: IpAddr) -> Option<PeekPermit> {
-        let mut peeking = self.peeking.lock().ok()?;
-        let from_source = peeking.by_source.get(&source).copied().unwrap_or(0);
-        if peeking.total >= self.bounds.max_peeking
-            || from_source >= self.bounds.max_peeking_per_pod
-        {
+        self.peeking
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |peeking| {
+                (peeking < self.bounds.max_peeking).then_some(peeking + 1)
+            })
+            .ok()?;
+        let admitted = match self.source_counts(source).entry(source) {
+            Entry::Occupied(mut count) if *count.get() < self.bounds.max_peeking_per_pod => {
+                *count.get_mut() += 1;
+                true
+            }
+            Entry::Occupied(_) => false,
+            Entry::Vacant(count) if self.bounds.max_peeking_per_pod > 0 => {
+                count.insert(1);
+                true
+            }
+            Entry::Vacant(_) => false,
+        };
+        if !admitted {
+            self.peeking.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        peeking.total += 1;
-        peeking.by_source.insert(source, from_source + 1);
         Some(PeekPermit {
             limits: Arc::clone(self),
             source,
         })
+    }
+
+    fn source_counts(&self, source: IpAddr) -> MutexGuard<'_, SourceCounts> {
+        let low_bits = match source {
+            IpAddr::V4(v4) => u64::from(v4.to_bits()),
+            // Truncation meant: the low 64 bits pick the shard.
+            IpAddr::V6(v6) => v6.to_bits() as u64,
+        };
+        let shard = usize::try_from(low_bits % SOURCE_SHARDS as u64).unwrap_or_default();
+        self.peeking_by_source[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -110,15 +143,15 @@ impl Drop for ConnectionPermit {
 
 impl Drop for PeekPermit {
     fn drop(&mut self) {
-        if let Ok(mut peeking) = self.limits.peeking.lock() {
-            peeking.total = peeking.total.saturating_sub(1);
-            if let Some(count) = peeking.by_source.get_mut(&self.source) {
-                *count -= 1;
-                if *count == 0 {
-                    peeking.by_source.remove(&self.source);
-                }
+        if let Entry::Occupied(mut count) =
+            self.limits.source_counts(self.source).entry(self.source)
+        {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
             }
         }
+        self.limits.peeking.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -161,6 +194,61 @@ mod tests {
         assert!(limits.peek(three).is_none(), "global bound");
         drop(first);
         assert!(limits.peek(one).is_some());
+    }
+
+    #[test]
+    fn peek_permits_taken_and_returned_by_many_threads_keep_both_bounds() {
+        let limits = Limits::new(Bounds {
+            max_connections: 1,
+            max_peeking: 12,
+            max_peeking_per_pod: 3,
+        });
+        // Eight sources (in different shards and sharing some), eight threads each.
+        let sources: Vec<IpAddr> = (0..8u8)
+            .map(|i| IpAddr::from([198, 18, 1, i * 33]))
+            .collect();
+        std::thread::scope(|scope| {
+            for thread in 0..8 {
+                let limits = &limits;
+                let sources = &sources;
+                scope.spawn(move || {
+                    for round in 0..2000 {
+                        let source = sources[(thread + round) % sources.len()];
+                        let held: Vec<PeekPermit> =
+                            (0..4).filter_map(|_| limits.peek(source)).collect();
+                        assert!(held.len() <= 3, "per-source bound");
+                        assert!(limits.peeking.load(Ordering::Acquire) <= 12, "global bound");
+                    }
+                });
+            }
+        });
+        assert_eq!(limits.peeking.load(Ordering::Acquire), 0);
+        for source in sources {
+            assert!(
+                limits.source_counts(source).is_empty(),
+                "{source} forgotten"
+            );
+        }
+        // Every slot is free again: the global bound admits twelve at once.
+        let all: Vec<PeekPermit> = (0..4u8)
+            .flat_map(|i| std::iter::repeat_n(IpAddr::from([198, 18, 2, i]), 3))
+            .filter_map(|source| limits.peek(source))
+            .collect();
+        assert_eq!(all.len(), 12);
+        assert!(limits.peek(IpAddr::from([198, 18, 2, 9])).is_none());
+    }
+
+    #[test]
+    fn no_peeking_per_pod_admits_none_and_keeps_nothing() {
+        let limits = Limits::new(Bounds {
+            max_connections: 1,
+            max_peeking: 4,
+            max_peeking_per_pod: 0,
+        });
+        let source = IpAddr::from([198, 18, 1, 2]);
+        assert!(limits.peek(source).is_none());
+        assert_eq!(limits.peeking.load(Ordering::Acquire), 0);
+        assert!(limits.source_counts(source).is_empty());
     }
 
     #[tokio::test]
