@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use egressgate_log::{write_json_object, write_observed_object, JsonObject};
-use egressgate_policy::DnsName;
+use egressgate_policy::{DnsName, PolicyRef};
 
 use crate::decision::{Reason, Verdict};
 use crate::identity::Owner;
@@ -60,7 +60,7 @@ pub struct DecisionLine<'a> {
     /// `tls` or `gssapi` when a PostgreSQL session turned encrypted.
     pub postgresql_encryption: Option<&'static str>,
     /// The policy (`namespace/name`, or `name` for a cluster policy) whose rule allowed it.
-    pub policy: Option<&'a str>,
+    pub policy: Option<&'a PolicyRef>,
     /// Index of that rule in the policy's `spec.egress`.
     pub rule: Option<usize>,
     /// Accept to verdict.
@@ -146,7 +146,9 @@ impl DecisionLine<'_> {
         line.opt_str("user", self.user);
         line.opt_str("replication", self.replication);
         line.opt_str("postgresqlEncryption", self.postgresql_encryption);
-        line.opt_str("policy", self.policy);
+        if let Some(policy) = self.policy {
+            line.concat("policy", &policy.display_parts());
+        }
         if let Some(rule) = self.rule {
             line.u64("rule", rule as u64);
         }

@@ -60,6 +60,21 @@ impl<'a> JsonObject<'a> {
         }
     }
 
+    /// A string of `parts` one after the other, without joining them first.
+    pub fn concat(&mut self, key: &'static str, parts: &[&str]) {
+        self.key(key);
+        if parts.iter().all(|part| needs_no_escape(part)) {
+            self.out.push(b'"');
+            for part in parts {
+                self.out.extend_from_slice(part.as_bytes());
+            }
+            self.out.push(b'"');
+        } else {
+            // Writing a str into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *self.out, &parts.concat());
+        }
+    }
+
     pub fn u64(&mut self, key: &'static str, value: u64) {
         self.key(key);
         self.out
@@ -185,6 +200,8 @@ mod tests {
         let line = written(|o| {
             o.str("plain", "api.example.test");
             o.str("quoted", "a \"b\" \\ c\n\u{1}é");
+            o.concat("joined", &["shop", "/", "orders"]);
+            o.concat("joined_quoted", &["a\"", "/", "b"]);
             o.opt_str("absent", None);
             o.u64("n", u64::MAX);
             o.bool("yes", true);
@@ -202,6 +219,8 @@ mod tests {
         let fields = [
             ("plain", json!("api.example.test")),
             ("quoted", json!("a \"b\" \\ c\n\u{1}é")),
+            ("joined", json!("shop/orders")),
+            ("joined_quoted", json!("a\"/b")),
             ("n", json!(u64::MAX)),
             ("yes", json!(true)),
             ("none", json!(null)),

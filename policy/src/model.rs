@@ -185,13 +185,24 @@ impl fmt::Display for PolicyKind {
 
 // === impl PolicyRef ===
 
+impl PolicyRef {
+    /// The displayed name in pieces, to be written one after the other: `shop`, `/`,
+    /// `orders-db` for an `EgressPolicy`, `orders-db` alone for a `ClusterEgressPolicy`. A
+    /// writer that copies strings (a log line per connection) needs no formatting for it.
+    pub fn display_parts(&self) -> [&str; 3] {
+        match &self.namespace {
+            Some(ns) => [ns, "/", &self.name],
+            None => ["", "", &self.name],
+        }
+    }
+}
+
 impl fmt::Display for PolicyRef {
     /// `shop/orders-db` for an `EgressPolicy`, `orders-db` for a `ClusterEgressPolicy`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{ns}/{}", self.name),
-            None => f.write_str(&self.name),
-        }
+        self.display_parts()
+            .into_iter()
+            .try_for_each(|part| f.write_str(part))
     }
 }
 

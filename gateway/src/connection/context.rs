@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use egressgate_policy::{DnsName, Grant, GrantPeer, Selection};
+use egressgate_policy::{DnsName, Grant, GrantPeer, PolicyRef, Selection};
 use tokio::time::Instant;
 
 use super::addr::{ClientAddr, OrigDstAddr};
@@ -90,8 +90,8 @@ impl ResolvedNames {
 
 /// The grant that allowed a connection: what the log names, and the names it used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Granted {
-    pub policy: String,
+pub struct Granted<'s> {
+    pub policy: &'s PolicyRef,
     pub rule: usize,
     pub names: Vec<DnsName>,
 }
@@ -123,25 +123,25 @@ impl<'s> Context<'s> {
     }
 }
 
-impl Granted {
+impl<'s> Granted<'s> {
     /// The grant that allowed a first message asking for `requested`: of a `dnsName` grant,
     /// that name is the one used; a message naming nothing used all the grant's names.
-    pub fn used(grant: &Grant<'_>, requested: Option<&DnsName>) -> Self {
+    pub fn used(grant: &Grant<'s>, requested: Option<&DnsName>) -> Self {
         let names = match (&grant.peer, requested) {
             (GrantPeer::Names(_), Some(name)) => vec![name.clone()],
             (GrantPeer::Names(names), None) => names.clone(),
             (GrantPeer::Cidr(_), _) => Vec::new(),
         };
         Granted {
-            policy: grant.policy.to_string(),
+            policy: grant.policy,
             rule: grant.rule,
             names,
         }
     }
 }
 
-impl From<&Grant<'_>> for Granted {
-    fn from(grant: &Grant<'_>) -> Self {
+impl<'s> From<&Grant<'s>> for Granted<'s> {
+    fn from(grant: &Grant<'s>) -> Self {
         Granted::used(grant, None)
     }
 }

@@ -107,7 +107,7 @@ fn decision_line<'a>(
         user: startup.map(|startup| startup.user.as_str()),
         replication: startup.and_then(|startup| startup.replication.as_deref()),
         postgresql_encryption,
-        policy: granted.map(|granted| granted.policy.as_str()),
+        policy: granted.map(|granted| granted.policy),
         rule: granted.map(|granted| granted.rule),
         decision_us: 0,
     }
@@ -139,6 +139,7 @@ fn wanted_destination(cx: &Context<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use egressgate_policy::{PolicyKind, PolicyRef};
     use tokio::time::Instant;
 
     use super::*;
@@ -197,8 +198,13 @@ mod tests {
         let mut cx = context(&pod, 443);
         cx.protocol = Some(Protocol::Tls);
         cx.peeked = Some(Peeked::Tls(hello));
+        let policy = PolicyRef {
+            kind: PolicyKind::EgressPolicy,
+            namespace: Some("shop".into()),
+            name: "web".into(),
+        };
         let granted = Granted {
-            policy: "shop/web".into(),
+            policy: &policy,
             rule: 0,
             names: vec!["api.example.test".parse().expect("valid")],
         };

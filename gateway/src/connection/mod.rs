@@ -324,7 +324,7 @@ impl Proxy {
         snapshot: &'s Snapshot,
         admitted: bool,
         streams: &mut Streams<TcpStream, TcpStream>,
-    ) -> (Verdict, Result<Granted, Stop>) {
+    ) -> (Verdict, Result<Granted<'s>, Stop>) {
         let outcome = if admitted {
             self.decide(cx, snapshot, streams, &TcpDial).await
         } else {
@@ -349,7 +349,7 @@ impl Proxy {
         snapshot: &'s Snapshot,
         streams: &mut Streams<C, D::Stream>,
         dial: &D,
-    ) -> Result<Granted, Stop>
+    ) -> Result<Granted<'s>, Stop>
     where
         C: AsyncRead + AsyncWrite + Unpin,
         D: Dial,
@@ -533,7 +533,7 @@ impl Proxy {
         cx: &mut Context<'s>,
         snapshot: &'s Snapshot,
         seen: &Seen<'_>,
-    ) -> Result<Granted, Stop> {
+    ) -> Result<Granted<'s>, Stop> {
         let pod = stages::identify(&snapshot.identities, cx.client)?;
         cx.pod = Some(pod);
         let selection = stages::select(pod, &snapshot.policies)?;

@@ -72,7 +72,7 @@ pub fn collect_names(
 #[derive(Debug)]
 pub enum Ahead<'s> {
     /// A `tcp` grant: allowed without reading anything.
-    Granted(Granted),
+    Granted(Granted<'s>),
     /// The first message decides: peek, then [`authorize`].
     Peek(&'s Pod),
 }
@@ -214,13 +214,13 @@ pub fn needs_all_names_before_peek(cx: &Context<'_>) -> bool {
 /// Authorize: the peeked first message against the grants. Without any grant the peek was only
 /// for the log (which SNI or Host the pod wanted is what a policy author needs): whatever it
 /// found, no rule allows the connection.
-pub fn authorize(
-    cx: &mut Context<'_>,
+pub fn authorize<'s>(
+    cx: &mut Context<'s>,
     table: &NameTable,
     pod: &Pod,
     peeked: Result<Peeked, Stop>,
     require_sni: bool,
-) -> Result<Granted, Stop> {
+) -> Result<Granted<'s>, Stop> {
     let requested = peeked.as_ref().ok().and_then(Peeked::requested_name);
     complete_names(cx, table, pod, requested, Completion::ProbeFirst);
     let first = authorize_with(cx, &peeked, require_sni);
@@ -235,11 +235,11 @@ pub fn authorize(
     outcome
 }
 
-fn authorize_with(
-    cx: &Context<'_>,
+fn authorize_with<'s>(
+    cx: &Context<'s>,
     peeked: &Result<Peeked, Stop>,
     require_sni: bool,
-) -> Result<Granted, Stop> {
+) -> Result<Granted<'s>, Stop> {
     if cx.grants.is_empty() {
         let resolved_any_name = !cx.resolved.names.is_empty();
         return Err(Stop::new(decision::no_grant_reason(resolved_any_name)));
@@ -251,7 +251,12 @@ fn authorize_with(
 
 /// An allowed connection keeps the names it used alive for another idle grace; a denied
 /// attempt must not.
-pub fn keep_names_alive(table: &NameTable, pod: &Pod, destination: OrigDstAddr, granted: &Granted) {
+pub fn keep_names_alive(
+    table: &NameTable,
+    pod: &Pod,
+    destination: OrigDstAddr,
+    granted: &Granted<'_>,
+) {
     let now = std::time::Instant::now();
     for pod_ip in pod.table_ips() {
         for name in &granted.names {

@@ -778,7 +778,10 @@ async fn over_the_peek_limit_nothing_is_read_and_the_connection_is_denied() {
         .decide(&mut cx, &snapshot, &mut streams, &Scripted::refusing())
         .await;
     let granted = outcome.expect("allowed by the cidr rule");
-    assert_eq!((granted.policy.as_str(), granted.rule), ("shop/web", 0));
+    assert_eq!(
+        (granted.policy.to_string(), granted.rule),
+        ("shop/web".into(), 0)
+    );
     assert_eq!(cx.protocol, Some(Protocol::Tls));
 }
 
@@ -859,7 +862,11 @@ spec:
       ports: [{port: 443, protocol: tls}]
 ";
 
-async fn decide_hello(gateway: &Gateway, hello: &[u8]) -> (Result<Granted, Stop>, ResolvedNames) {
+/// The names the grant used, or the denial, and the names the connection carried.
+async fn decide_hello(
+    gateway: &Gateway,
+    hello: &[u8],
+) -> (Result<Vec<DnsName>, Stop>, ResolvedNames) {
     let snapshot = gateway.store.current();
     let (mut streams, mut pod) = accepted(MAX_BYTES);
     pod.write_all(hello).await.expect("writes");
@@ -867,7 +874,8 @@ async fn decide_hello(gateway: &Gateway, hello: &[u8]) -> (Result<Granted, Stop>
     let outcome = gateway
         .proxy
         .decide(&mut cx, &snapshot, &mut streams, &Scripted::refusing())
-        .await;
+        .await
+        .map(|granted| granted.names);
     (outcome, std::mem::take(&mut cx.resolved))
 }
 
@@ -875,8 +883,8 @@ async fn decide_hello(gateway: &Gateway, hello: &[u8]) -> (Result<Granted, Stop>
 async fn an_sni_among_thousands_of_names_on_its_address_is_found_by_one_probe() {
     let gateway = crowded(TLS_BY_NAME);
     let (outcome, resolved) = decide_hello(&gateway, TLS_HELLO).await;
-    let granted = outcome.expect("api.example.test was resolved to the address");
-    assert_eq!(granted.names, ["api.example.test"]);
+    let names = outcome.expect("api.example.test was resolved to the address");
+    assert_eq!(names, ["api.example.test"]);
     // The connection carried a bounded sample, the requested name first, and the count.
     assert!(!resolved.complete);
     assert_eq!(resolved.total, 5_001);

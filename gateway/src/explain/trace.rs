@@ -295,7 +295,7 @@ pub fn trace_address(
 /// What one run of the stages left behind.
 struct Run<'r, 's> {
     cx: &'r Context<'s>,
-    outcome: &'r Result<Granted, Stop>,
+    outcome: &'r Result<Granted<'s>, Stop>,
     verdict: Verdict,
     /// The stages went as far as the first message (no `tcp` grant allowed it before).
     peeked: bool,
@@ -463,7 +463,7 @@ fn record_steps(
             .and_then(|p| p.requested_name())
             .map(DnsName::to_string),
         first_message: peeked.then(|| first.describe()),
-        policy: granted.map(|g| g.policy.clone()),
+        policy: granted.map(|g| g.policy.to_string()),
         rule: granted.map(|g| g.rule),
     };
     steps.push(Step {
@@ -476,7 +476,7 @@ fn record_steps(
         verdict,
         reason: reason.as_str().to_owned(),
         detail,
-        policy: granted.map(|g| g.policy.clone()),
+        policy: granted.map(|g| g.policy.to_string()),
         rule: granted.map(|g| g.rule),
         names,
         names_total,

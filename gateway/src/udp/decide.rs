@@ -69,7 +69,7 @@ fn flow_stages<'s>(
     cx: &mut Context<'s>,
     snapshot: &'s Snapshot,
     table: &NameTable,
-) -> Result<Granted, Stop> {
+) -> Result<Granted<'s>, Stop> {
     let pod = stages::identify(&snapshot.identities, cx.client)?;
     cx.pod = Some(pod);
     let selection = stages::select(pod, &snapshot.policies)?;
