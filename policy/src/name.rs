@@ -68,10 +68,10 @@ impl DnsNamePattern {
     /// Whether `name` is covered by this pattern. Only a [`DnsName`] can be asked, so a hostile
     /// SNI or Host value that breaks the rule never gets this far.
     pub fn matches(&self, name: &DnsName) -> bool {
-        let mut labels = name.rsplit('.');
+        let mut labels = name.as_bytes().rsplit(|&byte| byte == b'.');
         for want in &self.reversed {
             match labels.next() {
-                Some(label) if label == want => {}
+                Some(label) if label == want.as_bytes() => {}
                 _ => return false,
             }
         }
@@ -194,9 +194,9 @@ impl DnsName {
         }
     }
 
-    /// The name's bytes, without the UTF-8 check [`DnsName::as_str`] makes: comparisons use
-    /// these (the hot path compares names on every connection and answer).
-    fn as_bytes(&self) -> &[u8] {
+    /// The name's bytes, without the UTF-8 check [`DnsName::as_str`] makes: comparisons and
+    /// hashes use these (the hot path compares names on every connection and answer).
+    pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
             Repr::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
             Repr::Shared(name) => name.as_bytes(),

@@ -5,6 +5,7 @@
 
 use std::hash::BuildHasher;
 
+use egressgate_policy::DnsName;
 use smallvec::SmallVec;
 
 use super::Entry;
@@ -39,11 +40,11 @@ impl Names {
         self.entries.iter()
     }
 
-    pub(super) fn find(&self, name: &str) -> Option<&Entry> {
+    pub(super) fn find(&self, name: &DnsName) -> Option<&Entry> {
         self.position(name).and_then(|at| self.entries.get(at))
     }
 
-    pub(super) fn find_mut(&mut self, name: &str) -> Option<&mut Entry> {
+    pub(super) fn find_mut(&mut self, name: &DnsName) -> Option<&mut Entry> {
         self.position(name).and_then(|at| self.entries.get_mut(at))
     }
 
@@ -67,10 +68,10 @@ impl Names {
         }
     }
 
-    fn position(&self, name: &str) -> Option<usize> {
+    fn position(&self, name: &DnsName) -> Option<usize> {
         match &self.index {
             Some(index) => index.position(&self.entries, name),
-            None => self.entries.iter().position(|e| e.name.as_str() == name),
+            None => self.entries.iter().position(|e| e.name == *name),
         }
     }
 
@@ -89,22 +90,20 @@ impl NameIndex {
         let (Some(entry), Ok(position)) = (entries.get(at), u32::try_from(at)) else {
             return;
         };
-        let hash = self.hasher.hash_one(entry.name.as_str());
+        let hash = self.hasher.hash_one(entry.name.as_bytes());
         let hasher = &self.hasher;
         self.positions.insert_unique(hash, position, |&p| {
             entries
                 .get(p as usize)
-                .map_or(0, |e| hasher.hash_one(e.name.as_str()))
+                .map_or(0, |e| hasher.hash_one(e.name.as_bytes()))
         });
     }
 
-    fn position(&self, entries: &[Entry], name: &str) -> Option<usize> {
-        let hash = self.hasher.hash_one(name);
+    fn position(&self, entries: &[Entry], name: &DnsName) -> Option<usize> {
+        let hash = self.hasher.hash_one(name.as_bytes());
         self.positions
             .find(hash, |&p| {
-                entries
-                    .get(p as usize)
-                    .is_some_and(|e| e.name.as_str() == name)
+                entries.get(p as usize).is_some_and(|e| e.name == *name)
             })
             .map(|&p| p as usize)
     }

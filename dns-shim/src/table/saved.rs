@@ -138,6 +138,10 @@ impl NameTable {
         let Some((at, _)) = self.since_wall(touch.at, now, wall_now) else {
             return;
         };
+        // A name that breaks the rule was never recorded, so it cannot have been used.
+        let Ok(name) = DnsName::parse(&touch.name) else {
+            return;
+        };
         let inner = self.shards.of(touch.pod).read();
         let entry = inner
             .routes
@@ -145,7 +149,7 @@ impl NameTable {
                 pod: touch.pod,
                 dst: touch.dst,
             })
-            .and_then(|entries| entries.find(&touch.name));
+            .and_then(|entries| entries.find(&name));
         if let Some(entry) = entry {
             if let Some(after) = at.checked_duration_since(entry.resolved_at) {
                 entry
