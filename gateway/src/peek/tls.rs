@@ -247,13 +247,17 @@ fn server_name(mut data: Reader<'_>) -> Result<Option<DnsName>, Invalid> {
 }
 
 /// A `HostName`: RFC 6066 §3 forbids IP literals and wants a DNS name in ASCII (A-labels).
+/// Every IP literal breaks the name rule, so the address parse runs only for a refused name,
+/// to say which refusal it is.
 fn host_name(raw: &[u8]) -> Result<DnsName, Invalid> {
-    let text = std::str::from_utf8(raw).unwrap_or_default();
-    let text = text.strip_suffix('.').unwrap_or(text);
-    if text.parse::<IpAddr>().is_ok() {
-        return Err(Invalid::TlsSniIpLiteral);
-    }
-    dns_name(raw).map_err(|reason| Invalid::TlsSniNotDnsName { reason })
+    dns_name(raw).map_err(|reason| {
+        let text = std::str::from_utf8(raw).unwrap_or_default();
+        let text = text.strip_suffix('.').unwrap_or(text);
+        match text.parse::<IpAddr>() {
+            Ok(_) => Invalid::TlsSniIpLiteral,
+            Err(_) => Invalid::TlsSniNotDnsName { reason },
+        }
+    })
 }
 
 /// `ProtocolNameList` of RFC 7301 §3.1: `ProtocolName protocol_name_list<2..2^16-1>`, each
