@@ -921,7 +921,10 @@ CPU the gateway may use:
   `ArcSwap` (no lock). The name table is 32 shards by pod, each behind its own `RwLock`:
   recording a DNS answer write-locks only that pod's shard, and a connection's lookup reads
   one shard (the table benchmark: lookups beside a recording thread at 0.5–1.0 µs, where one
-  lock gave 1.2–1.6 µs and a p99 up to 103 µs). Small relay chunks are copied through a
+  lock gave 1.2–1.6 µs and a p99 up to 103 µs). The peek limits (`peek.maxPending`,
+  `peek.maxPendingPerPod`), which every connection takes and gives back, are an atomic total
+  and per-source counts in 32 shards by address (until 2026-12-07 one mutex, taken twice
+  per connection by every worker). Small relay chunks are copied through a
   per-worker buffer; only bulk chunks borrow a pipe from the shared pool, one short lock per
   64 KiB. Counters are atomics.
 - **What it should give:** CPU per connection and per query flat as workers are added, so
@@ -1044,6 +1047,30 @@ ACK):
   `recvfrom` and one send (`sendto`; nginx `writev`), and HAProxy two `clock_gettime` more.
   What egressgate spends beyond nginx per request is user space.
 
+### The kernel's part
+
+Measured again on a quiet machine (load average 0.00, 2026-12-07 22:50 UTC, commit
+68e08496): `per_connection.py` gave egressgate 37 µs user + 244 µs kernel per new TLS
+connection, nginx 27 + 210. Sampling the proxy's CPU (`perf record -C 1`, 9999 Hz, 5 s,
+about 7,300 connections each) splits it by symbol: egressgate 30 µs user and 221 µs kernel,
+nginx 16 and 190. What the kernel's extra 30 µs is not:
+
+- **More packets:** per connection egressgate sends the server 2.8 data segments and 3.1
+  pure ACKs, nginx 3.0 and 4.0 (tcpdump of the node, both legs).
+- **More sleeps:** the proxy's thread sleeps and is woken 5.3 times per connection,
+  nginx's 5.0, HAProxy's 5.8 (`/proc/<pid>/task/*/status` over 5 s).
+- **One cause:** the difference is spread over the whole network path, grouped by kernel
+  symbol (µs per connection, egressgate vs nginx): TCP 66 vs 62, slab and memory-cgroup
+  accounting 18 vs 14, netfilter, FIB and socket lookups 16 vs 12, system-call entry and
+  exit 8 vs 4.5 (5.4 more calls: see the table above), the scheduler equal (32 vs 32).
+
+The netfilter share is the interception itself: every packet from an intercepted pod runs the
+`intercept` chain (the reverse-path FIB check, then the `socket transparent` lookup that
+finds the gateway's socket), and the ACKs the client's and the server's kernels send in
+answer to the gateway's own sends are processed on the gateway's CPU. nginx here is
+addressed explicitly (it cannot listen transparently), so its pod's packets skip that chain;
+HAProxy, intercepted the same way as egressgate, spends 266 µs in the kernel.
+
 ### Instructions per connection and per request
 
 CPU time here moves by ±5 % between runs, so user-space work is counted instead:
@@ -1052,10 +1079,10 @@ under valgrind's callgrind, counts the instructions it executes (all threads, us
 a window mid-run and divides by the connections it opened upstream or by its keep-alive
 requests. Exact to a few instructions between runs. 2026-12-07:
 
-| user-space instructions | egressgate before (322c851b) | egressgate now | nginx | HAProxy |
-|---|---|---|---|---|
-| per new TLS connection (`tls_connect`) | 65.6k | 45.3k | 20.5k | 34.4k |
-| per keep-alive request (`keepalive`) | 5.79k | 4.82k | 2.41k | 6.21k |
+| user-space instructions | egressgate at 322c851b | at 68e08496 | now | nginx | HAProxy |
+|---|---|---|---|---|---|
+| per new TLS connection (`tls_connect`) | 65.6k | 45.3k | 42.6k | 20.5k | 34.4k |
+| per keep-alive request (`keepalive`) | 5.79k | 4.82k | 4.82k | 2.41k | 6.21k |
 
 - What went, per connection: 12.3k of zeroing a 4 KiB stack chunk on every peek read (now
   uninitialized memory; a `rep stosb` that valgrind counts per byte, so less time than the
@@ -1065,8 +1092,15 @@ requests. Exact to a few instructions between runs. 2026-12-07:
   and per relayed chunk a clock read (the idle timeout now checks a flag every eighth of
   itself) and a lock on the socket's list of waiters (now its own waker slot). The last two
   are most of what went per keep-alive request.
+- Then (68e08496 → now, 2.7k): the peek limits' one mutex and four SipHashes of the source
+  address per connection (1.0k; now an atomic, sharded counts and foldhash: see Scaling
+  across cores), the allowing policy's name formatted into a `String` for the decision line
+  (0.7k; now borrowed and copied in pieces), an IP-address parse of every SNI before the
+  name rule (0.5k; now only for a refused name), UTF-8 checks where names were only compared
+  or hashed (0.4k) and the JSON escape check (0.2k; now eight bytes at a time).
 - What is left of a connection: tokio's scheduler, I/O driver and timer wheel (about 10k,
-  with some 16 clock reads around its parks), the allocator (about 5k for some 16
+  with some 27 clock reads around its 9 parks: two in the time driver's, one in the
+  scheduler's own loop, none of them switchable), the allocator (about 5k for some 16
   allocations, three of them tokio's cache-aligned ones through `posix_memalign`), the two
   log lines (about 4k), the decision (about 6k: pod, selection, names, grants) and the
   ClientHello peek (about 3k). Of a keep-alive request: mostly tokio's wake-up, poll and
@@ -1075,7 +1109,8 @@ requests. Exact to a few instructions between runs. 2026-12-07:
   at 3cbfe769 gave egressgate 39 and 51 µs of user time per connection, nginx 21 and 34.
 - End to end the change is within this machine's noise: an A/B against 322c851b
   (`--baseline-bin`, 15 interleaved rounds) gave proxy CPU per new connection 1.00× and per
-  keep-alive request 0.99× (medians of the paired rounds; an A/A run spreads ±4 %).
+  keep-alive request 0.99× (medians of the paired rounds; an A/A run spreads ±4 %); the
+  second step against 68e08496 (15 rounds, all of it but the SNI parse) 0.98× and 1.01×.
 - Tried and not kept: mimalloc as the global allocator took another 2.7k instructions off a
   connection but grew RSS per idle connection by 13 % (4.18 vs 3.69 KiB in a memory A/B).
 ";
