@@ -937,10 +937,13 @@ CPU the gateway may use:
   (32 clients) 130 → 136 µs (+5 %, both at the load's rate, ~2100/s); shim CPU per DNS query
   9.31 → 9.12 µs (flat; 107k → 110k q/s per core), DNS p99 97 → 80 µs. No figure grows
   with the second worker beyond the noise of a shared CPU.
-- **What may limit it first:** the JSON log is written by one thread for all workers (about
-  1 µs of formatting per line is done by the worker itself; the thread only writes batches),
-  so past some hundred thousand lines/s stdout and its reader become the limit, and
-  producers wait once 4 MiB are queued (no line is dropped). Memory per connection does not
+- **What may limit it first:** the JSON log is written by one thread for all workers. Each
+  worker formats its lines (about 1 µs each) in a buffer of its own and takes the shared
+  queue's lock only to copy the bytes in (until 2026-12-07 the formatting happened under
+  that lock, which every worker takes for every decision, close and `dns` line); the thread
+  only writes batches. So past some hundred thousand lines/s stdout and its reader become the
+  limit, and producers wait once 4 MiB are queued (no line is dropped). `observe` keeps the
+  last decision and `dns` lines in a ring behind one more short lock per line. Memory per connection does not
   depend on the worker count; each worker adds its runtime and a 16 KiB copy buffer.
 ";
 

@@ -1,6 +1,7 @@
 //! Where the JSON lines go: stdout, written by a thread of their own.
 //!
-//! The tasks that answer queries and decide connections only append their line to a queue; the
+//! The tasks that answer queries and decide connections only append their line to a queue (each
+//! formats it in its own thread's buffer first, so the queue's lock is held for a copy); the
 //! `json-log` thread writes whatever has queued with one `write`, at most 10 ms later.
 //! So the data path never waits on stdout (a file, or a pipe to the container runtime that may be
 //! slow) until `MAX_QUEUED` bytes are waiting, and then it waits rather than drop a line; under
@@ -25,8 +26,14 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// must not keep waking up.
 const IDLE_POLLS: u32 = 10;
 
-/// A batch buffer larger than this is not kept for the next batch.
+/// A batch buffer (or a thread's line buffer) larger than this is not kept for the next.
 const KEPT_CAPACITY: usize = 64 << 10;
+
+thread_local! {
+    /// Each thread's buffer for the line it is writing. Taken, not borrowed, while in use:
+    /// a line written while formatting another (none is) would get a fresh one.
+    static LINE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 type StdoutSink = fn() -> io::StdoutLock<'static>;
 
@@ -93,37 +100,36 @@ where
     }
 
     fn push(&self, write: impl FnOnce(&mut Vec<u8>) -> bool, tap: Option<&dyn LineTap>) {
-        if !self.threaded {
-            let mut text = Vec::new();
-            if write(&mut text) {
-                text.push(b'\n');
-                self.shared.write(&text);
-                if let Some(tap) = tap {
-                    tap.publish(text);
-                }
+        // Formatted into this thread's buffer first: the queue's lock, which every worker
+        // takes for every line, is then held only to copy the bytes.
+        let mut text = LINE.take();
+        text.clear();
+        if write(&mut text) {
+            text.push(b'\n');
+            self.queue(&text);
+            if let Some(tap) = tap {
+                tap.publish(text.clone());
             }
+        }
+        if text.capacity() <= KEPT_CAPACITY {
+            LINE.set(text);
+        }
+    }
+
+    fn queue(&self, line: &[u8]) {
+        let shared = &*self.shared;
+        if !self.threaded {
+            shared.write(line);
             return;
         }
-        let shared = &*self.shared;
         let mut queue = shared.lock();
         while queue.lines.len() >= MAX_QUEUED {
             queue = shared.wait_for_progress(queue);
         }
-        let start = queue.lines.len();
-        if !write(&mut queue.lines) {
-            queue.lines.truncate(start);
-            return;
-        }
-        queue.lines.push(b'\n');
-        // The one copy a tapped line costs; the tap's own work happens after the lock.
-        let tapped = tap.map(|tap| (tap, queue.lines[start..].to_vec()));
+        queue.lines.extend_from_slice(line);
         if queue.writer_idle {
             queue.writer_idle = false;
             shared.queued.notify_one();
-        }
-        drop(queue);
-        if let Some((tap, bytes)) = tapped {
-            tap.publish(bytes);
         }
     }
 
