@@ -947,8 +947,9 @@ CPU the gateway may use:
   itself tops out near a million lines/s per node: `cargo run --release -p egressgate-log
   --example log_contention -- <threads> <lines>` (stdout to /dev/null) logs 1.0M
   decision-sized lines/s from one thread and 0.95–1.04M from two together here (0.92–0.94M
-  with the formatting under the lock), the two then waiting on the queue's mutex. Memory per connection does not
-  depend on the worker count; each worker adds its runtime and a 16 KiB copy buffer.
+  with the formatting under the lock), the two then waiting on the queue's mutex.
+- **Memory** per connection does not depend on the worker count; each worker adds its
+  runtime and a 16 KiB copy buffer.
 ";
 
 /// Where a new TLS connection's added latency goes, hop by hop (a tcpdump, not the harness).
