@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use egressgate_dns_shim::PodIp;
 use tokio::sync::Notify;
 
 /// The configured bounds.
@@ -33,8 +34,7 @@ pub struct Limits {
     peeking_by_source: [Mutex<SourceCounts>; SOURCE_SHARDS],
 }
 
-/// Shards of the per-source peeking counts. Pods on a node differ mostly in their addresses'
-/// last bits, which pick the shard.
+/// Shards of the per-source peeking counts, picked as the name table picks a pod's shard.
 const SOURCE_SHARDS: usize = 32;
 
 /// Connections waiting for their first message, by source address (only sources with some).
@@ -121,13 +121,7 @@ impl Limits {
     }
 
     fn source_counts(&self, source: IpAddr) -> MutexGuard<'_, SourceCounts> {
-        let low_bits = match source {
-            IpAddr::V4(v4) => u64::from(v4.to_bits()),
-            // Truncation meant: the low 64 bits pick the shard.
-            IpAddr::V6(v6) => v6.to_bits() as u64,
-        };
-        let shard = usize::try_from(low_bits % SOURCE_SHARDS as u64).unwrap_or_default();
-        self.peeking_by_source[shard]
+        self.peeking_by_source[PodIp(source).shard(SOURCE_SHARDS)]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }

@@ -3,7 +3,6 @@
 //! shard: the per-pod limit, `forget_pod` and the rule that no lookup reaches another pod's
 //! names each stay within one lock.
 
-use std::net::IpAddr;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -42,22 +41,9 @@ pub(super) struct Inner {
     pub(super) last_sweep: Option<Instant>,
 }
 
-/// The shard of `pod`. Pod addresses come in runs (a node's pod CIDR hands them out in order),
-/// so a Fibonacci multiply folds every bit of the address into the top bits it keeps, rather
-/// than taking the low bits as they are. Not seeded: a pod does not choose its address, and an
-/// uneven spread would cost only some contention and crowd some pods' evictions.
+/// The shard of `pod` (see [`PodIp::shard`]).
 pub(super) fn shard_index(pod: PodIp) -> usize {
-    let bits = match pod.0 {
-        IpAddr::V4(v4) => u64::from(v4.to_bits()),
-        IpAddr::V6(v6) => {
-            let bits = v6.to_bits();
-            // The two halves folded together: truncating is the point.
-            (bits as u64) ^ ((bits >> 64) as u64)
-        }
-    };
-    let top = bits.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (u64::BITS - SHARDS.trailing_zeros());
-    // Below SHARDS, so it fits.
-    top as usize
+    pod.shard(SHARDS)
 }
 
 // === impl Shards ===
