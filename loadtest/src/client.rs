@@ -417,24 +417,59 @@ async fn http_bulk(args: HttpBulkArgs) -> Result<BulkResult, Error> {
     })
 }
 
-/// Reads the fixed response to a request.
+/// Reads the response to a request: the upstream's fixed one as a relay passes it on, or the
+/// same status and body with the headers an HTTP proxy rewrote (HAProxy and nginx in front of
+/// the plain HTTP port).
 async fn read_response(stream: &mut Box<dyn Stream>) -> Result<(), Error> {
-    let mut got = [0u8; 256];
+    let mut got = [0u8; 1024];
     let mut have = 0;
-    while have < RESPONSE.len() {
-        let n = stream.read(&mut got[have..RESPONSE.len()]).await?;
+    loop {
+        let n = stream.read(&mut got[have..]).await?;
         if n == 0 {
             return Err(Error::msg("closed before the response"));
         }
         have += n;
+        match whole_response(&got[..have]) {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(Error::msg("unexpected response")),
+            None if have == got.len() => return Err(Error::msg("response too long")),
+            None => {}
+        }
     }
-    if got[..have] != *RESPONSE {
-        return Err(Error::msg("unexpected response"));
-    }
-    Ok(())
 }
 
-/// Sends one request and reads the fixed response.
+/// Whether `got`, one response, is the expected one; `None` while it is incomplete.
+fn whole_response(got: &[u8]) -> Option<bool> {
+    if got == RESPONSE {
+        return Some(true);
+    }
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let (head, body) = got.split_at(head_end);
+    // The expected body is the end of the fixed response.
+    let Some(expected_body) = content_length(head)
+        .and_then(|length| RESPONSE.len().checked_sub(length))
+        .map(|at| &RESPONSE[at..])
+    else {
+        return Some(false);
+    };
+    if body.len() < expected_body.len() {
+        return None;
+    }
+    Some(head.starts_with(b"HTTP/1.1 200 ") && body == expected_body)
+}
+
+/// The Content-Length of a response head, whatever the header name's case.
+fn content_length(head: &[u8]) -> Option<usize> {
+    let head = std::str::from_utf8(head).ok()?;
+    head.split("\r\n").find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
+/// Sends one request and reads its response.
 async fn exchange(stream: &mut Box<dyn Stream>, request: &[u8]) -> Result<(), Error> {
     stream.write_all(request).await?;
     read_response(stream).await
@@ -756,4 +791,32 @@ fn closed_loop(
         seconds,
         hist,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_is_whole_once_its_body_is_in_whatever_its_headers() {
+        assert_eq!(whole_response(RESPONSE), Some(true));
+        assert_eq!(whole_response(&RESPONSE[..RESPONSE.len() - 1]), None);
+        assert_eq!(whole_response(b"HTTP/1.1 200 OK\r\nContent-Len"), None);
+        let rewritten = b"HTTP/1.1 200 OK\r\nserver: nginx\r\ncontent-length: 6\r\n\
+                          connection: keep-alive\r\n\r\nhello\n";
+        assert_eq!(whole_response(rewritten), Some(true));
+        assert_eq!(whole_response(&rewritten[..rewritten.len() - 2]), None);
+    }
+
+    #[test]
+    fn a_refusal_or_another_body_is_not_the_response() {
+        let refused = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\nhello\n";
+        assert_eq!(whole_response(refused), Some(false));
+        let other = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhullo\n";
+        assert_eq!(whole_response(other), Some(false));
+        let unframed = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+        assert_eq!(whole_response(unframed), Some(false));
+        let too_long = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nhello\n";
+        assert_eq!(whole_response(too_long), Some(false));
+    }
 }

@@ -87,13 +87,13 @@ impl PathKind {
         match self {
             PathKind::Direct => "no interception: pod → node (forwarding) → upstream",
             PathKind::Egressgate => {
-                "egressgate via its own nftables TPROXY rules (the TLS and HTTP ports are `intercept.clientFirstPorts`: accepted with their first bytes); peeks SNI, decides by the names the pod resolved (DNS through the shim), splices"
+                "egressgate via its own nftables TPROXY rules (the TLS and HTTP ports are `intercept.clientFirstPorts`: accepted with their first bytes); peeks SNI (on the HTTP port: every request's Host), decides by the names the pod resolved (DNS through the shim), splices"
             }
             PathKind::Haproxy => {
-                "HAProxy `mode tcp`, transparent (nftables TPROXY → `bind … transparent`, `server 0.0.0.0` = original destination), `req.ssl_sni` ACL, nbthread 1"
+                "HAProxy `mode tcp`, transparent (nftables TPROXY → `bind … transparent`, `server 0.0.0.0` = original destination), `req.ssl_sni` ACL, nbthread 1; the HTTP port `mode http` with a Host ACL"
             }
             PathKind::Nginx => {
-                "nginx `stream` with `ssl_preread` (SNI map), one worker; explicit destination (the client connects to the node), since nginx cannot listen transparently"
+                "nginx `stream` with `ssl_preread` (SNI map), one worker; the HTTP port an `http` proxy for the API name only (upstream kept alive); explicit destination (the client connects to the node), since nginx cannot listen transparently"
             }
             PathKind::Baseline => {
                 "another egressgate build (`--baseline-bin`) in egressgate's place: same pod, config and policy (its own state directory); the harness stops one and starts the other before each sample"
@@ -112,6 +112,8 @@ impl fmt::Display for PathKind {
 const NGINX_LISTEN: &str = "198.18.4.1";
 /// Not 15002: egressgate's client-first listener has it.
 const HAPROXY_PORT: u16 = 15012;
+/// HAProxy's HTTP-mode frontend, where the plain HTTP port's connections are sent.
+const HAPROXY_HTTP_PORT: u16 = 15013;
 /// nftables mark and routing table of the HAProxy interception (the gateway uses its own).
 const HAPROXY_MARK: u32 = 0x4c54;
 const HAPROXY_TABLE: u32 = 204;
@@ -402,7 +404,7 @@ impl Certs {
 }
 
 /// The egressgate policy of the bench: pod b (role=batch) may reach api.example.test over TLS on
-/// the TLS and idle-connection ports, bulk.example.test over plain TCP on the bulk port, and the
+/// the TLS and idle-connection ports and over plain HTTP on the HTTP port, bulk.example.test over plain TCP on the bulk port, and the
 /// web address's UDP echo by a `udp` rule (so its UDP is policed, not passed as unselected).
 fn policy() -> String {
     format!(
@@ -412,13 +414,15 @@ fn policy() -> String {
          spec:\n  podSelector: {{matchLabels: {{role: batch}}}}\n  egress:\n    \
          - to: [{{dnsName: {api}}}]\n      ports:\n        \
          - {{port: {tls}, protocol: tls}}\n        \
-         - {{port: {hold0}, endPort: {hold1}, protocol: tls}}\n    \
+         - {{port: {hold0}, endPort: {hold1}, protocol: tls}}\n        \
+         - {{port: {http}, protocol: http}}\n    \
          - to: [{{dnsName: bulk.example.test}}]\n      ports:\n        \
          - {{port: {bulk}, protocol: tcp}}\n    \
          - to: [{{cidr: {web}/32}}]\n      ports:\n        \
          - {{port: {udp}, protocol: udp}}\n",
         api = addr::API,
         tls = TLS_PORT,
+        http = HTTP_PORT,
         hold0 = HOLD_PORTS[0],
         hold1 = HOLD_PORTS[HOLD_PORTS.len() - 1],
         bulk = BULK_PORT,
@@ -721,6 +725,7 @@ impl Env {
             "table inet loadtest_haproxy {{\n  chain prerouting {{\n    \
              type filter hook prerouting priority mangle; policy accept;\n    \
              iifname \"egpc\" meta l4proto tcp socket transparent 1 meta mark set {HAPROXY_MARK:#x} accept\n    \
+             iifname \"egpc\" meta nfproto ipv4 tcp dport {HTTP_PORT} tproxy ip to :{HAPROXY_HTTP_PORT} meta mark set {HAPROXY_MARK:#x} accept\n    \
              iifname \"egpc\" meta nfproto ipv4 meta l4proto tcp tproxy ip to :{HAPROXY_PORT} meta mark set {HAPROXY_MARK:#x} accept\n  \
              }}\n}}\n"
         );
@@ -753,7 +758,8 @@ impl Env {
         // Two descriptors per connection, within the limit the lab inherited.
         let maxconn = (self.nofile.saturating_sub(1000) / 2).clamp(256, 200_000);
         let config = format!(
-            "# written by loadtest: transparent TCP proxy with an SNI ACL\n\
+            "# written by loadtest: transparent TCP proxy with an SNI ACL; the plain HTTP port\n\
+             # in HTTP mode with a Host ACL on each request\n\
              global\n    nbthread 1\n    maxconn {maxconn}\n\
              defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\
              frontend intercept\n    bind 0.0.0.0:{HAPROXY_PORT} transparent\n    maxconn {maxconn}\n    \
@@ -761,7 +767,11 @@ impl Env {
              tcp-request content accept if {{ dst_port {BULK_PORT} }}\n    \
              tcp-request content accept if {{ req.ssl_sni -i {api} }}\n    \
              tcp-request content reject\n    default_backend original\n\
-             backend original\n    server original 0.0.0.0\n",
+             backend original\n    server original 0.0.0.0\n\
+             frontend http_intercept\n    mode http\n    bind 0.0.0.0:{HAPROXY_HTTP_PORT} transparent\n    \
+             maxconn {maxconn}\n    http-request deny unless {{ req.hdr(host) -i {api} }}\n    \
+             default_backend original_http\n\
+             backend original_http\n    mode http\n    server original 0.0.0.0\n",
             api = addr::API,
         );
         let path = dir.join("haproxy.cfg");
@@ -785,6 +795,7 @@ impl Env {
         let pid = daemon.pid();
         self.haproxy = Some(daemon);
         wait_listening(node, &format!(":{HAPROXY_PORT}"), pid)?;
+        wait_listening(node, &format!(":{HAPROXY_HTTP_PORT}"), pid)?;
         Ok(())
     }
 
@@ -807,14 +818,21 @@ impl Env {
             .map(|port| format!("    listen {NGINX_LISTEN}:{port} backlog=8192;\n"))
             .collect();
         let config = format!(
-            "# written by loadtest: nginx stream with ssl_preread, explicit destination\n\
+            "# written by loadtest: nginx stream with ssl_preread, explicit destination; an http\n\
+             # server checking each request's Host on the plain HTTP port\n\
              {module}daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
              error_log {d}/error.log warn;\nworker_rlimit_nofile {nofile};\n\
              events {{ worker_connections {connections}; }}\n\
              stream {{\n  proxy_connect_timeout 5s;\n  proxy_timeout 1h;\n\
              \x20 map $ssl_preread_server_name $sni_upstream {{\n    {api} {web};\n    default 127.0.0.2;\n  }}\n\
              \x20 server {{\n    listen {NGINX_LISTEN}:{BULK_PORT} backlog=8192;\n    proxy_pass {web}:{BULK_PORT};\n  }}\n\
-             \x20 server {{\n{sni_listens}    ssl_preread on;\n    proxy_pass $sni_upstream:$server_port;\n  }}\n}}\n",
+             \x20 server {{\n{sni_listens}    ssl_preread on;\n    proxy_pass $sni_upstream:$server_port;\n  }}\n}}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000000;\n  keepalive_timeout 1h;\n\
+             \x20 upstream web_http {{\n    server {web}:{HTTP_PORT};\n    keepalive 16;\n    \
+             keepalive_requests 1000000000;\n  }}\n\
+             \x20 server {{\n    listen {NGINX_LISTEN}:{HTTP_PORT} default_server backlog=8192;\n    return 403;\n  }}\n\
+             \x20 server {{\n    listen {NGINX_LISTEN}:{HTTP_PORT};\n    server_name {api};\n    location / {{\n      \
+             proxy_pass http://web_http;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
             api = addr::API,
             web = addr::WEB,
             nofile = self.nofile,

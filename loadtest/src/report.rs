@@ -350,6 +350,20 @@ fn targets(results: &[ScenarioResult]) -> Vec<Target> {
         false,
     );
     vs_best_peer(
+        "plain HTTP keep-alive request, Host checked per request, added p50 (µs)",
+        "http_rr",
+        "p50",
+        true,
+        true,
+    );
+    vs_best_peer(
+        "proxy CPU per plain HTTP keep-alive request, Host checked per request (µs)",
+        "http_rr",
+        "cpu_per_op",
+        true,
+        false,
+    );
+    vs_best_peer(
         "RSS per idle spliced connection, 10k (KiB)",
         "memory",
         "rss_per_conn_10000",

@@ -22,12 +22,13 @@ use crate::{decision, http_relay, journal_cost, progress, restart, shared_ip, st
 
 /// Every scenario, in run (and report) order. `decision` needs no lab; `restart`,
 /// `dns_journal`, `http_keepalive` and `http_bulk` build labs of their own.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     "tcp_bulk",
     "tls_bulk",
     "tls_connect",
     "conn_rate",
     "keepalive",
+    "http_rr",
     "http_keepalive",
     "http_bulk",
     "dns",
@@ -376,24 +377,25 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                 paths,
             )
         }
-        "tls_connect" | "conn_rate" | "keepalive" => {
+        "tls_connect" | "conn_rate" | "keepalive" | "http_rr" => {
             let env = env()?;
             let (new_conn, concurrency) = match name {
                 "tls_connect" => (true, 1),
                 "conn_rate" => (true, s.conn_concurrency),
                 _ => (false, 1),
             };
+            let plain_http = name == "http_rr";
             let paths = path_names(&env.paths);
             interleave(name, s.rounds, &paths, &mut samples, |path, _| {
                 let path = kind(path)?;
                 prepare(env, path)?;
-                let (r, cpu_used): (RrResult, _) = proxy_cpu_during(env, path, || {
-                    env.client(
-                        path,
-                        &rr_args(env, path, new_conn, concurrency, s.seconds, 10_000_000, 0.3),
-                        limit(s.seconds),
-                    )
-                })?;
+                let args = if plain_http {
+                    plain_http_rr_args(env, path, s.seconds)
+                } else {
+                    rr_args(env, path, new_conn, concurrency, s.seconds, 10_000_000, 0.3)
+                };
+                let (r, cpu_used): (RrResult, _) =
+                    proxy_cpu_during(env, path, || env.client(path, &args, limit(s.seconds)))?;
                 if r.ops == 0 {
                     return Err(Error::msg(format!(
                         "no operation succeeded: {}",
@@ -418,6 +420,16 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
                         "{concurrency} concurrent closed-loop clients, each making new TLS \
                          connections as above: connections per second at saturation."
                     ),
+                    "http_rr" => format!(
+                        "One client sends small HTTP/1.1 requests (`Host: {api}`) over one \
+                         kept-alive plain connection to port {HTTP_PORT}, one at a time: latency \
+                         per request. Each proxy checks every request's Host: egressgate by an \
+                         `http` rule (the per-request relay), HAProxy in HTTP mode with a Host \
+                         ACL (transparent, as for TLS), nginx as an HTTP proxy whose only \
+                         server_name is {api} (the default server answers 403), keeping its \
+                         upstream connection alive.",
+                        api = egressgate_lab::addr::API
+                    ),
                     _ => "One client sends small HTTP/1.1 requests over one kept-alive TLS \
                           connection, one at a time: latency per request."
                         .to_owned(),
@@ -425,6 +437,7 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
             let title = match name {
                 "tls_connect" => "New TLS connection latency",
                 "conn_rate" => "New TLS connections per second",
+                "http_rr" => "Plain HTTP keep-alive request latency, Host checked per request",
                 _ => "Keep-alive request latency",
             };
             (title, what, Some("direct"), rr_specs(), paths)
@@ -1113,6 +1126,21 @@ pub fn rr_args(
         max_ops.to_string(),
         "--warmup".to_owned(),
         warmup.to_string(),
+    ]);
+    args
+}
+
+/// Arguments of an `rr` client over one kept-alive plain HTTP connection to the HTTP port.
+fn plain_http_rr_args(env: &Env, path: PathKind, seconds: f64) -> Vec<String> {
+    let mut args = vec!["rr".to_owned()];
+    args.extend(target_args(env, path, HTTP_PORT, false));
+    args.extend([
+        "--seconds".to_owned(),
+        seconds.to_string(),
+        "--max-ops".to_owned(),
+        "10000000".to_owned(),
+        "--warmup".to_owned(),
+        "0.3".to_owned(),
     ]);
     args
 }
