@@ -238,40 +238,52 @@ enum Fault {
 }
 
 thread_local! {
-    /// The copy buffer of this thread's relays, taken for one [`copy_now`] at a time: made once
-    /// per worker, so a copy neither allocates nor clears 16 KiB.
+    /// The copy buffer of this thread's relays, taken for one [`copy_now`] (or one HTTP read)
+    /// at a time: made once per worker, so a copy neither allocates nor clears 16 KiB.
     static COPY_BUFFER: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
 }
 
-/// One recv into this thread's copy buffer and one send of what came. Nothing is awaited in
-/// between, so the buffer is never part of the connection's state.
-fn copy_now(from: &TcpStream, to: &TcpStream) -> Result<Copied, Fault> {
+/// Runs `use_buffer` with this thread's copy buffer ([`COPY_CHUNK`] bytes). Nothing may be
+/// awaited while it is held, so the buffer is never part of a connection's state.
+fn with_copy_buffer<R>(use_buffer: impl FnOnce(&mut [u8]) -> R) -> R {
     let mut buf = COPY_BUFFER
         .take()
         .unwrap_or_else(|| vec![0; COPY_CHUNK].into_boxed_slice());
-    let copied = copy_through(from, to, &mut buf);
+    let result = use_buffer(&mut buf);
     COPY_BUFFER.set(Some(buf));
-    copied
+    result
 }
 
-fn copy_through(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> Result<Copied, Fault> {
+/// One recv into this thread's copy buffer and one send of what came.
+fn copy_now(from: &TcpStream, to: &TcpStream) -> Result<Copied, Fault> {
+    with_copy_buffer(|buf| copy_through(from, to, buf))
+}
+
+/// One recv into `buf`: how many bytes came (0: `from` ended), or `WouldBlock` if none were
+/// there. A short read emptied the socket: tokio then forgets its readiness (as its own
+/// poll_read does after a short read), so the next read waits for epoll's next edge instead of
+/// making one more recv that finds nothing.
+fn recv_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let mut drained = None;
     let received = from.try_io(Interest::READABLE, || {
         let (n, _) = rustix::net::recv(from.as_fd(), &mut *buf, rustix::net::RecvFlags::empty())?;
-        if n > 0 && n < COPY_CHUNK {
-            // A short read emptied the socket: WouldBlock makes tokio forget its readiness
-            // (as its own poll_read does after a short read), so the next read waits for
-            // epoll's next edge instead of one more recv that finds nothing.
+        if n > 0 && n < buf.len() {
             drained = Some(n);
             return Err(io::ErrorKind::WouldBlock.into());
         }
         Ok(n)
     });
-    let read = match (received, drained) {
-        (_, Some(n)) => n,
-        (Ok(n), None) => n,
-        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Copied::Nothing),
-        (Err(e), None) => return Err(Fault::Read(e)),
+    match drained {
+        Some(n) => Ok(n),
+        None => received,
+    }
+}
+
+fn copy_through(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> Result<Copied, Fault> {
+    let read = match recv_draining(from, buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Copied::Nothing),
+        Err(e) => return Err(Fault::Read(e)),
     };
     let mut written = 0;
     while written < read {

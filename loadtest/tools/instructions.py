@@ -3,15 +3,15 @@
 request, counted by valgrind's callgrind: exact and repeatable where CPU time on this machine
 varies by ±5 % between runs, so a change of a few hundred instructions shows.
 
-    loadtest/tools/instructions.py egressgate [--scenario tls_connect|keepalive] [--bin PATH]
+    loadtest/tools/instructions.py egressgate [--scenario tls_connect|keepalive|http_rr] [--bin PATH]
     loadtest/tools/instructions.py nginx --scenario keepalive
     loadtest/tools/instructions.py haproxy
 
 Runs `loadtest <scenario>` for that one path (root, the lab; build with `cargo build --release
 -p loadtest -p egressgate` first) with the proxy under callgrind, counting nothing until the
 run is warm; then counts for a window and divides by what the proxy did in it: the TCP
-connections the lab's node opened (tls_connect), or half the proxy's sends (keepalive: one
-send each way per request). Everything the process executes counts, its other threads
+connections the lab's node opened (tls_connect), or half the proxy's sends (keepalive and
+http_rr: one send each way per request). Everything the process executes counts, its other threads
 included (egressgate's log writer). The kernel's side is not counted: see per_connection.py.
 Under valgrind the proxy runs several times slower, so the load's rate is lower than in a
 benchmark; the count per operation does not depend on it. Prints the count and the functions
@@ -126,7 +126,7 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", choices=["egressgate", "haproxy", "nginx"])
-    parser.add_argument("--scenario", choices=["tls_connect", "keepalive"],
+    parser.add_argument("--scenario", choices=["tls_connect", "keepalive", "http_rr"],
                         default="tls_connect")
     parser.add_argument("--seconds", type=float, default=5.0, help="the counted window")
     parser.add_argument("--bin", default=os.path.join(ROOT, "target/release/egressgate"),

@@ -16,12 +16,19 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::{pump, shutdown_write, splice_exactly, Activity, Ended, RelayError, Relayed, Side};
+use super::{
+    pump, read_ready, recv_draining, shutdown_write, splice_exactly, with_copy_buffer, write_ready,
+    Activity, Ended, RelayError, Relayed, Side,
+};
 use crate::peek::http_framing::{Frame, Framer, Request};
 use crate::peek::{Invalid, Peek};
 
 /// Read size for heads and chunk lines: most heads fit one read; bodies are spliced.
 const READ_CHUNK: usize = 4096;
+const _: () = assert!(
+    READ_CHUNK <= super::COPY_CHUNK,
+    "a read takes part of the copy buffer"
+);
 
 /// What the gate is shown.
 #[derive(Debug)]
@@ -222,17 +229,15 @@ impl Framed<'_> {
         let len = len.min(self.buf.len());
         let mut sent = 0;
         while sent < len {
-            self.upstream
-                .writable()
-                .await
-                .map_err(RelayError::Upstream)?;
             match self.upstream.try_write(&self.buf[sent..len]) {
                 Ok(n) => {
                     sent += n;
                     self.total.fetch_add(n as u64, Ordering::Relaxed);
                     self.activity.touch();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => write_ready(self.upstream)
+                    .await
+                    .map_err(RelayError::Upstream)?,
                 Err(e) => return Err(RelayError::Upstream(e)),
             }
         }
@@ -258,20 +263,23 @@ impl Framed<'_> {
                         // budget); one that keeps sending (chunk after chunk) keeps it.
                         self.buf = Vec::new();
                     }
-                    self.client.readable().await.map_err(RelayError::Client)?;
+                    read_ready(self.client).await.map_err(RelayError::Client)?;
                 }
                 Err(e) => return Err(RelayError::Client(e)),
             }
         }
     }
 
-    /// One non-blocking read, appended to the buffer. The stack chunk lives only in this call,
-    /// never in the relay's future (which an idle connection keeps).
+    /// One non-blocking read of at most [`READ_CHUNK`] bytes, appended to the buffer. Through
+    /// the worker's copy buffer, which lives only in this call, never in the relay's future
+    /// (which an idle connection keeps), and is not cleared per read.
     fn try_read(&mut self) -> io::Result<usize> {
-        let mut chunk = [0u8; READ_CHUNK];
-        let n = self.client.try_read(&mut chunk)?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
+        with_copy_buffer(|chunk| {
+            let chunk = &mut chunk[..READ_CHUNK];
+            let n = recv_draining(self.client, chunk)?;
+            self.buf.extend_from_slice(&chunk[..n]);
+            Ok(n)
+        })
     }
 }
 
