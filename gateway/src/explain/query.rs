@@ -298,8 +298,6 @@ impl FirstMessage {
                 consumed: 0,
             }),
             FirstMessage::Http { host } => Peeked::Http(RequestHead {
-                method: "GET".to_owned(),
-                target: "/".to_owned(),
                 version_minor: 1,
                 host: Some(host.clone()),
                 host_port: None,

@@ -24,10 +24,6 @@ pub const MAX_HEADERS: usize = 100;
 /// A parsed HTTP/1 request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
-    /// The method token, as sent (methods are case-sensitive, RFC 9110 §9.1).
-    pub method: String,
-    /// The request-target, as sent: origin-form `/path`, absolute-form `http://h/p` or `*`.
-    pub target: String,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version_minor: u8,
     /// The host the request names: absolute-form authority, else the Host header, without its
@@ -83,7 +79,7 @@ pub(crate) fn request_head(
     let Some(line) = next_line(buf, &mut pos, 1)? else {
         return Ok(None);
     };
-    let (method, target, version_minor) = request_line(line)?;
+    let (target, version_minor) = request_line(line)?;
     let target_authority = absolute_form_authority(target)?;
 
     let mut host_field = HostField::Missing;
@@ -127,8 +123,6 @@ pub(crate) fn request_head(
         (None, HostField::Missing) => None,
     };
     Ok(Some(RequestHead {
-        method: String::from_utf8_lossy(method).into_owned(),
-        target: String::from_utf8_lossy(target).into_owned(),
         version_minor,
         host_port: host.as_ref().and_then(|a| a.port),
         host: host.map(|a| a.host),
@@ -154,8 +148,9 @@ pub(crate) fn next_line<'a>(
     Ok(Some(line))
 }
 
-/// `method SP request-target SP HTTP-version` (RFC 9112 §3), single spaces only.
-fn request_line(line: &[u8]) -> Result<(&[u8], &[u8], u8), Invalid> {
+/// `method SP request-target SP HTTP-version` (RFC 9112 §3), single spaces only: the target
+/// and the minor version. The method is only checked: nothing is decided by it.
+fn request_line(line: &[u8]) -> Result<(&[u8], u8), Invalid> {
     let bad = |reason| Invalid::HttpBadRequestLine { reason };
     let mut parts = line.splitn(3, |&b| b == b' ');
     let method = parts.next().unwrap_or_default();
@@ -191,7 +186,7 @@ fn request_line(line: &[u8]) -> Result<(&[u8], &[u8], u8), Invalid> {
     if target == b"*" && method != b"OPTIONS" {
         return Err(bad("asterisk-form with a method other than OPTIONS"));
     }
-    Ok((method, target, minor))
+    Ok((target, minor))
 }
 
 /// The authority of an absolute-form target (RFC 9112 §3.2.2), `None` for origin- and
