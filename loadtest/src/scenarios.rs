@@ -389,11 +389,13 @@ pub fn run(name: &str, run: &Run<'_>) -> Result<ScenarioResult, Error> {
             interleave(name, s.rounds, &paths, &mut samples, |path, _| {
                 let path = kind(path)?;
                 prepare(env, path)?;
-                let args = if plain_http {
-                    plain_http_rr_args(env, path, s.seconds)
+                // One kept-alive plain connection to the HTTP port, or TLS to the TLS port.
+                let target = if plain_http {
+                    target_args(env, path, HTTP_PORT, false)
                 } else {
-                    rr_args(env, path, new_conn, concurrency, s.seconds, 10_000_000, 0.3)
+                    target_args(env, path, TLS_PORT, true)
                 };
+                let args = rr_args_to(target, new_conn, concurrency, s.seconds, 10_000_000, 0.3);
                 let (r, cpu_used): (RrResult, _) =
                     proxy_cpu_during(env, path, || env.client(path, &args, limit(s.seconds)))?;
                 if r.ops == 0 {
@@ -1112,8 +1114,21 @@ pub fn rr_args(
     max_ops: u64,
     warmup: f64,
 ) -> Vec<String> {
+    let target = target_args(env, path, TLS_PORT, true);
+    rr_args_to(target, new_conn, concurrency, seconds, max_ops, warmup)
+}
+
+/// Arguments of an `rr` client to `target` (its [`target_args`]).
+fn rr_args_to(
+    target: Vec<String>,
+    new_conn: bool,
+    concurrency: usize,
+    seconds: f64,
+    max_ops: u64,
+    warmup: f64,
+) -> Vec<String> {
     let mut args = vec!["rr".to_owned()];
-    args.extend(target_args(env, path, TLS_PORT, true));
+    args.extend(target);
     if new_conn {
         args.push("--new-conn".to_owned());
     }
@@ -1126,21 +1141,6 @@ pub fn rr_args(
         max_ops.to_string(),
         "--warmup".to_owned(),
         warmup.to_string(),
-    ]);
-    args
-}
-
-/// Arguments of an `rr` client over one kept-alive plain HTTP connection to the HTTP port.
-fn plain_http_rr_args(env: &Env, path: PathKind, seconds: f64) -> Vec<String> {
-    let mut args = vec!["rr".to_owned()];
-    args.extend(target_args(env, path, HTTP_PORT, false));
-    args.extend([
-        "--seconds".to_owned(),
-        seconds.to_string(),
-        "--max-ops".to_owned(),
-        "10000000".to_owned(),
-        "--warmup".to_owned(),
-        "0.3".to_owned(),
     ]);
     args
 }
