@@ -404,8 +404,9 @@ impl Certs {
 }
 
 /// The egressgate policy of the bench: pod b (role=batch) may reach api.example.test over TLS on
-/// the TLS and idle-connection ports and over plain HTTP on the HTTP port, bulk.example.test over plain TCP on the bulk port, and the
-/// web address's UDP echo by a `udp` rule (so its UDP is policed, not passed as unselected).
+/// the TLS and idle-connection ports and over plain HTTP on the HTTP port, bulk.example.test over
+/// plain TCP on the bulk port, and the web address's UDP echo by a `udp` rule (so its UDP is
+/// policed, not passed as unselected).
 fn policy() -> String {
     format!(
         "apiVersion: egressgate.dev/v1alpha1\n\
