@@ -1,5 +1,5 @@
 //! Relaying an allowed connection, both directions at once. Each direction starts by copying
-//! (recv into a buffer on the worker's stack, send at once): for handshakes, requests and
+//! (recv into the worker's one copy buffer, send at once): for handshakes, requests and
 //! replies that is cheaper than splice(2), which costs two calls and a pipe per chunk. The first
 //! read that fills the whole buffer means bulk data: from then on that direction splices,
 //! socket → pipe → socket inside the kernel, never through user space. Either way an idle
@@ -30,7 +30,7 @@ pub use http::{relay_http, Next, Seen};
 
 /// Most bytes one splice call moves: the default pipe capacity.
 const CHUNK: usize = 64 * 1024;
-/// Most bytes one copy moves, through the worker's stack. A read that fills it switches its
+/// Most bytes one copy moves, through the worker's copy buffer. A read that fills it switches its
 /// direction to splice.
 const COPY_CHUNK: usize = 16 * 1024;
 

@@ -245,8 +245,8 @@ impl Framed<'_> {
         Ok(())
     }
 
-    /// Reads what the client sends next into the buffer; 0 when it closed. The bytes land on
-    /// the stack first and the buffer grows by what arrived: a small request head costs a
+    /// Reads what the client sends next into the buffer; 0 when it closed. The bytes land in
+    /// the worker's copy buffer first and the buffer grows by what arrived: a small request head costs a
     /// small allocation (the allocator's per-thread cache), not a 4 KiB one per request.
     async fn read(&mut self) -> Result<usize, RelayError> {
         loop {
